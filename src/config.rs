@@ -1,0 +1,381 @@
+//! Configuration: an optional TOML file, overlaid by `FERRY_*` environment variables, validated
+//! once at load so a bad setting fails at start with a message that names it.
+//!
+//! | setting | file key | environment |
+//! |---|---|---|
+//! | Postgres URL | `database.url` | `FERRY_DATABASE_URL`, else `DATABASE_URL` |
+//! | pool size | `database.max_connections` | `FERRY_DATABASE_MAX_CONNECTIONS` |
+//! | Kafka bootstrap servers | `kafka.brokers` | `FERRY_KAFKA_BROKERS`, else `KAFKA_BROKERS` |
+//! | outbox topic | `kafka.topic` | `FERRY_KAFKA_TOPIC` |
+//! | consumer group | `kafka.group_id` | `FERRY_KAFKA_GROUP_ID` |
+//! | extra librdkafka settings | `[kafka.properties]` | — |
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The default outbox topic (one topic for all of a tenant's events, so order holds across
+/// aggregate types).
+pub const DEFAULT_TOPIC: &str = "ferry.outbox";
+/// The default consumer group.
+pub const DEFAULT_GROUP_ID: &str = "ferry";
+
+/// Validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Postgres settings.
+    pub database: DatabaseConfig,
+    /// Kafka settings.
+    pub kafka: KafkaConfig,
+}
+
+/// Postgres settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseConfig {
+    /// `postgres://` URL.
+    pub url: String,
+    /// The pool's maximum size.
+    pub max_connections: u32,
+}
+
+/// Kafka settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaConfig {
+    /// Comma-separated `host:port` bootstrap servers.
+    pub brokers: String,
+    /// The outbox topic.
+    pub topic: String,
+    /// The consumer group.
+    pub group_id: String,
+    /// Extra librdkafka properties (security, timeouts), applied to every client.
+    pub properties: BTreeMap<String, String>,
+}
+
+/// A configuration that cannot be used, with the setting at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML of the expected shape.
+    #[error("config file {path} is invalid: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        source: Box<toml::de::Error>,
+    },
+    /// A required setting is absent.
+    #[error("{setting} is not set (config key `{key}` or environment {env})")]
+    Missing {
+        /// Human name.
+        setting: &'static str,
+        /// File key.
+        key: &'static str,
+        /// Environment variable.
+        env: &'static str,
+    },
+    /// A setting has a value that cannot work.
+    #[error("{key} = {value:?} is invalid: {reason}")]
+    Invalid {
+        /// File key.
+        key: &'static str,
+        /// The value given.
+        value: String,
+        /// Why it is rejected.
+        reason: String,
+    },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    database: FileDatabase,
+    #[serde(default)]
+    kafka: FileKafka,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDatabase {
+    url: Option<String>,
+    max_connections: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileKafka {
+    brokers: Option<String>,
+    topic: Option<String>,
+    group_id: Option<String>,
+    #[serde(default)]
+    properties: BTreeMap<String, String>,
+}
+
+impl Config {
+    /// Loads from `path` (if any) and the process environment.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with(path, |name| std::env::var(name).ok())
+    }
+
+    /// Loads from `path` (if any) and the given environment lookup (tests pass a map).
+    pub fn load_with(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let file = match path {
+            None => FileConfig::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    path: path.to_owned(),
+                    source: Box::new(source),
+                })?
+            }
+        };
+        let env = |names: &[&str]| {
+            names
+                .iter()
+                .find_map(|n| env(n).filter(|v| !v.trim().is_empty()))
+        };
+
+        let url = env(&["FERRY_DATABASE_URL", "DATABASE_URL"])
+            .or(file.database.url)
+            .ok_or(ConfigError::Missing {
+                setting: "the Postgres URL",
+                key: "database.url",
+                env: "FERRY_DATABASE_URL",
+            })?;
+        let max_connections = match env(&["FERRY_DATABASE_MAX_CONNECTIONS"]) {
+            Some(v) => v.trim().parse().map_err(|_| ConfigError::Invalid {
+                key: "database.max_connections",
+                value: v.clone(),
+                reason: "not a whole number".to_owned(),
+            })?,
+            None => file.database.max_connections.unwrap_or(10),
+        };
+        let brokers = env(&["FERRY_KAFKA_BROKERS", "KAFKA_BROKERS"])
+            .or(file.kafka.brokers)
+            .ok_or(ConfigError::Missing {
+                setting: "the Kafka bootstrap servers",
+                key: "kafka.brokers",
+                env: "FERRY_KAFKA_BROKERS",
+            })?;
+        let topic = env(&["FERRY_KAFKA_TOPIC"])
+            .or(file.kafka.topic)
+            .unwrap_or_else(|| DEFAULT_TOPIC.to_owned());
+        let group_id = env(&["FERRY_KAFKA_GROUP_ID"])
+            .or(file.kafka.group_id)
+            .unwrap_or_else(|| DEFAULT_GROUP_ID.to_owned());
+
+        let config = Config {
+            database: DatabaseConfig {
+                url,
+                max_connections,
+            },
+            kafka: KafkaConfig {
+                brokers,
+                topic,
+                group_id,
+                properties: file.kafka.properties,
+            },
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, value: &str, reason: &str| ConfigError::Invalid {
+            key,
+            value: value.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let url = &self.database.url;
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(invalid(
+                "database.url",
+                url,
+                "expected a postgres:// or postgresql:// URL",
+            ));
+        }
+        if self.database.max_connections == 0 {
+            return Err(invalid(
+                "database.max_connections",
+                "0",
+                "must be at least 1",
+            ));
+        }
+        for broker in self.kafka.brokers.split(',') {
+            validate_broker(broker.trim())
+                .map_err(|reason| invalid("kafka.brokers", &self.kafka.brokers, &reason))?;
+        }
+        validate_topic(&self.kafka.topic)
+            .map_err(|reason| invalid("kafka.topic", &self.kafka.topic, &reason))?;
+        if self.kafka.group_id.trim().is_empty() {
+            return Err(invalid(
+                "kafka.group_id",
+                &self.kafka.group_id,
+                "must not be empty",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn validate_broker(broker: &str) -> Result<(), String> {
+    let (host, port) = broker
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{broker}` is not host:port"))?;
+    if host.is_empty() {
+        return Err(format!("`{broker}` has no host"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("`{broker}` has no valid port")),
+    }
+}
+
+/// Kafka's own rule for topic names: 1 to 249 of `[a-zA-Z0-9._-]`, and not `.` or `..`.
+pub fn validate_topic(topic: &str) -> Result<(), String> {
+    if topic.is_empty() || topic.len() > 249 {
+        return Err("a topic name has 1 to 249 characters".to_owned());
+    }
+    if topic == "." || topic == ".." {
+        return Err("`.` and `..` are not topic names".to_owned());
+    }
+    if let Some(c) = topic
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "`{c}` is not allowed in a topic name (only a-z A-Z 0-9 . _ -)"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    const BASE: &[(&str, &str)] = &[
+        ("DATABASE_URL", "postgres://u@127.0.0.1:5432/db"),
+        ("KAFKA_BROKERS", "127.0.0.1:9092"),
+    ];
+
+    #[test]
+    fn defaults_and_fallback_variables() {
+        let c = Config::load_with(None, env(BASE)).unwrap();
+        assert_eq!(c.kafka.topic, DEFAULT_TOPIC);
+        assert_eq!(c.kafka.group_id, DEFAULT_GROUP_ID);
+        assert_eq!(c.database.max_connections, 10);
+    }
+
+    #[test]
+    fn ferry_variables_win_over_the_file_and_generic_ones() {
+        let dir = std::env::temp_dir().join(format!("ferry-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ferry.toml");
+        std::fs::write(
+            &path,
+            "[database]\nurl = \"postgres://file/db\"\n[kafka]\nbrokers = \"file:1\"\ntopic = \"from.file\"\n[kafka.properties]\n\"socket.timeout.ms\" = \"5000\"\n",
+        )
+        .unwrap();
+        let c = Config::load_with(Some(&path), env(&[("FERRY_KAFKA_TOPIC", "from.env")])).unwrap();
+        assert_eq!(c.database.url, "postgres://file/db");
+        assert_eq!(c.kafka.brokers, "file:1");
+        assert_eq!(c.kafka.topic, "from.env");
+        assert_eq!(c.kafka.properties["socket.timeout.ms"], "5000");
+        let mut e = BASE.to_vec();
+        e.push(("FERRY_DATABASE_URL", "postgres://ferry/db"));
+        let c = Config::load_with(Some(&path), env(&e)).unwrap();
+        assert_eq!(c.database.url, "postgres://ferry/db");
+        assert_eq!(c.kafka.brokers, "127.0.0.1:9092");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn bad_settings_are_rejected_by_name() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("KAFKA_BROKERS", "h:1")], "database.url"),
+            (&[("DATABASE_URL", "postgres://x/y")], "kafka.brokers"),
+            (
+                &[("DATABASE_URL", "mysql://x/y"), ("KAFKA_BROKERS", "h:1")],
+                "database.url",
+            ),
+            (
+                &[
+                    ("DATABASE_URL", "postgres://x/y"),
+                    ("KAFKA_BROKERS", "nohost"),
+                ],
+                "kafka.brokers",
+            ),
+            (
+                &[
+                    ("DATABASE_URL", "postgres://x/y"),
+                    ("KAFKA_BROKERS", "h:99999"),
+                ],
+                "kafka.brokers",
+            ),
+            (
+                &[
+                    ("DATABASE_URL", "postgres://x/y"),
+                    ("KAFKA_BROKERS", "h:1"),
+                    ("FERRY_KAFKA_TOPIC", "a topic"),
+                ],
+                "kafka.topic",
+            ),
+            (
+                &[
+                    ("DATABASE_URL", "postgres://x/y"),
+                    ("KAFKA_BROKERS", "h:1"),
+                    ("FERRY_DATABASE_MAX_CONNECTIONS", "many"),
+                ],
+                "database.max_connections",
+            ),
+            (
+                &[
+                    ("DATABASE_URL", "postgres://x/y"),
+                    ("KAFKA_BROKERS", "h:1"),
+                    ("FERRY_DATABASE_MAX_CONNECTIONS", "0"),
+                ],
+                "database.max_connections",
+            ),
+        ];
+        for (vars, key) in cases {
+            let err = Config::load_with(None, env(vars)).unwrap_err();
+            assert!(err.to_string().contains(key), "{vars:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_file_keys_are_rejected() {
+        let dir = std::env::temp_dir().join(format!("ferry-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ferry.toml");
+        std::fs::write(&path, "[kafka]\nbroker = \"typo:1\"\n").unwrap();
+        let err = Config::load_with(Some(&path), env(BASE)).unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+        assert!(err.to_string().contains("broker"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,21 @@
+//! Ferry keeps a partner platform in sync with ours through the transactional outbox pattern.
+//!
+//! Our application writes each change into the `outbox` table in the same transaction as the
+//! change; a change feed (Debezium, or Ferry's relay) carries the outbox into Kafka keyed by
+//! tenant; Ferry's consumers deliver every tenant's events to the partner in order. See
+//! `README.md` for the architecture and the guarantees.
+//!
+//! Modules are named after the domain:
+//! - [`config`]: configuration from a file plus `FERRY_*` environment, validated at load;
+//! - [`outbox`]: the wire contract, i.e. the events, their Kafka encoding and the decoder;
+//! - [`store`]: the Postgres schema (embedded migrations) and connections;
+//! - [`broker`]: Kafka client settings and topic administration;
+//! - [`telemetry`]: logs and traces;
+//! - [`smoke`]: the end-to-end round trip that proves a stack works.
+
+pub mod broker;
+pub mod config;
+pub mod outbox;
+pub mod smoke;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,99 @@
+//! The `ferry` binary: parses the command line and hands over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use ferry::config::Config;
+
+/// Ferry keeps a partner platform in sync with ours through the transactional outbox.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about)]
+struct Cli {
+    /// A TOML config file; `FERRY_*` environment variables override it.
+    #[arg(long, global = true, env = "FERRY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Apply the database migrations (idempotent).
+    Migrate,
+    /// Prove the stack works: migrate, then send one event through Kafka and back.
+    Smoke {
+        /// How long to wait for the event to come back.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = s.trim().split_at(
+        s.trim()
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(s.len()),
+    );
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 30s, 500ms or 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("`{s}`: unknown unit `{unit}` (use ms, s or m)")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ferry: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let _telemetry = ferry::telemetry::init("ferry")?;
+    let config = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Migrate => {
+            let pool = ferry::store::connect(&config.database).await?;
+            ferry::store::migrate(&pool).await?;
+            let version = ferry::store::schema_version(&pool).await?.unwrap_or(0);
+            println!("schema at version {version}");
+        }
+        Command::Smoke { timeout } => {
+            let report = ferry::smoke::run(&config, timeout)
+                .await
+                .context("smoke round trip failed")?;
+            println!(
+                "smoke ok: schema version {}, {} broker(s), event {} at {}[{}]@{} back in {:?}, group {} committed {}",
+                report.schema_version,
+                report.brokers,
+                report.event_id,
+                ferry::smoke::SMOKE_TOPIC,
+                report.partition,
+                report.offset,
+                report.round_trip,
+                ferry::smoke::SMOKE_GROUP,
+                report.committed,
+            );
+        }
+    }
+    Ok(())
+}

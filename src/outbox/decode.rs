@@ -1,0 +1,872 @@
+//! The decoder: a Kafka record (key, headers, value) in, a typed [`OutboxEvent`] or a typed
+//! [`BadEvent`] out. Pure: no Kafka client types, no I/O, so every shape is unit-tested.
+//!
+//! Accepted shapes (everything Debezium's outbox `EventRouter` emits with its usual converters):
+//! - key: the raw tenant id (StringConverter), a JSON string or number (JsonConverter without
+//!   schemas), or a JsonConverter envelope `{"schema":…,"payload":"tenant"}`;
+//! - header values: raw text (SimpleHeaderConverter), JSON-quoted, or a JsonConverter envelope;
+//! - value: protobuf bytes (ByteArrayConverter); a JSON object (StringConverter on a json
+//!   column, or JsonConverter with `table.expand.json.payload`); a JSON string holding JSON
+//!   text or base64 protobuf (JsonConverter without schemas); or a JsonConverter envelope whose
+//!   `payload` is the object (`expand.json.payload`), a string of JSON text, or base64 bytes.
+//!
+//! JSON is tried before protobuf: a protobuf message of our schema never starts with `{`, and
+//! bytes that parse as a whole JSON document are not a plausible protobuf message of it.
+
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use prost::Message as _;
+use serde::Deserialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::{
+    EventPayload, EventType, OutboxEvent, PayloadFormat, TenantId, TenantIdError, header, proto,
+};
+
+/// A Kafka record as the decoder sees it: borrowed bytes, no client library types.
+#[derive(Debug, Clone, Default)]
+pub struct RawRecord<'a> {
+    /// The record key (the tenant id).
+    pub key: Option<&'a [u8]>,
+    /// The headers in record order; a name may repeat (the last one wins, as Kafka's
+    /// `lastHeader`).
+    pub headers: Vec<(&'a str, Option<&'a [u8]>)>,
+    /// The record value (the payload); `None` for a tombstone.
+    pub value: Option<&'a [u8]>,
+    /// The record timestamp in milliseconds since the epoch.
+    pub timestamp_ms: Option<i64>,
+}
+
+impl<'a> RawRecord<'a> {
+    fn last_header(&self, name: &str) -> Option<Option<&'a [u8]>> {
+        self.headers
+            .iter()
+            .rev()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| *v)
+    }
+}
+
+/// A record that is not a valid event of the wire contract. It carries whatever identity could
+/// still be read, so the consumer can pause the right tenant and record the right event.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("bad event (tenant {tenant}, id {id}): {reason}",
+    tenant = tenant_id.as_ref().map_or("unknown", TenantId::as_str),
+    id = event_id.map_or_else(|| "unknown".to_owned(), |id| id.to_string()))]
+pub struct BadEvent {
+    /// What is wrong.
+    pub reason: BadEventReason,
+    /// The tenant, when the key was readable.
+    pub tenant_id: Option<TenantId>,
+    /// The event id, when the `id` header was readable.
+    pub event_id: Option<Uuid>,
+    /// The `eventType` header as written, when present.
+    pub event_type: Option<String>,
+}
+
+/// Why a record is a [`BadEvent`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadEventReason {
+    /// The record has no key, so no tenant.
+    #[error("the record has no key (the tenant id)")]
+    MissingKey,
+    /// The key is not a usable tenant id.
+    #[error("the key is not a valid tenant id: {0}")]
+    InvalidKey(String),
+    /// A required header is absent.
+    #[error("the `{0}` header is missing")]
+    MissingHeader(&'static str),
+    /// A header is present but unreadable.
+    #[error("the `{name}` header is invalid: {reason}")]
+    InvalidHeader {
+        /// The header name.
+        name: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The `eventType` is not one this version of Ferry knows.
+    #[error("unknown event type `{0}`")]
+    UnknownEventType(String),
+    /// The record has no value (a tombstone), so no payload.
+    #[error("the record has no value (a tombstone): the event has no payload")]
+    MissingPayload,
+    /// The payload bytes do not decode.
+    #[error("the {event_type} payload is not valid {format}: {detail}")]
+    UndecodablePayload {
+        /// The event type the payload was decoded as.
+        event_type: EventType,
+        /// The encoding tried.
+        format: PayloadFormat,
+        /// The decoder's message.
+        detail: String,
+    },
+    /// The payload decodes but misses a required field.
+    #[error("the {event_type} payload is invalid: {detail}")]
+    InvalidPayload {
+        /// The event type.
+        event_type: EventType,
+        /// What is missing or wrong.
+        detail: String,
+    },
+}
+
+impl BadEventReason {
+    /// A stable, machine-readable code for storage, metrics and API errors.
+    pub fn code(&self) -> &'static str {
+        match self {
+            BadEventReason::MissingKey => "missing_key",
+            BadEventReason::InvalidKey(_) => "invalid_key",
+            BadEventReason::MissingHeader(_) => "missing_header",
+            BadEventReason::InvalidHeader { .. } => "invalid_header",
+            BadEventReason::UnknownEventType(_) => "unknown_event_type",
+            BadEventReason::MissingPayload => "missing_payload",
+            BadEventReason::UndecodablePayload { .. } => "undecodable_payload",
+            BadEventReason::InvalidPayload { .. } => "invalid_payload",
+        }
+    }
+}
+
+/// Decodes one record of the wire contract.
+pub fn decode(record: &RawRecord<'_>) -> Result<OutboxEvent, BadEvent> {
+    // Read the identity first, whatever else is wrong, so a bad event still names its tenant
+    // and id where it can.
+    let tenant = tenant_from_key(record.key);
+    let id = event_id(record);
+    let event_type_text = header_text(record, header::EVENT_TYPE);
+
+    let mut bad = BadEvent {
+        reason: BadEventReason::MissingKey,
+        tenant_id: tenant.as_ref().ok().cloned(),
+        event_id: id.as_ref().ok().copied(),
+        event_type: event_type_text.as_ref().ok().cloned().flatten(),
+    };
+    let fail = |bad: &mut BadEvent, reason| {
+        bad.reason = reason;
+        Err(bad.clone())
+    };
+
+    let tenant_id = match tenant {
+        Ok(t) => t,
+        Err(reason) => return fail(&mut bad, reason),
+    };
+    let id = match id {
+        Ok(id) => id,
+        Err(reason) => return fail(&mut bad, reason),
+    };
+    let event_type = match event_type_text {
+        Ok(Some(name)) => match EventType::parse(&name) {
+            Some(t) => t,
+            None => return fail(&mut bad, BadEventReason::UnknownEventType(name)),
+        },
+        Ok(None) => return fail(&mut bad, BadEventReason::MissingHeader(header::EVENT_TYPE)),
+        Err(reason) => return fail(&mut bad, reason),
+    };
+    let deliver_before = match header_text(record, header::DELIVER_BEFORE) {
+        Ok(None) => None,
+        Ok(Some(text)) => match DateTime::parse_from_rfc3339(&text) {
+            Ok(t) => Some(t.with_timezone(&Utc)),
+            Err(e) => {
+                return fail(
+                    &mut bad,
+                    BadEventReason::InvalidHeader {
+                        name: header::DELIVER_BEFORE,
+                        reason: format!("`{text}` is not an RFC 3339 time: {e}"),
+                    },
+                );
+            }
+        },
+        Err(reason) => return fail(&mut bad, reason),
+    };
+    let (payload, format) = match payload(record.value, event_type) {
+        Ok(p) => p,
+        Err(reason) => return fail(&mut bad, reason),
+    };
+
+    // Optional headers never fail an event: tracing is best effort (W3C says to ignore a
+    // malformed traceparent), and the aggregate headers are informational.
+    let optional = |name| header_text(record, name).ok().flatten();
+    Ok(OutboxEvent {
+        id,
+        tenant_id,
+        aggregate_type: optional(header::AGGREGATE_TYPE),
+        aggregate_id: optional(header::AGGREGATE_ID),
+        traceparent: optional(header::TRACEPARENT).filter(|t| is_valid_traceparent(t)),
+        deliver_before,
+        occurred_at: record
+            .timestamp_ms
+            .and_then(DateTime::<Utc>::from_timestamp_millis),
+        format,
+        payload,
+    })
+}
+
+fn tenant_from_key(key: Option<&[u8]>) -> Result<TenantId, BadEventReason> {
+    let key = match key {
+        None | Some([]) => return Err(BadEventReason::MissingKey),
+        Some(k) => k,
+    };
+    let text = std::str::from_utf8(key)
+        .map_err(|_| BadEventReason::InvalidKey("the key is not UTF-8 text".to_owned()))?;
+    let tenant = match unwrap_json_scalar(text) {
+        Ok(Some(inner)) => inner,
+        Ok(None) => text.to_owned(),
+        Err(what) => return Err(BadEventReason::InvalidKey(what)),
+    };
+    TenantId::new(tenant).map_err(|e: TenantIdError| BadEventReason::InvalidKey(e.to_string()))
+}
+
+fn event_id(record: &RawRecord<'_>) -> Result<Uuid, BadEventReason> {
+    let text = header_text(record, header::ID)?.ok_or(BadEventReason::MissingHeader(header::ID))?;
+    Uuid::parse_str(text.trim()).map_err(|e| BadEventReason::InvalidHeader {
+        name: header::ID,
+        reason: format!("`{text}` is not a UUID: {e}"),
+    })
+}
+
+/// The text of a header, unwrapped from JSON quoting or a JsonConverter envelope. `Ok(None)`
+/// when the header is absent or null.
+fn header_text(
+    record: &RawRecord<'_>,
+    name: &'static str,
+) -> Result<Option<String>, BadEventReason> {
+    let Some(value) = record.last_header(name) else {
+        return Ok(None);
+    };
+    let Some(bytes) = value else {
+        return Ok(None);
+    };
+    let text = std::str::from_utf8(bytes).map_err(|_| BadEventReason::InvalidHeader {
+        name,
+        reason: "the value is not UTF-8 text".to_owned(),
+    })?;
+    match unwrap_json_scalar(text) {
+        Ok(Some(inner)) => Ok(Some(inner)),
+        Ok(None) if text == "null" => Ok(None),
+        Ok(None) => Ok(Some(text.to_owned())),
+        Err(reason) => Err(BadEventReason::InvalidHeader { name, reason }),
+    }
+}
+
+/// If `text` is a JSON string, a JSON number, or a JsonConverter envelope around one, returns
+/// the scalar as text. `Ok(None)` when `text` is not such JSON (so it is taken raw).
+fn unwrap_json_scalar(text: &str) -> Result<Option<String>, String> {
+    let trimmed = text.trim_start();
+    if !(trimmed.starts_with('"') || trimmed.starts_with('{')) {
+        // Raw text. A bare number is kept raw too: "42" means 42 in either reading.
+        return Ok(None);
+    }
+    let Ok(value) = serde_json::from_str::<Value>(text) else {
+        return Ok(None);
+    };
+    let scalar = match value {
+        Value::Object(mut map) if is_envelope(&map) => map.remove("payload").unwrap_or(Value::Null),
+        other => other,
+    };
+    match scalar {
+        Value::String(s) => Ok(Some(s)),
+        Value::Number(n) => Ok(Some(n.to_string())),
+        Value::Null => Ok(None),
+        Value::Object(_) => Ok(None),
+        other => Err(format!("expected text, found JSON {other}")),
+    }
+}
+
+/// A Kafka Connect JsonConverter envelope: exactly `schema` and `payload`.
+fn is_envelope(map: &serde_json::Map<String, Value>) -> bool {
+    map.len() == 2 && map.contains_key("schema") && map.contains_key("payload")
+}
+
+fn payload(
+    value: Option<&[u8]>,
+    event_type: EventType,
+) -> Result<(EventPayload, PayloadFormat), BadEventReason> {
+    let bytes = match value {
+        None => return Err(BadEventReason::MissingPayload),
+        Some(b) => b,
+    };
+    match json_document(bytes) {
+        Some(doc) => payload_from_json_value(doc, event_type),
+        None => from_protobuf(bytes, event_type).map(|p| (p, PayloadFormat::Protobuf)),
+    }
+}
+
+/// Parses `bytes` as a JSON object or string, the only JSON documents a payload can be.
+fn json_document(bytes: &[u8]) -> Option<Value> {
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace())?;
+    if *first != b'{' && *first != b'"' {
+        return None;
+    }
+    serde_json::from_slice(bytes).ok()
+}
+
+fn payload_from_json_value(
+    doc: Value,
+    event_type: EventType,
+) -> Result<(EventPayload, PayloadFormat), BadEventReason> {
+    let undecodable = |format, detail: String| BadEventReason::UndecodablePayload {
+        event_type,
+        format,
+        detail,
+    };
+    match doc {
+        Value::Object(mut map) if is_envelope(&map) => {
+            let schema_type = map
+                .get("schema")
+                .and_then(|s| s.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned();
+            let inner = map.remove("payload").unwrap_or(Value::Null);
+            match (schema_type.as_str(), inner) {
+                (_, Value::Null) => Err(BadEventReason::MissingPayload),
+                ("bytes", Value::String(b64)) => {
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(b64.as_bytes())
+                        .map_err(|e| {
+                            undecodable(PayloadFormat::Protobuf, format!("bad base64: {e}"))
+                        })?;
+                    from_protobuf(&bytes, event_type).map(|p| (p, PayloadFormat::Protobuf))
+                }
+                (_, inner) => payload_from_json_value(inner, event_type),
+            }
+        }
+        Value::Object(_) => from_json(doc, event_type).map(|p| (p, PayloadFormat::Json)),
+        // A string holds JSON text (a string column through JsonConverter) or base64 bytes (a
+        // bytea column through JsonConverter without schemas).
+        Value::String(text) => match serde_json::from_str::<Value>(&text) {
+            Ok(inner @ Value::Object(_)) => payload_from_json_value(inner, event_type),
+            _ => {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(text.trim().as_bytes())
+                    .map_err(|_| {
+                        undecodable(
+                            PayloadFormat::Json,
+                            "a JSON string that holds neither a JSON object nor base64 bytes"
+                                .to_owned(),
+                        )
+                    })?;
+                from_protobuf(&bytes, event_type).map(|p| (p, PayloadFormat::Protobuf))
+            }
+        },
+        other => Err(undecodable(
+            PayloadFormat::Json,
+            format!("expected a JSON object, found {}", json_kind(&other)),
+        )),
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn from_protobuf(bytes: &[u8], event_type: EventType) -> Result<EventPayload, BadEventReason> {
+    let undecodable = |e: prost::DecodeError| BadEventReason::UndecodablePayload {
+        event_type,
+        format: PayloadFormat::Protobuf,
+        detail: e.to_string(),
+    };
+    let payload = match event_type {
+        EventType::ProductCreated => {
+            EventPayload::ProductCreated(proto::ProductCreated::decode(bytes).map_err(undecodable)?)
+        }
+        EventType::ProductUpdated => {
+            EventPayload::ProductUpdated(proto::ProductUpdated::decode(bytes).map_err(undecodable)?)
+        }
+        EventType::ProductDeleted => {
+            EventPayload::ProductDeleted(proto::ProductDeleted::decode(bytes).map_err(undecodable)?)
+        }
+        EventType::TenantIntegrationEnabled => EventPayload::TenantIntegrationEnabled(
+            proto::TenantIntegrationEnabled::decode(bytes).map_err(undecodable)?,
+        ),
+        EventType::TenantIntegrationDisabled => EventPayload::TenantIntegrationDisabled(
+            proto::TenantIntegrationDisabled::decode(bytes).map_err(undecodable)?,
+        ),
+    };
+    validate(payload)
+}
+
+// The proto3 JSON mapping: lowerCamelCase names (the original snake_case names accepted too),
+// int64 as a string or a number; unknown fields ignored for forward compatibility.
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct JsonProduct {
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default, alias = "price_minor", deserialize_with = "int64")]
+    price_minor: i64,
+    #[serde(default)]
+    currency: String,
+}
+
+#[derive(Deserialize)]
+struct JsonProductEvent {
+    product: Option<JsonProduct>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct JsonProductDeleted {
+    #[serde(default, alias = "product_id")]
+    product_id: String,
+}
+
+#[derive(Deserialize)]
+struct JsonTenantIntegration {
+    #[serde(default)]
+    integration: String,
+}
+
+fn int64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Int64 {
+        Number(i64),
+        Text(String),
+    }
+    match Int64::deserialize(d)? {
+        Int64::Number(n) => Ok(n),
+        Int64::Text(s) => s.trim().parse().map_err(serde::de::Error::custom),
+    }
+}
+
+impl From<JsonProduct> for proto::Product {
+    fn from(p: JsonProduct) -> Self {
+        proto::Product {
+            id: p.id,
+            name: p.name,
+            description: p.description,
+            price_minor: p.price_minor,
+            currency: p.currency,
+        }
+    }
+}
+
+fn from_json(doc: Value, event_type: EventType) -> Result<EventPayload, BadEventReason> {
+    let undecodable = |e: serde_json::Error| BadEventReason::UndecodablePayload {
+        event_type,
+        format: PayloadFormat::Json,
+        detail: e.to_string(),
+    };
+    let payload = match event_type {
+        EventType::ProductCreated => {
+            let e: JsonProductEvent = serde_json::from_value(doc).map_err(undecodable)?;
+            EventPayload::ProductCreated(proto::ProductCreated {
+                product: e.product.map(Into::into),
+            })
+        }
+        EventType::ProductUpdated => {
+            let e: JsonProductEvent = serde_json::from_value(doc).map_err(undecodable)?;
+            EventPayload::ProductUpdated(proto::ProductUpdated {
+                product: e.product.map(Into::into),
+            })
+        }
+        EventType::ProductDeleted => {
+            let e: JsonProductDeleted = serde_json::from_value(doc).map_err(undecodable)?;
+            EventPayload::ProductDeleted(proto::ProductDeleted {
+                product_id: e.product_id,
+            })
+        }
+        EventType::TenantIntegrationEnabled => {
+            let e: JsonTenantIntegration = serde_json::from_value(doc).map_err(undecodable)?;
+            EventPayload::TenantIntegrationEnabled(proto::TenantIntegrationEnabled {
+                integration: e.integration,
+            })
+        }
+        EventType::TenantIntegrationDisabled => {
+            let e: JsonTenantIntegration = serde_json::from_value(doc).map_err(undecodable)?;
+            EventPayload::TenantIntegrationDisabled(proto::TenantIntegrationDisabled {
+                integration: e.integration,
+            })
+        }
+    };
+    validate(payload)
+}
+
+/// The fields without which an event cannot be acted on. (proto3 has no required fields, and
+/// prost accepts many byte strings, so this is where garbage is told from an event.)
+fn validate(payload: EventPayload) -> Result<EventPayload, BadEventReason> {
+    let event_type = payload.event_type();
+    let invalid = |detail: &str| {
+        Err(BadEventReason::InvalidPayload {
+            event_type,
+            detail: detail.to_owned(),
+        })
+    };
+    match &payload {
+        EventPayload::ProductCreated(proto::ProductCreated { product })
+        | EventPayload::ProductUpdated(proto::ProductUpdated { product }) => match product {
+            None => return invalid("`product` is missing"),
+            Some(p) if p.id.trim().is_empty() => return invalid("`product.id` is empty"),
+            Some(p) if !p.currency.is_empty() && !is_currency_code(&p.currency) => {
+                return invalid("`product.currency` is not an ISO 4217 code like \"EUR\"");
+            }
+            Some(_) => {}
+        },
+        EventPayload::ProductDeleted(d) if d.product_id.trim().is_empty() => {
+            return invalid("`product_id` is empty");
+        }
+        _ => {}
+    }
+    Ok(payload)
+}
+
+fn is_currency_code(c: &str) -> bool {
+    c.len() == 3 && c.bytes().all(|b| b.is_ascii_uppercase())
+}
+
+/// `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`, ids not all zero (W3C Trace Context).
+fn is_valid_traceparent(t: &str) -> bool {
+    let parts: Vec<&str> = t.trim().split('-').collect();
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    parts.len() == 4
+        && hex(parts[0], 2)
+        && parts[0] != "ff"
+        && hex(parts[1], 32)
+        && parts[1].bytes().any(|b| b != b'0')
+        && hex(parts[2], 16)
+        && parts[2].bytes().any(|b| b != b'0')
+        && hex(parts[3], 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "0b6c6f0e-2f4a-4c6e-9a51-3f1f0c2d9e11";
+
+    fn product(id: &str) -> proto::Product {
+        proto::Product {
+            id: id.to_owned(),
+            name: "Lamp".to_owned(),
+            description: "A lamp".to_owned(),
+            price_minor: 1999,
+            currency: "EUR".to_owned(),
+        }
+    }
+
+    fn record<'a>(
+        key: Option<&'a [u8]>,
+        headers: &[(&'a str, &'a [u8])],
+        value: Option<&'a [u8]>,
+    ) -> RawRecord<'a> {
+        RawRecord {
+            key,
+            headers: headers.iter().map(|(n, v)| (*n, Some(*v))).collect(),
+            value,
+            timestamp_ms: Some(1_764_000_000_000),
+        }
+    }
+
+    fn created_bytes() -> Vec<u8> {
+        EventPayload::ProductCreated(proto::ProductCreated {
+            product: Some(product("p-1")),
+        })
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn protobuf_value_decodes() {
+        let value = created_bytes();
+        let r = record(
+            Some(b"acme"),
+            &[("id", ID.as_bytes()), ("eventType", b"ProductCreated")],
+            Some(&value),
+        );
+        let e = decode(&r).unwrap();
+        assert_eq!(e.tenant_id.as_str(), "acme");
+        assert_eq!(e.id.to_string(), ID);
+        assert_eq!(e.format, PayloadFormat::Protobuf);
+        assert_eq!(
+            e.payload,
+            EventPayload::ProductCreated(proto::ProductCreated {
+                product: Some(product("p-1"))
+            })
+        );
+        assert_eq!(e.occurred_at.unwrap().timestamp_millis(), 1_764_000_000_000);
+    }
+
+    #[test]
+    fn json_key_and_header_forms_unwrap() {
+        let value = created_bytes();
+        for key in [
+            &b"acme"[..],
+            br#""acme""#,
+            br#"{"schema":{"type":"string","optional":false},"payload":"acme"}"#,
+        ] {
+            for id in [
+                ID.to_owned(),
+                format!("\"{ID}\""),
+                format!(r#"{{"schema":{{"type":"string"}},"payload":"{ID}"}}"#),
+            ] {
+                let r = record(
+                    Some(key),
+                    &[("id", id.as_bytes()), ("eventType", br#""ProductCreated""#)],
+                    Some(&value),
+                );
+                let e = decode(&r).unwrap_or_else(|e| panic!("key {key:?} id {id}: {e}"));
+                assert_eq!(e.tenant_id.as_str(), "acme");
+                assert_eq!(e.id.to_string(), ID);
+            }
+        }
+    }
+
+    #[test]
+    fn numeric_tenant_keys_are_text() {
+        let value = created_bytes();
+        for key in [
+            &b"42"[..],
+            b"42",
+            br#"{"schema":{"type":"int64"},"payload":42}"#,
+        ] {
+            let r = record(
+                Some(key),
+                &[("id", ID.as_bytes()), ("eventType", b"ProductCreated")],
+                Some(&value),
+            );
+            assert_eq!(decode(&r).unwrap().tenant_id.as_str(), "42");
+        }
+    }
+
+    #[test]
+    fn identity_is_kept_on_a_bad_payload() {
+        let r = record(
+            Some(b"acme"),
+            &[("id", ID.as_bytes()), ("eventType", b"ProductCreated")],
+            Some(b"\xff\xff\xff"),
+        );
+        let bad = decode(&r).unwrap_err();
+        assert_eq!(bad.tenant_id.unwrap().as_str(), "acme");
+        assert_eq!(bad.event_id.unwrap().to_string(), ID);
+        assert_eq!(bad.event_type.as_deref(), Some("ProductCreated"));
+        assert_eq!(bad.reason.code(), "undecodable_payload");
+    }
+
+    #[test]
+    fn malformed_traceparent_is_dropped_not_fatal() {
+        let value = created_bytes();
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        for (tp, kept) in [
+            (good, true),
+            ("garbage", false),
+            (
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+                false,
+            ),
+        ] {
+            let r = record(
+                Some(b"acme"),
+                &[
+                    ("id", ID.as_bytes()),
+                    ("eventType", b"ProductCreated"),
+                    ("traceparent", tp.as_bytes()),
+                ],
+                Some(&value),
+            );
+            assert_eq!(decode(&r).unwrap().traceparent.is_some(), kept, "{tp}");
+        }
+    }
+
+    #[test]
+    fn last_header_wins() {
+        let value = created_bytes();
+        let r = record(
+            Some(b"acme"),
+            &[
+                ("id", b"not-a-uuid"),
+                ("id", ID.as_bytes()),
+                ("eventType", b"ProductCreated"),
+            ],
+            Some(&value),
+        );
+        assert_eq!(decode(&r).unwrap().id.to_string(), ID);
+    }
+
+    #[test]
+    fn each_malformed_record_gets_its_reason() {
+        let value = created_bytes();
+        let ok_headers: &[(&str, &[u8])] =
+            &[("id", ID.as_bytes()), ("eventType", b"ProductCreated")];
+        let cases: Vec<(&str, RawRecord<'_>, &str)> = vec![
+            (
+                "no key",
+                record(None, ok_headers, Some(&value)),
+                "missing_key",
+            ),
+            (
+                "empty key",
+                record(Some(b""), ok_headers, Some(&value)),
+                "missing_key",
+            ),
+            (
+                "binary key",
+                record(Some(b"\xff\xfe"), ok_headers, Some(&value)),
+                "invalid_key",
+            ),
+            (
+                "control char key",
+                record(Some(b"a\x01b"), ok_headers, Some(&value)),
+                "invalid_key",
+            ),
+            (
+                "JSON boolean key",
+                record(
+                    Some(br#"{"schema":{},"payload":true}"#),
+                    ok_headers,
+                    Some(&value),
+                ),
+                "invalid_key",
+            ),
+            (
+                "no id",
+                record(
+                    Some(b"acme"),
+                    &[("eventType", b"ProductCreated")],
+                    Some(&value),
+                ),
+                "missing_header",
+            ),
+            (
+                "id not a uuid",
+                record(
+                    Some(b"acme"),
+                    &[("id", b"42"), ("eventType", b"ProductCreated")],
+                    Some(&value),
+                ),
+                "invalid_header",
+            ),
+            (
+                "no eventType",
+                record(Some(b"acme"), &[("id", ID.as_bytes())], Some(&value)),
+                "missing_header",
+            ),
+            (
+                "unknown type",
+                record(
+                    Some(b"acme"),
+                    &[("id", ID.as_bytes()), ("eventType", b"OrderPlaced")],
+                    Some(&value),
+                ),
+                "unknown_event_type",
+            ),
+            (
+                "tombstone",
+                record(Some(b"acme"), ok_headers, None),
+                "missing_payload",
+            ),
+            (
+                "bad deliverBefore",
+                record(
+                    Some(b"acme"),
+                    &[
+                        ("id", ID.as_bytes()),
+                        ("eventType", b"ProductCreated"),
+                        ("deliverBefore", b"tomorrow"),
+                    ],
+                    Some(&value),
+                ),
+                "invalid_header",
+            ),
+            (
+                "JSON array",
+                record(Some(b"acme"), ok_headers, Some(b"[1,2]")),
+                "undecodable_payload",
+            ),
+            (
+                "JSON wrong field type",
+                record(Some(b"acme"), ok_headers, Some(br#"{"product":{"id":7}}"#)),
+                "undecodable_payload",
+            ),
+            (
+                "JSON without product",
+                record(Some(b"acme"), ok_headers, Some(b"{}")),
+                "invalid_payload",
+            ),
+            (
+                "bad currency",
+                record(
+                    Some(b"acme"),
+                    ok_headers,
+                    Some(br#"{"product":{"id":"p","currency":"euro"}}"#),
+                ),
+                "invalid_payload",
+            ),
+            (
+                "envelope null payload",
+                record(
+                    Some(b"acme"),
+                    ok_headers,
+                    Some(br#"{"schema":{"type":"string"},"payload":null}"#),
+                ),
+                "missing_payload",
+            ),
+            (
+                "envelope bad base64",
+                record(
+                    Some(b"acme"),
+                    ok_headers,
+                    Some(br#"{"schema":{"type":"bytes"},"payload":"%%%"}"#),
+                ),
+                "undecodable_payload",
+            ),
+            (
+                "protobuf garbage",
+                record(Some(b"acme"), ok_headers, Some(b"\x0a\x05ab")),
+                "undecodable_payload",
+            ),
+            (
+                "empty protobuf",
+                record(Some(b"acme"), ok_headers, Some(b"")),
+                "invalid_payload",
+            ),
+        ];
+        for (what, r, code) in cases {
+            let err = decode(&r).expect_err(what);
+            assert_eq!(err.reason.code(), code, "{what}: {err}");
+        }
+    }
+
+    #[test]
+    fn every_event_type_round_trips_through_protobuf() {
+        let payloads = [
+            EventPayload::ProductCreated(proto::ProductCreated {
+                product: Some(product("a")),
+            }),
+            EventPayload::ProductUpdated(proto::ProductUpdated {
+                product: Some(product("a")),
+            }),
+            EventPayload::ProductDeleted(proto::ProductDeleted {
+                product_id: "a".to_owned(),
+            }),
+            EventPayload::TenantIntegrationEnabled(proto::TenantIntegrationEnabled {
+                integration: "shop".to_owned(),
+            }),
+            EventPayload::TenantIntegrationDisabled(proto::TenantIntegrationDisabled {
+                integration: "shop".to_owned(),
+            }),
+        ];
+        assert_eq!(payloads.len(), EventType::ALL.len());
+        for p in payloads {
+            let bytes = p.encode_to_vec();
+            let name = p.event_type().as_str();
+            let r = record(
+                Some(b"t"),
+                &[("id", ID.as_bytes()), ("eventType", name.as_bytes())],
+                Some(&bytes),
+            );
+            assert_eq!(decode(&r).unwrap().payload, p, "{name}");
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! The encoder side of the wire contract: an outbox row as the Kafka record Debezium's
+//! `EventRouter` would emit for it. Ferry's relay produces exactly this; the decoder reads it.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use uuid::Uuid;
+
+use super::{RawRecord, header};
+
+/// One row of the `outbox` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    /// `id`: the event id.
+    pub id: Uuid,
+    /// `tenant_id`: the Kafka key.
+    pub tenant_id: String,
+    /// `aggregatetype`.
+    pub aggregate_type: String,
+    /// `aggregateid`.
+    pub aggregate_id: String,
+    /// `type`: the event type's name.
+    pub event_type: String,
+    /// `payload`: protobuf bytes.
+    pub payload: Vec<u8>,
+    /// `traceparent`: the writer's W3C trace context.
+    pub traceparent: Option<String>,
+    /// `created_at`.
+    pub created_at: DateTime<Utc>,
+    /// `deliver_before`.
+    pub deliver_before: Option<DateTime<Utc>>,
+}
+
+/// A Kafka record of the wire contract, owned, ready to produce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireRecord {
+    /// The tenant id, as raw UTF-8 (Debezium's StringConverter).
+    pub key: Vec<u8>,
+    /// Header names and raw values (Debezium's SimpleHeaderConverter).
+    pub headers: Vec<(&'static str, Vec<u8>)>,
+    /// The payload bytes (Debezium's ByteArrayConverter).
+    pub value: Vec<u8>,
+    /// The record timestamp: the row's commit time where known, else its `created_at`.
+    pub timestamp_ms: i64,
+}
+
+impl WireRecord {
+    /// The record for `row`. `committed_at` is the transaction's commit time when the change
+    /// feed knows it (Debezium stamps records with it); `created_at` stands in otherwise.
+    pub fn from_row(row: &OutboxRow, committed_at: Option<DateTime<Utc>>) -> Self {
+        let mut headers = vec![
+            (header::ID, row.id.to_string().into_bytes()),
+            (header::EVENT_TYPE, row.event_type.clone().into_bytes()),
+            (
+                header::AGGREGATE_TYPE,
+                row.aggregate_type.clone().into_bytes(),
+            ),
+            (header::AGGREGATE_ID, row.aggregate_id.clone().into_bytes()),
+        ];
+        if let Some(tp) = &row.traceparent {
+            headers.push((header::TRACEPARENT, tp.clone().into_bytes()));
+        }
+        if let Some(t) = row.deliver_before {
+            let text = t.to_rfc3339_opts(SecondsFormat::Micros, true);
+            headers.push((header::DELIVER_BEFORE, text.into_bytes()));
+        }
+        WireRecord {
+            key: row.tenant_id.clone().into_bytes(),
+            headers,
+            value: row.payload.clone(),
+            timestamp_ms: committed_at.unwrap_or(row.created_at).timestamp_millis(),
+        }
+    }
+
+    /// A borrowed view for [`super::decode`].
+    pub fn as_raw(&self) -> RawRecord<'_> {
+        RawRecord {
+            key: Some(&self.key),
+            headers: self
+                .headers
+                .iter()
+                .map(|(n, v)| (*n, Some(v.as_slice())))
+                .collect(),
+            value: Some(&self.value),
+            timestamp_ms: Some(self.timestamp_ms),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::{EventPayload, EventType, decode, proto};
+
+    #[test]
+    fn a_row_round_trips_through_the_decoder() {
+        let payload = EventPayload::ProductDeleted(proto::ProductDeleted {
+            product_id: "p-9".to_owned(),
+        });
+        let deliver_before = DateTime::parse_from_rfc3339("2026-12-01T10:00:00.123456Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let row = OutboxRow {
+            id: Uuid::now_v7(),
+            tenant_id: "acme".to_owned(),
+            aggregate_type: "Product".to_owned(),
+            aggregate_id: "p-9".to_owned(),
+            event_type: EventType::ProductDeleted.as_str().to_owned(),
+            payload: payload.encode_to_vec(),
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            created_at: Utc::now(),
+            deliver_before: Some(deliver_before),
+        };
+        let record = WireRecord::from_row(&row, None);
+        let event = decode(&record.as_raw()).unwrap();
+        assert_eq!(event.id, row.id);
+        assert_eq!(event.tenant_id.as_str(), "acme");
+        assert_eq!(event.payload, payload);
+        assert_eq!(event.aggregate_id.as_deref(), Some("p-9"));
+        assert_eq!(event.aggregate_type.as_deref(), Some("Product"));
+        assert_eq!(event.traceparent, row.traceparent);
+        assert_eq!(event.deliver_before, Some(deliver_before));
+        assert_eq!(
+            event.occurred_at.unwrap().timestamp_millis(),
+            row.created_at.timestamp_millis()
+        );
+    }
+}

@@ -1,0 +1,85 @@
+//! Logs and traces. Logs go to stderr, filtered by `RUST_LOG` (default `info`). Traces are
+//! exported over OTLP/HTTP when the standard OpenTelemetry environment names an endpoint
+//! (`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`; the exporter reads
+//! the rest of the `OTEL_*` settings itself), and W3C `traceparent` is the propagation format.
+
+use std::io::IsTerminal as _;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer};
+
+/// Telemetry could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The OTLP exporter rejected its settings.
+    #[error("cannot build the OTLP exporter: {0}")]
+    Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    /// A global subscriber was already installed.
+    #[error("cannot install the log subscriber: {0}")]
+    Subscriber(#[from] tracing_subscriber::util::TryInitError),
+}
+
+/// Keeps the trace pipeline alive; dropping it flushes the spans not yet exported.
+#[must_use = "dropping the guard shuts tracing down"]
+pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            // Nothing useful to do with a failed flush at exit but say so.
+            if let Err(e) = provider.shutdown() {
+                eprintln!("ferry: flushing traces failed: {e}");
+            }
+        }
+    }
+}
+
+/// Installs the global log subscriber and, when configured, the OTLP trace exporter.
+pub fn init(service_name: &'static str) -> Result<TelemetryGuard, TelemetryError> {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    // sqlx reports Postgres NOTICEs ("relation already exists, skipping") at info: not news.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn"));
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_filter(filter);
+
+    let otlp_configured = [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()));
+    if !otlp_configured {
+        tracing_subscriber::registry().with(fmt).try_init()?;
+        return Ok(TelemetryGuard { provider: None });
+    }
+
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .build()?;
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(service_name)
+                .build(),
+        )
+        .build();
+    let tracer = provider.tracer(service_name);
+    opentelemetry::global::set_tracer_provider(provider.clone());
+    tracing_subscriber::registry()
+        .with(fmt)
+        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+        .try_init()?;
+    Ok(TelemetryGuard {
+        provider: Some(provider),
+    })
+}

@@ -1,0 +1,8 @@
+//! Ferry's integration tests: one binary, against the real stack (`scripts/stack up`, then
+//! `eval "$(scripts/stack env)"`). Each test makes its own fresh database and its own topic.
+
+mod contract;
+mod decoder;
+mod kafka;
+mod schema;
+mod support;
