@@ -135,6 +135,47 @@ pub fn raw_record<'a, M: Message>(message: &'a M) -> RawRecord<'a> {
     }
 }
 
+/// The partition Kafka's Java client (and so Debezium) puts `key` on: murmur2 of the key bytes,
+/// sign bit cleared, modulo the partition count. The relay's producer uses librdkafka's
+/// `murmur2_random`, which computes the same; the consumer uses this to find the tenants of its
+/// assigned partitions.
+pub fn partition_for_key(key: &[u8], partitions: i32) -> i32 {
+    assert!(partitions > 0, "a topic has at least one partition");
+    ((murmur2(key) & 0x7fff_ffff) % partitions as u32) as i32
+}
+
+/// Kafka's murmur2 (`org.apache.kafka.common.utils.Utils.murmur2`), seed 0x9747b28c.
+pub fn murmur2(data: &[u8]) -> u32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let mut h: u32 = SEED ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for chunk in &mut chunks {
+        let mut k = u32::from_le_bytes(chunk.try_into().expect("4 bytes"));
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let tail = chunks.remainder();
+    if tail.len() >= 3 {
+        h ^= u32::from(tail[2]) << 16;
+    }
+    if tail.len() >= 2 {
+        h ^= u32::from(tail[1]) << 8;
+    }
+    if !tail.is_empty() {
+        h ^= u32::from(tail[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h
+}
+
 /// The headers of a wire record as rdkafka wants them for producing.
 pub fn owned_headers(record: &crate::outbox::WireRecord) -> rdkafka::message::OwnedHeaders {
     record.headers.iter().fold(
@@ -146,4 +187,42 @@ pub fn owned_headers(record: &crate::outbox::WireRecord) -> rdkafka::message::Ow
             })
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_the_java_client() {
+        // Vectors from Kafka's own UtilsTest.testMurmur2 (signed ints there).
+        let cases: [(&[u8], i32); 6] = [
+            (b"21", -973_932_308),
+            (b"foobar", -790_332_482),
+            (b"a-little-bit-long-string", -985_981_536),
+            (b"a-little-bit-longer-string", -1_486_304_829),
+            (
+                b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58_897_971,
+            ),
+            (b"abc", 479_470_107),
+        ];
+        for (key, expected) in cases {
+            assert_eq!(
+                murmur2(key) as i32,
+                expected,
+                "{:?}",
+                String::from_utf8_lossy(key)
+            );
+        }
+    }
+
+    #[test]
+    fn partition_is_within_range_and_stable() {
+        for n in 1..64 {
+            let p = partition_for_key(b"tenant-42", n);
+            assert!((0..n).contains(&p));
+            assert_eq!(p, partition_for_key(b"tenant-42", n));
+        }
+    }
 }

@@ -9,9 +9,17 @@
 //! | outbox topic | `kafka.topic` | `FERRY_KAFKA_TOPIC` |
 //! | consumer group | `kafka.group_id` | `FERRY_KAFKA_GROUP_ID` |
 //! | extra librdkafka settings | `[kafka.properties]` | — |
+//! | relay slot | `relay.slot` | `FERRY_RELAY_SLOT` |
+//! | relay publication | `relay.publication` | `FERRY_RELAY_PUBLICATION` |
+//! | outbox table | `relay.table` | `FERRY_RELAY_TABLE` |
+//! | changes per peek | `relay.batch_changes` | `FERRY_RELAY_BATCH_CHANGES` |
+//! | idle poll interval | `relay.poll_interval_ms` | `FERRY_RELAY_POLL_INTERVAL_MS` |
+//! | largest record | `relay.max_message_bytes` | `FERRY_RELAY_MAX_MESSAGE_BYTES` |
+//! | partitions of a topic the relay creates | `relay.topic_partitions` | `FERRY_RELAY_TOPIC_PARTITIONS` |
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -28,6 +36,49 @@ pub struct Config {
     pub database: DatabaseConfig,
     /// Kafka settings.
     pub kafka: KafkaConfig,
+    /// Relay settings.
+    pub relay: RelayConfig,
+}
+
+/// `ferry relay` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayConfig {
+    /// The logical replication slot (created if missing).
+    pub slot: String,
+    /// The publication on the outbox table (created if missing, inserts only).
+    pub publication: String,
+    /// The outbox table's schema.
+    pub schema: String,
+    /// The outbox table.
+    pub table: String,
+    /// Changes decoded per peek: a batch, produced and acknowledged before the slot advances.
+    pub batch_changes: u32,
+    /// How long to wait before peeking again when the outbox was idle.
+    pub poll_interval: Duration,
+    /// How often to log the slot's lag.
+    pub status_interval: Duration,
+    /// A record larger than this is sent as a rejection marker (keep it at or under the
+    /// topic's `max.message.bytes`).
+    pub max_message_bytes: usize,
+    /// Partitions of the outbox topic when the relay has to create it (tenants spread over
+    /// them; more partitions, more consumer instances can share the work).
+    pub topic_partitions: i32,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            slot: "ferry_outbox".to_owned(),
+            publication: "ferry_outbox".to_owned(),
+            schema: "public".to_owned(),
+            table: "outbox".to_owned(),
+            batch_changes: 20_000,
+            poll_interval: Duration::from_millis(20),
+            status_interval: Duration::from_secs(10),
+            max_message_bytes: 1_000_000,
+            topic_partitions: 12,
+        }
+    }
 }
 
 /// Postgres settings.
@@ -100,6 +151,20 @@ struct FileConfig {
     database: FileDatabase,
     #[serde(default)]
     kafka: FileKafka,
+    #[serde(default)]
+    relay: FileRelay,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRelay {
+    slot: Option<String>,
+    publication: Option<String>,
+    table: Option<String>,
+    batch_changes: Option<u32>,
+    poll_interval_ms: Option<u64>,
+    max_message_bytes: Option<usize>,
+    topic_partitions: Option<i32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -178,6 +243,52 @@ impl Config {
             .or(file.kafka.group_id)
             .unwrap_or_else(|| DEFAULT_GROUP_ID.to_owned());
 
+        let number = |key: &'static str, var: &str| -> Result<Option<u64>, ConfigError> {
+            env(&[var])
+                .map(|v| {
+                    v.trim().parse::<u64>().map_err(|_| ConfigError::Invalid {
+                        key,
+                        value: v.clone(),
+                        reason: "not a whole number".to_owned(),
+                    })
+                })
+                .transpose()
+        };
+        let defaults = RelayConfig::default();
+        let table = env(&["FERRY_RELAY_TABLE"])
+            .or(file.relay.table)
+            .unwrap_or_else(|| format!("{}.{}", defaults.schema, defaults.table));
+        let (schema, table) = match table.split_once('.') {
+            Some((s, t)) => (s.to_owned(), t.to_owned()),
+            None => ("public".to_owned(), table),
+        };
+        let relay = RelayConfig {
+            slot: env(&["FERRY_RELAY_SLOT"])
+                .or(file.relay.slot)
+                .unwrap_or(defaults.slot),
+            publication: env(&["FERRY_RELAY_PUBLICATION"])
+                .or(file.relay.publication)
+                .unwrap_or(defaults.publication),
+            schema,
+            table,
+            batch_changes: number("relay.batch_changes", "FERRY_RELAY_BATCH_CHANGES")?
+                .map(|n| n.min(u64::from(u32::MAX)) as u32)
+                .or(file.relay.batch_changes)
+                .unwrap_or(defaults.batch_changes),
+            poll_interval: number("relay.poll_interval_ms", "FERRY_RELAY_POLL_INTERVAL_MS")?
+                .or(file.relay.poll_interval_ms)
+                .map_or(defaults.poll_interval, Duration::from_millis),
+            status_interval: defaults.status_interval,
+            max_message_bytes: number("relay.max_message_bytes", "FERRY_RELAY_MAX_MESSAGE_BYTES")?
+                .map(|n| n as usize)
+                .or(file.relay.max_message_bytes)
+                .unwrap_or(defaults.max_message_bytes),
+            topic_partitions: number("relay.topic_partitions", "FERRY_RELAY_TOPIC_PARTITIONS")?
+                .map(|n| n.min(10_000) as i32)
+                .or(file.relay.topic_partitions)
+                .unwrap_or(defaults.topic_partitions),
+        };
+
         let config = Config {
             database: DatabaseConfig {
                 url,
@@ -189,6 +300,7 @@ impl Config {
                 group_id,
                 properties: file.kafka.properties,
             },
+            relay,
         };
         config.validate()?;
         Ok(config)
@@ -221,6 +333,32 @@ impl Config {
         }
         validate_topic(&self.kafka.topic)
             .map_err(|reason| invalid("kafka.topic", &self.kafka.topic, &reason))?;
+        let r = &self.relay;
+        for (key, value) in [
+            ("relay.slot", &r.slot),
+            ("relay.publication", &r.publication),
+            ("relay.table", &r.schema),
+            ("relay.table", &r.table),
+        ] {
+            validate_identifier(value).map_err(|reason| invalid(key, value, &reason))?;
+        }
+        if r.topic_partitions < 1 {
+            return Err(invalid(
+                "relay.topic_partitions",
+                &r.topic_partitions.to_string(),
+                "must be at least 1",
+            ));
+        }
+        if r.batch_changes == 0 {
+            return Err(invalid("relay.batch_changes", "0", "must be at least 1"));
+        }
+        if r.max_message_bytes < 1024 {
+            return Err(invalid(
+                "relay.max_message_bytes",
+                &r.max_message_bytes.to_string(),
+                "must be at least 1024",
+            ));
+        }
         if self.kafka.group_id.trim().is_empty() {
             return Err(invalid(
                 "kafka.group_id",
@@ -243,6 +381,24 @@ fn validate_broker(broker: &str) -> Result<(), String> {
         Ok(p) if p > 0 => Ok(()),
         _ => Err(format!("`{broker}` has no valid port")),
     }
+}
+
+/// A Postgres identifier Ferry creates or names: lower-case letters, digits and `_`, starting
+/// with a letter or `_`, at most 63 bytes (so it never needs quoting and is never truncated).
+pub fn validate_identifier(name: &str) -> Result<(), String> {
+    let valid_start = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    if !valid_start
+        || name.len() > 63
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        return Err("expected 1 to 63 of a-z 0-9 _, not starting with a digit".to_owned());
+    }
+    Ok(())
 }
 
 /// Kafka's own rule for topic names: 1 to 249 of `[a-zA-Z0-9._-]`, and not `.` or `..`.

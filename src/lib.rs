@@ -11,11 +11,19 @@
 //! - [`store`]: the Postgres schema (embedded migrations) and connections;
 //! - [`broker`]: Kafka client settings and topic administration;
 //! - [`telemetry`]: logs and traces;
-//! - [`smoke`]: the end-to-end round trip that proves a stack works.
+//! - [`relay`]: change data capture from the outbox to Kafka (`ferry relay`);
+//! - [`load`]: the reference "our platform" writer (`ferry load`);
+//! - [`smoke`]: the end-to-end round trip that proves a stack works;
+//! - [`bench`]: the benchmarks (`ferry bench ...`);
+//! - [`shutdown`]: the signal every long-running task obeys.
 
+pub mod bench;
 pub mod broker;
 pub mod config;
+pub mod load;
 pub mod outbox;
+pub mod relay;
+pub mod shutdown;
 pub mod smoke;
 pub mod store;
 pub mod telemetry;

@@ -30,6 +30,49 @@ enum Command {
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         timeout: Duration,
     },
+    /// Stream the outbox from the write-ahead log to Kafka until SIGTERM/SIGINT.
+    Relay,
+    /// Print the relay slot's position and lag.
+    RelayStatus,
+    /// Write products and their outbox events like our platform does.
+    Load {
+        /// Distinct tenants.
+        #[arg(long, default_value_t = 100)]
+        tenants: usize,
+        /// Product changes (one transaction and one event each).
+        #[arg(long, default_value_t = 10_000)]
+        events: usize,
+        /// Concurrent writers.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Tenant name prefix.
+        #[arg(long, default_value = "tenant-")]
+        tenant_prefix: String,
+        /// Seed of the change mix.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Benchmarks, printed as tables with the ratio to their baseline.
+    Bench {
+        #[command(subcommand)]
+        which: Bench,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// The WAL relay against a naive polling relay under concurrent writers.
+    Relay {
+        /// Outbox rows per relay.
+        #[arg(long, default_value_t = 100_000)]
+        rows: usize,
+        /// Distinct tenants.
+        #[arg(long, default_value_t = 1_000)]
+        tenants: usize,
+        /// Concurrent writers.
+        #[arg(long, default_value_t = 8)]
+        writers: usize,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -93,6 +136,79 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ferry::smoke::SMOKE_GROUP,
                 report.committed,
             );
+        }
+        Command::Relay => {
+            let shutdown = ferry::shutdown::on_signals()?;
+            let relay = ferry::relay::Relay::connect(&config).await?;
+            let stats = relay.run(shutdown).await?;
+            println!(
+                "relay stopped: {} records acknowledged, {} rejected",
+                stats
+                    .records_acked
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                stats
+                    .rows_rejected
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            );
+        }
+        Command::RelayStatus => {
+            let mut relay = ferry::relay::Relay::connect(&config).await?;
+            relay.setup().await?;
+            let lag = relay.slot_lag().await?;
+            let confirmed = relay
+                .stats()
+                .confirmed_lsn
+                .load(std::sync::atomic::Ordering::Relaxed);
+            println!(
+                "slot {} confirmed at {}, lag {} bytes",
+                config.relay.slot,
+                ferry::relay::lsn::Lsn(confirmed),
+                lag
+            );
+        }
+        Command::Load {
+            tenants,
+            events,
+            concurrency,
+            tenant_prefix,
+            seed,
+        } => {
+            let pool = ferry::store::connect(&config.database).await?;
+            let options = ferry::load::LoadOptions {
+                tenants,
+                events,
+                concurrency,
+                tenant_prefix,
+                seed,
+            };
+            let report = ferry::load::run(&pool, &options).await?;
+            println!(
+                "wrote {} events ({} created, {} updated, {} deleted) across {} tenants in {:.2} s ({:.0} events/s)",
+                report.events(),
+                report.created,
+                report.updated,
+                report.deleted,
+                tenants,
+                report.elapsed.as_secs_f64(),
+                report.events() as f64 / report.elapsed.as_secs_f64().max(1e-9)
+            );
+        }
+        Command::Bench {
+            which:
+                Bench::Relay {
+                    rows,
+                    tenants,
+                    writers,
+                },
+        } => {
+            let options = ferry::bench::relay::RelayBenchOptions {
+                rows,
+                tenants,
+                writers,
+                ..Default::default()
+            };
+            let report = ferry::bench::relay::run(&config, &options).await?;
+            print!("{}", report.render());
         }
     }
     Ok(())

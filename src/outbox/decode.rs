@@ -71,6 +71,9 @@ pub enum BadEventReason {
     /// The record has no key, so no tenant.
     #[error("the record has no key (the tenant id)")]
     MissingKey,
+    /// The relay could not send the outbox row as-is and sent this marker in its place.
+    #[error("the relay rejected the outbox row: {0}")]
+    RejectedByRelay(String),
     /// The key is not a usable tenant id.
     #[error("the key is not a valid tenant id: {0}")]
     InvalidKey(String),
@@ -116,6 +119,7 @@ impl BadEventReason {
     pub fn code(&self) -> &'static str {
         match self {
             BadEventReason::MissingKey => "missing_key",
+            BadEventReason::RejectedByRelay(_) => "rejected_by_relay",
             BadEventReason::InvalidKey(_) => "invalid_key",
             BadEventReason::MissingHeader(_) => "missing_header",
             BadEventReason::InvalidHeader { .. } => "invalid_header",
@@ -146,6 +150,9 @@ pub fn decode(record: &RawRecord<'_>) -> Result<OutboxEvent, BadEvent> {
         Err(bad.clone())
     };
 
+    if let Ok(Some(reason)) = header_text(record, header::REJECTED) {
+        return fail(&mut bad, BadEventReason::RejectedByRelay(reason));
+    }
     let tenant_id = match tenant {
         Ok(t) => t,
         Err(reason) => return fail(&mut bad, reason),

@@ -8,6 +8,7 @@
 
 pub mod decode;
 pub mod wire;
+pub mod writer;
 
 use std::fmt;
 
@@ -37,6 +38,10 @@ pub mod header {
     pub const TRACEPARENT: &str = "traceparent";
     /// The outbox `deliver_before` column (RFC 3339): past it the event is expired, never sent.
     pub const DELIVER_BEFORE: &str = "deliverBefore";
+    /// Set by Ferry's relay on a row it could not send as-is (a payload over the broker's size
+    /// limit, a row without tenant): the record carries the row's identity and this reason, in
+    /// order, so the consumer records a bad event instead of the row vanishing.
+    pub const REJECTED: &str = "ferryRejected";
 }
 
 /// A tenant of our platform: the Kafka key, the unit of ordering and of isolation.

@@ -6,18 +6,21 @@ use uuid::Uuid;
 
 use super::{RawRecord, header};
 
-/// One row of the `outbox` table.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One row of the `outbox` table (`SELECT *` maps onto it).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct OutboxRow {
     /// `id`: the event id.
     pub id: Uuid,
     /// `tenant_id`: the Kafka key.
     pub tenant_id: String,
     /// `aggregatetype`.
+    #[sqlx(rename = "aggregatetype")]
     pub aggregate_type: String,
     /// `aggregateid`.
+    #[sqlx(rename = "aggregateid")]
     pub aggregate_id: String,
     /// `type`: the event type's name.
+    #[sqlx(rename = "type")]
     pub event_type: String,
     /// `payload`: protobuf bytes.
     pub payload: Vec<u8>,
@@ -70,10 +73,50 @@ impl WireRecord {
         }
     }
 
+    /// The marker sent in place of a row the relay cannot send as-is: the row's identity, the
+    /// reason in the [`header::REJECTED`] header, no payload. Keyed by the tenant when there is
+    /// one, so it lands in the tenant's partition, in order.
+    pub fn rejected(
+        id: Option<Uuid>,
+        tenant_id: Option<&str>,
+        event_type: Option<&str>,
+        reason: &str,
+        timestamp: DateTime<Utc>,
+    ) -> Self {
+        let mut headers = Vec::with_capacity(3);
+        if let Some(id) = id {
+            headers.push((header::ID, id.to_string().into_bytes()));
+        }
+        if let Some(t) = event_type {
+            headers.push((header::EVENT_TYPE, t.as_bytes().to_vec()));
+        }
+        headers.push((header::REJECTED, reason.as_bytes().to_vec()));
+        WireRecord {
+            key: tenant_id.unwrap_or_default().as_bytes().to_vec(),
+            headers,
+            value: Vec::new(),
+            timestamp_ms: timestamp.timestamp_millis(),
+        }
+    }
+
+    /// The record's size as the broker counts it against `message.max.bytes`, approximately:
+    /// key, value and headers plus a fixed overhead for the record framing.
+    pub fn approximate_size(&self) -> usize {
+        const RECORD_OVERHEAD: usize = 64;
+        self.key.len()
+            + self.value.len()
+            + self
+                .headers
+                .iter()
+                .map(|(n, v)| n.len() + v.len() + 8)
+                .sum::<usize>()
+            + RECORD_OVERHEAD
+    }
+
     /// A borrowed view for [`super::decode`].
     pub fn as_raw(&self) -> RawRecord<'_> {
         RawRecord {
-            key: Some(&self.key),
+            key: (!self.key.is_empty()).then_some(self.key.as_slice()),
             headers: self
                 .headers
                 .iter()
@@ -89,6 +132,27 @@ impl WireRecord {
 mod tests {
     use super::*;
     use crate::outbox::{EventPayload, EventType, decode, proto};
+
+    #[test]
+    fn a_rejected_row_decodes_as_a_bad_event_of_its_tenant() {
+        let id = Uuid::now_v7();
+        let r = WireRecord::rejected(
+            Some(id),
+            Some("acme"),
+            Some("ProductCreated"),
+            "payload of 2000000 bytes is over the 1000000-byte limit",
+            Utc::now(),
+        );
+        let bad = decode(&r.as_raw()).unwrap_err();
+        assert_eq!(bad.reason.code(), "rejected_by_relay");
+        assert_eq!(bad.event_id, Some(id));
+        assert_eq!(bad.tenant_id.unwrap().as_str(), "acme");
+        assert!(bad.reason.to_string().contains("2000000 bytes"));
+        let keyless = WireRecord::rejected(None, None, None, "tenant_id is NULL", Utc::now());
+        let bad = decode(&keyless.as_raw()).unwrap_err();
+        assert_eq!(bad.reason.code(), "rejected_by_relay");
+        assert_eq!(bad.tenant_id, None);
+    }
 
     #[test]
     fn a_row_round_trips_through_the_decoder() {

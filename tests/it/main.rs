@@ -4,5 +4,6 @@
 mod contract;
 mod decoder;
 mod kafka;
+mod relay;
 mod schema;
 mod support;

@@ -3,7 +3,7 @@
 
 use crate::support::TestDb;
 
-const TABLES: [&str; 9] = [
+const TABLES: [&str; 10] = [
     "control",
     "deliveries",
     "delivery_attempts",
@@ -11,6 +11,7 @@ const TABLES: [&str; 9] = [
     "operator_actions",
     "outbox",
     "parked_events",
+    "products",
     "tenants",
     "_sqlx_migrations",
 ];

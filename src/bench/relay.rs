@@ -1,0 +1,410 @@
+//! `ferry bench relay`: Ferry's WAL relay against a naive polling relay, side by side, each fed
+//! by the same concurrent writers.
+//!
+//! The writers behave like request handlers of our application: an event's id (a time-ordered
+//! UUIDv7) is taken when the request starts, then a transaction bumps the tenant's version (a
+//! row lock, so a tenant's transactions serialize and its versions follow commit order) and
+//! appends 1 to 8 events for that tenant, whose `aggregateid` is the version. Many writers run
+//! at once, so ids are not in commit order: that is what trips a polling relay.
+//!
+//! The baseline does what hand-written relays do: poll `WHERE id > last ORDER BY id LIMIT 500`,
+//! publish the batch (every send in flight at once, then wait for all acknowledgements), mark
+//! the batch published, remember the highest id. A row whose transaction commits after the poll passed its id is skipped for good.
+//!
+//! Throughput is rows over the time from the writers' start to the last acknowledgement. After
+//! each run the topic is read back: every written id must be there (Ferry's `lost`), and each
+//! tenant's versions must rise (`reordered` counts records behind one already seen).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{BenchError, ReadRecord, drop_database, fresh_database, read_topic};
+use crate::broker;
+use crate::config::Config;
+use crate::outbox::writer::{self, NewEvent};
+use crate::outbox::{EventPayload, OutboxRow, TenantId, WireRecord, proto};
+use crate::relay::Relay;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct RelayBenchOptions {
+    /// Outbox rows per relay.
+    pub rows: usize,
+    /// Distinct tenants.
+    pub tenants: usize,
+    /// Concurrent writers.
+    pub writers: usize,
+    /// Partitions of each topic.
+    pub partitions: i32,
+}
+
+impl Default for RelayBenchOptions {
+    fn default() -> Self {
+        RelayBenchOptions {
+            rows: 100_000,
+            tenants: 1_000,
+            writers: 8,
+            partitions: 4,
+        }
+    }
+}
+
+/// One relay's results.
+#[derive(Debug, Clone, Default)]
+pub struct RelayRun {
+    /// Rows written.
+    pub rows: usize,
+    /// Writers' start to the last acknowledgement.
+    pub elapsed: Duration,
+    /// How long the writers took.
+    pub writers_elapsed: Duration,
+    /// Written rows that never reached the topic.
+    pub missing: usize,
+    /// Records behind a later version of their tenant.
+    pub reordered: usize,
+    /// Records read back (duplicates included).
+    pub records: usize,
+}
+
+impl RelayRun {
+    /// Rows per second.
+    pub fn rows_per_s(&self) -> f64 {
+        self.rows as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Both runs.
+#[derive(Debug, Clone)]
+pub struct RelayBenchReport {
+    /// The options used.
+    pub options: RelayBenchOptions,
+    /// Ferry's relay.
+    pub ferry: RelayRun,
+    /// The polling baseline.
+    pub polling: RelayRun,
+}
+
+impl RelayBenchReport {
+    /// Ferry's throughput over the baseline's.
+    pub fn ratio(&self) -> f64 {
+        self.ferry.rows_per_s() / self.polling.rows_per_s().max(1e-9)
+    }
+
+    /// The table and the machine-readable last line.
+    pub fn render(&self) -> String {
+        let o = &self.options;
+        let row = |name: &str, r: &RelayRun, ratio: f64| {
+            format!(
+                "| {name:<22} | {:>9.0} | {:>8.2} s | {:>8.2} s | {:>8} | {:>9} | {:>7.2}x |\n",
+                r.rows_per_s(),
+                r.elapsed.as_secs_f64(),
+                r.writers_elapsed.as_secs_f64(),
+                r.missing,
+                r.reordered,
+                ratio
+            )
+        };
+        let mut s = format!(
+            "relay benchmark: {} rows per relay, {} tenants, {} concurrent writers, {} partitions\n\n",
+            o.rows, o.tenants, o.writers, o.partitions
+        );
+        s.push_str("| relay                  |    rows/s |   elapsed |   writers |  missing | reordered |   ratio |\n");
+        s.push_str("|------------------------|-----------|-----------|-----------|----------|-----------|---------|\n");
+        s.push_str(&row("ferry relay (WAL)", &self.ferry, self.ratio()));
+        s.push_str(&row("polling (baseline)", &self.polling, 1.0));
+        s.push_str(&format!(
+            "\nrelay_rows_per_s={:.0} polling_rows_per_s={:.0} ratio={:.2} polling_skipped={} polling_reordered={} ferry_lost={}\n",
+            self.ferry.rows_per_s(),
+            self.polling.rows_per_s(),
+            self.ratio(),
+            self.polling.missing,
+            self.polling.reordered,
+            self.ferry.missing
+        ));
+        s
+    }
+}
+
+/// Runs both relays and reads their topics back.
+pub async fn run(
+    config: &Config,
+    options: &RelayBenchOptions,
+) -> Result<RelayBenchReport, BenchError> {
+    let ferry = run_ferry(config, options).await?;
+    let polling = run_polling(config, options).await?;
+    Ok(RelayBenchReport {
+        options: options.clone(),
+        ferry,
+        polling,
+    })
+}
+
+async fn prepare(
+    config: &Config,
+    options: &RelayBenchOptions,
+    name: &str,
+) -> Result<(PgPool, String, Config), BenchError> {
+    let (pool, url) = fresh_database(&config.database, &format!("ferry_bench_{name}")).await?;
+    sqlx::query(
+        "CREATE TABLE bench_versions (tenant_id text PRIMARY KEY, version bigint NOT NULL)",
+    )
+    .execute(&pool)
+    .await?;
+    sqlx::query(
+        "INSERT INTO bench_versions SELECT 'tenant-' || n, 0 FROM generate_series(0, $1 - 1) n",
+    )
+    .bind(options.tenants as i64)
+    .execute(&pool)
+    .await?;
+    let mut bench_config = config.clone();
+    bench_config.database.url = url.clone();
+    let run_id = Uuid::new_v4().simple().to_string();
+    bench_config.kafka.topic = format!("ferry-bench-{name}-{run_id}");
+    // Slot names are global to the server.
+    bench_config.relay.slot = format!("ferry_bench_{run_id}");
+    bench_config.relay.publication = format!("ferry_bench_{run_id}");
+    broker::ensure_topic(
+        &bench_config.kafka,
+        &bench_config.kafka.topic,
+        options.partitions,
+    )
+    .await?;
+    Ok((pool, url, bench_config))
+}
+
+async fn run_ferry(config: &Config, options: &RelayBenchOptions) -> Result<RelayRun, BenchError> {
+    let (pool, url, bench_config) = prepare(config, options, "ferry").await?;
+    let mut relay = Relay::connect(&bench_config).await?;
+    relay.setup().await?;
+    let stats = relay.stats();
+    let stop = CancellationToken::new();
+    let relay_task = tokio::spawn(relay.run(stop.clone()));
+
+    let started = Instant::now();
+    let ids = write(&pool, options).await?;
+    let writers_elapsed = started.elapsed();
+    let until = Instant::now() + Duration::from_secs(600);
+    while stats.records_acked.load(Ordering::Relaxed) < options.rows as u64 {
+        if Instant::now() > until || relay_task.is_finished() {
+            return Err(BenchError::Stalled(
+                "the relay stopped before relaying every row".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    stop.cancel();
+    relay_task.await.expect("relay task panicked")?;
+
+    let records = read_back(&bench_config).await?;
+    pool.close().await;
+    drop_database(&config.database, &url).await?;
+    Ok(judge(ids, &records, elapsed, writers_elapsed))
+}
+
+async fn run_polling(config: &Config, options: &RelayBenchOptions) -> Result<RelayRun, BenchError> {
+    let (pool, url, bench_config) = prepare(config, options, "polling").await?;
+    sqlx::query("ALTER TABLE outbox ADD COLUMN published_at timestamptz")
+        .execute(&pool)
+        .await?;
+    let done_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = {
+        let pool = pool.clone();
+        let kafka = bench_config.kafka.clone();
+        let done_flag = Arc::clone(&done_flag);
+        tokio::spawn(async move { poll_relay(pool, kafka, done_flag).await })
+    };
+    let started = Instant::now();
+    let ids = write(&pool, options).await?;
+    let writers_elapsed = started.elapsed();
+    done_flag.store(true, Ordering::SeqCst);
+    poller.await.expect("poller panicked")?;
+    let elapsed = started.elapsed();
+
+    let records = read_back(&bench_config).await?;
+    pool.close().await;
+    drop_database(&config.database, &url).await?;
+    Ok(judge(ids, &records, elapsed, writers_elapsed))
+}
+
+/// The naive relay: poll by id, publish the batch, mark, remember the highest id.
+async fn poll_relay(
+    pool: PgPool,
+    kafka: crate::config::KafkaConfig,
+    writers_done: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<(), BenchError> {
+    let producer: FutureProducer = broker::producer_config(&kafka).create()?;
+    let mut last = Uuid::nil();
+    loop {
+        // Read the flag before polling: an empty poll after the writers finished means done.
+        let finished = writers_done.load(Ordering::SeqCst);
+        let rows: Vec<OutboxRow> = sqlx::query_as(
+            "SELECT id, tenant_id, aggregatetype, aggregateid, type, payload, traceparent, created_at, deliver_before \
+             FROM outbox WHERE id > $1 ORDER BY id LIMIT 500",
+        )
+        .bind(last)
+        .fetch_all(&pool)
+        .await?;
+        if rows.is_empty() {
+            if finished {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut deliveries = Vec::with_capacity(rows.len());
+        for row in rows {
+            let record = WireRecord::from_row(&row, None);
+            let delivery = producer
+                .send_result(
+                    FutureRecord::to(&kafka.topic)
+                        .key(&record.key)
+                        .payload(&record.value)
+                        .headers(broker::owned_headers(&record)),
+                )
+                .map_err(|(e, _)| e)?;
+            deliveries.push(delivery);
+            ids.push(row.id);
+        }
+        for delivery in deliveries {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(e.into()),
+                Err(_) => return Err(rdkafka::error::KafkaError::Canceled.into()),
+            }
+        }
+        sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&pool)
+            .await?;
+        last = *ids.last().expect("non-empty batch");
+    }
+}
+
+/// The concurrent writers; returns every id written with its tenant and version.
+async fn write(
+    pool: &PgPool,
+    options: &RelayBenchOptions,
+) -> Result<Vec<(Uuid, String, i64)>, BenchError> {
+    let claimed = Arc::new(AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..options.writers {
+        let pool = pool.clone();
+        let claimed = Arc::clone(&claimed);
+        let (rows, tenants) = (options.rows, options.tenants);
+        tasks.spawn(async move {
+            let mut written = Vec::new();
+            let mut seed = 0x5EED_u64 ^ (w as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            loop {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let want = 1 + (seed % 8) as usize;
+                let start = claimed.fetch_add(want, Ordering::Relaxed);
+                if start >= rows {
+                    return Ok::<_, sqlx::Error>(written);
+                }
+                let n = want.min(rows - start);
+                let tenant = format!("tenant-{}", (seed >> 8) % tenants as u64);
+                // The request takes its event ids when it starts, before it waits on anything.
+                let ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
+                let mut tx = pool.begin().await?;
+                let version: i64 = sqlx::query_scalar(
+                    "UPDATE bench_versions SET version = version + $2 WHERE tenant_id = $1 RETURNING version",
+                )
+                .bind(&tenant)
+                .bind(n as i64)
+                .fetch_one(&mut *tx)
+                .await?;
+                let tenant_id = TenantId::new(tenant.clone()).expect("valid tenant");
+                let events: Vec<NewEvent> = ids
+                    .iter()
+                    .enumerate()
+                    .map(|(i, id)| {
+                        let v = version - n as i64 + 1 + i as i64;
+                        NewEvent {
+                            id: *id,
+                            tenant_id: tenant_id.clone(),
+                            aggregate_id: v.to_string(),
+                            payload: EventPayload::ProductUpdated(proto::ProductUpdated {
+                                product: Some(proto::Product {
+                                    id: format!("{tenant}-product"),
+                                    name: format!("version {v}"),
+                                    description: String::new(),
+                                    price_minor: v,
+                                    currency: "EUR".to_owned(),
+                                }),
+                            }),
+                            deliver_before: None,
+                            traceparent: None,
+                        }
+                    })
+                    .collect();
+                writer::append_many(&mut tx, &events).await?;
+                tx.commit().await?;
+                written.extend(events.into_iter().map(|e| (e.id, tenant.clone(), e.aggregate_id.parse().unwrap_or(0))));
+            }
+        });
+    }
+    let mut all = Vec::with_capacity(options.rows);
+    while let Some(done) = tasks.join_next().await {
+        all.extend(done.expect("writer panicked")?);
+    }
+    Ok(all)
+}
+
+async fn read_back(config: &Config) -> Result<Vec<ReadRecord>, BenchError> {
+    let kafka = config.kafka.clone();
+    tokio::task::spawn_blocking(move || read_topic(&kafka, &kafka.topic, Duration::from_secs(300)))
+        .await
+        .expect("reader panicked")
+}
+
+fn judge(
+    written: Vec<(Uuid, String, i64)>,
+    records: &[ReadRecord],
+    elapsed: Duration,
+    writers_elapsed: Duration,
+) -> RelayRun {
+    let seen: HashSet<Uuid> = records.iter().filter_map(|r| r.id).collect();
+    let missing = written
+        .iter()
+        .filter(|(id, _, _)| !seen.contains(id))
+        .count();
+    // Per tenant, in the order its partition holds them: a version below the highest already
+    // seen is out of order (a repeated id is a replay, not a reorder, and is passed over).
+    let mut highest: HashMap<&str, i64> = HashMap::new();
+    let mut first_seen: HashSet<Uuid> = HashSet::new();
+    let mut reordered = 0;
+    for r in records {
+        if r.id.is_some_and(|id| !first_seen.insert(id)) {
+            continue;
+        }
+        let version: i64 = r
+            .aggregate_id
+            .as_deref()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let h = highest.entry(r.key.as_str()).or_insert(0);
+        if version < *h {
+            reordered += 1;
+        }
+        *h = (*h).max(version);
+    }
+    RelayRun {
+        rows: written.len(),
+        elapsed,
+        writers_elapsed,
+        missing,
+        reordered,
+        records: records.len(),
+    }
+}

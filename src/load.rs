@@ -1,0 +1,217 @@
+//! `ferry load`: the reference "our platform" writer. It creates, updates and deletes products
+//! across many tenants, each change in one transaction with its outbox event, exactly as our
+//! application does, through [`crate::outbox::writer`].
+
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::outbox::writer::{self, NewEvent};
+use crate::outbox::{EventPayload, TenantId, proto};
+
+/// What to write.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Distinct tenants, named `{tenant_prefix}{n}`.
+    pub tenants: usize,
+    /// Product changes in all (one transaction each).
+    pub events: usize,
+    /// Concurrent writers; each owns the tenants `n % concurrency == writer`, so a tenant's
+    /// changes are written in one order.
+    pub concurrency: usize,
+    /// Tenant name prefix.
+    pub tenant_prefix: String,
+    /// Random seed, for a repeatable mix.
+    pub seed: u64,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            tenants: 100,
+            events: 10_000,
+            concurrency: 8,
+            tenant_prefix: "tenant-".to_owned(),
+            seed: 42,
+        }
+    }
+}
+
+/// What was written.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    /// Products created.
+    pub created: usize,
+    /// Products updated.
+    pub updated: usize,
+    /// Products deleted.
+    pub deleted: usize,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+impl LoadReport {
+    /// Events written (one per change).
+    pub fn events(&self) -> usize {
+        self.created + self.updated + self.deleted
+    }
+}
+
+/// A load option that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Zero tenants or writers.
+    #[error("--tenants and --concurrency must be at least 1")]
+    Empty,
+    /// A generated tenant id is invalid (the prefix is too long or has control characters).
+    #[error("tenant prefix {0:?} makes invalid tenant ids")]
+    Prefix(String),
+    /// Postgres failed.
+    #[error("postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+}
+
+/// Writes the load and reports what it wrote.
+pub async fn run(pool: &PgPool, options: &LoadOptions) -> Result<LoadReport, LoadError> {
+    if options.tenants == 0 || options.concurrency == 0 {
+        return Err(LoadError::Empty);
+    }
+    TenantId::new(format!("{}{}", options.tenant_prefix, options.tenants))
+        .map_err(|_| LoadError::Prefix(options.tenant_prefix.clone()))?;
+    let started = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for w in 0..options.concurrency {
+        let tenants: Vec<String> = (0..options.tenants)
+            .filter(|t| t % options.concurrency == w)
+            .map(|t| format!("{}{t}", options.tenant_prefix))
+            .collect();
+        let share = options.events / options.concurrency
+            + usize::from(w < options.events % options.concurrency);
+        let pool = pool.clone();
+        let seed = options.seed ^ (w as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        workers.spawn(async move { write_share(pool, tenants, share, seed).await });
+    }
+    let mut report = LoadReport::default();
+    while let Some(done) = workers.join_next().await {
+        let r = done.expect("load writer panicked")?;
+        report.created += r.created;
+        report.updated += r.updated;
+        report.deleted += r.deleted;
+    }
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+async fn write_share(
+    pool: PgPool,
+    tenants: Vec<String>,
+    events: usize,
+    seed: u64,
+) -> Result<LoadReport, LoadError> {
+    let mut report = LoadReport::default();
+    if tenants.is_empty() {
+        return Ok(report);
+    }
+    let mut rng = SplitMix(seed);
+    let mut products: Vec<Vec<Uuid>> = vec![Vec::new(); tenants.len()];
+    for n in 0..events {
+        let t = (rng.next() % tenants.len() as u64) as usize;
+        let tenant = TenantId::new(tenants[t].clone()).expect("checked in run");
+        let roll = rng.next() % 100;
+        let mut tx = pool.begin().await?;
+        let owned = &mut products[t];
+        if owned.is_empty() || roll < 50 {
+            let product = proto::Product {
+                id: Uuid::now_v7().to_string(),
+                name: format!("Product {n}"),
+                description: format!("Made by load writer, change {n}"),
+                price_minor: (rng.next() % 100_000) as i64,
+                currency: "EUR".to_owned(),
+            };
+            sqlx::query(
+                "INSERT INTO products (tenant_id, id, name, description, price_minor, currency) \
+                 VALUES ($1, $2::uuid, $3, $4, $5, $6)",
+            )
+            .bind(tenant.as_str())
+            .bind(&product.id)
+            .bind(&product.name)
+            .bind(&product.description)
+            .bind(product.price_minor)
+            .bind(&product.currency)
+            .execute(&mut *tx)
+            .await?;
+            owned.push(product.id.parse().expect("uuid"));
+            let id = product.id.clone();
+            let event = NewEvent::new(
+                tenant,
+                id,
+                EventPayload::ProductCreated(proto::ProductCreated {
+                    product: Some(product),
+                }),
+            );
+            writer::append(&mut tx, &event).await?;
+            report.created += 1;
+        } else if roll < 85 {
+            let id = owned[(rng.next() % owned.len() as u64) as usize];
+            let (name, description, price_minor, currency): (String, String, i64, String) =
+                sqlx::query_as(
+                    "UPDATE products SET name = $3, price_minor = $4, version = version + 1, \
+                     updated_at = now() WHERE tenant_id = $1 AND id = $2 \
+                     RETURNING name, description, price_minor, currency",
+                )
+                .bind(tenant.as_str())
+                .bind(id)
+                .bind(format!("Product {n} (renamed)"))
+                .bind((rng.next() % 100_000) as i64)
+                .fetch_one(&mut *tx)
+                .await?;
+            let event = NewEvent::new(
+                tenant,
+                id.to_string(),
+                EventPayload::ProductUpdated(proto::ProductUpdated {
+                    product: Some(proto::Product {
+                        id: id.to_string(),
+                        name,
+                        description,
+                        price_minor,
+                        currency,
+                    }),
+                }),
+            );
+            writer::append(&mut tx, &event).await?;
+            report.updated += 1;
+        } else {
+            let id = owned.swap_remove((rng.next() % owned.len() as u64) as usize);
+            sqlx::query("DELETE FROM products WHERE tenant_id = $1 AND id = $2")
+                .bind(tenant.as_str())
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            let event = NewEvent::new(
+                tenant,
+                id.to_string(),
+                EventPayload::ProductDeleted(proto::ProductDeleted {
+                    product_id: id.to_string(),
+                }),
+            );
+            writer::append(&mut tx, &event).await?;
+            report.deleted += 1;
+        }
+        tx.commit().await?;
+    }
+    Ok(report)
+}
+
+/// SplitMix64: a small, fast, seedable generator for a repeatable load mix.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}

@@ -1,0 +1,529 @@
+//! `ferry relay`: change data capture from the outbox to Kafka, in commit order, nothing lost.
+//!
+//! The relay reads the outbox from the write-ahead log through a logical replication slot and
+//! the built-in `pgoutput` plugin, using the SQL interface
+//! (`pg_logical_slot_peek_binary_changes`, then `pg_replication_slot_advance`):
+//!
+//! 1. note the server's current WAL position `upto`;
+//! 2. peek the slot's committed transactions before `upto` (at most `batch_changes` changes;
+//!    peeking consumes nothing);
+//! 3. produce every outbox row of those transactions, in commit order, through an idempotent
+//!    producer (`acks=all`, murmur2 partitioning) and wait until the broker acknowledged each;
+//! 4. only then advance the slot: to the end of the last transaction produced, or to `upto`
+//!    when the peek was not cut short (nothing committed before `upto` is left, so an idle
+//!    outbox on a busy server still advances: that is the heartbeat).
+//!
+//! A crash anywhere before step 4 leaves the slot where it was: the next run produces the same
+//! rows again (duplicates with the same event id, which the consumer dedupes), never a gap.
+//! A row that cannot be sent as-is (no tenant, a payload over the size limit) is sent as a
+//! [`WireRecord::rejected`] marker in its place, so it is never silently skipped and never
+//! stops the relay; the row itself stays in the outbox table.
+//!
+//! Why the SQL functions rather than the streaming replication protocol: they run over an
+//! ordinary connection (sqlx has no replication-protocol support), need no extra privilege
+//! beyond `REPLICATION` on the slot, and decoded 100,000 outbox rows in about 0.5 s here. Their
+//! cost is that each peek decodes again from the slot's confirmed position, which the relay keeps
+//! close by advancing after every batch. A second relay on the same slot gets "slot is active"
+//! and waits as a hot standby.
+
+pub mod lsn;
+pub mod pgoutput;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use sqlx::Executor as _;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker;
+use crate::config::{Config, RelayConfig};
+use crate::outbox::WireRecord;
+use lsn::Lsn;
+use pgoutput::{Assembler, ProtocolError, Transaction};
+
+/// Why the relay stopped or a step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// Postgres failed.
+    #[error("postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+    /// The topic could not be created.
+    #[error(transparent)]
+    Topic(broker::BrokerError),
+    /// A Kafka client could not be created.
+    #[error("kafka client: {0}")]
+    Client(#[source] KafkaError),
+    /// The broker did not acknowledge a record.
+    #[error("kafka delivery failed: {0}")]
+    Delivery(#[source] KafkaError),
+    /// The slot produced something that is not pgoutput as Ferry knows it.
+    #[error("cannot decode the replication stream: {0}")]
+    Protocol(#[from] ProtocolError),
+    /// The slot's position is unreadable.
+    #[error("replication slot {0} is missing or has no confirmed position")]
+    Slot(String),
+    /// Slot names are global to the Postgres server: this one was made for another database.
+    #[error(
+        "replication slot {slot} belongs to database {database}, not this one: configure another relay.slot"
+    )]
+    SlotOfAnotherDatabase {
+        /// The slot.
+        slot: String,
+        /// The database it decodes.
+        database: String,
+    },
+}
+
+impl RelayError {
+    /// Whether waiting and trying again can help. A protocol error cannot: the same bytes come
+    /// back, so the relay stops and says so.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(
+            self,
+            RelayError::Protocol(_) | RelayError::SlotOfAnotherDatabase { .. }
+        )
+    }
+}
+
+/// Counters the relay keeps; shared, so a status reporter or a test can read them while it runs.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Records the broker acknowledged (including rejection markers).
+    pub records_acked: AtomicU64,
+    /// Committed transactions relayed (including those with no outbox row).
+    pub transactions: AtomicU64,
+    /// Rows sent as rejection markers.
+    pub rows_rejected: AtomicU64,
+    /// The slot's confirmed position, as a number.
+    pub confirmed_lsn: AtomicU64,
+    /// WAL bytes between the server's current position and the slot's confirmed position, as
+    /// of the last status check.
+    pub slot_lag_bytes: AtomicU64,
+    /// Failed steps that were retried.
+    pub retries: AtomicU64,
+}
+
+/// The outbox relay.
+pub struct Relay {
+    kafka: crate::config::KafkaConfig,
+    pool: PgPool,
+    producer: FutureProducer,
+    topic: String,
+    options: RelayConfig,
+    stats: Arc<RelayStats>,
+    confirmed: Lsn,
+}
+
+impl Relay {
+    /// Connects to Postgres and Kafka. Nothing is created yet: see [`Relay::setup`].
+    pub async fn connect(config: &Config) -> Result<Self, RelayError> {
+        let options: sqlx::postgres::PgConnectOptions = config.database.url.parse()?;
+        // Values come through the slot as their text output in this session's settings: pin
+        // the ones the row parser relies on.
+        let pool = PgPoolOptions::new()
+            .max_connections(2)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    conn.execute(
+                        "SET bytea_output = 'hex'; SET DateStyle = 'ISO'; SET TimeZone = 'UTC'",
+                    )
+                    .await
+                    .map(|_| ())
+                })
+            })
+            .connect_with(options.application_name("ferry-relay"))
+            .await?;
+        let mut producer_config = broker::producer_config(&config.kafka);
+        producer_config
+            .set("linger.ms", "5")
+            .set("batch.num.messages", "10000")
+            .set("queue.buffering.max.messages", "200000")
+            .set(
+                "message.max.bytes",
+                (config.relay.max_message_bytes + 1024).to_string(),
+            );
+        let producer: FutureProducer = producer_config.create().map_err(RelayError::Client)?;
+        Ok(Relay {
+            kafka: config.kafka.clone(),
+            pool,
+            producer,
+            topic: config.kafka.topic.clone(),
+            options: config.relay.clone(),
+            stats: Arc::new(RelayStats::default()),
+            confirmed: Lsn(0),
+        })
+    }
+
+    /// The relay's counters.
+    pub fn stats(&self) -> Arc<RelayStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Creates the topic (with `relay.topic_partitions` partitions), the publication (inserts
+    /// into the outbox only) and the logical replication slot, each only if missing. Safe to run
+    /// from several relays at once.
+    pub async fn setup(&mut self) -> Result<(), RelayError> {
+        broker::ensure_topic(&self.kafka, &self.topic, self.options.topic_partitions)
+            .await
+            .map_err(RelayError::Topic)?;
+        let o = &self.options;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
+                .bind(&o.publication)
+                .fetch_one(&self.pool)
+                .await?;
+        if !exists {
+            let sql = format!(
+                "CREATE PUBLICATION {} FOR TABLE {}.{} WITH (publish = 'insert')",
+                quote_ident(&o.publication),
+                quote_ident(&o.schema),
+                quote_ident(&o.table)
+            );
+            ignore_duplicate(self.pool.execute(sql.as_str()).await)?;
+            tracing::info!(publication = %o.publication, "created publication");
+        }
+        let exists: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+        )
+        .bind(&o.slot)
+        .fetch_one(&self.pool)
+        .await?;
+        if !exists {
+            ignore_duplicate(
+                sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
+                    .bind(&o.slot)
+                    .execute(&self.pool)
+                    .await,
+            )?;
+            tracing::info!(slot = %o.slot, "created logical replication slot");
+        }
+        let (database, here): (Option<String>, String) = sqlx::query_as(
+            "SELECT database::text, current_database()::text FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(&o.slot)
+        .fetch_one(&self.pool)
+        .await?;
+        if database.as_deref() != Some(here.as_str()) {
+            return Err(RelayError::SlotOfAnotherDatabase {
+                slot: o.slot.clone(),
+                database: database.unwrap_or_default(),
+            });
+        }
+        self.confirmed = self.confirmed_lsn().await?;
+        self.stats
+            .confirmed_lsn
+            .store(self.confirmed.0, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn confirmed_lsn(&self) -> Result<Lsn, RelayError> {
+        let text: Option<String> = sqlx::query_scalar(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(&self.options.slot)
+        .fetch_optional(&self.pool)
+        .await?
+        .flatten();
+        text.and_then(|t| t.parse().ok())
+            .ok_or_else(|| RelayError::Slot(self.options.slot.clone()))
+    }
+
+    /// Reads the slot's lag in bytes (and remembers it in the stats).
+    pub async fn slot_lag(&self) -> Result<u64, RelayError> {
+        let lag: Option<i64> = sqlx::query_scalar(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint \
+             FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(&self.options.slot)
+        .fetch_optional(&self.pool)
+        .await?
+        .flatten();
+        let lag = lag.unwrap_or(0).max(0) as u64;
+        self.stats.slot_lag_bytes.store(lag, Ordering::Relaxed);
+        Ok(lag)
+    }
+
+    /// Relays until `shutdown` is cancelled, then finishes the batch in hand (produce, wait
+    /// for acknowledgements, advance the slot) and returns. Retryable failures are retried with
+    /// exponential backoff; the slot does not move until a batch is durable.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<Arc<RelayStats>, RelayError> {
+        self.setup().await?;
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        let mut last_status = tokio::time::Instant::now();
+        while !shutdown.is_cancelled() {
+            match self.step().await {
+                Ok(step) => {
+                    backoff.reset();
+                    if last_status.elapsed() >= self.options.status_interval {
+                        last_status = tokio::time::Instant::now();
+                        if let Ok(lag) = self.slot_lag().await {
+                            tracing::info!(
+                                slot = %self.options.slot,
+                                slot_lag_bytes = lag,
+                                records = self.stats.records_acked.load(Ordering::Relaxed),
+                                "relay status"
+                            );
+                        }
+                    }
+                    if !step.more {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => {}
+                            _ = tokio::time::sleep(self.options.poll_interval) => {}
+                        }
+                    }
+                }
+                Err(e) if e.is_retryable() => {
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    let wait = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?wait, "relay step failed; the slot was not advanced");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    // Whatever happened, re-read where the slot really is.
+                    if let Ok(l) = self.confirmed_lsn().await {
+                        self.confirmed = l;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        tracing::info!(
+            records = self.stats.records_acked.load(Ordering::Relaxed),
+            confirmed = %self.confirmed,
+            "relay stopped"
+        );
+        Ok(self.stats)
+    }
+
+    /// One batch: peek, produce, wait for acknowledgements, advance.
+    pub async fn step(&mut self) -> Result<Step, RelayError> {
+        let started = std::time::Instant::now();
+        let upto: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+            .fetch_one(&self.pool)
+            .await?;
+        let upto: Lsn = upto
+            .parse()
+            .map_err(|_| RelayError::Slot(self.options.slot.clone()))?;
+        let changes: Vec<(String, Vec<u8>)> = sqlx::query_as(
+            "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes(\
+                $1, $2::pg_lsn, $3, 'proto_version', '1', 'publication_names', $4)",
+        )
+        .bind(&self.options.slot)
+        .bind(upto.to_string())
+        .bind(self.options.batch_changes as i32)
+        .bind(&self.options.publication)
+        .fetch_all(&self.pool)
+        .await?;
+        let cut_short = changes.len() >= self.options.batch_changes as usize;
+        let peeked = started.elapsed();
+
+        let mut assembler = Assembler::new(&self.options.schema, &self.options.table);
+        let mut transactions: Vec<Transaction> = Vec::new();
+        for (_, data) in &changes {
+            if let Some(tx) = assembler.push(pgoutput::parse(data)?)? {
+                transactions.push(tx);
+            }
+        }
+        let records = self.produce(&transactions).await?;
+        let produced = started.elapsed();
+
+        let last_end = transactions.last().map_or(Lsn(0), |t| t.end_lsn);
+        let target = if cut_short {
+            last_end
+        } else {
+            last_end.max(upto)
+        };
+        if target > self.confirmed {
+            sqlx::query("SELECT pg_replication_slot_advance($1, $2::pg_lsn)")
+                .bind(&self.options.slot)
+                .bind(target.to_string())
+                .execute(&self.pool)
+                .await?;
+            self.confirmed = target;
+            self.stats.confirmed_lsn.store(target.0, Ordering::Relaxed);
+        }
+        self.stats
+            .transactions
+            .fetch_add(transactions.len() as u64, Ordering::Relaxed);
+        if records > 0 {
+            tracing::debug!(
+                changes = changes.len(),
+                records,
+                peek_ms = peeked.as_millis() as u64,
+                produce_ms = (produced - peeked).as_millis() as u64,
+                advance_ms = (started.elapsed() - produced).as_millis() as u64,
+                "relay step"
+            );
+        }
+        Ok(Step {
+            records,
+            more: cut_short,
+        })
+    }
+
+    /// Produces the transactions' rows in order and waits until every one is acknowledged.
+    async fn produce(&self, transactions: &[Transaction]) -> Result<usize, RelayError> {
+        let mut pending: VecDeque<DeliveryFuture> = VecDeque::new();
+        let mut count = 0;
+        for tx in transactions {
+            for row in &tx.rows {
+                let record = match row {
+                    Ok(row) => {
+                        let record = WireRecord::from_row(row, Some(tx.commit_time));
+                        let size = record.approximate_size();
+                        if size > self.options.max_message_bytes {
+                            self.reject(
+                                Some(row.id),
+                                Some(&row.tenant_id),
+                                Some(&row.event_type),
+                                &format!(
+                                    "the record is {size} bytes, over the {}-byte limit (relay.max_message_bytes)",
+                                    self.options.max_message_bytes
+                                ),
+                                tx,
+                            )
+                        } else {
+                            record
+                        }
+                    }
+                    Err(bad) => self.reject(
+                        bad.id,
+                        bad.tenant_id.as_deref(),
+                        bad.event_type.as_deref(),
+                        &bad.reason,
+                        tx,
+                    ),
+                };
+                let mut future_record = FutureRecord::to(&self.topic)
+                    .payload(&record.value)
+                    .headers(broker::owned_headers(&record))
+                    .timestamp(record.timestamp_ms);
+                if !record.key.is_empty() {
+                    future_record = future_record.key(&record.key);
+                }
+                loop {
+                    match self.producer.send_result(future_record) {
+                        Ok(delivery) => {
+                            pending.push_back(delivery);
+                            break;
+                        }
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                            // Back-pressure: wait for the oldest record in flight.
+                            future_record = r;
+                            match pending.pop_front() {
+                                Some(oldest) => Self::acked(oldest).await?,
+                                None => tokio::time::sleep(Duration::from_millis(1)).await,
+                            }
+                        }
+                        Err((e, _)) => return Err(RelayError::Delivery(e)),
+                    }
+                }
+                count += 1;
+            }
+        }
+        while let Some(delivery) = pending.pop_front() {
+            Self::acked(delivery).await?;
+        }
+        self.stats
+            .records_acked
+            .fetch_add(count as u64, Ordering::Relaxed);
+        Ok(count)
+    }
+
+    async fn acked(delivery: DeliveryFuture) -> Result<(), RelayError> {
+        match delivery.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((e, _))) => Err(RelayError::Delivery(e)),
+            Err(_canceled) => Err(RelayError::Delivery(KafkaError::Canceled)),
+        }
+    }
+
+    fn reject(
+        &self,
+        id: Option<uuid::Uuid>,
+        tenant: Option<&str>,
+        event_type: Option<&str>,
+        reason: &str,
+        tx: &Transaction,
+    ) -> WireRecord {
+        self.stats.rows_rejected.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            event_id = ?id,
+            tenant = ?tenant,
+            reason,
+            "outbox row sent as a rejection marker; the row stays in the outbox table"
+        );
+        WireRecord::rejected(id, tenant, event_type, reason, tx.commit_time)
+    }
+}
+
+/// What one [`Relay::step`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    /// Records produced and acknowledged.
+    pub records: usize,
+    /// Whether the peek was cut short by the batch size (so more is waiting now).
+    pub more: bool,
+}
+
+fn ignore_duplicate(
+    result: Result<sqlx::postgres::PgQueryResult, sqlx::Error>,
+) -> Result<(), RelayError> {
+    match result {
+        Ok(_) => Ok(()),
+        // Another relay created it between our check and our create: that is success.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42710") => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Exponential backoff with full jitter.
+#[derive(Debug)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    /// Starts at `base`, doubles per attempt, never above `max`.
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Backoff {
+            base,
+            max,
+            attempt: 0,
+        }
+    }
+
+    /// The next wait: uniform in [0, min(max, base·2^attempt)].
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self
+            .base
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.max);
+        self.attempt += 1;
+        ceiling.mul_f64(rand_unit())
+    }
+
+    /// After a success.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// A number in [0, 1) from the clock and a counter: jitter needs spread, not cryptography.
+fn rand_unit() -> f64 {
+    use std::hash::{BuildHasher, RandomState};
+    let h = RandomState::new().hash_one(std::time::Instant::now());
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
