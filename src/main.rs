@@ -72,6 +72,13 @@ enum Bench {
         /// Concurrent writers.
         #[arg(long, default_value_t = 8)]
         writers: usize,
+        /// Partitions of each relay's topic.
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+        /// `configured` (the stack's broker) or `mock` (librdkafka's in-process mock cluster,
+        /// where the broker's storage is not the bottleneck).
+        #[arg(long, default_value = "configured", value_parser = ["configured", "mock"])]
+        broker: String,
     },
 }
 
@@ -199,13 +206,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     rows,
                     tenants,
                     writers,
+                    partitions,
+                    broker,
                 },
         } => {
             let options = ferry::bench::relay::RelayBenchOptions {
+                broker: match broker.as_str() {
+                    "mock" => ferry::bench::relay::BenchBroker::Mock,
+                    _ => ferry::bench::relay::BenchBroker::Configured,
+                },
                 rows,
                 tenants,
                 writers,
-                ..Default::default()
+                partitions,
             };
             let report = ferry::bench::relay::run(&config, &options).await?;
             print!("{}", report.render());

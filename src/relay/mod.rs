@@ -36,8 +36,8 @@ use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use sqlx::Executor as _;
 use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions as _, Executor as _};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker;
@@ -136,17 +136,29 @@ impl Relay {
                     .map(|_| ())
                 })
             })
-            .connect_with(options.application_name("ferry-relay"))
+            // A first peek after a long pause decodes all the WAL since: seconds, and expected.
+            .connect_with(
+                options
+                    .application_name("ferry-relay")
+                    .log_slow_statements(log::LevelFilter::Warn, Duration::from_secs(30)),
+            )
             .await?;
         let mut producer_config = broker::producer_config(&config.kafka);
-        producer_config
-            .set("linger.ms", "5")
-            .set("batch.num.messages", "10000")
-            .set("queue.buffering.max.messages", "200000")
-            .set(
+        // Throughput defaults for a relay; `[kafka.properties]` in the config file wins.
+        let defaults = [
+            ("linger.ms", "5".to_owned()),
+            ("batch.num.messages", "10000".to_owned()),
+            ("queue.buffering.max.messages", "200000".to_owned()),
+            (
                 "message.max.bytes",
                 (config.relay.max_message_bytes + 1024).to_string(),
-            );
+            ),
+        ];
+        for (key, value) in defaults {
+            if !config.kafka.properties.contains_key(key) {
+                producer_config.set(key, value);
+            }
+        }
         let producer: FutureProducer = producer_config.create().map_err(RelayError::Client)?;
         Ok(Relay {
             kafka: config.kafka.clone(),
