@@ -130,7 +130,7 @@ impl RelayBenchReport {
         let o = &self.options;
         let row = |name: &str, r: &RelayRun, ratio: f64| {
             format!(
-                "| {name:<20} | {:>12.0} | {:>9.0} | {:>7.2} s | {:>7.2} s | {:>7} | {:>9} | {:>6.2}x |\n",
+                "| {name:<20} | {:>14.0} | {:>11.0} | {:>7.2} s | {:>7.2} s | {:>7} | {:>9} | {:>6.2}x |\n",
                 r.backlog_rows_per_s(),
                 r.rows_per_s(),
                 r.elapsed.as_secs_f64(),
@@ -148,8 +148,8 @@ impl RelayBenchReport {
             "relay benchmark: {} rows per relay, {} tenants, {} concurrent writers, {} partitions, on {broker}\n\n",
             o.rows, o.tenants, o.writers, o.partitions
         );
-        s.push_str("| relay                | backlog rows/s | live rows/s | live time | writers | missing | reordered |   ratio |\n");
-        s.push_str("|----------------------|----------------|-------------|-----------|---------|---------|-----------|---------|\n");
+        s.push_str("| relay                | backlog rows/s | live rows/s | live time |   writers | missing | reordered |   ratio |\n");
+        s.push_str("|----------------------|----------------|-------------|-----------|-----------|---------|-----------|---------|\n");
         s.push_str(&row("ferry relay (WAL)", &self.ferry, self.ratio()));
         s.push_str(&row("polling (baseline)", &self.polling, 1.0));
         s.push_str(&format!(
@@ -243,40 +243,22 @@ async fn run_ferry(
     mock: Option<&Mock>,
 ) -> Result<RelayRun, BenchError> {
     let (pool, url, bench_config) = prepare(config, options, "ferry", mock).await?;
-    let mut relay = Relay::connect(&bench_config).await?;
-    relay.setup().await?;
-    let stats = relay.stats();
-    let stop = CancellationToken::new();
-    let relay_task = tokio::spawn(relay.run(stop.clone()));
-
-    let started = Instant::now();
-    let ids = write(&pool, options).await?;
-    let writers_elapsed = started.elapsed();
-    wait_until(
-        || stats.records_acked.load(Ordering::Relaxed) >= options.rows as u64,
-        || relay_task.is_finished(),
-    )
-    .await?;
-    let elapsed = started.elapsed();
-    stop.cancel();
-    relay_task.await.expect("relay task panicked")?;
+    // Live: the relay runs while the writers write.
+    let ((ids, started, writers_elapsed), acked_at) =
+        relay_until_acked(&bench_config, options.rows, async {
+            let started = Instant::now();
+            let ids = write(&pool, options).await;
+            (ids, started, started.elapsed())
+        })
+        .await?;
+    let mut ids = ids?;
+    let elapsed = acked_at - started;
 
     // Backlog: the same writers again while no relay runs, then a fresh relay drains it.
-    let mut ids = ids;
     ids.extend(write(&pool, options).await?);
-    let relay = Relay::connect(&bench_config).await?;
-    let stats = relay.stats();
-    let stop = CancellationToken::new();
-    let started = Instant::now();
-    let relay_task = tokio::spawn(relay.run(stop.clone()));
-    wait_until(
-        || stats.records_acked.load(Ordering::Relaxed) >= options.rows as u64,
-        || relay_task.is_finished(),
-    )
-    .await?;
-    let backlog_elapsed = started.elapsed();
-    stop.cancel();
-    relay_task.await.expect("relay task panicked")?;
+    let (started, acked_at) =
+        relay_until_acked(&bench_config, options.rows, async { Instant::now() }).await?;
+    let backlog_elapsed = acked_at - started;
 
     let records = read_back(&bench_config).await?;
     pool.close().await;
@@ -284,6 +266,30 @@ async fn run_ferry(
     let mut run = judge(ids, &records, elapsed, writers_elapsed);
     run.backlog_elapsed = backlog_elapsed;
     Ok(run)
+}
+
+/// Runs a relay (its slot set up first) alongside `work` until it has acknowledged `rows`
+/// records, then stops it; returns `work`'s output and when the last record was acknowledged.
+async fn relay_until_acked<T>(
+    config: &Config,
+    rows: usize,
+    work: impl std::future::Future<Output = T>,
+) -> Result<(T, Instant), BenchError> {
+    let mut relay = Relay::connect(config).await?;
+    relay.setup().await?;
+    let stats = relay.stats();
+    let stop = CancellationToken::new();
+    let relay_task = tokio::spawn(relay.run(stop.clone()));
+    let output = work.await;
+    wait_until(
+        || stats.records_acked.load(Ordering::Relaxed) >= rows as u64,
+        || relay_task.is_finished(),
+    )
+    .await?;
+    let acked_at = Instant::now();
+    stop.cancel();
+    relay_task.await.expect("relay task panicked")?;
+    Ok((output, acked_at))
 }
 
 /// Polls `done` every few milliseconds (a benchmark's own progress, not a test condition),

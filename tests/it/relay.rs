@@ -12,6 +12,7 @@ use ferry::config::Config;
 use ferry::outbox::writer::{self, NewEvent};
 use ferry::outbox::{self, EventPayload, TenantId, proto};
 use ferry::relay::Relay;
+use ferry::relay::lsn::Lsn;
 use rdkafka::Message as _;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -60,6 +61,36 @@ async fn start_relay(
 async fn wait_acked(stats: &ferry::relay::RelayStats, n: u64) {
     wait_for(&format!("{n} records acknowledged"), DEADLINE, || async {
         (stats.records_acked.load(Ordering::Relaxed) >= n).then_some(())
+    })
+    .await;
+}
+
+/// The server's current WAL position.
+async fn current_lsn(pool: &sqlx::PgPool) -> Lsn {
+    let text: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    text.parse().unwrap()
+}
+
+/// Waits until the slot's confirmed position reaches `target`.
+async fn wait_slot_past(
+    pool: &sqlx::PgPool,
+    slot: &str,
+    target: Lsn,
+    what: &str,
+    deadline: Duration,
+) {
+    wait_for(what, deadline, || async move {
+        let confirmed: String = sqlx::query_scalar(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(slot)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        (confirmed.parse::<Lsn>().unwrap() >= target).then_some(())
     })
     .await;
 }
@@ -179,26 +210,14 @@ async fn an_idle_outbox_on_a_busy_server_still_advances_the_slot() {
         .execute(&db.pool)
         .await
         .unwrap();
-    let after_noise: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    let after_noise: ferry::relay::lsn::Lsn = after_noise.parse().unwrap();
-    let slot = cfg.relay.slot.clone();
-    let pool = db.pool.clone();
-    wait_for("the slot to pass the unrelated WAL", DEADLINE, || {
-        let (pool, slot) = (pool.clone(), slot.clone());
-        async move {
-            let confirmed: String = sqlx::query_scalar(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-            )
-            .bind(slot)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-            (confirmed.parse::<ferry::relay::lsn::Lsn>().unwrap() >= after_noise).then_some(())
-        }
-    })
+    let after_noise = current_lsn(&db.pool).await;
+    wait_slot_past(
+        &db.pool,
+        &cfg.relay.slot,
+        after_noise,
+        "the slot to pass the unrelated WAL",
+        DEADLINE,
+    )
     .await;
     assert_eq!(
         stats.records_acked.load(Ordering::Relaxed),
@@ -356,28 +375,13 @@ async fn a_relay_killed_mid_stream_and_restarted_loses_nothing() {
 
     let mut second = relay_process(&cfg);
     // Caught up: the slot has passed everything the writers committed.
-    let end: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    let end: ferry::relay::lsn::Lsn = end.parse().unwrap();
-    let (pool, slot) = (db.pool.clone(), cfg.relay.slot.clone());
-    wait_for(
+    let end = current_lsn(&db.pool).await;
+    wait_slot_past(
+        &db.pool,
+        &cfg.relay.slot,
+        end,
         "the restarted relay to catch up",
         Duration::from_secs(120),
-        || {
-            let (pool, slot) = (pool.clone(), slot.clone());
-            async move {
-                let confirmed: String = sqlx::query_scalar(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-            )
-            .bind(slot)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-                (confirmed.parse::<ferry::relay::lsn::Lsn>().unwrap() >= end).then_some(())
-            }
-        },
     )
     .await;
     let records = read_all(&kafka).await;
