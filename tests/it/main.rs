@@ -7,3 +7,4 @@ mod kafka;
 mod relay;
 mod schema;
 mod support;
+mod writer;

@@ -1,0 +1,107 @@
+//! The writer's side: an event appended inside the application's transaction carries the
+//! trace context of the span it was written in.
+
+use ferry::outbox::writer::{self, NewEvent};
+use ferry::outbox::{EventPayload, TenantId, proto};
+use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+
+use crate::support::TestDb;
+
+fn deleted() -> EventPayload {
+    EventPayload::ProductDeleted(proto::ProductDeleted {
+        product_id: "p-1".to_owned(),
+    })
+}
+
+#[tokio::test]
+async fn an_event_carries_the_trace_context_of_the_span_that_wrote_it() {
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+    let _default = tracing::subscriber::set_default(subscriber);
+
+    let outside = NewEvent::new(TenantId::new("acme").unwrap(), "p-1", deleted());
+    assert_eq!(outside.traceparent, None, "no span, no trace context");
+
+    let span = tracing::info_span!("request");
+    let event = {
+        let _entered = span.enter();
+        NewEvent::new(TenantId::new("acme").unwrap(), "p-1", deleted())
+    };
+    let context = span.context();
+    let span_context = context.span().span_context().clone();
+    assert_eq!(
+        event.traceparent.as_deref(),
+        Some(
+            format!(
+                "00-{}-{}-01",
+                span_context.trace_id(),
+                span_context.span_id()
+            )
+            .as_str()
+        )
+    );
+
+    // It is stored in the outbox row, inside the caller's transaction.
+    let db = TestDb::migrated().await;
+    let mut tx = db.pool.begin().await.unwrap();
+    writer::append(&mut tx, &event).await.unwrap();
+    tx.commit().await.unwrap();
+    let stored: Option<String> = sqlx::query_scalar("SELECT traceparent FROM outbox WHERE id = $1")
+        .bind(event.id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, event.traceparent);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_rolled_back_transaction_leaves_no_event() {
+    let db = TestDb::migrated().await;
+    let event = NewEvent::new(TenantId::new("acme").unwrap(), "p-1", deleted());
+    let mut tx = db.pool.begin().await.unwrap();
+    writer::append(&mut tx, &event).await.unwrap();
+    tx.rollback().await.unwrap();
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 0);
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_load_writer_writes_each_change_with_its_event() {
+    let db = TestDb::migrated().await;
+    let options = ferry::load::LoadOptions {
+        tenants: 7,
+        events: 300,
+        concurrency: 3,
+        ..Default::default()
+    };
+    let report = ferry::load::run(&db.pool, &options).await.unwrap();
+    assert_eq!(report.events(), 300);
+    let (outbox, products, tenants): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM outbox), (SELECT count(*) FROM products), \
+         (SELECT count(DISTINCT tenant_id) FROM outbox)",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(outbox, 300, "one event per change");
+    assert_eq!(products as usize, report.created - report.deleted);
+    assert_eq!(tenants, 7);
+    // Bad options are refused, not half-run.
+    let bad = ferry::load::LoadOptions {
+        tenants: 0,
+        ..Default::default()
+    };
+    assert!(matches!(
+        ferry::load::run(&db.pool, &bad).await,
+        Err(ferry::load::LoadError::Empty)
+    ));
+    db.drop().await;
+}
