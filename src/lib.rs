@@ -12,6 +12,7 @@
 //! - [`broker`]: Kafka client settings and topic administration;
 //! - [`telemetry`]: logs and traces;
 //! - [`relay`]: change data capture from the outbox to Kafka (`ferry relay`);
+//! - [`scheduler`] and [`consumer`]: the consumer's pure core (per-tenant FIFO, offsets);
 //! - [`load`]: the reference "our platform" writer (`ferry load`);
 //! - [`smoke`]: the end-to-end round trip that proves a stack works;
 //! - [`bench`]: the benchmarks (`ferry bench ...`);
@@ -20,9 +21,11 @@
 pub mod bench;
 pub mod broker;
 pub mod config;
+pub mod consumer;
 pub mod load;
 pub mod outbox;
 pub mod relay;
+pub mod scheduler;
 pub mod shutdown;
 pub mod smoke;
 pub mod store;
