@@ -31,7 +31,11 @@ enum Command {
         timeout: Duration,
     },
     /// Stream the outbox from the write-ahead log to Kafka until SIGTERM/SIGINT.
-    Relay,
+    Relay {
+        /// Serve Prometheus metrics on this address (`GET /metrics`), e.g. 127.0.0.1:9187.
+        #[arg(long, env = "FERRY_RELAY_METRICS_ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
+    },
     /// Print the relay slot's position and lag.
     RelayStatus,
     /// Write products and their outbox events like our platform does.
@@ -144,9 +148,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 report.committed,
             );
         }
-        Command::Relay => {
+        Command::Relay { metrics_addr } => {
             let shutdown = ferry::shutdown::on_signals()?;
             let relay = ferry::relay::Relay::connect(&config).await?;
+            if let Some(addr) = metrics_addr {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} for metrics"))?;
+                let stats = relay.stats();
+                let render = move || stats.render_prometheus();
+                tokio::spawn(ferry::telemetry::serve_metrics(
+                    listener,
+                    render,
+                    shutdown.clone(),
+                ));
+                tracing::info!(%addr, "serving relay metrics on /metrics");
+            }
             let stats = relay.run(shutdown).await?;
             println!(
                 "relay stopped: {} records acknowledged, {} rejected",

@@ -83,3 +83,30 @@ pub fn init(service_name: &'static str) -> Result<TelemetryGuard, TelemetryError
         provider: Some(provider),
     })
 }
+
+/// Serves `GET /metrics` (Prometheus text format, from `render`) on `listener` until
+/// `shutdown`.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    render: impl Fn() -> String + Clone + Send + Sync + 'static,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let render = render.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    render(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}

@@ -108,6 +108,57 @@ pub struct RelayStats {
     pub retries: AtomicU64,
 }
 
+impl RelayStats {
+    /// The counters in Prometheus text exposition format.
+    pub fn render_prometheus(&self) -> String {
+        let series = [
+            (
+                "ferry_relay_records_acked_total",
+                "counter",
+                "Records the broker acknowledged, rejection markers included.",
+                self.records_acked.load(Ordering::Relaxed),
+            ),
+            (
+                "ferry_relay_rows_rejected_total",
+                "counter",
+                "Outbox rows sent as rejection markers (no tenant, too large, unreadable).",
+                self.rows_rejected.load(Ordering::Relaxed),
+            ),
+            (
+                "ferry_relay_transactions_total",
+                "counter",
+                "Committed transactions relayed.",
+                self.transactions.load(Ordering::Relaxed),
+            ),
+            (
+                "ferry_relay_retries_total",
+                "counter",
+                "Failed relay steps retried (the slot was not advanced).",
+                self.retries.load(Ordering::Relaxed),
+            ),
+            (
+                "ferry_relay_slot_lag_bytes",
+                "gauge",
+                "WAL bytes between the server's position and the slot's confirmed position.",
+                self.slot_lag_bytes.load(Ordering::Relaxed),
+            ),
+            (
+                "ferry_relay_confirmed_lsn",
+                "gauge",
+                "The slot's confirmed WAL position, as a number.",
+                self.confirmed_lsn.load(Ordering::Relaxed),
+            ),
+        ];
+        let mut out = String::new();
+        for (name, kind, help, value) in series {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            ));
+        }
+        out
+    }
+}
+
 /// The outbox relay.
 pub struct Relay {
     kafka: crate::config::KafkaConfig,
@@ -230,6 +281,8 @@ impl Relay {
         self.stats
             .confirmed_lsn
             .store(self.confirmed.0, Ordering::Relaxed);
+        // The lag gauge is refreshed every `status_interval`; start it true.
+        self.slot_lag().await?;
         Ok(())
     }
 

@@ -290,6 +290,33 @@ async fn rows_it_cannot_send_travel_as_bad_events_in_order() {
         "{no_tenant}"
     );
     assert_eq!(stats.rows_rejected.load(Ordering::Relaxed), 2);
+    // And the operator sees it on /metrics.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let scraped = std::sync::Arc::clone(&stats);
+    tokio::spawn(ferry::telemetry::serve_metrics(
+        listener,
+        move || scraped.render_prometheus(),
+        stop.clone(),
+    ));
+    let body = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        body.contains("\nferry_relay_rows_rejected_total 2\n"),
+        "{body}"
+    );
+    assert!(
+        body.contains("\nferry_relay_records_acked_total 4\n"),
+        "{body}"
+    );
+    assert!(
+        body.contains("# TYPE ferry_relay_slot_lag_bytes gauge"),
+        "{body}"
+    );
     // The rows themselves are kept.
     let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE id = ANY($1)")
         .bind(vec![huge.id, orphan])
