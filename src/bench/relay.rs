@@ -153,20 +153,23 @@ impl RelayBenchReport {
         s.push_str(&row("ferry relay (WAL)", &self.ferry, self.ratio()));
         s.push_str(&row("polling (baseline)", &self.polling, 1.0));
         s.push_str(&format!(
-            "\nbacklog rows/s: draining {} committed rows (the relay's capacity; ratio on this column). live rows/s: \
-             {} rows while the writers write (bounded by the writers when a relay keeps up).\n\
-             missing: written rows never in the topic; reordered: records behind a later version of their tenant.\n\
-             \nrelay_rows_per_s={:.0} polling_rows_per_s={:.0} ratio={:.2} polling_skipped={} polling_reordered={} ferry_lost={} relay_live_rows_per_s={:.0} polling_live_rows_per_s={:.0}\n",
-            o.rows,
-            o.rows,
+            "\nbacklog rows/s: draining {rows} committed rows (the relay's capacity; the ratio is taken on it).\n\
+             live rows/s: {rows} rows while the writers write (bounded by the writers when a relay keeps up): \
+             ferry {:.0}, polling {:.0}.\n\
+             missing: written rows never in the topic; reordered: records behind a later version of their tenant.\n\n",
+            self.ferry.rows_per_s(),
+            self.polling.rows_per_s(),
+            rows = o.rows,
+        ));
+        // The last line is for machines.
+        s.push_str(&format!(
+            "relay_rows_per_s={:.0} polling_rows_per_s={:.0} ratio={:.2} polling_skipped={} polling_reordered={} ferry_lost={}\n",
             self.ferry.backlog_rows_per_s(),
             self.polling.backlog_rows_per_s(),
             self.ratio(),
             self.polling.missing,
             self.polling.reordered,
             self.ferry.missing,
-            self.ferry.rows_per_s(),
-            self.polling.rows_per_s(),
         ));
         s
     }

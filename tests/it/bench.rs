@@ -1,0 +1,53 @@
+//! The relay benchmark stays runnable and honest: a small run on librdkafka's mock cluster must
+//! find Ferry's relay losing and reordering nothing, and end with the machine-readable line.
+//! (Speed is the benchmark's business, run on demand; nothing here is timed.)
+
+use ferry::bench::relay::{BenchBroker, RelayBenchOptions};
+use ferry::config::{Config, DatabaseConfig, RelayConfig};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_small_relay_benchmark_runs_and_reports() {
+    let config = Config {
+        database: DatabaseConfig {
+            url: std::env::var("DATABASE_URL").expect("DATABASE_URL: run scripts/test"),
+            max_connections: 5,
+        },
+        kafka: crate::support::kafka_config("unused"),
+        relay: RelayConfig::default(),
+    };
+    let options = RelayBenchOptions {
+        broker: BenchBroker::Mock,
+        rows: 1_000,
+        tenants: 50,
+        writers: 4,
+        partitions: 4,
+    };
+    let report = ferry::bench::relay::run(&config, &options)
+        .await
+        .expect("benchmark runs");
+    assert_eq!(report.ferry.rows, 1_000);
+    assert_eq!(report.ferry.missing, 0, "Ferry's relay lost rows");
+    assert_eq!(
+        report.ferry.reordered, 0,
+        "Ferry's relay reordered a tenant"
+    );
+    assert!(report.ferry.records >= 2_000, "both phases read back");
+    let text = report.render();
+    let last = text.lines().last().unwrap();
+    let keys: Vec<&str> = last
+        .split(' ')
+        .map(|kv| kv.split('=').next().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "relay_rows_per_s",
+            "polling_rows_per_s",
+            "ratio",
+            "polling_skipped",
+            "polling_reordered",
+            "ferry_lost"
+        ]
+    );
+    assert!(last.ends_with("ferry_lost=0"), "{last}");
+}
