@@ -23,8 +23,11 @@
 //! ordinary connection (sqlx has no replication-protocol support), need no extra privilege
 //! beyond `REPLICATION` on the slot, and decoded 100,000 outbox rows in about 0.5 s here. Their
 //! cost is that each peek decodes again from the slot's confirmed position, which the relay keeps
-//! close by advancing after every batch. A second relay on the same slot gets "slot is active"
-//! and waits as a hot standby.
+//! close by advancing after every batch.
+//!
+//! One relay per slot is active: it holds a lease (a session advisory lock on a connection of
+//! its own). Others started on the same slot stand by and take over when the active one's
+//! session ends, so running two for availability is safe.
 
 pub mod lsn;
 pub mod pgoutput;
@@ -106,6 +109,8 @@ pub struct RelayStats {
     pub slot_lag_bytes: AtomicU64,
     /// Failed steps that were retried.
     pub retries: AtomicU64,
+    /// 1 while this relay holds the slot's lease (is the active relay), 0 while it stands by.
+    pub active: AtomicU64,
 }
 
 impl RelayStats {
@@ -143,6 +148,12 @@ impl RelayStats {
                 self.slot_lag_bytes.load(Ordering::Relaxed),
             ),
             (
+                "ferry_relay_active",
+                "gauge",
+                "1 when this relay holds the slot's lease, 0 while it stands by.",
+                self.active.load(Ordering::Relaxed),
+            ),
+            (
                 "ferry_relay_confirmed_lsn",
                 "gauge",
                 "The slot's confirmed WAL position, as a number.",
@@ -162,6 +173,7 @@ impl RelayStats {
 /// The outbox relay.
 pub struct Relay {
     kafka: crate::config::KafkaConfig,
+    connect_options: sqlx::postgres::PgConnectOptions,
     pool: PgPool,
     producer: FutureProducer,
     topic: String,
@@ -174,6 +186,7 @@ impl Relay {
     /// Connects to Postgres and Kafka. Nothing is created yet: see [`Relay::setup`].
     pub async fn connect(config: &Config) -> Result<Self, RelayError> {
         let options: sqlx::postgres::PgConnectOptions = config.database.url.parse()?;
+        let connect_options = options.clone().application_name("ferry-relay-lease");
         // Values come through the slot as their text output in this session's settings: pin
         // the ones the row parser relies on.
         let pool = PgPoolOptions::new()
@@ -213,6 +226,7 @@ impl Relay {
         let producer: FutureProducer = producer_config.create().map_err(RelayError::Client)?;
         Ok(Relay {
             kafka: config.kafka.clone(),
+            connect_options,
             pool,
             producer,
             topic: config.kafka.topic.clone(),
@@ -318,6 +332,9 @@ impl Relay {
     /// exponential backoff; the slot does not move until a batch is durable.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<Arc<RelayStats>, RelayError> {
         self.setup().await?;
+        let Some(mut lease) = self.acquire_lease(&shutdown).await? else {
+            return Ok(self.stats);
+        };
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
         let mut last_status = tokio::time::Instant::now();
         while !shutdown.is_cancelled() {
@@ -326,6 +343,16 @@ impl Relay {
                     backoff.reset();
                     if last_status.elapsed() >= self.options.status_interval {
                         last_status = tokio::time::Instant::now();
+                        // A lost lease connection means another relay may have taken over:
+                        // stand by again rather than run beside it.
+                        if sqlx::query("SELECT 1").execute(&mut lease).await.is_err() {
+                            self.stats.active.store(0, Ordering::Relaxed);
+                            tracing::warn!(slot = %self.options.slot, "lost the relay lease; standing by");
+                            match self.acquire_lease(&shutdown).await? {
+                                Some(l) => lease = l,
+                                None => break,
+                            }
+                        }
                         if let Ok(lag) = self.slot_lag().await {
                             tracing::info!(
                                 slot = %self.options.slot,
@@ -364,6 +391,45 @@ impl Relay {
             "relay stopped"
         );
         Ok(self.stats)
+    }
+
+    /// Waits until this relay holds the slot's lease: a session-level advisory lock on a
+    /// connection of its own, held for as long as it relays. One relay per slot is active; the
+    /// others stand by and take over when its session ends. `None` if shut down while waiting.
+    async fn acquire_lease(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<sqlx::PgConnection>, RelayError> {
+        let key = format!("ferry-relay/{}", self.options.slot);
+        let mut said = false;
+        loop {
+            let attempt = async {
+                let mut conn = self.connect_options.connect().await?;
+                let held: bool =
+                    sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+                        .bind(&key)
+                        .fetch_one(&mut conn)
+                        .await?;
+                Ok::<_, sqlx::Error>(held.then_some(conn))
+            };
+            match attempt.await {
+                Ok(Some(conn)) => {
+                    self.stats.active.store(1, Ordering::Relaxed);
+                    tracing::info!(slot = %self.options.slot, "holding the relay lease: active");
+                    return Ok(Some(conn));
+                }
+                Ok(None) if !said => {
+                    said = true;
+                    tracing::info!(slot = %self.options.slot, "another relay is active on this slot; standing by");
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot reach Postgres for the relay lease"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(self.options.poll_interval.max(Duration::from_millis(500))) => {}
+            }
+        }
     }
 
     /// One batch: peek, produce, wait for acknowledgements, advance.

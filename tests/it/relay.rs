@@ -453,3 +453,44 @@ unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_relay_stands_by_and_takes_over() {
+    let db = TestDb::migrated().await;
+    let kafka = fresh_topic(1).await;
+    let cfg = config(&db, &kafka);
+    let (stop_a, task_a, stats_a) = start_relay(&cfg).await;
+    wait_for("relay A to hold the lease", DEADLINE, || async {
+        (stats_a.active.load(Ordering::Relaxed) == 1).then_some(())
+    })
+    .await;
+    let (stop_b, task_b, stats_b) = start_relay(&cfg).await;
+
+    let first: Vec<NewEvent> = (1..=3).map(|n| event("acme", n, "")).collect();
+    let mut tx = db.pool.begin().await.unwrap();
+    writer::append_many(&mut tx, &first).await.unwrap();
+    tx.commit().await.unwrap();
+    wait_acked(&stats_a, 3).await;
+    assert_eq!(stats_b.active.load(Ordering::Relaxed), 0, "B stands by");
+    assert_eq!(stats_b.records_acked.load(Ordering::Relaxed), 0);
+
+    // A stops (its session ends): B takes over from where A left the slot.
+    stop_a.cancel();
+    task_a.await.unwrap().unwrap();
+    let second: Vec<NewEvent> = (4..=5).map(|n| event("acme", n, "")).collect();
+    let mut tx = db.pool.begin().await.unwrap();
+    writer::append_many(&mut tx, &second).await.unwrap();
+    tx.commit().await.unwrap();
+    wait_acked(&stats_b, 2).await;
+    assert_eq!(stats_b.active.load(Ordering::Relaxed), 1);
+
+    let expected: Vec<Uuid> = first.iter().chain(&second).map(|e| e.id).collect();
+    assert_eq!(
+        ids(&read_all(&kafka).await),
+        expected,
+        "each event once, in order"
+    );
+    stop_b.cancel();
+    task_b.await.unwrap().unwrap();
+    db.drop().await;
+}
