@@ -72,7 +72,7 @@ impl Default for RelayConfig {
             publication: "ferry_outbox".to_owned(),
             schema: "public".to_owned(),
             table: "outbox".to_owned(),
-            batch_changes: 100_000,
+            batch_changes: 300_000,
             poll_interval: Duration::from_millis(20),
             status_interval: Duration::from_secs(10),
             max_message_bytes: 1_000_000,

@@ -6,9 +6,10 @@
 //!
 //! 1. note the server's current WAL position `upto`;
 //! 2. peek the slot's committed transactions before `upto` (at most `batch_changes` changes;
-//!    peeking consumes nothing);
-//! 3. produce every outbox row of those transactions, in commit order, through an idempotent
-//!    producer (`acks=all`, murmur2 partitioning) and wait until the broker acknowledged each;
+//!    peeking consumes nothing), streaming the result;
+//! 3. produce every outbox row of those transactions as its commit is decoded, in commit order,
+//!    through an idempotent producer (`acks=all`, murmur2 partitioning), and wait until the
+//!    broker acknowledged each;
 //! 4. only then advance the slot: to the end of the last transaction produced, or to `upto`
 //!    when the peek was not cut short (nothing committed before `upto` is left, so an idle
 //!    outbox on a busy server still advances: that is the heartbeat).
@@ -213,6 +214,8 @@ impl Relay {
             ("linger.ms", "5".to_owned()),
             ("batch.num.messages", "10000".to_owned()),
             ("queue.buffering.max.messages", "200000".to_owned()),
+            // Bounds the relay's memory by bytes, whatever the batch size.
+            ("queue.buffering.max.kbytes", "65536".to_owned()),
             (
                 "message.max.bytes",
                 (config.relay.max_message_bytes + 1024).to_string(),
@@ -434,14 +437,16 @@ impl Relay {
 
     /// One batch: peek, produce, wait for acknowledgements, advance.
     pub async fn step(&mut self) -> Result<Step, RelayError> {
-        let started = std::time::Instant::now();
+        use futures::TryStreamExt as _;
         let upto: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
             .fetch_one(&self.pool)
             .await?;
         let upto: Lsn = upto
             .parse()
             .map_err(|_| RelayError::Slot(self.options.slot.clone()))?;
-        let changes: Vec<(String, Vec<u8>)> = sqlx::query_as(
+        // Streamed: each transaction is produced as soon as its commit is decoded, while Postgres
+        // decodes the next, and memory is bounded by the producer's queue, not by the batch.
+        let mut changes = sqlx::query_as::<_, (String, Vec<u8>)>(
             "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes(\
                 $1, $2::pg_lsn, $3, 'proto_version', '1', 'publication_names', $4)",
         )
@@ -449,22 +454,30 @@ impl Relay {
         .bind(upto.to_string())
         .bind(self.options.batch_changes as i32)
         .bind(&self.options.publication)
-        .fetch_all(&self.pool)
-        .await?;
-        let cut_short = changes.len() >= self.options.batch_changes as usize;
-        let peeked = started.elapsed();
-
+        .fetch(&self.pool);
         let mut assembler = Assembler::new(&self.options.schema, &self.options.table);
-        let mut transactions: Vec<Transaction> = Vec::new();
-        for (_, data) in &changes {
-            if let Some(tx) = assembler.push(pgoutput::parse(data)?)? {
-                transactions.push(tx);
+        let mut pending: VecDeque<DeliveryFuture> = VecDeque::new();
+        let (mut seen, mut records, mut transactions) = (0usize, 0usize, 0u64);
+        let mut last_end = Lsn(0);
+        while let Some((_, data)) = changes.try_next().await? {
+            seen += 1;
+            if let Some(tx) = assembler.push(pgoutput::parse(&data)?)? {
+                records += self.produce(&tx, &mut pending).await?;
+                last_end = tx.end_lsn;
+                transactions += 1;
             }
         }
-        let records = self.produce(&transactions).await?;
-        let produced = started.elapsed();
+        drop(changes);
+        while let Some(delivery) = pending.pop_front() {
+            Self::acked(delivery).await?;
+        }
+        self.stats
+            .records_acked
+            .fetch_add(records as u64, Ordering::Relaxed);
+        let cut_short = seen >= self.options.batch_changes as usize;
 
-        let last_end = transactions.last().map_or(Lsn(0), |t| t.end_lsn);
+        // Everything up to `last_end` is acknowledged; when the peek was not cut short, nothing
+        // else committed before `upto`, so the slot may pass it (the heartbeat).
         let target = if cut_short {
             last_end
         } else {
@@ -481,35 +494,28 @@ impl Relay {
         }
         self.stats
             .transactions
-            .fetch_add(transactions.len() as u64, Ordering::Relaxed);
-        if records > 0 {
-            tracing::debug!(
-                changes = changes.len(),
-                records,
-                peek_ms = peeked.as_millis() as u64,
-                produce_ms = (produced - peeked).as_millis() as u64,
-                advance_ms = (started.elapsed() - produced).as_millis() as u64,
-                "relay step"
-            );
-        }
+            .fetch_add(transactions, Ordering::Relaxed);
         Ok(Step {
             records,
             more: cut_short,
         })
     }
 
-    /// Produces the transactions' rows in order and waits until every one is acknowledged.
-    async fn produce(&self, transactions: &[Transaction]) -> Result<usize, RelayError> {
-        let mut pending: VecDeque<DeliveryFuture> = VecDeque::new();
+    /// Queues one transaction's rows, in order, for the broker; their acknowledgements join
+    /// `pending`. When the producer's queue is full, waits for the oldest acknowledgement.
+    async fn produce(
+        &self,
+        tx: &Transaction,
+        pending: &mut VecDeque<DeliveryFuture>,
+    ) -> Result<usize, RelayError> {
         let mut count = 0;
-        for tx in transactions {
-            for row in &tx.rows {
-                let record = match row {
-                    Ok(row) => {
-                        let record = WireRecord::from_row(row, Some(tx.commit_time));
-                        let size = record.approximate_size();
-                        if size > self.options.max_message_bytes {
-                            self.reject(
+        for row in &tx.rows {
+            let record = match row {
+                Ok(row) => {
+                    let record = WireRecord::from_row(row, Some(tx.commit_time));
+                    let size = record.approximate_size();
+                    if size > self.options.max_message_bytes {
+                        self.reject(
                                 Some(row.id),
                                 Some(&row.tenant_id),
                                 Some(&row.event_type),
@@ -519,51 +525,44 @@ impl Relay {
                                 ),
                                 tx,
                             )
-                        } else {
-                            record
-                        }
-                    }
-                    Err(bad) => self.reject(
-                        bad.id,
-                        bad.tenant_id.as_deref(),
-                        bad.event_type.as_deref(),
-                        &bad.reason,
-                        tx,
-                    ),
-                };
-                let mut future_record = FutureRecord::to(&self.topic)
-                    .payload(&record.value)
-                    .headers(broker::owned_headers(&record))
-                    .timestamp(record.timestamp_ms);
-                if !record.key.is_empty() {
-                    future_record = future_record.key(&record.key);
-                }
-                loop {
-                    match self.producer.send_result(future_record) {
-                        Ok(delivery) => {
-                            pending.push_back(delivery);
-                            break;
-                        }
-                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                            // Back-pressure: wait for the oldest record in flight.
-                            future_record = r;
-                            match pending.pop_front() {
-                                Some(oldest) => Self::acked(oldest).await?,
-                                None => tokio::time::sleep(Duration::from_millis(1)).await,
-                            }
-                        }
-                        Err((e, _)) => return Err(RelayError::Delivery(e)),
+                    } else {
+                        record
                     }
                 }
-                count += 1;
+                Err(bad) => self.reject(
+                    bad.id,
+                    bad.tenant_id.as_deref(),
+                    bad.event_type.as_deref(),
+                    &bad.reason,
+                    tx,
+                ),
+            };
+            let mut future_record = FutureRecord::to(&self.topic)
+                .payload(&record.value)
+                .headers(broker::owned_headers(&record))
+                .timestamp(record.timestamp_ms);
+            if !record.key.is_empty() {
+                future_record = future_record.key(&record.key);
             }
+            loop {
+                match self.producer.send_result(future_record) {
+                    Ok(delivery) => {
+                        pending.push_back(delivery);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        // Back-pressure: wait for the oldest record in flight.
+                        future_record = r;
+                        match pending.pop_front() {
+                            Some(oldest) => Self::acked(oldest).await?,
+                            None => tokio::time::sleep(Duration::from_millis(1)).await,
+                        }
+                    }
+                    Err((e, _)) => return Err(RelayError::Delivery(e)),
+                }
+            }
+            count += 1;
         }
-        while let Some(delivery) = pending.pop_front() {
-            Self::acked(delivery).await?;
-        }
-        self.stats
-            .records_acked
-            .fetch_add(count as u64, Ordering::Relaxed);
         Ok(count)
     }
 
