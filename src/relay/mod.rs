@@ -492,6 +492,11 @@ impl Relay {
             self.confirmed = target;
             self.stats.confirmed_lsn.store(target.0, Ordering::Relaxed);
         }
+        // The lag as of this step's start, without another query (the periodic status check
+        // measures it exactly).
+        self.stats
+            .slot_lag_bytes
+            .store(self.confirmed.bytes_until(upto), Ordering::Relaxed);
         self.stats
             .transactions
             .fetch_add(transactions, Ordering::Relaxed);
