@@ -263,12 +263,12 @@ async fn run_ferry(
         relay_until_acked(&bench_config, options.rows, async { Instant::now() }).await?;
     let backlog_elapsed = acked_at - started;
 
-    let records = read_back(&bench_config).await?;
-    pool.close().await;
-    drop_database(&config.database, &url).await?;
-    let mut run = judge(ids, &records, elapsed, writers_elapsed);
-    run.backlog_elapsed = backlog_elapsed;
-    Ok(run)
+    let timings = Timings {
+        elapsed,
+        writers_elapsed,
+        backlog_elapsed,
+    };
+    finish(config, pool, &url, &bench_config, ids, timings).await
 }
 
 /// Runs a relay (its slot set up first) alongside `work` until it has acknowledged `rows`
@@ -339,12 +339,12 @@ async fn run_polling(
     poll_relay(pool.clone(), bench_config.kafka.clone(), done_flag, last).await?;
     let backlog_elapsed = started.elapsed();
 
-    let records = read_back(&bench_config).await?;
-    pool.close().await;
-    drop_database(&config.database, &url).await?;
-    let mut run = judge(ids, &records, elapsed, writers_elapsed);
-    run.backlog_elapsed = backlog_elapsed;
-    Ok(run)
+    let timings = Timings {
+        elapsed,
+        writers_elapsed,
+        backlog_elapsed,
+    };
+    finish(config, pool, &url, &bench_config, ids, timings).await
 }
 
 /// The naive relay: poll by id, publish the batch, mark, remember the highest id.
@@ -472,6 +472,30 @@ async fn write(
         all.extend(done.expect("writer panicked")?);
     }
     Ok(all)
+}
+
+/// A run's measured times.
+struct Timings {
+    elapsed: Duration,
+    writers_elapsed: Duration,
+    backlog_elapsed: Duration,
+}
+
+/// Reads the run's topic back, drops its database, and judges what arrived.
+async fn finish(
+    config: &Config,
+    pool: PgPool,
+    url: &str,
+    bench_config: &Config,
+    ids: Vec<(Uuid, String, i64)>,
+    timings: Timings,
+) -> Result<RelayRun, BenchError> {
+    let records = read_back(bench_config).await?;
+    pool.close().await;
+    drop_database(&config.database, url).await?;
+    let mut run = judge(ids, &records, timings.elapsed, timings.writers_elapsed);
+    run.backlog_elapsed = timings.backlog_elapsed;
+    Ok(run)
 }
 
 async fn read_back(config: &Config) -> Result<Vec<ReadRecord>, BenchError> {
