@@ -12,7 +12,8 @@
 //! - [`broker`]: Kafka client settings and topic administration;
 //! - [`telemetry`]: logs and traces;
 //! - [`relay`]: change data capture from the outbox to Kafka (`ferry relay`);
-//! - [`scheduler`] and [`consumer`]: the consumer's pure core (per-tenant FIFO, offsets);
+//! - [`scheduler`], [`consumer`] and [`delivery`]: the consumer's pure core (per-tenant FIFO,
+//!   offsets, the handler contract and the one place that classifies failures);
 //! - [`load`]: the reference "our platform" writer (`ferry load`);
 //! - [`smoke`]: the end-to-end round trip that proves a stack works;
 //! - [`bench`]: the benchmarks (`ferry bench ...`);
@@ -22,6 +23,7 @@ pub mod bench;
 pub mod broker;
 pub mod config;
 pub mod consumer;
+pub mod delivery;
 pub mod load;
 pub mod outbox;
 pub mod relay;

@@ -1,0 +1,251 @@
+//! Delivering one event: the handler the consumer calls, what it may answer, and the one place
+//! that decides what a failure means (retry in memory, pause the tenant, or trip the partner-wide
+//! breaker) and when to try again. Pure: no I/O here, so every rule is table-tested.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::outbox::OutboxEvent;
+
+/// What handling an event came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Delivered (or found already delivered on the partner): settle it.
+    Done,
+    /// Another system must finish first: hold the tenant, try again at this time. Not a
+    /// failure, never pauses the tenant.
+    Deferred(DateTime<Utc>),
+    /// It failed; [`Failure::class`] says what that means.
+    Failed(Failure),
+}
+
+/// A failed attempt, as the handler saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    /// What the failure means for the tenant.
+    pub class: FailureClass,
+    /// A message for the operator.
+    pub message: String,
+    /// The partner's HTTP status, when there was a response.
+    pub status: Option<u16>,
+    /// The partner's response body, kept for the operator (truncated by the handler).
+    pub response: Option<String>,
+    /// The partner's `Retry-After`, when it sent one.
+    pub retry_after: Option<Duration>,
+}
+
+/// The scope and the remedy of a failure (the design's failure table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureClass {
+    /// Timeout, 5xx, 429, connection reset: retry in memory with backoff, then pause the tenant.
+    Retryable,
+    /// 400/404/409/422, a bad event, a handler bug: pause the tenant at once.
+    Permanent,
+    /// 401/403: the partner refuses everyone: pause the partitions (circuit breaker), not the
+    /// tenant.
+    PartnerWide,
+}
+
+impl FailureClass {
+    /// The class of an HTTP response status; `None` for a success.
+    pub fn of_status(status: u16) -> Option<FailureClass> {
+        match status {
+            200..=299 => None,
+            401 | 403 => Some(FailureClass::PartnerWide),
+            408 | 425 | 429 => Some(FailureClass::Retryable),
+            500..=599 => Some(FailureClass::Retryable),
+            // 400, 404, 409, 422 and every other client error: our request is wrong for this
+            // object, and sending it again will not change the answer.
+            _ => Some(FailureClass::Permanent),
+        }
+    }
+
+    /// A stable name for storage and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureClass::Retryable => "retryable",
+            FailureClass::Permanent => "permanent",
+            FailureClass::PartnerWide => "partner_wide",
+        }
+    }
+}
+
+/// Handles one event. Implemented by the partner integration, and by scripted handlers in tests.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles `event`; `attempt` counts from 1.
+    fn handle(
+        &self,
+        event: &OutboxEvent,
+        attempt: u32,
+    ) -> impl std::future::Future<Output = Outcome> + Send;
+}
+
+/// When to retry a retryable failure, and when to stop retrying and pause the tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// The first backoff.
+    pub base: Duration,
+    /// The largest backoff.
+    pub max: Duration,
+    /// Pause after this many failed attempts...
+    pub pause_after_attempts: u32,
+    /// ...or once the first failure is this old, whichever comes first.
+    pub pause_after: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            base: Duration::from_millis(200),
+            max: Duration::from_secs(30),
+            pause_after_attempts: 8,
+            pause_after: Duration::from_secs(120),
+        }
+    }
+}
+
+/// What to do after a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Try the same event again after this long (the tenant waits; others flow).
+    RetryIn(Duration),
+    /// Pause the tenant: park this event and its successors.
+    PauseTenant,
+    /// Trip the partner-wide breaker: pause consumption, probe, resume.
+    TripBreaker,
+}
+
+impl RetryPolicy {
+    /// Decides after attempt number `attempt` (from 1) failed with `failure`, `failing_for`
+    /// after the event's first failure. `jitter` in [0, 1) spreads retries (full jitter); the
+    /// partner's `Retry-After` is a floor.
+    pub fn decide(
+        &self,
+        failure: &Failure,
+        attempt: u32,
+        failing_for: Duration,
+        jitter: f64,
+    ) -> Decision {
+        match failure.class {
+            FailureClass::Permanent => Decision::PauseTenant,
+            FailureClass::PartnerWide => Decision::TripBreaker,
+            FailureClass::Retryable => {
+                if attempt >= self.pause_after_attempts || failing_for >= self.pause_after {
+                    return Decision::PauseTenant;
+                }
+                let ceiling = self
+                    .base
+                    .saturating_mul(1u32 << (attempt.saturating_sub(1)).min(20))
+                    .min(self.max);
+                let wait = ceiling.mul_f64(jitter.clamp(0.0, 1.0));
+                Decision::RetryIn(wait.max(failure.retry_after.unwrap_or(Duration::ZERO)))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(class: FailureClass, retry_after: Option<Duration>) -> Failure {
+        Failure {
+            class,
+            message: "x".into(),
+            status: None,
+            response: None,
+            retry_after,
+        }
+    }
+
+    #[test]
+    fn statuses_map_to_the_design_table() {
+        use FailureClass::*;
+        let table = [
+            (200, None),
+            (201, None),
+            (204, None),
+            (400, Some(Permanent)),
+            (404, Some(Permanent)),
+            (409, Some(Permanent)),
+            (422, Some(Permanent)),
+            (401, Some(PartnerWide)),
+            (403, Some(PartnerWide)),
+            (408, Some(Retryable)),
+            (429, Some(Retryable)),
+            (500, Some(Retryable)),
+            (502, Some(Retryable)),
+            (503, Some(Retryable)),
+            (504, Some(Retryable)),
+        ];
+        for (status, class) in table {
+            assert_eq!(FailureClass::of_status(status), class, "HTTP {status}");
+        }
+    }
+
+    #[test]
+    fn permanent_pauses_at_once_and_partner_wide_trips_the_breaker() {
+        let p = RetryPolicy::default();
+        let d = |c| p.decide(&failure(c, None), 1, Duration::ZERO, 0.5);
+        assert_eq!(d(FailureClass::Permanent), Decision::PauseTenant);
+        assert_eq!(d(FailureClass::PartnerWide), Decision::TripBreaker);
+    }
+
+    #[test]
+    fn retryable_backs_off_exponentially_within_bounds_then_pauses() {
+        let p = RetryPolicy {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(2),
+            pause_after_attempts: 6,
+            pause_after: Duration::from_secs(60),
+        };
+        let f = failure(FailureClass::Retryable, None);
+        // With the jitter at its top, the wait is the ceiling: 100, 200, 400, 800, 1600 ms.
+        let waits: Vec<Decision> = (1..=5)
+            .map(|a| p.decide(&f, a, Duration::ZERO, 0.999_999))
+            .collect();
+        let ms: Vec<u128> = waits
+            .iter()
+            .map(|d| match d {
+                Decision::RetryIn(w) => w.as_millis(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(ms, [99, 199, 399, 799, 1599]);
+        assert_eq!(
+            p.decide(&f, 6, Duration::ZERO, 0.5),
+            Decision::PauseTenant,
+            "attempts"
+        );
+        assert_eq!(
+            p.decide(&f, 2, Duration::from_secs(60), 0.5),
+            Decision::PauseTenant,
+            "duration"
+        );
+        // The ceiling never passes `max`, however many attempts.
+        let long = RetryPolicy {
+            pause_after_attempts: 100,
+            ..p.clone()
+        };
+        assert_eq!(
+            long.decide(&f, 40, Duration::ZERO, 0.999_999),
+            Decision::RetryIn(Duration::from_secs(2).mul_f64(0.999_999))
+        );
+        // No jitter at all is a retry now.
+        assert_eq!(
+            p.decide(&f, 3, Duration::ZERO, 0.0),
+            Decision::RetryIn(Duration::ZERO)
+        );
+    }
+
+    #[test]
+    fn retry_after_is_honoured_as_a_floor() {
+        let p = RetryPolicy::default();
+        let f = failure(FailureClass::Retryable, Some(Duration::from_secs(7)));
+        assert_eq!(
+            p.decide(&f, 1, Duration::ZERO, 0.1),
+            Decision::RetryIn(Duration::from_secs(7))
+        );
+    }
+}
