@@ -5,6 +5,7 @@ mod bench;
 mod contract;
 mod decoder;
 mod kafka;
+mod ledger;
 mod relay;
 mod schema;
 mod support;

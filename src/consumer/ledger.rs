@@ -1,0 +1,311 @@
+//! The consumer's durable records in Postgres: the dedupe/outcome record of settled events
+//! (`deliveries`), the parked backlog of paused tenants (`parked_events`), and tenant state
+//! (`tenants`). Every write is batched: one transaction for many events, because a commit costs
+//! a disk flush and per-event commits would cap throughput at the commit rate.
+
+use std::collections::HashSet;
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// How an event was settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettledAs {
+    /// Delivered to the partner.
+    Delivered,
+    /// Past its `deliver_before`: never delivered.
+    Expired,
+    /// The tenant has the integration off: recorded, nothing sent.
+    Ignored,
+    /// Skipped by an operator (audited separately).
+    Skipped,
+    /// Undecodable: recorded with its reason.
+    BadEvent,
+}
+
+impl SettledAs {
+    fn as_str(self) -> &'static str {
+        match self {
+            SettledAs::Delivered => "delivered",
+            SettledAs::Expired => "expired",
+            SettledAs::Ignored => "ignored",
+            SettledAs::Skipped => "skipped",
+            SettledAs::BadEvent => "bad_event",
+        }
+    }
+}
+
+/// One settled event, for [`record_settled`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settlement {
+    /// The event id (the dedupe key).
+    pub event_id: Uuid,
+    /// Its tenant.
+    pub tenant_id: String,
+    /// Its type, as written.
+    pub event_type: Option<String>,
+    /// The outcome.
+    pub outcome: SettledAs,
+    /// Attempts made.
+    pub attempts: i32,
+    /// The last error, for bad events.
+    pub error: Option<String>,
+    /// Where it was read.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+}
+
+/// The event ids among `ids` already settled: a redelivered event is skipped, not handled again.
+pub async fn settled_ids(pool: &PgPool, ids: &[Uuid]) -> Result<HashSet<Uuid>, sqlx::Error> {
+    let found: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT event_id FROM deliveries WHERE event_id = ANY($1) AND settled_at IS NOT NULL",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await?;
+    Ok(found.into_iter().collect())
+}
+
+/// Records a batch of settled events in one transaction of the caller's (so a handler's own
+/// writes, such as mapping rows, commit with their dedupe record). An event already recorded
+/// keeps its first record: replays never rewrite history.
+pub async fn record_settled(
+    conn: &mut sqlx::PgConnection,
+    batch: &[Settlement],
+) -> Result<u64, sqlx::Error> {
+    if batch.is_empty() {
+        return Ok(0);
+    }
+    let mut ids = Vec::with_capacity(batch.len());
+    let mut tenants = Vec::with_capacity(batch.len());
+    let mut types = Vec::with_capacity(batch.len());
+    let mut outcomes = Vec::with_capacity(batch.len());
+    let mut attempts = Vec::with_capacity(batch.len());
+    let mut errors = Vec::with_capacity(batch.len());
+    let mut topics = Vec::with_capacity(batch.len());
+    let mut partitions = Vec::with_capacity(batch.len());
+    let mut offsets = Vec::with_capacity(batch.len());
+    for s in batch {
+        ids.push(s.event_id);
+        tenants.push(s.tenant_id.as_str());
+        types.push(s.event_type.as_deref());
+        outcomes.push(s.outcome.as_str());
+        attempts.push(s.attempts);
+        errors.push(s.error.as_deref());
+        topics.push(s.topic.as_str());
+        partitions.push(s.partition);
+        offsets.push(s.offset);
+    }
+    let result = sqlx::query(
+        "INSERT INTO deliveries (event_id, tenant_id, event_type, outcome, attempts, last_error, \
+                                 topic, partition, \"offset\", settled_at) \
+         SELECT *, now() FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], \
+                                     $6::text[], $7::text[], $8::int[], $9::bigint[]) \
+         ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(&ids)
+    .bind(&tenants)
+    .bind(&types)
+    .bind(&outcomes)
+    .bind(&attempts)
+    .bind(&errors)
+    .bind(&topics)
+    .bind(&partitions)
+    .bind(&offsets)
+    .execute(conn)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// A raw record to park, as read from Kafka.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParkedRecord {
+    /// The tenant it belongs to.
+    pub tenant_id: String,
+    /// The event id, when readable.
+    pub event_id: Option<Uuid>,
+    /// Where it was read.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// The record key.
+    pub key: Option<Vec<u8>>,
+    /// Header names and values, in record order.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// The record value.
+    pub value: Option<Vec<u8>>,
+    /// The record timestamp.
+    pub timestamp: Option<DateTime<Utc>>,
+}
+
+/// Why a tenant is paused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pause {
+    /// `retryable`, `permanent`, `bad_event` or `operator`.
+    pub cause: &'static str,
+    /// For the operator.
+    pub reason: String,
+    /// The event that failed, when there is one.
+    pub event_id: Option<Uuid>,
+    /// When to try again automatically (retryable causes).
+    pub next_retry_at: Option<DateTime<Utc>>,
+}
+
+/// Pauses `tenant` (if `pause` is given) and parks `records` in order, in one transaction: once
+/// it commits, the records are settled and the partition's commit point may pass them. A record
+/// parked before (a redelivery) is parked once.
+pub async fn park(
+    pool: &PgPool,
+    tenant: &str,
+    pause: Option<&Pause>,
+    records: &[ParkedRecord],
+) -> Result<u64, sqlx::Error> {
+    use base64::Engine as _;
+    let mut tx = pool.begin().await?;
+    if let Some(p) = pause {
+        sqlx::query(
+            "INSERT INTO tenants (tenant_id, state, pause_cause, pause_reason, paused_event_id, paused_at, next_retry_at, updated_at) \
+             VALUES ($1, 'paused', $2, $3, $4, now(), $5, now()) \
+             ON CONFLICT (tenant_id) DO UPDATE SET state = 'paused', pause_cause = $2, pause_reason = $3, \
+                 paused_event_id = $4, paused_at = now(), next_retry_at = $5, updated_at = now()",
+        )
+        .bind(tenant)
+        .bind(p.cause)
+        .bind(&p.reason)
+        .bind(p.event_id)
+        .bind(p.next_retry_at)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let mut parked = 0;
+    if !records.is_empty() {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let headers: Vec<serde_json::Value> =
+            records
+                .iter()
+                .map(|r| {
+                    json!(r
+                    .headers
+                    .iter()
+                    .map(|(n, v)| json!({"name": n, "value": v.as_ref().map(|v| b64.encode(v))}))
+                    .collect::<Vec<_>>())
+                })
+                .collect();
+        let result = sqlx::query(
+            "INSERT INTO parked_events (tenant_id, event_id, topic, partition, \"offset\", record_key, headers, value, record_timestamp) \
+             SELECT t, e, tp, p, o, k, h, v, ts FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::int[], $5::bigint[], \
+                                                   $6::bytea[], $7::jsonb[], $8::bytea[], $9::timestamptz[]) \
+                  WITH ORDINALITY AS r(t, e, tp, p, o, k, h, v, ts, n) \
+             ORDER BY n \
+             ON CONFLICT (topic, partition, \"offset\") DO NOTHING",
+        )
+        .bind(records.iter().map(|r| r.tenant_id.as_str()).collect::<Vec<_>>())
+        .bind(records.iter().map(|r| r.event_id).collect::<Vec<_>>())
+        .bind(records.iter().map(|r| r.topic.as_str()).collect::<Vec<_>>())
+        .bind(records.iter().map(|r| r.partition).collect::<Vec<_>>())
+        .bind(records.iter().map(|r| r.offset).collect::<Vec<_>>())
+        .bind(records.iter().map(|r| r.key.as_deref()).collect::<Vec<_>>())
+        .bind(headers)
+        .bind(records.iter().map(|r| r.value.as_deref()).collect::<Vec<_>>())
+        .bind(records.iter().map(|r| r.timestamp).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+        parked = result.rows_affected();
+    }
+    tx.commit().await?;
+    Ok(parked)
+}
+
+/// Tenants not active (paused, draining, disabled): loaded on every partition assignment so
+/// whichever instance owns a tenant obeys its state.
+pub async fn inactive_tenants(pool: &PgPool) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT tenant_id, state FROM tenants WHERE state <> 'active' ORDER BY tenant_id",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// A tenant's parked backlog in order, oldest first, `limit` at a time after `after_seq`.
+pub async fn parked_backlog(
+    pool: &PgPool,
+    tenant: &str,
+    after_seq: i64,
+    limit: i64,
+) -> Result<Vec<(i64, ParkedRecord)>, sqlx::Error> {
+    use base64::Engine as _;
+    type Row = (
+        i64,
+        String,
+        Option<Uuid>,
+        String,
+        i32,
+        i64,
+        Option<Vec<u8>>,
+        serde_json::Value,
+        Option<Vec<u8>>,
+        Option<DateTime<Utc>>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT seq, tenant_id, event_id, topic, partition, \"offset\", record_key, headers, value, record_timestamp \
+         FROM parked_events WHERE tenant_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+    )
+    .bind(tenant)
+    .bind(after_seq)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(
+                seq,
+                tenant_id,
+                event_id,
+                topic,
+                partition,
+                offset,
+                key,
+                headers,
+                value,
+                timestamp,
+            )| {
+                let headers = headers
+                    .as_array()
+                    .map(|hs| {
+                        hs.iter()
+                            .map(|h| {
+                                (
+                                    h["name"].as_str().unwrap_or_default().to_owned(),
+                                    h["value"].as_str().and_then(|v| b64.decode(v).ok()),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                (
+                    seq,
+                    ParkedRecord {
+                        tenant_id,
+                        event_id,
+                        topic,
+                        partition,
+                        offset,
+                        key,
+                        headers,
+                        value,
+                        timestamp,
+                    },
+                )
+            },
+        )
+        .collect())
+}

@@ -1,0 +1,127 @@
+//! The consumer's ledger against Postgres: batched settlement is the dedupe record, parking is
+//! idempotent and ordered, a pause always carries its reason.
+
+use ferry::consumer::ledger::{self, ParkedRecord, Pause, SettledAs, Settlement};
+use uuid::Uuid;
+
+use crate::support::TestDb;
+
+fn settlement(id: Uuid, offset: i64) -> Settlement {
+    Settlement {
+        event_id: id,
+        tenant_id: "acme".into(),
+        event_type: Some("ProductCreated".into()),
+        outcome: SettledAs::Delivered,
+        attempts: 1,
+        error: None,
+        topic: "t".into(),
+        partition: 0,
+        offset,
+    }
+}
+
+#[tokio::test]
+async fn settlement_is_batched_and_a_replay_never_rewrites_it() {
+    let db = TestDb::migrated().await;
+    let ids: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
+    let batch: Vec<Settlement> = ids
+        .iter()
+        .zip(0..)
+        .map(|(id, o)| settlement(*id, o))
+        .collect();
+    let mut conn = db.pool.acquire().await.unwrap();
+    assert_eq!(ledger::record_settled(&mut conn, &batch).await.unwrap(), 3);
+
+    // A redelivery of the second event, now "expired", beside a new event.
+    let fresh = Uuid::now_v7();
+    let mut replay = settlement(ids[1], 1);
+    replay.outcome = SettledAs::Expired;
+    let again = [replay, settlement(fresh, 3)];
+    assert_eq!(ledger::record_settled(&mut conn, &again).await.unwrap(), 1);
+    let outcome: String = sqlx::query_scalar("SELECT outcome FROM deliveries WHERE event_id = $1")
+        .bind(ids[1])
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(outcome, "delivered", "the first record stands");
+
+    let unknown = Uuid::now_v7();
+    let found = ledger::settled_ids(&db.pool, &[ids[0], unknown, fresh])
+        .await
+        .unwrap();
+    assert_eq!(found, [ids[0], fresh].into_iter().collect());
+    drop(conn);
+    db.drop().await;
+}
+
+fn record(offset: i64) -> ParkedRecord {
+    ParkedRecord {
+        tenant_id: "acme".into(),
+        event_id: Some(Uuid::now_v7()),
+        topic: "ferry.outbox".into(),
+        partition: 2,
+        offset,
+        key: Some(b"acme".to_vec()),
+        headers: vec![
+            ("id".into(), Some(b"x".to_vec())),
+            ("traceparent".into(), None),
+            ("eventType".into(), Some(vec![0xff, 0x00, 0x10])),
+        ],
+        value: Some(vec![1, 2, 3]),
+        // Kafka timestamps are milliseconds.
+        timestamp: chrono::DateTime::from_timestamp_millis(chrono::Utc::now().timestamp_millis()),
+    }
+}
+
+#[tokio::test]
+async fn parking_pauses_the_tenant_keeps_order_and_parks_a_record_once() {
+    let db = TestDb::migrated().await;
+    let records: Vec<ParkedRecord> = [10, 11, 14].into_iter().map(record).collect();
+    let pause = Pause {
+        cause: "permanent",
+        reason: "partner answered 422: name is required".into(),
+        event_id: records[0].event_id,
+        next_retry_at: None,
+    };
+    assert_eq!(
+        ledger::park(&db.pool, "acme", Some(&pause), &records)
+            .await
+            .unwrap(),
+        3
+    );
+    // A redelivery after a crash parks nothing twice; later records join the backlog.
+    let more = vec![records[2].clone(), record(15)];
+    assert_eq!(
+        ledger::park(&db.pool, "acme", None, &more).await.unwrap(),
+        1
+    );
+
+    let (state, cause, reason): (String, String, String) = sqlx::query_as(
+        "SELECT state, pause_cause, pause_reason FROM tenants WHERE tenant_id = 'acme'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((state.as_str(), cause.as_str()), ("paused", "permanent"));
+    assert!(reason.contains("422"));
+    assert_eq!(
+        ledger::inactive_tenants(&db.pool).await.unwrap(),
+        vec![("acme".to_owned(), "paused".to_owned())]
+    );
+
+    // The backlog comes back in order, bytes intact, a page at a time.
+    let first = ledger::parked_backlog(&db.pool, "acme", 0, 3)
+        .await
+        .unwrap();
+    let offsets: Vec<i64> = first.iter().map(|(_, r)| r.offset).collect();
+    assert_eq!(offsets, [10, 11, 14]);
+    assert_eq!(
+        first[0].1, records[0],
+        "headers, key, value and identity round-trip"
+    );
+    let rest = ledger::parked_backlog(&db.pool, "acme", first[2].0, 3)
+        .await
+        .unwrap();
+    assert_eq!(rest.iter().map(|(_, r)| r.offset).collect::<Vec<_>>(), [15]);
+    db.drop().await;
+}
