@@ -6,3 +6,4 @@
 
 pub mod ledger;
 pub mod offsets;
+pub mod runtime;

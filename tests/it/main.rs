@@ -2,6 +2,7 @@
 //! `eval "$(scripts/stack env)"`). Each test makes its own fresh database and its own topic.
 
 mod bench;
+mod consume;
 mod contract;
 mod decoder;
 mod kafka;

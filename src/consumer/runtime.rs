@@ -1,0 +1,464 @@
+//! The consumer's loop: intake from Kafka, the per-tenant [`Scheduler`], a [`Handler`] per
+//! event, batched settlement, and offset commits from the [`PartitionOffsets`] trackers.
+//!
+//! Why order and dedupe hold with batched settlement: a tenant's next event may start as soon
+//! as the previous one's handler returned, before its dedupe record is durable. If the process
+//! dies before the batch commits, Kafka redelivers from the last committed offset, which is at
+//! or before both events (the commit point only passes durably settled records), so both are
+//! handled again in their original order; the partner sees a repeat carrying the same
+//! `Idempotency-Key`, never a reordering.
+//!
+//! Rebalances: librdkafka's rebalance callbacks run on its thread; on revoke, the callback
+//! commits what is settled for the revoked partitions (synchronously) and forgets them. Work
+//! still in flight for them is fenced by a generation number: its settlement is still recorded
+//! (true and harmless), but it can no longer move a commit point of a partition this instance
+//! lost.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::ledger::{self, ParkedRecord, Pause, SettledAs, Settlement};
+use super::offsets::PartitionOffsets;
+use crate::broker;
+use crate::config::Config;
+use crate::delivery::{Decision, Failure, Handler, Outcome, RetryPolicy};
+use crate::outbox::{self, OutboxEvent};
+use crate::scheduler::Scheduler;
+
+/// Consumer tuning.
+#[derive(Debug, Clone)]
+pub struct ConsumeOptions {
+    /// Events in flight at once, all tenants together.
+    pub max_in_flight: usize,
+    /// Events queued in memory before intake pauses (back-pressure).
+    pub max_queued: usize,
+    /// Settlements per transaction, at most.
+    pub settle_batch: usize,
+    /// How long a settlement may wait for its batch.
+    pub settle_interval: Duration,
+    /// Retry policy for retryable failures.
+    pub retry: RetryPolicy,
+}
+
+impl Default for ConsumeOptions {
+    fn default() -> Self {
+        ConsumeOptions {
+            max_in_flight: 256,
+            max_queued: 20_000,
+            settle_batch: 1_000,
+            settle_interval: Duration::from_millis(10),
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// Why the consumer stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    /// Kafka failed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// Postgres failed.
+    #[error("postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+}
+
+/// Counters, shared so tests and metrics can read them live.
+#[derive(Debug, Default)]
+pub struct ConsumeStats {
+    /// Events the handler delivered.
+    pub delivered: std::sync::atomic::AtomicU64,
+    /// Events skipped as already settled (redeliveries).
+    pub duplicates: std::sync::atomic::AtomicU64,
+    /// Records parked for paused tenants.
+    pub parked: std::sync::atomic::AtomicU64,
+    /// Offsets committed (commit calls).
+    pub commits: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Default)]
+struct Shared {
+    partitions: HashMap<i32, Owned>,
+    generation: u64,
+}
+
+struct Owned {
+    generation: u64,
+    offsets: Option<PartitionOffsets>,
+}
+
+struct Context {
+    shared: Arc<Mutex<Shared>>,
+    topic: String,
+}
+
+impl ClientContext for Context {}
+
+impl ConsumerContext for Context {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            let mut shared = self.shared.lock().expect("consumer state");
+            let mut commit = TopicPartitionList::new();
+            for element in list.elements_for_topic(&self.topic) {
+                if let Some(owned) = shared.partitions.remove(&element.partition())
+                    && let Some(offsets) = owned.offsets
+                    && offsets.commit_point() > offsets.committed()
+                {
+                    let _ = commit.add_partition_offset(
+                        &self.topic,
+                        element.partition(),
+                        Offset::Offset(offsets.commit_point()),
+                    );
+                }
+            }
+            drop(shared);
+            if commit.count() > 0
+                && let Err(e) = consumer.commit(&commit, CommitMode::Sync)
+            {
+                tracing::warn!(error = %e, "commit on revoke failed; the next owner replays from the previous commit");
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            let mut shared = self.shared.lock().expect("consumer state");
+            for element in list.elements_for_topic(&self.topic) {
+                shared.generation += 1;
+                let generation = shared.generation;
+                shared.partitions.insert(
+                    element.partition(),
+                    Owned {
+                        generation,
+                        offsets: None,
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// Where a record came from, with the generation of the partition's ownership.
+#[derive(Debug, Clone, Copy)]
+struct Position {
+    partition: i32,
+    offset: i64,
+    generation: u64,
+}
+
+struct Item {
+    event: OutboxEvent,
+    raw: ParkedRecord,
+    position: Position,
+}
+
+enum Done {
+    Settled(Item, SettledAs, u32),
+    Duplicate(Item),
+    Pause(Item, Failure),
+}
+
+/// Runs the consumer until `shutdown`; returns its counters.
+pub async fn run<H: Handler>(
+    config: &Config,
+    pool: PgPool,
+    handler: Arc<H>,
+    options: ConsumeOptions,
+    stats: Arc<ConsumeStats>,
+    shutdown: CancellationToken,
+) -> Result<(), ConsumeError> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let topic = config.kafka.topic.clone();
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let consumer: StreamConsumer<Context> =
+        broker::consumer_config(&config.kafka, &config.kafka.group_id).create_with_context(
+            Context {
+                shared: Arc::clone(&shared),
+                topic: topic.clone(),
+            },
+        )?;
+    consumer.subscribe(&[&topic])?;
+
+    let mut scheduler: Scheduler<String, Item> = Scheduler::new(options.max_in_flight);
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, Done)>();
+    let mut settlements: Vec<(Settlement, Position)> = Vec::new();
+    let mut settled_positions: Vec<Position> = Vec::new();
+    let mut last_flush = Instant::now();
+    let mut tick = tokio::time::interval(options.settle_interval);
+    // Tenants paused while this instance runs: their new records are parked, in order.
+    let mut paused: HashMap<String, ()> = ledger::inactive_tenants(&pool)
+        .await?
+        .into_iter()
+        .filter(|(_, state)| state == "paused" || state == "draining")
+        .map(|(t, _)| (t, ()))
+        .collect();
+
+    loop {
+        while let Some((tenant, item)) = scheduler.dispatch() {
+            let (handler, pool, done_tx, retry) = (
+                Arc::clone(&handler),
+                pool.clone(),
+                done_tx.clone(),
+                options.retry.clone(),
+            );
+            tokio::spawn(async move {
+                let done = handle(&*handler, &pool, item, &retry).await;
+                let _ = done_tx.send((tenant, done));
+            });
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            message = consumer.recv(), if scheduler.queued() < options.max_queued => {
+                let m = message?;
+                let position = {
+                    let mut s = shared.lock().expect("consumer state");
+                    let generation = s.generation;
+                    let owned = s.partitions.entry(m.partition()).or_insert(Owned { generation, offsets: None });
+                    let offsets = owned.offsets.get_or_insert_with(|| PartitionOffsets::new(m.offset()));
+                    if offsets.received(m.offset()).is_err() {
+                        continue; // a re-fetch after a seek: already tracked
+                    }
+                    Position { partition: m.partition(), offset: m.offset(), generation: owned.generation }
+                };
+                let raw = parked_record(&m, &topic);
+                match outbox::decode(&broker::raw_record(&m)) {
+                    Ok(event) if paused.contains_key(event.tenant_id.as_str()) => {
+                        let tenant = event.tenant_id.to_string();
+                        stats.parked.fetch_add(ledger::park(&pool, &tenant, None, &[raw]).await?, Relaxed);
+                        settled_positions.push(position);
+                    }
+                    Ok(event) => {
+                        let tenant = event.tenant_id.to_string();
+                        scheduler.arrive(tenant, Item { event, raw, position });
+                    }
+                    Err(bad) => {
+                        let tenant = bad.tenant_id.as_ref().map_or_else(|| "unknown".to_owned(), |t| t.to_string());
+                        let pause = Pause { cause: "bad_event", reason: bad.reason.to_string(), event_id: bad.event_id, next_retry_at: None };
+                        stats.parked.fetch_add(ledger::park(&pool, &tenant, Some(&pause), &[raw]).await?, Relaxed);
+                        let backlog: Vec<ParkedRecord> = scheduler.take_queue(&tenant).into_iter().map(|i| i.raw).collect();
+                        ledger::park(&pool, &tenant, None, &backlog).await?;
+                        scheduler.hold(&tenant);
+                        paused.insert(tenant, ());
+                        settled_positions.push(position);
+                    }
+                }
+            }
+            Some((tenant, done)) = done_rx.recv() => {
+                scheduler.complete(&tenant);
+                match done {
+                    Done::Settled(item, outcome, attempts) => {
+                        if outcome == SettledAs::Delivered {
+                            stats.delivered.fetch_add(1, Relaxed);
+                        }
+                        settlements.push((settlement(&item, &topic, outcome, attempts), item.position));
+                    }
+                    Done::Duplicate(item) => {
+                        stats.duplicates.fetch_add(1, Relaxed);
+                        settled_positions.push(item.position);
+                    }
+                    Done::Pause(item, failure) => {
+                        let pause = Pause {
+                            cause: match failure.class { crate::delivery::FailureClass::Retryable => "retryable", _ => "permanent" },
+                            reason: failure.message.clone(),
+                            event_id: Some(item.event.id),
+                            next_retry_at: None,
+                        };
+                        let mut records = vec![item.raw];
+                        let mut positions = vec![item.position];
+                        for queued in scheduler.take_queue(&tenant) {
+                            records.push(queued.raw);
+                            positions.push(queued.position);
+                        }
+                        stats.parked.fetch_add(ledger::park(&pool, &tenant, Some(&pause), &records).await?, Relaxed);
+                        scheduler.hold(&tenant);
+                        paused.insert(tenant, ());
+                        settled_positions.extend(positions);
+                    }
+                }
+            }
+            _ = tick.tick() => {}
+        }
+        if settlements.len() >= options.settle_batch
+            || (!(settlements.is_empty() && settled_positions.is_empty())
+                && last_flush.elapsed() >= options.settle_interval)
+        {
+            flush(
+                &pool,
+                &consumer,
+                &shared,
+                &topic,
+                (&mut settlements, &mut settled_positions),
+                &stats,
+                CommitMode::Async,
+            )
+            .await?;
+            last_flush = Instant::now();
+        }
+    }
+    // Shutdown: finish what is in flight (bounded), settle it, commit synchronously.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while scheduler.in_flight() > 0 {
+        match tokio::time::timeout_at(deadline, done_rx.recv()).await {
+            Ok(Some((tenant, Done::Settled(item, outcome, attempts)))) => {
+                scheduler.complete(&tenant);
+                settlements.push((settlement(&item, &topic, outcome, attempts), item.position));
+            }
+            Ok(Some((tenant, _))) => {
+                scheduler.complete(&tenant);
+            }
+            _ => break,
+        }
+    }
+    flush(
+        &pool,
+        &consumer,
+        &shared,
+        &topic,
+        (&mut settlements, &mut settled_positions),
+        &stats,
+        CommitMode::Sync,
+    )
+    .await?;
+    Ok(())
+}
+
+async fn handle<H: Handler>(handler: &H, pool: &PgPool, item: Item, retry: &RetryPolicy) -> Done {
+    if let Ok(found) = ledger::settled_ids(pool, &[item.event.id]).await
+        && !found.is_empty()
+    {
+        return Done::Duplicate(item);
+    }
+    if item
+        .event
+        .deliver_before
+        .is_some_and(|deadline| deadline <= chrono::Utc::now())
+    {
+        return Done::Settled(item, SettledAs::Expired, 0);
+    }
+    let first_failure = Instant::now();
+    let mut attempt = 1;
+    loop {
+        match handler.handle(&item.event, attempt).await {
+            Outcome::Done => return Done::Settled(item, SettledAs::Delivered, attempt),
+            Outcome::Deferred(until) => {
+                let wait = (until - chrono::Utc::now()).to_std().unwrap_or_default();
+                tokio::time::sleep(wait).await;
+            }
+            Outcome::Failed(failure) => {
+                let jitter =
+                    f64::from(item.event.id.as_u128() as u32 ^ attempt) / f64::from(u32::MAX);
+                match retry.decide(&failure, attempt, first_failure.elapsed(), jitter) {
+                    Decision::RetryIn(wait) => tokio::time::sleep(wait).await,
+                    Decision::PauseTenant | Decision::TripBreaker => {
+                        return Done::Pause(item, failure);
+                    }
+                }
+                attempt += 1;
+            }
+        }
+    }
+}
+
+fn settlement(item: &Item, topic: &str, outcome: SettledAs, attempts: u32) -> Settlement {
+    Settlement {
+        event_id: item.event.id,
+        tenant_id: item.event.tenant_id.to_string(),
+        event_type: Some(item.event.event_type().as_str().to_owned()),
+        outcome,
+        attempts: attempts as i32,
+        error: None,
+        topic: topic.to_owned(),
+        partition: item.position.partition,
+        offset: item.position.offset,
+    }
+}
+
+fn parked_record<M: Message>(m: &M, topic: &str) -> ParkedRecord {
+    ParkedRecord {
+        tenant_id: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+        event_id: None,
+        topic: topic.to_owned(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key().map(<[u8]>::to_vec),
+        headers: m
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        value: m.payload().map(<[u8]>::to_vec),
+        timestamp: m
+            .timestamp()
+            .to_millis()
+            .and_then(chrono::DateTime::from_timestamp_millis),
+    }
+}
+
+/// Records the settlements in one transaction, then marks them and the other settled positions
+/// settled in their partitions' trackers (if still owned, same generation) and commits the
+/// points that moved.
+async fn flush(
+    pool: &PgPool,
+    consumer: &StreamConsumer<Context>,
+    shared: &Arc<Mutex<Shared>>,
+    topic: &str,
+    (settlements, settled_positions): (&mut Vec<(Settlement, Position)>, &mut Vec<Position>),
+    stats: &ConsumeStats,
+    mode: CommitMode,
+) -> Result<(), ConsumeError> {
+    if !settlements.is_empty() {
+        let batch: Vec<Settlement> = settlements.iter().map(|(s, _)| s.clone()).collect();
+        let mut tx = pool.begin().await?;
+        ledger::record_settled(&mut tx, &batch).await?;
+        tx.commit().await?;
+    }
+    let positions: VecDeque<Position> = settlements
+        .drain(..)
+        .map(|(_, p)| p)
+        .chain(settled_positions.drain(..))
+        .collect();
+    let mut commit = TopicPartitionList::new();
+    {
+        let mut s = shared.lock().expect("consumer state");
+        for p in positions {
+            if let Some(owned) = s.partitions.get_mut(&p.partition)
+                && owned.generation == p.generation
+                && let Some(offsets) = owned.offsets.as_mut()
+            {
+                let _ = offsets.settled(p.offset);
+            }
+        }
+        for (&partition, owned) in s.partitions.iter_mut() {
+            if let Some(point) = owned
+                .offsets
+                .as_mut()
+                .and_then(PartitionOffsets::take_commit)
+            {
+                commit.add_partition_offset(topic, partition, Offset::Offset(point))?;
+            }
+        }
+    }
+    if commit.count() > 0 {
+        match mode {
+            CommitMode::Sync => tokio::task::block_in_place(|| consumer.commit(&commit, mode))?,
+            CommitMode::Async => consumer.commit(&commit, mode)?,
+        }
+        stats
+            .commits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(())
+}
