@@ -48,6 +48,8 @@ pub struct ConsumeOptions {
     pub settle_interval: Duration,
     /// Retry policy for retryable failures.
     pub retry: RetryPolicy,
+    /// How often the persisted kill switch is read (it takes effect within this).
+    pub kill_switch_interval: Duration,
 }
 
 impl Default for ConsumeOptions {
@@ -58,6 +60,7 @@ impl Default for ConsumeOptions {
             settle_batch: 1_000,
             settle_interval: Duration::from_millis(10),
             retry: RetryPolicy::default(),
+            kill_switch_interval: Duration::from_millis(500),
         }
     }
 }
@@ -84,6 +87,12 @@ pub struct ConsumeStats {
     pub parked: std::sync::atomic::AtomicU64,
     /// Offsets committed (commit calls).
     pub commits: std::sync::atomic::AtomicU64,
+    /// Records received from Kafka.
+    pub received: std::sync::atomic::AtomicU64,
+    /// Events settled as expired (past `deliver_before`).
+    pub expired: std::sync::atomic::AtomicU64,
+    /// 1 while the persisted kill switch is on (nothing is dispatched), else 0.
+    pub kill_switch: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -203,8 +212,15 @@ pub async fn run<H: Handler>(
         .map(|(t, _)| (t, ()))
         .collect();
 
+    let mut kill_switch_check = tokio::time::interval(options.kill_switch_interval);
+    let mut killed: bool = sqlx::query_scalar("SELECT kill_switch FROM control")
+        .fetch_one(&pool)
+        .await?;
+    stats.kill_switch.store(u64::from(killed), Relaxed);
     loop {
-        while let Some((tenant, item)) = scheduler.dispatch() {
+        // The kill switch stops dispatching on every instance; intake continues up to
+        // `max_queued`, and nothing is committed past undelivered events.
+        while !killed && let Some((tenant, item)) = scheduler.dispatch() {
             let (handler, pool, done_tx, retry) = (
                 Arc::clone(&handler),
                 pool.clone(),
@@ -220,6 +236,7 @@ pub async fn run<H: Handler>(
             _ = shutdown.cancelled() => break,
             message = consumer.recv(), if scheduler.queued() < options.max_queued => {
                 let m = message?;
+                stats.received.fetch_add(1, Relaxed);
                 let position = {
                     let mut s = shared.lock().expect("consumer state");
                     let generation = s.generation;
@@ -257,9 +274,11 @@ pub async fn run<H: Handler>(
                 scheduler.complete(&tenant);
                 match done {
                     Done::Settled(item, outcome, attempts) => {
-                        if outcome == SettledAs::Delivered {
-                            stats.delivered.fetch_add(1, Relaxed);
-                        }
+                        match outcome {
+                            SettledAs::Delivered => stats.delivered.fetch_add(1, Relaxed),
+                            SettledAs::Expired => stats.expired.fetch_add(1, Relaxed),
+                            _ => 0,
+                        };
                         settlements.push((settlement(&item, &topic, outcome, attempts), item.position));
                     }
                     Done::Duplicate(item) => {
@@ -287,6 +306,14 @@ pub async fn run<H: Handler>(
                 }
             }
             _ = tick.tick() => {}
+            _ = kill_switch_check.tick() => {
+                let on: bool = sqlx::query_scalar("SELECT kill_switch FROM control").fetch_one(&pool).await?;
+                if on != killed {
+                    tracing::warn!(kill_switch = on, "kill switch changed");
+                }
+                killed = on;
+                stats.kill_switch.store(u64::from(on), Relaxed);
+            }
         }
         if settlements.len() >= options.settle_batch
             || (!(settlements.is_empty() && settled_positions.is_empty())

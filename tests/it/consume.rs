@@ -52,47 +52,85 @@ impl Handler for Recorder {
     }
 }
 
-async fn produce(kafka: &ferry::config::KafkaConfig, tenants: usize, per_tenant: i64) -> i64 {
+fn row(tenant: &str, seq: i64) -> OutboxRow {
+    let payload = EventPayload::ProductUpdated(proto::ProductUpdated {
+        product: Some(proto::Product {
+            id: format!("{tenant}-p"),
+            name: format!("v{seq}"),
+            description: String::new(),
+            price_minor: seq,
+            currency: "EUR".into(),
+        }),
+    });
+    OutboxRow {
+        id: Uuid::now_v7(),
+        tenant_id: tenant.to_owned(),
+        aggregate_type: "Product".into(),
+        aggregate_id: seq.to_string(),
+        event_type: EventType::ProductUpdated.as_str().into(),
+        payload: payload.encode_to_vec(),
+        traceparent: None,
+        created_at: Utc::now(),
+        deliver_before: None,
+    }
+}
+
+/// Produces the rows in order; returns the last offset.
+async fn produce_rows(kafka: &ferry::config::KafkaConfig, rows: &[OutboxRow]) -> i64 {
     let producer: FutureProducer = broker::producer_config(kafka).create().unwrap();
     let mut last = 0;
-    for seq in 1..=per_tenant {
-        for t in 0..tenants {
-            let payload = EventPayload::ProductUpdated(proto::ProductUpdated {
-                product: Some(proto::Product {
-                    id: format!("p-{t}"),
-                    name: format!("v{seq}"),
-                    description: String::new(),
-                    price_minor: seq,
-                    currency: "EUR".into(),
-                }),
-            });
-            let row = OutboxRow {
-                id: Uuid::now_v7(),
-                tenant_id: format!("tenant-{t}"),
-                aggregate_type: "Product".into(),
-                aggregate_id: seq.to_string(),
-                event_type: EventType::ProductUpdated.as_str().into(),
-                payload: payload.encode_to_vec(),
-                traceparent: None,
-                created_at: Utc::now(),
-                deliver_before: None,
-            };
-            let r = WireRecord::from_row(&row, None);
-            let d = producer
-                .send(
-                    FutureRecord::to(&kafka.topic)
-                        .key(&r.key)
-                        .payload(&r.value)
-                        .headers(broker::owned_headers(&r)),
-                    Duration::from_secs(30),
-                )
-                .await
-                .map_err(|(e, _)| e)
-                .unwrap();
-            last = d.offset;
-        }
+    for row in rows {
+        let r = WireRecord::from_row(row, None);
+        let d = producer
+            .send(
+                FutureRecord::to(&kafka.topic)
+                    .key(&r.key)
+                    .payload(&r.value)
+                    .headers(broker::owned_headers(&r)),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+        last = d.offset;
     }
     last
+}
+
+async fn produce(kafka: &ferry::config::KafkaConfig, tenants: usize, per_tenant: i64) -> i64 {
+    let rows: Vec<OutboxRow> = (1..=per_tenant)
+        .flat_map(|seq| (0..tenants).map(move |t| row(&format!("tenant-{t}"), seq)))
+        .collect();
+    produce_rows(kafka, &rows).await
+}
+
+/// Starts a consumer; returns its stop token, task and counters.
+fn start(
+    cfg: &ferry::config::Config,
+    pool: &sqlx::PgPool,
+    handler: &Arc<Recorder>,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), runtime::ConsumeError>>,
+    Arc<ConsumeStats>,
+) {
+    let stats = Arc::new(ConsumeStats::default());
+    let stop = CancellationToken::new();
+    let options = ConsumeOptions {
+        kill_switch_interval: Duration::from_millis(100),
+        ..ConsumeOptions::default()
+    };
+    let task = tokio::spawn({
+        let (cfg, pool, handler, stats, stop) = (
+            cfg.clone(),
+            pool.clone(),
+            Arc::clone(handler),
+            Arc::clone(&stats),
+            stop.clone(),
+        );
+        async move { runtime::run(&cfg, pool, handler, options, stats, stop).await }
+    });
+    (stop, task, stats)
 }
 
 async fn committed(kafka: &ferry::config::KafkaConfig) -> Option<i64> {
@@ -123,18 +161,7 @@ async fn tenants_flow_in_order_while_a_failing_tenant_is_paused_alone() {
         failing: ["tenant-7".to_owned()].into_iter().collect(),
         ..Default::default()
     });
-    let stats = Arc::new(ConsumeStats::default());
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let (cfg, pool, handler, stats, stop) = (
-            cfg.clone(),
-            db.pool.clone(),
-            Arc::clone(&handler),
-            Arc::clone(&stats),
-            stop.clone(),
-        );
-        async move { runtime::run(&cfg, pool, handler, ConsumeOptions::default(), stats, stop).await }
-    });
+    let (stop, task, stats) = start(&cfg, &db.pool, &handler);
 
     let healthy = (TENANTS as u64 - 1) * PER_TENANT as u64;
     wait_for(
@@ -189,27 +216,7 @@ async fn tenants_flow_in_order_while_a_failing_tenant_is_paused_alone() {
     again.group_id = crate::support::unique("again");
     let mut cfg2 = cfg.clone();
     cfg2.kafka = again;
-    let stats2 = Arc::new(ConsumeStats::default());
-    let stop2 = CancellationToken::new();
-    let task2 = tokio::spawn({
-        let (pool, handler, stats2, stop2) = (
-            db.pool.clone(),
-            Arc::clone(&handler),
-            Arc::clone(&stats2),
-            stop2.clone(),
-        );
-        async move {
-            runtime::run(
-                &cfg2,
-                pool,
-                handler,
-                ConsumeOptions::default(),
-                stats2,
-                stop2,
-            )
-            .await
-        }
-    });
+    let (stop2, task2, stats2) = start(&cfg2, &db.pool, &handler);
     wait_for(
         "every delivered event deduped",
         Duration::from_secs(60),
@@ -223,5 +230,86 @@ async fn tenants_flow_in_order_while_a_failing_tenant_is_paused_alone() {
     );
     stop2.cancel();
     task2.await.unwrap().unwrap();
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_kill_switch_stops_dispatching_and_resumes() {
+    let db = TestDb::migrated().await;
+    let kafka = fresh_topic(1).await;
+    let cfg = config(&db, &kafka);
+    sqlx::query("UPDATE control SET kill_switch = true, kill_switch_by = 'test'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let handler = Arc::new(Recorder::default());
+    let (stop, task, stats) = start(&cfg, &db.pool, &handler);
+    wait_for(
+        "the consumer to see the kill switch",
+        Duration::from_secs(30),
+        || async { (stats.kill_switch.load(Ordering::Relaxed) == 1).then_some(()) },
+    )
+    .await;
+    produce(&kafka, 3, 2).await;
+    wait_for("six records received", Duration::from_secs(30), || async {
+        (stats.received.load(Ordering::Relaxed) >= 6).then_some(())
+    })
+    .await;
+    assert!(
+        handler.calls.lock().unwrap().is_empty(),
+        "nothing dispatched while killed"
+    );
+    assert_eq!(stats.delivered.load(Ordering::Relaxed), 0);
+
+    sqlx::query("UPDATE control SET kill_switch = false")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    wait_for("delivery to resume", Duration::from_secs(30), || async {
+        (stats.delivered.load(Ordering::Relaxed) == 6).then_some(())
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_past_its_deadline_is_settled_as_expired_never_sent() {
+    let db = TestDb::migrated().await;
+    let kafka = fresh_topic(1).await;
+    let cfg = config(&db, &kafka);
+    let mut late = row("alarm", 1);
+    late.deliver_before = Some(Utc::now() - chrono::Duration::minutes(5));
+    let on_time = row("alarm", 2);
+    produce_rows(&kafka, &[late.clone(), on_time.clone()]).await;
+    let handler = Arc::new(Recorder::default());
+    let (stop, task, stats) = start(&cfg, &db.pool, &handler);
+    wait_for(
+        "one expired, one delivered",
+        Duration::from_secs(30),
+        || async {
+            (stats.expired.load(Ordering::Relaxed) == 1
+                && stats.delivered.load(Ordering::Relaxed) == 1)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        *handler.calls.lock().unwrap(),
+        vec![("alarm".to_owned(), 2)]
+    );
+    wait_for("the expiry recorded", Duration::from_secs(30), || async {
+        let outcome: Option<String> =
+            sqlx::query_scalar("SELECT outcome FROM deliveries WHERE event_id = $1")
+                .bind(late.id)
+                .fetch_optional(&db.pool)
+                .await
+                .unwrap();
+        (outcome.as_deref() == Some("expired")).then_some(())
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
     db.drop().await;
 }
