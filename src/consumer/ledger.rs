@@ -309,3 +309,84 @@ pub async fn parked_backlog(
         )
         .collect())
 }
+
+/// Asks for a paused tenant to be resumed (an operator's call, audited): the consumer that owns
+/// the tenant replays its parked backlog in order, keeps parking its new events until the
+/// backlog is empty, then flips it back to live delivery. Returns false if the tenant was not
+/// paused.
+pub async fn request_resume(
+    pool: &PgPool,
+    tenant: &str,
+    actor: &str,
+    reason: &str,
+) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let changed = sqlx::query(
+        "UPDATE tenants SET state = 'draining', next_retry_at = NULL, updated_at = now() \
+         WHERE tenant_id = $1 AND state = 'paused'",
+    )
+    .bind(tenant)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if changed == 1 {
+        sqlx::query(
+            "INSERT INTO operator_actions (actor, action, tenant_id, reason) VALUES ($1, 'resume', $2, $3)",
+        )
+        .bind(actor)
+        .bind(tenant)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(changed == 1)
+}
+
+/// Tenants to drain now: resumed by an operator, or paused for a retryable cause whose retry
+/// time has come (these are moved to `draining` here).
+pub async fn tenants_to_drain(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE tenants SET state = 'draining', updated_at = now() \
+         WHERE state = 'draining' \
+            OR (state = 'paused' AND pause_cause = 'retryable' AND next_retry_at <= now()) \
+         RETURNING tenant_id",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// Removes replayed records from a tenant's backlog (up to and including `seq`), recording their
+/// settlements in the same transaction.
+pub async fn unpark(
+    pool: &PgPool,
+    tenant: &str,
+    through_seq: i64,
+    settlements: &[Settlement],
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    record_settled(&mut tx, settlements).await?;
+    sqlx::query("DELETE FROM parked_events WHERE tenant_id = $1 AND seq <= $2")
+        .bind(tenant)
+        .bind(through_seq)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Flips a drained tenant back to live delivery if its backlog is empty (the caller is the only
+/// one parking for it, so nothing can arrive in between). Returns whether it flipped.
+pub async fn finish_drain(pool: &PgPool, tenant: &str) -> Result<bool, sqlx::Error> {
+    let flipped = sqlx::query(
+        "UPDATE tenants SET state = 'active', pause_cause = NULL, pause_reason = NULL, \
+                paused_event_id = NULL, paused_at = NULL, next_retry_at = NULL, updated_at = now() \
+         WHERE tenant_id = $1 AND state = 'draining' \
+           AND NOT EXISTS (SELECT 1 FROM parked_events WHERE tenant_id = $1)",
+    )
+    .bind(tenant)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(flipped == 1)
+}

@@ -177,6 +177,16 @@ enum Done {
     Pause(Item, Failure),
 }
 
+/// What a drain task reports to the loop.
+enum Drained {
+    /// The backlog read came back empty: flip the tenant live if still empty.
+    Empty(String),
+    /// Replaying failed again: the tenant stays paused with this reason.
+    Failed(String, Failure, Option<uuid::Uuid>),
+    /// The database failed; try again on the next poll.
+    Error(String, sqlx::Error),
+}
+
 /// Runs the consumer until `shutdown`; returns its counters.
 pub async fn run<H: Handler>(
     config: &Config,
@@ -212,6 +222,19 @@ pub async fn run<H: Handler>(
         .map(|(t, _)| (t, ()))
         .collect();
 
+    // Which partition a tenant's records land on: a backlog is replayed by the instance that
+    // owns the tenant's partition, never by two.
+    let partitions = {
+        let kafka = config.kafka.clone();
+        tokio::task::spawn_blocking(move || broker::partition_count(&kafka, &kafka.topic))
+            .await
+            .expect("metadata task panicked")
+            .ok()
+            .flatten()
+            .unwrap_or(1) as i32
+    };
+    let (drain_tx, mut drain_rx) = mpsc::unbounded_channel::<Drained>();
+    let mut draining: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut kill_switch_check = tokio::time::interval(options.kill_switch_interval);
     let mut killed: bool = sqlx::query_scalar("SELECT kill_switch FROM control")
         .fetch_one(&pool)
@@ -313,7 +336,47 @@ pub async fn run<H: Handler>(
                 }
                 killed = on;
                 stats.kill_switch.store(u64::from(on), Relaxed);
+                // Resumed tenants (by an operator, or retryable ones whose time came) that this
+                // instance holds: replay their backlogs. New events keep being parked meanwhile.
+                if !killed {
+                    for tenant in ledger::tenants_to_drain(&pool).await? {
+                        let partition = broker::partition_for_key(tenant.as_bytes(), partitions);
+                        let owned = shared.lock().expect("consumer state").partitions.contains_key(&partition);
+                        if owned && paused.contains_key(&tenant) && draining.insert(tenant.clone()) {
+                            let (handler, pool, tx, retry) = (Arc::clone(&handler), pool.clone(), drain_tx.clone(), options.retry.clone());
+                            tokio::spawn(async move {
+                                let report = drain(&*handler, &pool, &tenant, &retry).await;
+                                let _ = tx.send(report);
+                            });
+                        }
+                    }
+                }
             }
+            Some(report) = drain_rx.recv() => match report {
+                Drained::Empty(tenant) => {
+                    draining.remove(&tenant);
+                    // Only this loop parks: nothing can be parked for the tenant while this runs.
+                    if ledger::finish_drain(&pool, &tenant).await? {
+                        paused.remove(&tenant);
+                        scheduler.release(&tenant);
+                        tracing::info!(%tenant, "backlog replayed; tenant live again");
+                    }
+                }
+                Drained::Failed(tenant, failure, event_id) => {
+                    draining.remove(&tenant);
+                    let pause = Pause {
+                        cause: if failure.class == crate::delivery::FailureClass::Retryable { "retryable" } else { "permanent" },
+                        reason: failure.message.clone(),
+                        event_id,
+                        next_retry_at: None,
+                    };
+                    ledger::park(&pool, &tenant, Some(&pause), &[]).await?;
+                }
+                Drained::Error(tenant, e) => {
+                    draining.remove(&tenant);
+                    tracing::warn!(%tenant, error = %e, "replaying the backlog failed; will try again");
+                }
+            },
         }
         if settlements.len() >= options.settle_batch
             || (!(settlements.is_empty() && settled_positions.is_empty())
@@ -393,6 +456,81 @@ async fn handle<H: Handler>(handler: &H, pool: &PgPool, item: Item, retry: &Retr
                 attempt += 1;
             }
         }
+    }
+}
+
+/// Replays a tenant's parked backlog in order, a page at a time, through the same path as live
+/// events (dedupe, expiry, handler with retries); each page's settlements and removal commit
+/// together.
+async fn drain<H: Handler>(
+    handler: &H,
+    pool: &PgPool,
+    tenant: &str,
+    retry: &RetryPolicy,
+) -> Drained {
+    let mut after = 0;
+    loop {
+        let page = match ledger::parked_backlog(pool, tenant, after, 500).await {
+            Ok(page) => page,
+            Err(e) => return Drained::Error(tenant.to_owned(), e),
+        };
+        if page.is_empty() {
+            return Drained::Empty(tenant.to_owned());
+        }
+        let mut settlements = Vec::new();
+        let mut through = after;
+        for (seq, raw) in page {
+            let record = outbox::RawRecord {
+                key: raw.key.as_deref(),
+                headers: raw
+                    .headers
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), v.as_deref()))
+                    .collect(),
+                value: raw.value.as_deref(),
+                timestamp_ms: raw.timestamp.map(|t| t.timestamp_millis()),
+            };
+            let event = match outbox::decode(&record) {
+                Ok(event) => event,
+                Err(bad) => {
+                    let failure = Failure {
+                        class: crate::delivery::FailureClass::Permanent,
+                        message: bad.to_string(),
+                        status: None,
+                        response: None,
+                        retry_after: None,
+                    };
+                    let _ = ledger::unpark(pool, tenant, through, &settlements).await;
+                    return Drained::Failed(tenant.to_owned(), failure, bad.event_id);
+                }
+            };
+            let position = Position {
+                partition: raw.partition,
+                offset: raw.offset,
+                generation: 0,
+            };
+            let topic = raw.topic.clone();
+            let item = Item {
+                event,
+                raw,
+                position,
+            };
+            match handle(handler, pool, item, retry).await {
+                Done::Settled(item, outcome, attempts) => {
+                    settlements.push(settlement(&item, &topic, outcome, attempts));
+                }
+                Done::Duplicate(_) => {}
+                Done::Pause(item, failure) => {
+                    let _ = ledger::unpark(pool, tenant, through, &settlements).await;
+                    return Drained::Failed(tenant.to_owned(), failure, Some(item.event.id));
+                }
+            }
+            through = seq;
+        }
+        if let Err(e) = ledger::unpark(pool, tenant, through, &settlements).await {
+            return Drained::Error(tenant.to_owned(), e);
+        }
+        after = through;
     }
 }
 

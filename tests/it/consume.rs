@@ -23,7 +23,7 @@ use crate::support::{TestDb, config, fresh_topic, wait_for};
 #[derive(Default)]
 struct Recorder {
     calls: Mutex<Vec<(String, i64)>>,
-    failing: HashSet<String>,
+    failing: Mutex<HashSet<String>>,
 }
 
 impl Handler for Recorder {
@@ -39,7 +39,12 @@ impl Handler for Recorder {
             .unwrap()
             .push((event.tenant_id.to_string(), seq));
         tokio::time::sleep(Duration::from_millis((seq % 3) as u64)).await;
-        if self.failing.contains(event.tenant_id.as_str()) {
+        if self
+            .failing
+            .lock()
+            .unwrap()
+            .contains(event.tenant_id.as_str())
+        {
             return Outcome::Failed(Failure {
                 class: FailureClass::Permanent,
                 message: "partner answered 422: name is required".into(),
@@ -158,7 +163,7 @@ async fn tenants_flow_in_order_while_a_failing_tenant_is_paused_alone() {
     let last_offset = produce(&kafka, TENANTS, PER_TENANT).await;
 
     let handler = Arc::new(Recorder {
-        failing: ["tenant-7".to_owned()].into_iter().collect(),
+        failing: Mutex::new(["tenant-7".to_owned()].into_iter().collect()),
         ..Default::default()
     });
     let (stop, task, stats) = start(&cfg, &db.pool, &handler);
@@ -208,6 +213,82 @@ async fn tenants_flow_in_order_while_a_failing_tenant_is_paused_alone() {
             .await
             .unwrap();
     assert_eq!(parked, PER_TENANT);
+
+    // The partner is fixed; more events arrive for the paused tenant (parked behind the
+    // backlog); an operator resumes it: the backlog replays in order, then it is live again.
+    handler.failing.lock().unwrap().clear();
+    let more: Vec<OutboxRow> = (11..=15).map(|seq| row("tenant-7", seq)).collect();
+    produce_rows(&kafka, &more).await;
+    wait_for(
+        "the new events parked behind the backlog",
+        Duration::from_secs(30),
+        || async { (stats.parked.load(Ordering::Relaxed) >= 15).then_some(()) },
+    )
+    .await;
+    assert!(
+        ferry::consumer::ledger::request_resume(&db.pool, "tenant-7", "test", "partner fixed")
+            .await
+            .unwrap()
+    );
+    wait_for("tenant-7 live again", Duration::from_secs(30), || async {
+        let state: String =
+            sqlx::query_scalar("SELECT state FROM tenants WHERE tenant_id = 'tenant-7'")
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        (state == "active").then_some(())
+    })
+    .await;
+    let live: Vec<OutboxRow> = (16..=17).map(|seq| row("tenant-7", seq)).collect();
+    let last_offset = produce_rows(&kafka, &live).await;
+    wait_for(
+        "the live events delivered",
+        Duration::from_secs(30),
+        || async {
+            let n = handler
+                .calls
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(t, _)| t == "tenant-7")
+                .count();
+            (n == 18).then_some(())
+        },
+    )
+    .await;
+    let seven: Vec<i64> = handler
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, _)| t == "tenant-7")
+        .map(|(_, s)| *s)
+        .collect();
+    let mut expected = vec![1];
+    expected.extend(1..=17);
+    assert_eq!(
+        seven, expected,
+        "the failed attempt, the replayed backlog, then live: in order"
+    );
+    let parked: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM parked_events WHERE tenant_id = 'tenant-7'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(parked, 0, "the backlog is empty");
+    let audited: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM operator_actions WHERE tenant_id = 'tenant-7' AND action = 'resume'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(audited, 1);
+    wait_for(
+        "the committed offset past the live events",
+        Duration::from_secs(60),
+        || async { (committed(&kafka).await == Some(last_offset + 1)).then_some(()) },
+    )
+    .await;
     stop.cancel();
     task.await.unwrap().unwrap();
 
