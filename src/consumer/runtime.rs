@@ -48,8 +48,10 @@ pub struct ConsumeOptions {
     pub settle_interval: Duration,
     /// Retry policy for retryable failures.
     pub retry: RetryPolicy,
-    /// How often the persisted kill switch is read (it takes effect within this).
+    /// How often the persisted kill switch and resumed tenants are read.
     pub kill_switch_interval: Duration,
+    /// A tenant paused for a retryable cause is resumed automatically after this long.
+    pub auto_resume_after: Duration,
 }
 
 impl Default for ConsumeOptions {
@@ -61,6 +63,7 @@ impl Default for ConsumeOptions {
             settle_interval: Duration::from_millis(10),
             retry: RetryPolicy::default(),
             kill_switch_interval: Duration::from_millis(500),
+            auto_resume_after: Duration::from_secs(60),
         }
     }
 }
@@ -309,12 +312,7 @@ pub async fn run<H: Handler>(
                         settled_positions.push(item.position);
                     }
                     Done::Pause(item, failure) => {
-                        let pause = Pause {
-                            cause: match failure.class { crate::delivery::FailureClass::Retryable => "retryable", _ => "permanent" },
-                            reason: failure.message.clone(),
-                            event_id: Some(item.event.id),
-                            next_retry_at: None,
-                        };
+                        let pause = pause_for(&failure, Some(item.event.id), options.auto_resume_after);
                         let mut records = vec![item.raw];
                         let mut positions = vec![item.position];
                         for queued in scheduler.take_queue(&tenant) {
@@ -364,12 +362,7 @@ pub async fn run<H: Handler>(
                 }
                 Drained::Failed(tenant, failure, event_id) => {
                     draining.remove(&tenant);
-                    let pause = Pause {
-                        cause: if failure.class == crate::delivery::FailureClass::Retryable { "retryable" } else { "permanent" },
-                        reason: failure.message.clone(),
-                        event_id,
-                        next_retry_at: None,
-                    };
+                    let pause = pause_for(&failure, event_id, options.auto_resume_after);
                     ledger::park(&pool, &tenant, Some(&pause), &[]).await?;
                 }
                 Drained::Error(tenant, e) => {
@@ -531,6 +524,26 @@ async fn drain<H: Handler>(
             return Drained::Error(tenant.to_owned(), e);
         }
         after = through;
+    }
+}
+
+/// The pause a failure calls for: a retryable cause is retried automatically later.
+fn pause_for(
+    failure: &Failure,
+    event_id: Option<uuid::Uuid>,
+    auto_resume_after: Duration,
+) -> Pause {
+    let retryable = failure.class == crate::delivery::FailureClass::Retryable;
+    Pause {
+        cause: if retryable { "retryable" } else { "permanent" },
+        reason: match failure.status {
+            Some(status) => format!("{} (HTTP {status})", failure.message),
+            None => failure.message.clone(),
+        },
+        event_id,
+        next_retry_at: retryable.then(|| {
+            chrono::Utc::now() + chrono::Duration::from_std(auto_resume_after).unwrap_or_default()
+        }),
     }
 }
 

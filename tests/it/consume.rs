@@ -24,6 +24,7 @@ use crate::support::{TestDb, config, fresh_topic, wait_for};
 struct Recorder {
     calls: Mutex<Vec<(String, i64)>>,
     failing: Mutex<HashSet<String>>,
+    flaky: Mutex<HashSet<String>>,
 }
 
 impl Handler for Recorder {
@@ -39,6 +40,20 @@ impl Handler for Recorder {
             .unwrap()
             .push((event.tenant_id.to_string(), seq));
         tokio::time::sleep(Duration::from_millis((seq % 3) as u64)).await;
+        if self
+            .flaky
+            .lock()
+            .unwrap()
+            .contains(event.tenant_id.as_str())
+        {
+            return Outcome::Failed(Failure {
+                class: FailureClass::Retryable,
+                message: "partner timed out".into(),
+                status: Some(503),
+                response: None,
+                retry_after: None,
+            });
+        }
         if self
             .failing
             .lock()
@@ -119,12 +134,29 @@ fn start(
     tokio::task::JoinHandle<Result<(), runtime::ConsumeError>>,
     Arc<ConsumeStats>,
 ) {
+    start_with(
+        cfg,
+        pool,
+        handler,
+        ConsumeOptions {
+            kill_switch_interval: Duration::from_millis(100),
+            ..ConsumeOptions::default()
+        },
+    )
+}
+
+fn start_with(
+    cfg: &ferry::config::Config,
+    pool: &sqlx::PgPool,
+    handler: &Arc<Recorder>,
+    options: ConsumeOptions,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), runtime::ConsumeError>>,
+    Arc<ConsumeStats>,
+) {
     let stats = Arc::new(ConsumeStats::default());
     let stop = CancellationToken::new();
-    let options = ConsumeOptions {
-        kill_switch_interval: Duration::from_millis(100),
-        ..ConsumeOptions::default()
-    };
     let task = tokio::spawn({
         let (cfg, pool, handler, stats, stop) = (
             cfg.clone(),
@@ -390,6 +422,91 @@ async fn an_event_past_its_deadline_is_settled_as_expired_never_sent() {
         (outcome.as_deref() == Some("expired")).then_some(())
     })
     .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_paused_for_a_retryable_cause_resumes_on_its_own() {
+    let db = TestDb::migrated().await;
+    let kafka = fresh_topic(1).await;
+    let cfg = config(&db, &kafka);
+    let handler = Arc::new(Recorder {
+        flaky: Mutex::new(["flaky".to_owned()].into_iter().collect()),
+        ..Default::default()
+    });
+    let options = ConsumeOptions {
+        kill_switch_interval: Duration::from_millis(100),
+        auto_resume_after: Duration::from_millis(300),
+        retry: ferry::delivery::RetryPolicy {
+            base: Duration::from_millis(1),
+            max: Duration::from_millis(5),
+            pause_after_attempts: 3,
+            pause_after: Duration::from_secs(60),
+        },
+        ..ConsumeOptions::default()
+    };
+    let (stop, task, stats) = start_with(&cfg, &db.pool, &handler, options);
+    let rows: Vec<OutboxRow> = (1..=3).map(|seq| row("flaky", seq)).collect();
+    produce_rows(&kafka, &rows).await;
+    wait_for("the flaky tenant paused for a retryable cause", Duration::from_secs(30), || async {
+        let cause: Option<Option<String>> =
+            sqlx::query_scalar("SELECT pause_cause FROM tenants WHERE tenant_id = 'flaky' AND next_retry_at IS NOT NULL")
+                .fetch_optional(&db.pool)
+                .await
+                .unwrap();
+        (cause.flatten().as_deref() == Some("retryable")).then_some(())
+    })
+    .await;
+    // The partner recovers; no operator acts: the tenant resumes on its schedule.
+    handler.flaky.lock().unwrap().clear();
+    wait_for(
+        "the backlog delivered by the scheduled resume",
+        Duration::from_secs(30),
+        || async {
+            let state: String =
+                sqlx::query_scalar("SELECT state FROM tenants WHERE tenant_id = 'flaky'")
+                    .fetch_one(&db.pool)
+                    .await
+                    .unwrap();
+            (state == "active").then_some(())
+        },
+    )
+    .await;
+    let delivered: Vec<i64> = {
+        let calls = handler.calls.lock().unwrap();
+        let mut seen = Vec::new();
+        for (_, seq) in calls.iter() {
+            if seen.last() != Some(seq) {
+                seen.push(*seq);
+            }
+        }
+        seen
+    };
+    // Retries repeat the first event; after them, the three in order.
+    assert_eq!(
+        delivered
+            .iter()
+            .rev()
+            .take(3)
+            .rev()
+            .copied()
+            .collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    let settled: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM deliveries WHERE tenant_id = 'flaky' AND outcome = 'delivered'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(settled, 3);
+    assert_eq!(
+        stats.parked.load(Ordering::Relaxed),
+        3,
+        "all three went through the backlog"
+    );
     stop.cancel();
     task.await.unwrap().unwrap();
     db.drop().await;
