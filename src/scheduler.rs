@@ -90,6 +90,17 @@ impl<K: Hash + Eq + Clone, E> Scheduler<K, E> {
         }
     }
 
+    /// Puts an event back at the head of its tenant's queue: it was taken but must run again
+    /// first (the partner-wide breaker held it).
+    pub fn retry_first(&mut self, tenant: K, event: E) {
+        let queue = self.queues.entry(tenant.clone()).or_default();
+        queue.push_front(event);
+        self.queued += 1;
+        if queue.len() == 1 && !self.in_flight.contains(&tenant) && !self.held.contains(&tenant) {
+            self.ready.push_back(tenant);
+        }
+    }
+
     /// Removes and returns the tenant's queued events in order (to park them). An event in
     /// flight is not included.
     pub fn take_queue(&mut self, tenant: &K) -> Vec<E> {
@@ -172,6 +183,19 @@ mod tests {
         assert_eq!(s.take_queue(&"a"), vec![2], "parked in order");
         assert_eq!(s.dispatch(), None);
         assert_eq!(s.queued(), 0);
+    }
+
+    #[test]
+    fn an_event_put_back_runs_before_the_rest_of_its_tenant() {
+        let mut s = Scheduler::new(10);
+        s.arrive("a", 1);
+        s.arrive("a", 2);
+        let (t, e) = s.dispatch().unwrap();
+        s.complete(&t);
+        s.retry_first(t, e);
+        assert_eq!(s.dispatch(), Some(("a", 1)));
+        s.complete(&"a");
+        assert_eq!(s.dispatch(), Some(("a", 2)));
     }
 
     #[derive(Debug, Clone)]

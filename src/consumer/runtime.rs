@@ -52,6 +52,8 @@ pub struct ConsumeOptions {
     pub kill_switch_interval: Duration,
     /// A tenant paused for a retryable cause is resumed automatically after this long.
     pub auto_resume_after: Duration,
+    /// While the partner-wide breaker is open, how often the held event is tried as a probe.
+    pub breaker_probe_interval: Duration,
 }
 
 impl Default for ConsumeOptions {
@@ -64,6 +66,7 @@ impl Default for ConsumeOptions {
             retry: RetryPolicy::default(),
             kill_switch_interval: Duration::from_millis(500),
             auto_resume_after: Duration::from_secs(60),
+            breaker_probe_interval: Duration::from_secs(2),
         }
     }
 }
@@ -96,6 +99,10 @@ pub struct ConsumeStats {
     pub expired: std::sync::atomic::AtomicU64,
     /// 1 while the persisted kill switch is on (nothing is dispatched), else 0.
     pub kill_switch: std::sync::atomic::AtomicU64,
+    /// 1 while the partner-wide circuit breaker is open (consumption paused), else 0.
+    pub breaker_open: std::sync::atomic::AtomicU64,
+    /// Times the breaker opened.
+    pub breaker_trips: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -178,6 +185,8 @@ enum Done {
     Settled(Item, SettledAs, u32),
     Duplicate(Item),
     Pause(Item, Failure),
+    /// The partner refuses everyone (401/403): hold this event, open the breaker.
+    Breaker(Item, Failure),
 }
 
 /// What a drain task reports to the loop.
@@ -236,6 +245,12 @@ pub async fn run<H: Handler>(
             .flatten()
             .unwrap_or(1) as i32
     };
+    // The partner-wide breaker: events that met a 401/403 wait here, in tenant order, while the
+    // Kafka partitions are paused and the first one is tried as a probe.
+    let mut held_by_breaker: Vec<(String, Item)> = Vec::new();
+    let mut probing = false;
+    let (probe_tx, mut probe_rx) = mpsc::unbounded_channel::<(String, Done)>();
+    let mut probe_tick = tokio::time::interval(options.breaker_probe_interval);
     let (drain_tx, mut drain_rx) = mpsc::unbounded_channel::<Drained>();
     let mut draining: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut kill_switch_check = tokio::time::interval(options.kill_switch_interval);
@@ -246,7 +261,10 @@ pub async fn run<H: Handler>(
     loop {
         // The kill switch stops dispatching on every instance; intake continues up to
         // `max_queued`, and nothing is committed past undelivered events.
-        while !killed && let Some((tenant, item)) = scheduler.dispatch() {
+        while !killed
+            && held_by_breaker.is_empty()
+            && let Some((tenant, item)) = scheduler.dispatch()
+        {
             let (handler, pool, done_tx, retry) = (
                 Arc::clone(&handler),
                 pool.clone(),
@@ -311,6 +329,15 @@ pub async fn run<H: Handler>(
                         stats.duplicates.fetch_add(1, Relaxed);
                         settled_positions.push(item.position);
                     }
+                    Done::Breaker(item, failure) => {
+                        if held_by_breaker.is_empty() {
+                            stats.breaker_trips.fetch_add(1, Relaxed);
+                            stats.breaker_open.store(1, Relaxed);
+                            tracing::error!(error = %failure.message, status = ?failure.status, "the partner refuses every request: breaker open, consumption paused");
+                            consumer.pause(&consumer.assignment()?)?;
+                        }
+                        held_by_breaker.push((tenant, item));
+                    }
                     Done::Pause(item, failure) => {
                         let pause = pause_for(&failure, Some(item.event.id), options.auto_resume_after);
                         let mut records = vec![item.raw];
@@ -348,6 +375,43 @@ pub async fn run<H: Handler>(
                             });
                         }
                     }
+                }
+            }
+            _ = probe_tick.tick(), if !held_by_breaker.is_empty() && !probing => {
+                // Probe with the first held event: its success proves the partner is back.
+                let (tenant, item) = held_by_breaker.remove(0);
+                probing = true;
+                let (handler, tx) = (Arc::clone(&handler), probe_tx.clone());
+                tokio::spawn(async move {
+                    let outcome = handler.handle(&item.event, 1).await;
+                    let done = match outcome {
+                        Outcome::Done => Done::Settled(item, SettledAs::Delivered, 1),
+                        Outcome::Failed(f) => Done::Breaker(item, f),
+                        Outcome::Deferred(_) => Done::Breaker(item, Failure {
+                            class: crate::delivery::FailureClass::PartnerWide,
+                            message: "deferred during a probe".into(),
+                            status: None, response: None, retry_after: None,
+                        }),
+                    };
+                    let _ = tx.send((tenant, done));
+                });
+            }
+            Some((tenant, done)) = probe_rx.recv() => {
+                probing = false;
+                match done {
+                    Done::Settled(item, outcome, attempts) => {
+                        stats.delivered.fetch_add(1, Relaxed);
+                        settlements.push((settlement(&item, &topic, outcome, attempts), item.position));
+                        // Closed: the held events run first, each ahead of its tenant's queue.
+                        for (t, held) in held_by_breaker.drain(..) {
+                            scheduler.retry_first(t, held);
+                        }
+                        stats.breaker_open.store(0, Relaxed);
+                        consumer.resume(&consumer.assignment()?)?;
+                        tracing::info!(%tenant, "the partner answers again: breaker closed");
+                    }
+                    Done::Breaker(item, _) | Done::Pause(item, _) => held_by_breaker.insert(0, (tenant, item)),
+                    Done::Duplicate(_) => {}
                 }
             }
             Some(report) = drain_rx.recv() => match report {
@@ -442,9 +506,8 @@ async fn handle<H: Handler>(handler: &H, pool: &PgPool, item: Item, retry: &Retr
                     f64::from(item.event.id.as_u128() as u32 ^ attempt) / f64::from(u32::MAX);
                 match retry.decide(&failure, attempt, first_failure.elapsed(), jitter) {
                     Decision::RetryIn(wait) => tokio::time::sleep(wait).await,
-                    Decision::PauseTenant | Decision::TripBreaker => {
-                        return Done::Pause(item, failure);
-                    }
+                    Decision::PauseTenant => return Done::Pause(item, failure),
+                    Decision::TripBreaker => return Done::Breaker(item, failure),
                 }
                 attempt += 1;
             }
@@ -513,7 +576,7 @@ async fn drain<H: Handler>(
                     settlements.push(settlement(&item, &topic, outcome, attempts));
                 }
                 Done::Duplicate(_) => {}
-                Done::Pause(item, failure) => {
+                Done::Pause(item, failure) | Done::Breaker(item, failure) => {
                     let _ = ledger::unpark(pool, tenant, through, &settlements).await;
                     return Drained::Failed(tenant.to_owned(), failure, Some(item.event.id));
                 }
@@ -533,7 +596,8 @@ fn pause_for(
     event_id: Option<uuid::Uuid>,
     auto_resume_after: Duration,
 ) -> Pause {
-    let retryable = failure.class == crate::delivery::FailureClass::Retryable;
+    // A partner-wide refusal met while replaying a backlog is retried later, like a timeout.
+    let retryable = failure.class != crate::delivery::FailureClass::Permanent;
     Pause {
         cause: if retryable { "retryable" } else { "permanent" },
         reason: match failure.status {

@@ -25,6 +25,8 @@ struct Recorder {
     calls: Mutex<Vec<(String, i64)>>,
     failing: Mutex<HashSet<String>>,
     flaky: Mutex<HashSet<String>>,
+    /// The partner refuses everyone (401) while set.
+    outage: std::sync::atomic::AtomicBool,
 }
 
 impl Handler for Recorder {
@@ -40,6 +42,15 @@ impl Handler for Recorder {
             .unwrap()
             .push((event.tenant_id.to_string(), seq));
         tokio::time::sleep(Duration::from_millis((seq % 3) as u64)).await;
+        if self.outage.load(Ordering::SeqCst) {
+            return Outcome::Failed(Failure {
+                class: FailureClass::PartnerWide,
+                message: "partner answered 401: token expired".into(),
+                status: Some(401),
+                response: None,
+                retry_after: None,
+            });
+        }
         if self
             .flaky
             .lock()
@@ -507,6 +518,63 @@ async fn a_tenant_paused_for_a_retryable_cause_resumes_on_its_own() {
         3,
         "all three went through the backlog"
     );
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partner_wide_refusal_opens_the_breaker_instead_of_pausing_tenants() {
+    let db = TestDb::migrated().await;
+    let kafka = fresh_topic(1).await;
+    let cfg = config(&db, &kafka);
+    let handler = Arc::new(Recorder {
+        outage: std::sync::atomic::AtomicBool::new(true),
+        ..Default::default()
+    });
+    let options = ConsumeOptions {
+        kill_switch_interval: Duration::from_millis(100),
+        breaker_probe_interval: Duration::from_millis(100),
+        ..ConsumeOptions::default()
+    };
+    let (stop, task, stats) = start_with(&cfg, &db.pool, &handler, options);
+    produce(&kafka, 3, 3).await;
+    wait_for("the breaker open", Duration::from_secs(30), || async {
+        (stats.breaker_open.load(Ordering::Relaxed) == 1).then_some(())
+    })
+    .await;
+    let paused: i64 = sqlx::query_scalar("SELECT count(*) FROM tenants WHERE state <> 'active'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(paused, 0, "no tenant is blamed for a partner-wide refusal");
+    assert_eq!(stats.parked.load(Ordering::Relaxed), 0, "nothing parked");
+
+    handler.outage.store(false, Ordering::SeqCst);
+    wait_for(
+        "everything delivered once the partner answers",
+        Duration::from_secs(30),
+        || async {
+            (stats.delivered.load(Ordering::Relaxed) == 9
+                && stats.breaker_open.load(Ordering::Relaxed) == 0)
+                .then_some(())
+        },
+    )
+    .await;
+    // Each tenant's first deliveries of each event are in order (probes repeat an event).
+    let calls = handler.calls.lock().unwrap().clone();
+    for t in 0..3 {
+        let tenant = format!("tenant-{t}");
+        let mut firsts: Vec<i64> = Vec::new();
+        for (_, seq) in calls.iter().filter(|(c, _)| *c == tenant) {
+            if !firsts.contains(seq) {
+                firsts.push(*seq);
+            }
+        }
+        assert_eq!(firsts, vec![1, 2, 3], "{tenant}");
+    }
+    // A 401 already on its way when the partner recovered may open it once more.
+    assert!(stats.breaker_trips.load(Ordering::Relaxed) >= 1);
     stop.cancel();
     task.await.unwrap().unwrap();
     db.drop().await;
