@@ -579,3 +579,60 @@ async fn a_partner_wide_refusal_opens_the_breaker_instead_of_pausing_tenants() {
     task.await.unwrap().unwrap();
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_instances_share_the_partitions_through_a_rebalance_and_lose_nothing() {
+    const TENANTS: usize = 40;
+    const PER_TENANT: i64 = 15;
+    let db = TestDb::migrated().await;
+    let kafka = fresh_topic(4).await;
+    let cfg = config(&db, &kafka);
+    let handler = Arc::new(Recorder::default());
+    let (stop_a, task_a, stats_a) = start(&cfg, &db.pool, &handler);
+
+    // The first third, then a second instance joins the group mid-stream.
+    let rows: Vec<OutboxRow> = (1..=PER_TENANT)
+        .flat_map(|seq| (0..TENANTS).map(move |t| row(&format!("tenant-{t}"), seq)))
+        .collect();
+    let third = rows.len() / 3;
+    produce_rows(&kafka, &rows[..third]).await;
+    wait_for(
+        "the first instance under way",
+        Duration::from_secs(60),
+        || async { (stats_a.delivered.load(Ordering::Relaxed) > 0).then_some(()) },
+    )
+    .await;
+    let (stop_b, task_b, stats_b) = start(&cfg, &db.pool, &handler);
+    produce_rows(&kafka, &rows[third..]).await;
+
+    let all: HashSet<String> = (0..TENANTS).map(|t| format!("tenant-{t}")).collect();
+    wait_for("every event settled", Duration::from_secs(120), || async {
+        let settled: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM deliveries WHERE outcome = 'delivered'")
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        (settled == rows.len() as i64).then_some(())
+    })
+    .await;
+    assert!(
+        stats_b.delivered.load(Ordering::Relaxed) > 0,
+        "the second instance took partitions over"
+    );
+    // Per tenant, the first delivery of each event is in order, none missing.
+    let calls = handler.calls.lock().unwrap().clone();
+    for tenant in &all {
+        let mut firsts: Vec<i64> = Vec::new();
+        for (_, seq) in calls.iter().filter(|(c, _)| c == tenant) {
+            if !firsts.contains(seq) {
+                firsts.push(*seq);
+            }
+        }
+        assert_eq!(firsts, (1..=PER_TENANT).collect::<Vec<_>>(), "{tenant}");
+    }
+    stop_a.cancel();
+    stop_b.cancel();
+    task_a.await.unwrap().unwrap();
+    task_b.await.unwrap().unwrap();
+    db.drop().await;
+}
