@@ -636,3 +636,55 @@ async fn two_instances_share_the_partitions_through_a_rebalance_and_lose_nothing
     task_b.await.unwrap().unwrap();
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_event_pauses_only_its_tenant_with_the_decoders_reason() {
+    let db = TestDb::migrated().await;
+    let kafka = fresh_topic(1).await;
+    let cfg = config(&db, &kafka);
+    let mut broken = row("broken", 1);
+    broken.payload = vec![0x0a, 0x05, 0x61]; // a truncated protobuf message
+    let rows = vec![row("good", 1), broken, row("broken", 2), row("good", 2)];
+    let last_offset = produce_rows(&kafka, &rows).await;
+    let handler = Arc::new(Recorder::default());
+    let (stop, task, stats) = start(&cfg, &db.pool, &handler);
+    wait_for(
+        "the good tenant delivered and the broken one parked",
+        Duration::from_secs(30),
+        || async {
+            (stats.delivered.load(Ordering::Relaxed) == 2
+                && stats.parked.load(Ordering::Relaxed) == 2)
+                .then_some(())
+        },
+    )
+    .await;
+    let (state, cause, reason): (String, String, String) = sqlx::query_as(
+        "SELECT state, pause_cause, pause_reason FROM tenants WHERE tenant_id = 'broken'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((state.as_str(), cause.as_str()), ("paused", "bad_event"));
+    assert!(
+        reason.contains("not valid protobuf"),
+        "the decoder's reason: {reason}"
+    );
+    assert!(
+        handler
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|(t, _)| t == "good"),
+        "nothing of the broken tenant was sent"
+    );
+    wait_for(
+        "the committed offset past the bad event",
+        Duration::from_secs(30),
+        || async { (committed(&kafka).await == Some(last_offset + 1)).then_some(()) },
+    )
+    .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    db.drop().await;
+}
