@@ -65,6 +65,21 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum Bench {
+    /// The consumer: key-ordered parallelism against one-in-flight, and its overhead.
+    Consume {
+        /// Events of the parallelism run.
+        #[arg(long, default_value_t = 20_000)]
+        events: usize,
+        /// Tenants.
+        #[arg(long, default_value_t = 1_000)]
+        tenants: usize,
+        /// The handler's time per event (ms) in the parallelism run.
+        #[arg(long, default_value_t = 10)]
+        handler_ms: u64,
+        /// Events of the overhead run.
+        #[arg(long, default_value_t = 200_000)]
+        overhead_events: usize,
+    },
     /// The WAL relay against a naive polling relay under concurrent writers.
     Relay {
         /// Outbox rows per relay.
@@ -216,6 +231,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 report.elapsed.as_secs_f64(),
                 report.events() as f64 / report.elapsed.as_secs_f64().max(1e-9)
             );
+        }
+        Command::Bench {
+            which:
+                Bench::Consume {
+                    events,
+                    tenants,
+                    handler_ms,
+                    overhead_events,
+                },
+        } => {
+            let options = ferry::bench::consume::ConsumeBenchOptions {
+                events,
+                tenants,
+                handler_ms,
+                overhead_events,
+            };
+            let report = ferry::bench::consume::run(&config, &options).await?;
+            print!("{}", report.render());
         }
         Command::Bench {
             which:

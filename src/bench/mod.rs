@@ -2,6 +2,7 @@
 //! databases and topics of its own, prints a table with the ratio to its baseline, and ends
 //! with one machine-readable line.
 
+pub mod consume;
 pub mod relay;
 
 use std::collections::HashMap;

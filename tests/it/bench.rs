@@ -51,3 +51,36 @@ async fn a_small_relay_benchmark_runs_and_reports() {
     );
     assert!(last.ends_with("ferry_lost=0"), "{last}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_small_consume_benchmark_runs_and_reports() {
+    let config = Config {
+        database: DatabaseConfig {
+            url: std::env::var("DATABASE_URL").expect("DATABASE_URL: run scripts/test"),
+            max_connections: 5,
+        },
+        kafka: crate::support::kafka_config("unused"),
+        relay: RelayConfig::default(),
+    };
+    let options = ferry::bench::consume::ConsumeBenchOptions {
+        events: 100,
+        tenants: 20,
+        handler_ms: 5,
+        overhead_events: 300,
+    };
+    let report = ferry::bench::consume::run(&config, &options)
+        .await
+        .expect("benchmark runs");
+    // Every event of each run was delivered (run returns only then); the report is complete.
+    let text = report.render();
+    assert!(text.contains("| key-ordered (ferry) | 100 |"), "{text}");
+    assert!(
+        text.contains("| classic in-order (baseline) | 100 |"),
+        "{text}"
+    );
+    let last = text.lines().last().unwrap();
+    assert!(
+        last.starts_with("speedup=") && last.contains(" overhead_events_per_s="),
+        "{last}"
+    );
+}
