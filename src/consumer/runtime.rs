@@ -261,20 +261,26 @@ pub async fn run<H: Handler>(
     loop {
         // The kill switch stops dispatching on every instance; intake continues up to
         // `max_queued`, and nothing is committed past undelivered events.
+        // Dispatch what may run, checking the dedupe record for the whole batch in one query.
+        let mut batch = Vec::new();
         while !killed
             && held_by_breaker.is_empty()
-            && let Some((tenant, item)) = scheduler.dispatch()
+            && let Some(next) = scheduler.dispatch()
         {
-            let (handler, pool, done_tx, retry) = (
-                Arc::clone(&handler),
-                pool.clone(),
-                done_tx.clone(),
-                options.retry.clone(),
-            );
-            tokio::spawn(async move {
-                let done = handle(&*handler, &pool, item, &retry).await;
-                let _ = done_tx.send((tenant, done));
-            });
+            batch.push(next);
+        }
+        if !batch.is_empty() {
+            let ids: Vec<uuid::Uuid> = batch.iter().map(|(_, item)| item.event.id).collect();
+            let settled = ledger::settled_ids(&pool, &ids).await?;
+            for (tenant, item) in batch {
+                let already = settled.contains(&item.event.id);
+                let (handler, done_tx, retry) =
+                    (Arc::clone(&handler), done_tx.clone(), options.retry.clone());
+                tokio::spawn(async move {
+                    let done = handle(&*handler, item, &retry, already).await;
+                    let _ = done_tx.send((tenant, done));
+                });
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -291,8 +297,21 @@ pub async fn run<H: Handler>(
                     }
                     Position { partition: m.partition(), offset: m.offset(), generation: owned.generation }
                 };
-                let raw = parked_record(&m, &topic);
-                match outbox::decode(&broker::raw_record(&m)) {
+                let decoded = outbox::decode(&broker::raw_record(&m));
+                let mut raw = parked_record(&m, &topic);
+                // The parked copy names the event and its tenant as decoded, so a replay can
+                // dedupe it and the backlog is filed under the right tenant.
+                match &decoded {
+                    Ok(event) => {
+                        raw.event_id = Some(event.id);
+                        raw.tenant_id = event.tenant_id.to_string();
+                    }
+                    Err(bad) => {
+                        raw.event_id = bad.event_id;
+                        raw.tenant_id = bad.tenant_id.as_ref().map_or_else(|| "unknown".to_owned(), |t| t.to_string());
+                    }
+                }
+                match decoded {
                     Ok(event) if paused.contains_key(event.tenant_id.as_str()) => {
                         let tenant = event.tenant_id.to_string();
                         stats.parked.fetch_add(ledger::park(&pool, &tenant, None, &[raw]).await?, Relaxed);
@@ -479,10 +498,15 @@ pub async fn run<H: Handler>(
     Ok(())
 }
 
-async fn handle<H: Handler>(handler: &H, pool: &PgPool, item: Item, retry: &RetryPolicy) -> Done {
-    if let Ok(found) = ledger::settled_ids(pool, &[item.event.id]).await
-        && !found.is_empty()
-    {
+/// Runs one event to an end: a duplicate (already settled), expired, delivered, or a failure
+/// that pauses its tenant or trips the breaker. Retries happen here, holding only this tenant.
+async fn handle<H: Handler>(
+    handler: &H,
+    item: Item,
+    retry: &RetryPolicy,
+    already_settled: bool,
+) -> Done {
+    if already_settled {
         return Done::Duplicate(item);
     }
     if item
@@ -535,6 +559,11 @@ async fn drain<H: Handler>(
         }
         let mut settlements = Vec::new();
         let mut through = after;
+        let ids: Vec<uuid::Uuid> = page.iter().filter_map(|(_, r)| r.event_id).collect();
+        let settled = match ledger::settled_ids(pool, &ids).await {
+            Ok(settled) => settled,
+            Err(e) => return Drained::Error(tenant.to_owned(), e),
+        };
         for (seq, raw) in page {
             let record = outbox::RawRecord {
                 key: raw.key.as_deref(),
@@ -571,7 +600,8 @@ async fn drain<H: Handler>(
                 raw,
                 position,
             };
-            match handle(handler, pool, item, retry).await {
+            let already = settled.contains(&item.event.id);
+            match handle(handler, item, retry, already).await {
                 Done::Settled(item, outcome, attempts) => {
                     settlements.push(settlement(&item, &topic, outcome, attempts));
                 }
