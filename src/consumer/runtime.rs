@@ -270,17 +270,28 @@ pub async fn run<H: Handler>(
             batch.push(next);
         }
         if !batch.is_empty() {
-            let ids: Vec<uuid::Uuid> = batch.iter().map(|(_, item)| item.event.id).collect();
-            let settled = ledger::settled_ids(&pool, &ids).await?;
-            for (tenant, item) in batch {
-                let already = settled.contains(&item.event.id);
-                let (handler, done_tx, retry) =
-                    (Arc::clone(&handler), done_tx.clone(), options.retry.clone());
-                tokio::spawn(async move {
-                    let done = handle(&*handler, item, &retry, already).await;
-                    let _ = done_tx.send((tenant, done));
-                });
-            }
+            // Off the loop: one lookup for the batch, then a task per event. A failed lookup
+            // counts as "not settled": the event is handled again, which the partner's
+            // Idempotency-Key absorbs.
+            let (handler, pool, done_tx, retry) = (
+                Arc::clone(&handler),
+                pool.clone(),
+                done_tx.clone(),
+                options.retry.clone(),
+            );
+            tokio::spawn(async move {
+                let ids: Vec<uuid::Uuid> = batch.iter().map(|(_, item)| item.event.id).collect();
+                let settled = ledger::settled_ids(&pool, &ids).await.unwrap_or_default();
+                for (tenant, item) in batch {
+                    let already = settled.contains(&item.event.id);
+                    let (handler, done_tx, retry) =
+                        (Arc::clone(&handler), done_tx.clone(), retry.clone());
+                    tokio::spawn(async move {
+                        let done = handle(&*handler, item, &retry, already).await;
+                        let _ = done_tx.send((tenant, done));
+                    });
+                }
+            });
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
