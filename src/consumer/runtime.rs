@@ -199,7 +199,7 @@ enum Drained {
     Error(String, sqlx::Error),
 }
 
-/// Runs the consumer until `shutdown`; returns its counters.
+/// Runs the consumer until `shutdown`, counting into `stats`.
 pub async fn run<H: Handler>(
     config: &Config,
     pool: PgPool,
@@ -227,11 +227,11 @@ pub async fn run<H: Handler>(
     let mut last_flush = Instant::now();
     let mut tick = tokio::time::interval(options.settle_interval);
     // Tenants paused while this instance runs: their new records are parked, in order.
-    let mut paused: HashMap<String, ()> = ledger::inactive_tenants(&pool)
+    let mut paused: std::collections::HashSet<String> = ledger::inactive_tenants(&pool)
         .await?
         .into_iter()
         .filter(|(_, state)| state == "paused" || state == "draining")
-        .map(|(t, _)| (t, ()))
+        .map(|(t, _)| t)
         .collect();
 
     // Which partition a tenant's records land on: a backlog is replayed by the instance that
@@ -323,7 +323,7 @@ pub async fn run<H: Handler>(
                     }
                 }
                 match decoded {
-                    Ok(event) if paused.contains_key(event.tenant_id.as_str()) => {
+                    Ok(event) if paused.contains(event.tenant_id.as_str()) => {
                         let tenant = event.tenant_id.to_string();
                         stats.parked.fetch_add(ledger::park(&pool, &tenant, None, &[raw]).await?, Relaxed);
                         settled_positions.push(position);
@@ -339,7 +339,7 @@ pub async fn run<H: Handler>(
                         let backlog: Vec<ParkedRecord> = scheduler.take_queue(&tenant).into_iter().map(|i| i.raw).collect();
                         ledger::park(&pool, &tenant, None, &backlog).await?;
                         scheduler.hold(&tenant);
-                        paused.insert(tenant, ());
+                        paused.insert(tenant);
                         settled_positions.push(position);
                     }
                 }
@@ -378,7 +378,7 @@ pub async fn run<H: Handler>(
                         }
                         stats.parked.fetch_add(ledger::park(&pool, &tenant, Some(&pause), &records).await?, Relaxed);
                         scheduler.hold(&tenant);
-                        paused.insert(tenant, ());
+                        paused.insert(tenant);
                         settled_positions.extend(positions);
                     }
                 }
@@ -397,7 +397,7 @@ pub async fn run<H: Handler>(
                     for tenant in ledger::tenants_to_drain(&pool).await? {
                         let partition = broker::partition_for_key(tenant.as_bytes(), partitions);
                         let owned = shared.lock().expect("consumer state").partitions.contains_key(&partition);
-                        if owned && paused.contains_key(&tenant) && draining.insert(tenant.clone()) {
+                        if owned && paused.contains(&tenant) && draining.insert(tenant.clone()) {
                             let (handler, pool, tx, retry) = (Arc::clone(&handler), pool.clone(), drain_tx.clone(), options.retry.clone());
                             tokio::spawn(async move {
                                 let report = drain(&*handler, &pool, &tenant, &retry).await;
