@@ -205,6 +205,22 @@ pub fn murmur2(data: &[u8]) -> u32 {
     h
 }
 
+/// A wire record ready to send to `topic`: key (none when empty), value, headers, timestamp.
+pub fn future_record<'a>(
+    topic: &'a str,
+    record: &'a crate::outbox::WireRecord,
+) -> rdkafka::producer::FutureRecord<'a, [u8], [u8]> {
+    let future = rdkafka::producer::FutureRecord::to(topic)
+        .payload(record.value.as_slice())
+        .headers(owned_headers(record))
+        .timestamp(record.timestamp_ms);
+    if record.key.is_empty() {
+        future
+    } else {
+        future.key(record.key.as_slice())
+    }
+}
+
 /// The headers of a wire record as rdkafka wants them for producing.
 pub fn owned_headers(record: &crate::outbox::WireRecord) -> rdkafka::message::OwnedHeaders {
     record.headers.iter().fold(

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 use uuid::Uuid;
 
@@ -128,14 +128,7 @@ pub async fn run(config: &Config, timeout: Duration) -> Result<SmokeReport, Smok
         .map_err(kafka("producer creation"))?;
     let started = Instant::now();
     let delivery = producer
-        .send(
-            FutureRecord::to(SMOKE_TOPIC)
-                .key(&record.key)
-                .payload(&record.value)
-                .headers(broker::owned_headers(&record))
-                .timestamp(record.timestamp_ms),
-            timeout,
-        )
+        .send(broker::future_record(SMOKE_TOPIC, &record), timeout)
         .await
         .map_err(|(source, _)| SmokeError::Kafka {
             what: "produce",

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -184,12 +184,7 @@ async fn fill(
         };
         let r = WireRecord::from_row(&row, None);
         let delivery = producer
-            .send_result(
-                FutureRecord::to(&topic)
-                    .key(&r.key)
-                    .payload(&r.value)
-                    .headers(broker::owned_headers(&r)),
-            )
+            .send_result(broker::future_record(&topic, &r))
             .map_err(|(e, _)| e)?;
         pending.push(delivery);
     }

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -377,12 +377,7 @@ async fn poll_relay(
         for row in rows {
             let record = WireRecord::from_row(&row, None);
             let delivery = producer
-                .send_result(
-                    FutureRecord::to(&kafka.topic)
-                        .key(&record.key)
-                        .payload(&record.value)
-                        .headers(broker::owned_headers(&record)),
-                )
+                .send_result(broker::future_record(&kafka.topic, &record))
                 .map_err(|(e, _)| e)?;
             deliveries.push(delivery);
             ids.push(row.id);

@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions as _, Executor as _};
 use tokio_util::sync::CancellationToken;
@@ -542,13 +542,7 @@ impl Relay {
                     tx,
                 ),
             };
-            let mut future_record = FutureRecord::to(&self.topic)
-                .payload(&record.value)
-                .headers(broker::owned_headers(&record))
-                .timestamp(record.timestamp_ms);
-            if !record.key.is_empty() {
-                future_record = future_record.key(&record.key);
-            }
+            let mut future_record = broker::future_record(&self.topic, &record);
             loop {
                 match self.producer.send_result(future_record) {
                     Ok(delivery) => {

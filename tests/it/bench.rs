@@ -5,16 +5,21 @@
 use ferry::bench::relay::{BenchBroker, RelayBenchOptions};
 use ferry::config::{Config, DatabaseConfig, RelayConfig};
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_small_relay_benchmark_runs_and_reports() {
-    let config = Config {
+/// The stack's settings: a benchmark makes its own databases and topics on them.
+fn stack_config() -> Config {
+    Config {
         database: DatabaseConfig {
             url: std::env::var("DATABASE_URL").expect("DATABASE_URL: run scripts/test"),
             max_connections: 5,
         },
         kafka: crate::support::kafka_config("unused"),
         relay: RelayConfig::default(),
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_small_relay_benchmark_runs_and_reports() {
+    let config = stack_config();
     let options = RelayBenchOptions {
         broker: BenchBroker::Mock,
         rows: 1_000,
@@ -54,14 +59,7 @@ async fn a_small_relay_benchmark_runs_and_reports() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_small_consume_benchmark_runs_and_reports() {
-    let config = Config {
-        database: DatabaseConfig {
-            url: std::env::var("DATABASE_URL").expect("DATABASE_URL: run scripts/test"),
-            max_connections: 5,
-        },
-        kafka: crate::support::kafka_config("unused"),
-        relay: RelayConfig::default(),
-    };
+    let config = stack_config();
     let options = ferry::bench::consume::ConsumeBenchOptions {
         events: 100,
         tenants: 20,

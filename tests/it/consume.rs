@@ -13,7 +13,7 @@ use ferry::consumer::runtime::{self, ConsumeOptions, ConsumeStats};
 use ferry::delivery::{Failure, FailureClass, Handler, Outcome};
 use ferry::outbox::{EventPayload, EventType, OutboxEvent, OutboxRow, WireRecord, proto};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -114,10 +114,7 @@ async fn produce_rows(kafka: &ferry::config::KafkaConfig, rows: &[OutboxRow]) ->
         let r = WireRecord::from_row(row, None);
         let d = producer
             .send(
-                FutureRecord::to(&kafka.topic)
-                    .key(&r.key)
-                    .payload(&r.value)
-                    .headers(broker::owned_headers(&r)),
+                broker::future_record(&kafka.topic, &r),
                 Duration::from_secs(30),
             )
             .await

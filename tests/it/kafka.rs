@@ -46,14 +46,7 @@ async fn produce(config: &KafkaConfig, records: &[WireRecord]) -> Vec<(i32, i64)
     let mut positions = Vec::new();
     for r in records {
         let delivery = producer
-            .send(
-                FutureRecord::to(&config.topic)
-                    .key(&r.key)
-                    .payload(&r.value)
-                    .headers(broker::owned_headers(r))
-                    .timestamp(r.timestamp_ms),
-                DEADLINE,
-            )
+            .send(broker::future_record(&config.topic, r), DEADLINE)
             .await
             .map_err(|(e, _)| e)
             .expect("produce");
