@@ -8,7 +8,7 @@
 //! | Kafka bootstrap servers | `kafka.brokers` | `FERRY_KAFKA_BROKERS`, else `KAFKA_BROKERS` |
 //! | outbox topic | `kafka.topic` | `FERRY_KAFKA_TOPIC` |
 //! | consumer group | `kafka.group_id` | `FERRY_KAFKA_GROUP_ID` |
-//! | extra librdkafka settings | `[kafka.properties]` | — |
+//! | extra librdkafka settings | `[kafka.properties]` | `FERRY_KAFKA_PROPERTIES` (`name=value,name=value`, over the file's) |
 //! | relay slot | `relay.slot` | `FERRY_RELAY_SLOT` |
 //! | relay publication | `relay.publication` | `FERRY_RELAY_PUBLICATION` |
 //! | outbox table | `relay.table` | `FERRY_RELAY_TABLE` |
@@ -243,6 +243,26 @@ impl Config {
             .or(file.kafka.group_id)
             .unwrap_or_else(|| DEFAULT_GROUP_ID.to_owned());
 
+        let mut properties = file.kafka.properties;
+        if let Some(list) = env(&["FERRY_KAFKA_PROPERTIES"]) {
+            for pair in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                match pair.split_once('=') {
+                    Some((name, value)) if !name.trim().is_empty() => {
+                        properties.insert(name.trim().to_owned(), value.trim().to_owned());
+                    }
+                    _ => {
+                        return Err(ConfigError::Invalid {
+                            key: "kafka.properties",
+                            value: pair.to_owned(),
+                            reason:
+                                "FERRY_KAFKA_PROPERTIES takes name=value pairs separated by commas"
+                                    .to_owned(),
+                        });
+                    }
+                }
+            }
+        }
+
         let number = |key: &'static str, var: &str| -> Result<Option<u64>, ConfigError> {
             env(&[var])
                 .map(|v| {
@@ -298,7 +318,7 @@ impl Config {
                 brokers,
                 topic,
                 group_id,
-                properties: file.kafka.properties,
+                properties,
             },
             relay,
         };
@@ -466,6 +486,16 @@ mod tests {
         let c = Config::load_with(Some(&path), env(&e)).unwrap();
         assert_eq!(c.database.url, "postgres://ferry/db");
         assert_eq!(c.kafka.brokers, "127.0.0.1:9092");
+        e.push((
+            "FERRY_KAFKA_PROPERTIES",
+            "socket.timeout.ms=7000, session.timeout.ms = 6000",
+        ));
+        let c = Config::load_with(Some(&path), env(&e)).unwrap();
+        assert_eq!(
+            c.kafka.properties["socket.timeout.ms"], "7000",
+            "env over file"
+        );
+        assert_eq!(c.kafka.properties["session.timeout.ms"], "6000");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -515,6 +545,14 @@ mod tests {
                     ("FERRY_DATABASE_MAX_CONNECTIONS", "0"),
                 ],
                 "database.max_connections",
+            ),
+            (
+                &[
+                    ("DATABASE_URL", "postgres://x/y"),
+                    ("KAFKA_BROKERS", "h:1"),
+                    ("FERRY_KAFKA_PROPERTIES", "session.timeout.ms"),
+                ],
+                "kafka.properties",
             ),
         ];
         for (vars, key) in cases {

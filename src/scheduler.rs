@@ -114,6 +114,28 @@ impl<K: Hash + Eq + Clone, E> Scheduler<K, E> {
         events
     }
 
+    /// Drops the queued events `lost` picks (their partition went to another instance, which
+    /// will read them again) and returns them. Events in flight are not touched: the caller
+    /// fences them.
+    pub fn drop_where(&mut self, mut lost: impl FnMut(&E) -> bool) -> Vec<E> {
+        let mut dropped = Vec::new();
+        let mut emptied = Vec::new();
+        for (tenant, queue) in self.queues.iter_mut() {
+            let (gone, kept): (VecDeque<E>, VecDeque<E>) = queue.drain(..).partition(|e| lost(e));
+            *queue = kept;
+            dropped.extend(gone);
+            if queue.is_empty() {
+                emptied.push(tenant.clone());
+            }
+        }
+        for tenant in emptied {
+            self.queues.remove(&tenant);
+            self.ready.retain(|t| *t != tenant);
+        }
+        self.queued -= dropped.len();
+        dropped
+    }
+
     /// Whether the tenant is held.
     pub fn is_held(&self, tenant: &K) -> bool {
         self.held.contains(tenant)
@@ -196,6 +218,29 @@ mod tests {
         assert_eq!(s.dispatch(), Some(("a", 1)));
         s.complete(&"a");
         assert_eq!(s.dispatch(), Some(("a", 2)));
+    }
+
+    #[test]
+    fn events_of_a_lost_partition_are_dropped_and_the_rest_still_run() {
+        // Events are (partition, seq); tenants a and c live on partition 0, b on partition 1.
+        let mut s = Scheduler::new(10);
+        s.arrive("a", (0, 1));
+        s.arrive("a", (0, 2));
+        s.arrive("b", (1, 1));
+        s.arrive("c", (0, 1));
+        assert_eq!(s.dispatch(), Some(("a", (0, 1))));
+        let mut dropped = s.drop_where(|&(partition, _)| partition == 0);
+        dropped.sort();
+        assert_eq!(dropped, vec![(0, 1), (0, 2)], "a's queued event and c's");
+        assert_eq!(s.queued(), 1);
+        assert_eq!(s.dispatch(), Some(("b", (1, 1))));
+        assert_eq!(s.dispatch(), None, "nothing of a or c is left to run");
+        assert!(
+            s.complete(&"a"),
+            "a's event in flight is the caller's to fence"
+        );
+        assert_eq!(s.dispatch(), None);
+        assert_eq!(s.queued(), 0);
     }
 
     #[derive(Debug, Clone)]

@@ -1,9 +1,10 @@
-//! `ferry consume`'s building blocks: [`offsets`], the per-partition offset tracker that says
-//! what may be committed (pure), and [`ledger`], the batched Postgres records of settled events,
-//! parked backlogs and tenant state. The intake loop, rebalance handling and failure handling
-//! that tie them to the [`crate::scheduler`] and a [`crate::delivery::Handler`] are the next step
-//! (see the README's status).
+//! `ferry consume`: [`runtime`], the loop that takes records from Kafka, runs them through the
+//! [`crate::scheduler`] and a [`crate::delivery::Handler`], and commits; its pure parts,
+//! [`offsets`] (what may be committed per partition) and [`breaker`] (is it the tenant or the
+//! partner that is failing); and [`ledger`], the batched Postgres records of settled events,
+//! parked backlogs and tenant state.
 
+pub mod breaker;
 pub mod ledger;
 pub mod offsets;
 pub mod runtime;

@@ -8,14 +8,20 @@
 //! handled again in their original order; the partner sees a repeat carrying the same
 //! `Idempotency-Key`, never a reordering.
 //!
-//! Rebalances: librdkafka's rebalance callbacks run on its thread; on revoke, the callback
-//! commits what is settled for the revoked partitions (synchronously) and forgets them. Work
-//! still in flight for them is fenced by a generation number: its settlement is still recorded
-//! (true and harmless), but it can no longer move a commit point of a partition this instance
-//! lost.
+//! Rebalances: librdkafka runs the rebalance callbacks inside the loop's own poll. On revoke,
+//! the callback cancels the work of the revoked partitions (no new attempt, no retry, no backoff
+//! sleep starts after that), waits up to `revoke_drain` for attempts already under way to end
+//! (each one settles itself durably and marks its offset), commits what is settled for those
+//! partitions synchronously, and forgets them; the loop then drops their queued events, which
+//! the next owner reads again. Why wait: an attempt of the old owner landing after the new
+//! owner delivered the tenant's next event would reorder the partner's state. Work that outlives
+//! the deadline is fenced by a generation number: it can no longer move a commit point of a
+//! partition this instance lost, nor park anything. On assign, the paused tenants are read
+//! again before the first record of the new partitions is looked at, so whichever instance owns
+//! a tenant obeys the pause another instance recorded.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{
@@ -27,11 +33,12 @@ use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::breaker::FailureWindow;
 use super::ledger::{self, ParkedRecord, Pause, SettledAs, Settlement};
 use super::offsets::PartitionOffsets;
 use crate::broker;
 use crate::config::Config;
-use crate::delivery::{Decision, Failure, Handler, Outcome, RetryPolicy};
+use crate::delivery::{Decision, Failure, FailureClass, Handler, Outcome, RetryPolicy};
 use crate::outbox::{self, OutboxEvent};
 use crate::scheduler::Scheduler;
 
@@ -54,6 +61,16 @@ pub struct ConsumeOptions {
     pub auto_resume_after: Duration,
     /// While the partner-wide breaker is open, how often the held event is tried as a probe.
     pub breaker_probe_interval: Duration,
+    /// The breaker also opens when a tenant's retries run out while at least this share of the
+    /// tenants active within `breaker_window` are failing too...
+    pub breaker_failure_ratio: f64,
+    /// ...and at least this many tenants were active.
+    pub breaker_min_tenants: usize,
+    /// How far back "active" looks.
+    pub breaker_window: Duration,
+    /// On revoke and shutdown, how long attempts under way may take to end. Keep it below the
+    /// group's session timeout.
+    pub revoke_drain: Duration,
 }
 
 impl Default for ConsumeOptions {
@@ -67,6 +84,10 @@ impl Default for ConsumeOptions {
             kill_switch_interval: Duration::from_millis(500),
             auto_resume_after: Duration::from_secs(60),
             breaker_probe_interval: Duration::from_secs(2),
+            breaker_failure_ratio: 0.8,
+            breaker_min_tenants: 5,
+            breaker_window: Duration::from_secs(30),
+            revoke_drain: Duration::from_secs(10),
         }
     }
 }
@@ -103,22 +124,138 @@ pub struct ConsumeStats {
     pub breaker_open: std::sync::atomic::AtomicU64,
     /// Times the breaker opened.
     pub breaker_trips: std::sync::atomic::AtomicU64,
+    /// Partitions this instance owns now.
+    pub partitions: std::sync::atomic::AtomicU64,
 }
 
+/// What the loop and the rebalance callback share. Locked briefly, never across an await.
 #[derive(Default)]
 struct Shared {
     partitions: HashMap<i32, Owned>,
     generation: u64,
+    /// Partitions revoked since the loop last looked: their queued events are dropped.
+    lost: Vec<i32>,
+    /// Set on assign: read the paused tenants again before the next record.
+    reload_paused: bool,
 }
 
+/// A partition this instance owns.
 struct Owned {
     generation: u64,
     offsets: Option<PartitionOffsets>,
+    /// Cancelled on revoke and shutdown: no new attempt starts for this partition's work.
+    cancel: CancellationToken,
+    /// Handler tasks and backlog drains under way for this partition.
+    in_flight: usize,
+}
+
+#[derive(Default)]
+struct State {
+    shared: Mutex<Shared>,
+    /// Notified whenever a partition's `in_flight` drops.
+    idle: Condvar,
+}
+
+impl State {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().expect("consumer state")
+    }
+
+    /// Cancels the work of `partitions` and waits until none is under way or `deadline`.
+    /// Blocking: called from the rebalance callback and at shutdown, off the async world.
+    fn cancel_and_wait(&self, partitions: &[i32], deadline: Instant) -> bool {
+        let mut s = self.lock();
+        for p in partitions {
+            if let Some(owned) = s.partitions.get(p) {
+                owned.cancel.cancel();
+            }
+        }
+        loop {
+            let busy: usize = partitions
+                .iter()
+                .filter_map(|p| s.partitions.get(p))
+                .map(|o| o.in_flight)
+                .sum();
+            if busy == 0 {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!(
+                    busy,
+                    "attempts still under way at the drain deadline; fenced"
+                );
+                return false;
+            }
+            s = self.idle.wait_timeout(s, left).expect("consumer state").0;
+        }
+    }
+}
+
+/// Runs blocking work from inside the runtime without starving the tasks it waits for.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// A claim on a partition for one piece of work (an event's handling, a backlog drain): the
+/// revoke waits for it, and its settlement counts only while the partition is still ours.
+struct Lease {
+    state: Arc<State>,
+    partition: i32,
+    generation: u64,
+    cancel: CancellationToken,
+}
+
+impl Lease {
+    /// Claims `partition` if it is owned in `generation` (any generation when `None`).
+    fn take(state: &Arc<State>, partition: i32, generation: Option<u64>) -> Option<Lease> {
+        let mut s = state.lock();
+        let owned = s.partitions.get_mut(&partition)?;
+        if generation.is_some_and(|g| g != owned.generation) || owned.cancel.is_cancelled() {
+            return None;
+        }
+        owned.in_flight += 1;
+        Some(Lease {
+            state: Arc::clone(state),
+            partition,
+            generation: owned.generation,
+            cancel: owned.cancel.clone(),
+        })
+    }
+
+    /// Marks `offset` settled in the partition's tracker, if still ours.
+    fn settled(&self, offset: i64) {
+        let mut s = self.state.lock();
+        if let Some(owned) = s.partitions.get_mut(&self.partition)
+            && owned.generation == self.generation
+            && let Some(offsets) = owned.offsets.as_mut()
+        {
+            let _ = offsets.settled(offset);
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut s = self.state.lock();
+        if let Some(owned) = s.partitions.get_mut(&self.partition)
+            && owned.generation == self.generation
+        {
+            owned.in_flight -= 1;
+        }
+        drop(s);
+        self.state.idle.notify_all();
+    }
 }
 
 struct Context {
-    shared: Arc<Mutex<Shared>>,
+    state: Arc<State>,
     topic: String,
+    revoke_drain: Duration,
+    stats: Arc<ConsumeStats>,
 }
 
 impl ClientContext for Context {}
@@ -126,21 +263,34 @@ impl ClientContext for Context {}
 impl ConsumerContext for Context {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(list) = rebalance {
-            let mut shared = self.shared.lock().expect("consumer state");
+            let revoked: Vec<i32> = list
+                .elements_for_topic(&self.topic)
+                .iter()
+                .map(|e| e.partition())
+                .collect();
+            let deadline = Instant::now() + self.revoke_drain;
+            blocking(|| self.state.cancel_and_wait(&revoked, deadline));
+            let mut s = self.state.lock();
             let mut commit = TopicPartitionList::new();
-            for element in list.elements_for_topic(&self.topic) {
-                if let Some(owned) = shared.partitions.remove(&element.partition())
+            for &partition in &revoked {
+                if let Some(owned) = s.partitions.remove(&partition)
                     && let Some(offsets) = owned.offsets
                     && offsets.commit_point() > offsets.committed()
                 {
                     let _ = commit.add_partition_offset(
                         &self.topic,
-                        element.partition(),
+                        partition,
                         Offset::Offset(offsets.commit_point()),
                     );
                 }
             }
-            drop(shared);
+            s.lost.extend(&revoked);
+            self.stats.partitions.store(
+                s.partitions.len() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            drop(s);
+            tracing::info!(partitions = ?revoked, "partitions revoked");
             if commit.count() > 0
                 && let Err(e) = consumer.commit(&commit, CommitMode::Sync)
             {
@@ -151,18 +301,30 @@ impl ConsumerContext for Context {
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(list) = rebalance {
-            let mut shared = self.shared.lock().expect("consumer state");
+            let mut s = self.state.lock();
+            let mut assigned = Vec::new();
             for element in list.elements_for_topic(&self.topic) {
-                shared.generation += 1;
-                let generation = shared.generation;
-                shared.partitions.insert(
+                s.generation += 1;
+                let generation = s.generation;
+                s.partitions.insert(
                     element.partition(),
                     Owned {
                         generation,
                         offsets: None,
+                        cancel: CancellationToken::new(),
+                        in_flight: 0,
                     },
                 );
+                s.lost.retain(|p| *p != element.partition());
+                assigned.push(element.partition());
             }
+            s.reload_paused = true;
+            self.stats.partitions.store(
+                s.partitions.len() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            drop(s);
+            tracing::info!(partitions = ?assigned, "partitions assigned");
         }
     }
 }
@@ -185,8 +347,15 @@ enum Done {
     Settled(Item, SettledAs, u32),
     Duplicate(Item),
     Pause(Item, Failure),
-    /// The partner refuses everyone (401/403): hold this event, open the breaker.
+    /// The partner refuses everyone (401/403), or most tenants are failing: hold this event,
+    /// open the breaker.
     Breaker(Item, Failure),
+    /// Its partition was revoked (or the consumer is stopping) before it settled: nothing is
+    /// recorded; whoever owns the partition next reads it again.
+    Revoked(Item),
+    /// Its partition was revoked (or the consumer is stopping) as it settled: the task recorded
+    /// the settlement itself and marked the offset, so the revoke's commit can pass it.
+    SettledOnRevoke(Item, SettledAs),
 }
 
 /// What a drain task reports to the loop.
@@ -197,6 +366,9 @@ enum Drained {
     Failed(String, Failure, Option<uuid::Uuid>),
     /// The database failed; try again on the next poll.
     Error(String, sqlx::Error),
+    /// The tenant's partition was revoked or the consumer is stopping: the replayed part is
+    /// recorded, the rest stays parked for the owner to replay.
+    Revoked(String),
 }
 
 /// Runs the consumer until `shutdown`, counting into `stats`.
@@ -210,14 +382,21 @@ pub async fn run<H: Handler>(
 ) -> Result<(), ConsumeError> {
     use std::sync::atomic::Ordering::Relaxed;
     let topic = config.kafka.topic.clone();
-    let shared = Arc::new(Mutex::new(Shared::default()));
+    let state = Arc::new(State::default());
     let consumer: StreamConsumer<Context> =
         broker::consumer_config(&config.kafka, &config.kafka.group_id).create_with_context(
             Context {
-                shared: Arc::clone(&shared),
+                state: Arc::clone(&state),
                 topic: topic.clone(),
+                revoke_drain: options.revoke_drain,
+                stats: Arc::clone(&stats),
             },
         )?;
+    let window = Arc::new(Mutex::new(FailureWindow::new(
+        options.breaker_window,
+        options.breaker_min_tenants,
+        options.breaker_failure_ratio,
+    )));
     consumer.subscribe(&[&topic])?;
 
     let mut scheduler: Scheduler<String, Item> = Scheduler::new(options.max_in_flight);
@@ -227,12 +406,7 @@ pub async fn run<H: Handler>(
     let mut last_flush = Instant::now();
     let mut tick = tokio::time::interval(options.settle_interval);
     // Tenants paused while this instance runs: their new records are parked, in order.
-    let mut paused: std::collections::HashSet<String> = ledger::inactive_tenants(&pool)
-        .await?
-        .into_iter()
-        .filter(|(_, state)| state == "paused" || state == "draining")
-        .map(|(t, _)| t)
-        .collect();
+    let mut paused = paused_tenants(&pool).await?;
 
     // Which partition a tenant's records land on: a backlog is replayed by the instance that
     // owns the tenant's partition, never by two.
@@ -259,36 +433,73 @@ pub async fn run<H: Handler>(
         .await?;
     stats.kill_switch.store(u64::from(killed), Relaxed);
     loop {
+        // Partitions revoked since the last turn: their queued and held events are the next
+        // owner's now.
+        if !std::mem::take(&mut state.lock().lost).is_empty() {
+            let dropped = scheduler.drop_where(|item| !is_current(&state, item.position));
+            held_by_breaker.retain(|(_, item)| is_current(&state, item.position));
+            tracing::debug!(
+                dropped = dropped.len(),
+                "queued events of revoked partitions dropped"
+            );
+        }
         // The kill switch stops dispatching on every instance; intake continues up to
         // `max_queued`, and nothing is committed past undelivered events.
         // Dispatch what may run, checking the dedupe record for the whole batch in one query.
         let mut batch = Vec::new();
         while !killed
             && held_by_breaker.is_empty()
-            && let Some(next) = scheduler.dispatch()
+            && !probing
+            && let Some((tenant, item)) = scheduler.dispatch()
         {
-            batch.push(next);
+            let position = item.position;
+            match Lease::take(&state, position.partition, Some(position.generation)) {
+                Some(lease) => batch.push((tenant, item, lease)),
+                None => {
+                    // Lost between intake and now: the next owner has it.
+                    scheduler.complete(&tenant);
+                }
+            }
         }
         if !batch.is_empty() {
             // Off the loop: one lookup for the batch, then a task per event. A failed lookup
             // counts as "not settled": the event is handled again, which the partner's
             // Idempotency-Key absorbs.
-            let (handler, pool, done_tx, retry) = (
+            let (handler, pool, done_tx, retry, window, topic) = (
                 Arc::clone(&handler),
                 pool.clone(),
                 done_tx.clone(),
                 options.retry.clone(),
+                Arc::clone(&window),
+                topic.clone(),
             );
             tokio::spawn(async move {
-                let ids: Vec<uuid::Uuid> = batch.iter().map(|(_, item)| item.event.id).collect();
+                let ids: Vec<uuid::Uuid> = batch.iter().map(|(_, item, _)| item.event.id).collect();
                 let settled = ledger::settled_ids(&pool, &ids).await.unwrap_or_default();
-                for (tenant, item) in batch {
+                for (tenant, item, lease) in batch {
                     let already = settled.contains(&item.event.id);
-                    let (handler, done_tx, retry) =
-                        (Arc::clone(&handler), done_tx.clone(), retry.clone());
+                    let (handler, done_tx, retry, window, pool, topic) = (
+                        Arc::clone(&handler),
+                        done_tx.clone(),
+                        retry.clone(),
+                        Arc::clone(&window),
+                        pool.clone(),
+                        topic.clone(),
+                    );
                     tokio::spawn(async move {
-                        let done = handle(&*handler, item, &retry, already).await;
+                        let guard = Guard {
+                            retry: &retry,
+                            cancel: &lease.cancel,
+                            window: &window,
+                        };
+                        let done = handle(&*handler, item, &guard, already).await;
+                        let done = if lease.cancel.is_cancelled() {
+                            settle_on_revoke(done, &pool, &topic, &lease).await
+                        } else {
+                            done
+                        };
                         let _ = done_tx.send((tenant, done));
+                        drop(lease);
                     });
                 }
             });
@@ -298,10 +509,16 @@ pub async fn run<H: Handler>(
             message = consumer.recv(), if scheduler.queued() < options.max_queued => {
                 let m = message?;
                 stats.received.fetch_add(1, Relaxed);
+                // Assigned partitions: obey the pauses other instances recorded before looking
+                // at their first record (the callback ran inside this very poll).
+                if std::mem::take(&mut state.lock().reload_paused) {
+                    paused = paused_tenants(&pool).await?;
+                }
                 let position = {
-                    let mut s = shared.lock().expect("consumer state");
-                    let generation = s.generation;
-                    let owned = s.partitions.entry(m.partition()).or_insert(Owned { generation, offsets: None });
+                    let mut s = state.lock();
+                    let Some(owned) = s.partitions.get_mut(&m.partition()) else {
+                        continue; // a record of a partition no longer ours
+                    };
                     let offsets = owned.offsets.get_or_insert_with(|| PartitionOffsets::new(m.offset()));
                     if offsets.received(m.offset()).is_err() {
                         continue; // a re-fetch after a seek: already tracked
@@ -347,6 +564,17 @@ pub async fn run<H: Handler>(
             Some((tenant, done)) = done_rx.recv() => {
                 scheduler.complete(&tenant);
                 match done {
+                    Done::Revoked(_) => {}
+                    Done::SettledOnRevoke(_, outcome) => {
+                        match outcome {
+                            SettledAs::Delivered => stats.delivered.fetch_add(1, Relaxed),
+                            SettledAs::Expired => stats.expired.fetch_add(1, Relaxed),
+                            _ => 0,
+                        };
+                    }
+                    // A failure of a partition lost meanwhile is the next owner's to meet:
+                    // parking it here could race the owner's own intake.
+                    Done::Breaker(item, _) | Done::Pause(item, _) if !is_current(&state, item.position) => {}
                     Done::Settled(item, outcome, attempts) => {
                         match outcome {
                             SettledAs::Delivered => stats.delivered.fetch_add(1, Relaxed),
@@ -363,7 +591,7 @@ pub async fn run<H: Handler>(
                         if held_by_breaker.is_empty() {
                             stats.breaker_trips.fetch_add(1, Relaxed);
                             stats.breaker_open.store(1, Relaxed);
-                            tracing::error!(error = %failure.message, status = ?failure.status, "the partner refuses every request: breaker open, consumption paused");
+                            tracing::error!(error = %failure.message, status = ?failure.status, "the partner is failing for everyone: breaker open, consumption paused");
                             consumer.pause(&consumer.assignment()?)?;
                         }
                         held_by_breaker.push((tenant, item));
@@ -396,12 +624,17 @@ pub async fn run<H: Handler>(
                 if !killed {
                     for tenant in ledger::tenants_to_drain(&pool).await? {
                         let partition = broker::partition_for_key(tenant.as_bytes(), partitions);
-                        let owned = shared.lock().expect("consumer state").partitions.contains_key(&partition);
-                        if owned && paused.contains(&tenant) && draining.insert(tenant.clone()) {
-                            let (handler, pool, tx, retry) = (Arc::clone(&handler), pool.clone(), drain_tx.clone(), options.retry.clone());
+                        if paused.contains(&tenant)
+                            && !draining.contains(&tenant)
+                            && let Some(lease) = Lease::take(&state, partition, None)
+                        {
+                            draining.insert(tenant.clone());
+                            let (handler, pool, tx, retry, window) = (Arc::clone(&handler), pool.clone(), drain_tx.clone(), options.retry.clone(), Arc::clone(&window));
                             tokio::spawn(async move {
-                                let report = drain(&*handler, &pool, &tenant, &retry).await;
+                                let guard = Guard { retry: &retry, cancel: &lease.cancel, window: &window };
+                                let report = drain(&*handler, &pool, &tenant, &guard).await;
                                 let _ = tx.send(report);
+                                drop(lease);
                             });
                         }
                     }
@@ -410,10 +643,14 @@ pub async fn run<H: Handler>(
             _ = probe_tick.tick(), if !held_by_breaker.is_empty() && !probing => {
                 // Probe with the first held event: its success proves the partner is back.
                 let (tenant, item) = held_by_breaker.remove(0);
+                let Some(lease) = Lease::take(&state, item.position.partition, Some(item.position.generation)) else {
+                    continue; // lost meanwhile: the next owner has it
+                };
                 probing = true;
                 let (handler, tx) = (Arc::clone(&handler), probe_tx.clone());
                 tokio::spawn(async move {
                     let outcome = handler.handle(&item.event, 1).await;
+                    drop(lease);
                     let done = match outcome {
                         Outcome::Done => Done::Settled(item, SettledAs::Delivered, 1),
                         Outcome::Failed(f) => Done::Breaker(item, f),
@@ -440,8 +677,10 @@ pub async fn run<H: Handler>(
                         consumer.resume(&consumer.assignment()?)?;
                         tracing::info!(%tenant, "the partner answers again: breaker closed");
                     }
-                    Done::Breaker(item, _) | Done::Pause(item, _) => held_by_breaker.insert(0, (tenant, item)),
-                    Done::Duplicate(_) => {}
+                    Done::Breaker(item, _) | Done::Pause(item, _) if is_current(&state, item.position) => {
+                        held_by_breaker.insert(0, (tenant, item));
+                    }
+                    _ => {}
                 }
             }
             Some(report) = drain_rx.recv() => match report {
@@ -463,7 +702,15 @@ pub async fn run<H: Handler>(
                     draining.remove(&tenant);
                     tracing::warn!(%tenant, error = %e, "replaying the backlog failed; will try again");
                 }
+                Drained::Revoked(tenant) => {
+                    draining.remove(&tenant);
+                }
             },
+        }
+        // Everything the breaker held went to other instances: nothing left to probe with.
+        if held_by_breaker.is_empty() && !probing && stats.breaker_open.load(Relaxed) == 1 {
+            stats.breaker_open.store(0, Relaxed);
+            consumer.resume(&consumer.assignment()?)?;
         }
         if settlements.len() >= options.settle_batch
             || (!(settlements.is_empty() && settled_positions.is_empty())
@@ -472,7 +719,7 @@ pub async fn run<H: Handler>(
             flush(
                 &pool,
                 &consumer,
-                &shared,
+                &state,
                 &topic,
                 (&mut settlements, &mut settled_positions),
                 &stats,
@@ -482,24 +729,20 @@ pub async fn run<H: Handler>(
             last_flush = Instant::now();
         }
     }
-    // Shutdown: finish what is in flight (bounded), settle it, commit synchronously.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while scheduler.in_flight() > 0 {
-        match tokio::time::timeout_at(deadline, done_rx.recv()).await {
-            Ok(Some((tenant, Done::Settled(item, outcome, attempts)))) => {
-                scheduler.complete(&tenant);
-                settlements.push((settlement(&item, &topic, outcome, attempts), item.position));
-            }
-            Ok(Some((tenant, _))) => {
-                scheduler.complete(&tenant);
-            }
-            _ => break,
+    // Shutdown: no new attempt starts; attempts under way end (bounded by `revoke_drain`) and
+    // settle themselves; what settled before is flushed; then one synchronous commit.
+    let owned: Vec<i32> = state.lock().partitions.keys().copied().collect();
+    let deadline = Instant::now() + options.revoke_drain;
+    blocking(|| state.cancel_and_wait(&owned, deadline));
+    while let Ok((_, done)) = done_rx.try_recv() {
+        if let Done::Settled(item, outcome, attempts) = done {
+            settlements.push((settlement(&item, &topic, outcome, attempts), item.position));
         }
     }
     flush(
         &pool,
         &consumer,
-        &shared,
+        &state,
         &topic,
         (&mut settlements, &mut settled_positions),
         &stats,
@@ -509,12 +752,46 @@ pub async fn run<H: Handler>(
     Ok(())
 }
 
-/// Runs one event to an end: a duplicate (already settled), expired, delivered, or a failure
-/// that pauses its tenant or trips the breaker. Retries happen here, holding only this tenant.
+/// What bounds an event's handling: the retry policy, the partition's cancellation (revoke,
+/// shutdown), and the failure window that tells a tenant's failure from the partner's.
+struct Guard<'a> {
+    retry: &'a RetryPolicy,
+    cancel: &'a CancellationToken,
+    window: &'a Mutex<FailureWindow<String>>,
+}
+
+impl Guard<'_> {
+    /// Sleeps `wait`; false if cancelled first.
+    async fn sleep(&self, wait: Duration) -> bool {
+        tokio::select! {
+            _ = self.cancel.cancelled() => false,
+            _ = tokio::time::sleep(wait) => true,
+        }
+    }
+
+    fn record(&self, tenant: &str, failed: bool) {
+        self.window.lock().expect("failure window").record(
+            tenant.to_owned(),
+            failed,
+            Instant::now(),
+        );
+    }
+
+    fn most_failing(&self) -> bool {
+        self.window
+            .lock()
+            .expect("failure window")
+            .most_failing(Instant::now())
+    }
+}
+
+/// Runs one event to an end: a duplicate (already settled), expired, delivered, a failure that
+/// pauses its tenant or trips the breaker, or revoked. Retries happen here, holding only this
+/// tenant; no attempt starts once the partition's work is cancelled.
 async fn handle<H: Handler>(
     handler: &H,
     item: Item,
-    retry: &RetryPolicy,
+    guard: &Guard<'_>,
     already_settled: bool,
 ) -> Done {
     if already_settled {
@@ -527,20 +804,46 @@ async fn handle<H: Handler>(
     {
         return Done::Settled(item, SettledAs::Expired, 0);
     }
+    let tenant = item.event.tenant_id.as_str();
     let first_failure = Instant::now();
     let mut attempt = 1;
     loop {
+        if guard.cancel.is_cancelled() {
+            return Done::Revoked(item);
+        }
         match handler.handle(&item.event, attempt).await {
-            Outcome::Done => return Done::Settled(item, SettledAs::Delivered, attempt),
+            Outcome::Done => {
+                guard.record(tenant, false);
+                return Done::Settled(item, SettledAs::Delivered, attempt);
+            }
             Outcome::Deferred(until) => {
                 let wait = (until - chrono::Utc::now()).to_std().unwrap_or_default();
-                tokio::time::sleep(wait).await;
+                if !guard.sleep(wait).await {
+                    return Done::Revoked(item);
+                }
             }
             Outcome::Failed(failure) => {
+                // A permanent failure is about this event, not the partner's health.
+                if failure.class != FailureClass::Permanent {
+                    guard.record(tenant, true);
+                }
                 let jitter =
                     f64::from(item.event.id.as_u128() as u32 ^ attempt) / f64::from(u32::MAX);
-                match retry.decide(&failure, attempt, first_failure.elapsed(), jitter) {
-                    Decision::RetryIn(wait) => tokio::time::sleep(wait).await,
+                match guard
+                    .retry
+                    .decide(&failure, attempt, first_failure.elapsed(), jitter)
+                {
+                    Decision::RetryIn(wait) => {
+                        if !guard.sleep(wait).await {
+                            return Done::Revoked(item);
+                        }
+                    }
+                    // Most tenants are failing too: the partner is down, not this tenant.
+                    Decision::PauseTenant
+                        if failure.class == FailureClass::Retryable && guard.most_failing() =>
+                    {
+                        return Done::Breaker(item, failure);
+                    }
                     Decision::PauseTenant => return Done::Pause(item, failure),
                     Decision::TripBreaker => return Done::Breaker(item, failure),
                 }
@@ -550,15 +853,64 @@ async fn handle<H: Handler>(
     }
 }
 
+/// A task whose partition was revoked (or the consumer is stopping) as it ended: a settled event
+/// is recorded now and its offset marked, so the revoke's commit passes it and the next owner
+/// does not send it again; anything else is left to the next owner.
+async fn settle_on_revoke(done: Done, pool: &PgPool, topic: &str, lease: &Lease) -> Done {
+    match done {
+        Done::Settled(item, outcome, attempts) => {
+            let record = settlement(&item, topic, outcome, attempts);
+            let written = async {
+                let mut tx = pool.begin().await?;
+                ledger::record_settled(&mut tx, std::slice::from_ref(&record)).await?;
+                tx.commit().await
+            }
+            .await;
+            match written {
+                Ok(()) => {
+                    lease.settled(item.position.offset);
+                    Done::SettledOnRevoke(item, outcome)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, event = %item.event.id, "settling on revoke failed; the next owner sends it again");
+                    Done::Revoked(item)
+                }
+            }
+        }
+        Done::Duplicate(item) => {
+            lease.settled(item.position.offset);
+            Done::Revoked(item)
+        }
+        Done::Pause(item, _)
+        | Done::Breaker(item, _)
+        | Done::Revoked(item)
+        | Done::SettledOnRevoke(item, _) => Done::Revoked(item),
+    }
+}
+
+/// Whether the partition `position` came from is still ours, in the same generation.
+fn is_current(state: &State, position: Position) -> bool {
+    state
+        .lock()
+        .partitions
+        .get(&position.partition)
+        .is_some_and(|o| o.generation == position.generation && !o.cancel.is_cancelled())
+}
+
+/// The tenants whose records are parked rather than delivered: paused, or replaying a backlog.
+async fn paused_tenants(pool: &PgPool) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+    Ok(ledger::inactive_tenants(pool)
+        .await?
+        .into_iter()
+        .filter(|(_, state)| state == "paused" || state == "draining")
+        .map(|(t, _)| t)
+        .collect())
+}
+
 /// Replays a tenant's parked backlog in order, a page at a time, through the same path as live
 /// events (dedupe, expiry, handler with retries); each page's settlements and removal commit
 /// together.
-async fn drain<H: Handler>(
-    handler: &H,
-    pool: &PgPool,
-    tenant: &str,
-    retry: &RetryPolicy,
-) -> Drained {
+async fn drain<H: Handler>(handler: &H, pool: &PgPool, tenant: &str, guard: &Guard<'_>) -> Drained {
     let mut after = 0;
     loop {
         let page = match ledger::parked_backlog(pool, tenant, after, 500).await {
@@ -612,11 +964,18 @@ async fn drain<H: Handler>(
                 position,
             };
             let already = settled.contains(&item.event.id);
-            match handle(handler, item, retry, already).await {
+            match handle(handler, item, guard, already).await {
                 Done::Settled(item, outcome, attempts) => {
                     settlements.push(settlement(&item, &topic, outcome, attempts));
                 }
-                Done::Duplicate(_) => {}
+                Done::Duplicate(_) | Done::SettledOnRevoke(..) => {}
+                Done::Revoked(_) => {
+                    // Keep what was replayed; the rest stays parked for the partition's owner.
+                    return match ledger::unpark(pool, tenant, through, &settlements).await {
+                        Ok(()) => Drained::Revoked(tenant.to_owned()),
+                        Err(e) => Drained::Error(tenant.to_owned(), e),
+                    };
+                }
                 Done::Pause(item, failure) | Done::Breaker(item, failure) => {
                     let _ = ledger::unpark(pool, tenant, through, &settlements).await;
                     return Drained::Failed(tenant.to_owned(), failure, Some(item.event.id));
@@ -696,7 +1055,7 @@ fn parked_record<M: Message>(m: &M, topic: &str) -> ParkedRecord {
 async fn flush(
     pool: &PgPool,
     consumer: &StreamConsumer<Context>,
-    shared: &Arc<Mutex<Shared>>,
+    state: &State,
     topic: &str,
     (settlements, settled_positions): (&mut Vec<(Settlement, Position)>, &mut Vec<Position>),
     stats: &ConsumeStats,
@@ -715,7 +1074,7 @@ async fn flush(
         .collect();
     let mut commit = TopicPartitionList::new();
     {
-        let mut s = shared.lock().expect("consumer state");
+        let mut s = state.lock();
         for p in positions {
             if let Some(owned) = s.partitions.get_mut(&p.partition)
                 && owned.generation == p.generation

@@ -27,6 +27,24 @@ struct Recorder {
     flaky: Mutex<HashSet<String>>,
     /// The partner refuses everyone (401) while set.
     outage: std::sync::atomic::AtomicBool,
+    /// When each call started and ended, per tenant: two calls of a tenant must never overlap,
+    /// even across instances during a rebalance.
+    spans: Mutex<Vec<(String, std::time::Instant, std::time::Instant)>>,
+}
+
+impl Recorder {
+    /// Asserts that no two calls of a tenant overlapped in time.
+    fn assert_one_in_flight_per_tenant(&self) {
+        let mut spans = self.spans.lock().unwrap().clone();
+        spans.sort_by_key(|(tenant, start, _)| (tenant.clone(), *start));
+        for pair in spans.windows(2) {
+            let ((a, _, a_end), (b, b_start, _)) = (&pair[0], &pair[1]);
+            assert!(
+                a != b || a_end <= b_start,
+                "{a}: a call started before the previous one ended"
+            );
+        }
+    }
 }
 
 impl Handler for Recorder {
@@ -41,7 +59,13 @@ impl Handler for Recorder {
             .lock()
             .unwrap()
             .push((event.tenant_id.to_string(), seq));
+        let started = std::time::Instant::now();
         tokio::time::sleep(Duration::from_millis((seq % 3) as u64)).await;
+        self.spans.lock().unwrap().push((
+            event.tenant_id.to_string(),
+            started,
+            std::time::Instant::now(),
+        ));
         if self.outage.load(Ordering::SeqCst) {
             return Outcome::Failed(Failure {
                 class: FailureClass::PartnerWide,
@@ -106,21 +130,28 @@ fn row(tenant: &str, seq: i64) -> OutboxRow {
     }
 }
 
-/// Produces the rows in order; returns the last offset.
+/// Produces the rows in order (all enqueued before any is awaited, in order, so the idempotent
+/// producer keeps them in order); returns the last offset.
 async fn produce_rows(kafka: &ferry::config::KafkaConfig, rows: &[OutboxRow]) -> i64 {
     let producer: FutureProducer = broker::producer_config(kafka).create().unwrap();
+    let records: Vec<WireRecord> = rows
+        .iter()
+        .map(|row| WireRecord::from_row(row, None))
+        .collect();
+    // send_result enqueues at once, in call order.
+    let deliveries: Vec<_> = records
+        .iter()
+        .map(|r| {
+            producer
+                .send_result(broker::future_record(&kafka.topic, r))
+                .map_err(|(e, _)| e)
+                .unwrap()
+        })
+        .collect();
     let mut last = 0;
-    for row in rows {
-        let r = WireRecord::from_row(row, None);
-        let d = producer
-            .send(
-                broker::future_record(&kafka.topic, &r),
-                Duration::from_secs(30),
-            )
-            .await
-            .map_err(|(e, _)| e)
-            .unwrap();
-        last = d.offset;
+    for delivery in deliveries {
+        let delivery = delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
+        last = last.max(delivery.offset);
     }
     last
 }
@@ -600,6 +631,16 @@ async fn two_instances_share_the_partitions_through_a_rebalance_and_lose_nothing
     )
     .await;
     let (stop_b, task_b, stats_b) = start(&cfg, &db.pool, &handler);
+    wait_for(
+        "the second instance owning partitions taken from the first",
+        Duration::from_secs(60),
+        || async {
+            (stats_b.partitions.load(Ordering::Relaxed) > 0
+                && stats_a.partitions.load(Ordering::Relaxed) < 4)
+                .then_some(())
+        },
+    )
+    .await;
     produce_rows(&kafka, &rows[third..]).await;
 
     let all: HashSet<String> = (0..TENANTS).map(|t| format!("tenant-{t}")).collect();
@@ -627,6 +668,7 @@ async fn two_instances_share_the_partitions_through_a_rebalance_and_lose_nothing
         }
         assert_eq!(firsts, (1..=PER_TENANT).collect::<Vec<_>>(), "{tenant}");
     }
+    handler.assert_one_in_flight_per_tenant();
     stop_a.cancel();
     stop_b.cancel();
     task_a.await.unwrap().unwrap();
@@ -681,6 +723,247 @@ async fn a_bad_event_pauses_only_its_tenant_with_the_decoders_reason() {
         || async { (committed(&kafka).await == Some(last_offset + 1)).then_some(()) },
     )
     .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    db.drop().await;
+}
+
+/// The crash test's handler, in the child process: every call is written to `crash_seen` with
+/// the child's run number before it counts as delivered.
+struct SeenWriter {
+    pool: sqlx::PgPool,
+    run: i32,
+}
+
+impl Handler for SeenWriter {
+    async fn handle(&self, event: &OutboxEvent, _attempt: u32) -> Outcome {
+        let seq: i64 = event
+            .aggregate_id
+            .as_deref()
+            .unwrap_or("0")
+            .parse()
+            .unwrap();
+        // A partner call takes a few milliseconds: the kill lands mid-stream.
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        match sqlx::query("INSERT INTO crash_seen (run, tenant, seq) VALUES ($1, $2, $3)")
+            .bind(self.run)
+            .bind(event.tenant_id.as_str())
+            .bind(seq)
+            .execute(&self.pool)
+            .await
+        {
+            Ok(_) => Outcome::Done,
+            Err(e) => Outcome::Failed(Failure {
+                class: FailureClass::Retryable,
+                message: e.to_string(),
+                status: None,
+                response: None,
+                retry_after: None,
+            }),
+        }
+    }
+}
+
+/// The consumer the crash test kills: the test binary itself, started as a child process with
+/// `FERRY_CRASH_RUN` and the `FERRY_*` settings. Started any other way it returns at once.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "started as a child process by the crash test"]
+async fn crash_child_consumer() {
+    let Ok(run) = std::env::var("FERRY_CRASH_RUN") else {
+        return;
+    };
+    let cfg = ferry::config::Config::load(None).unwrap();
+    let pool = ferry::store::connect(&cfg.database).await.unwrap();
+    let handler = Arc::new(SeenWriter {
+        pool: pool.clone(),
+        run: run.parse().unwrap(),
+    });
+    let stats = Arc::new(ConsumeStats::default());
+    runtime::run(
+        &cfg,
+        pool,
+        handler,
+        ConsumeOptions::default(),
+        stats,
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+}
+
+fn spawn_child(cfg: &ferry::config::Config, run: i32) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "consume::crash_child_consumer",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("FERRY_CRASH_RUN", run.to_string())
+        .env("FERRY_DATABASE_URL", &cfg.database.url)
+        .env("FERRY_KAFKA_BROKERS", &cfg.kafka.brokers)
+        .env("FERRY_KAFKA_TOPIC", &cfg.kafka.topic)
+        .env("FERRY_KAFKA_GROUP_ID", &cfg.kafka.group_id)
+        // The killed member holds its partitions until its session expires: keep that short.
+        .env(
+            "FERRY_KAFKA_PROPERTIES",
+            "session.timeout.ms=6000,heartbeat.interval.ms=500",
+        )
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_killed_with_sigkill_mid_stream_and_restarted_loses_nothing() {
+    const TENANTS: usize = 20;
+    const PER_TENANT: i64 = 150;
+    let total = TENANTS as i64 * PER_TENANT;
+    let db = TestDb::migrated().await;
+    let kafka = fresh_topic(2).await;
+    let cfg = config(&db, &kafka);
+    sqlx::query(
+        "CREATE TABLE crash_seen (id bigserial PRIMARY KEY, run int NOT NULL, tenant text NOT NULL, seq bigint NOT NULL)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    produce(&kafka, TENANTS, PER_TENANT).await;
+    let seen = |run: Option<i32>| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(DISTINCT (tenant, seq)) FROM crash_seen WHERE $1::int IS NULL OR run = $1",
+            )
+            .bind(run)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+
+    // Run 1 is killed (SIGKILL: no drain, no commit) once a third of the stream is through.
+    let mut first = spawn_child(&cfg, 1);
+    wait_for(
+        "a third of the stream delivered",
+        Duration::from_secs(60),
+        || async { (seen(Some(1)).await >= total / 3).then_some(()) },
+    )
+    .await;
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let before_kill = seen(Some(1)).await;
+    assert!(
+        before_kill < total,
+        "the kill must land mid-stream, yet run 1 saw all {total}"
+    );
+
+    // Run 2 takes over from the committed offsets.
+    let mut second = spawn_child(&cfg, 2);
+    wait_for("every event delivered", Duration::from_secs(90), || async {
+        (seen(None).await == total).then_some(())
+    })
+    .await;
+    second.kill().unwrap();
+    second.wait().unwrap();
+
+    // Within each run, each tenant's events came in order, none twice; together, all of them.
+    let rows: Vec<(i32, String, i64)> =
+        sqlx::query_as("SELECT run, tenant, seq FROM crash_seen ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let mut per_run: HashMap<(i32, String), Vec<i64>> = HashMap::new();
+    for (run, tenant, seq) in &rows {
+        per_run
+            .entry((*run, tenant.clone()))
+            .or_default()
+            .push(*seq);
+    }
+    for ((run, tenant), seqs) in &per_run {
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "run {run}, {tenant}: out of order or repeated: {seqs:?}"
+        );
+    }
+    let repeats = rows.len() as i64 - total;
+    assert!(
+        repeats <= TENANTS as i64 * 2,
+        "run 2 repeated {repeats} events: only the ones in flight or unsettled at the kill may come again"
+    );
+    assert!(seen(Some(2)).await > 0, "run 2 delivered the rest");
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn when_most_tenants_fail_the_breaker_holds_consumption_instead_of_parking_them() {
+    const TENANTS: usize = 10;
+    const PER_TENANT: i64 = 5;
+    let db = TestDb::migrated().await;
+    let kafka = fresh_topic(1).await;
+    let cfg = config(&db, &kafka);
+    let last_offset = produce(&kafka, TENANTS, PER_TENANT).await;
+    // The partner answers 503 to everyone.
+    let handler = Arc::new(Recorder {
+        flaky: Mutex::new((0..TENANTS).map(|t| format!("tenant-{t}")).collect()),
+        ..Default::default()
+    });
+    let options = ConsumeOptions {
+        retry: ferry::delivery::RetryPolicy {
+            base: Duration::from_millis(10),
+            max: Duration::from_millis(50),
+            pause_after_attempts: 3,
+            pause_after: Duration::from_secs(60),
+        },
+        breaker_probe_interval: Duration::from_millis(200),
+        ..ConsumeOptions::default()
+    };
+    let (stop, task, stats) = start_with(&cfg, &db.pool, &handler, options);
+    wait_for("the breaker open", Duration::from_secs(30), || async {
+        (stats.breaker_open.load(Ordering::Relaxed) == 1).then_some(())
+    })
+    .await;
+    // Probes keep failing while the outage lasts: wait for one to be seen failing.
+    let calls_at_open = handler.calls.lock().unwrap().len();
+    wait_for(
+        "a probe during the outage",
+        Duration::from_secs(30),
+        || async { (handler.calls.lock().unwrap().len() > calls_at_open).then_some(()) },
+    )
+    .await;
+    handler.flaky.lock().unwrap().clear();
+    wait_for("every event delivered", Duration::from_secs(60), || async {
+        (stats.delivered.load(Ordering::Relaxed) == TENANTS as u64 * PER_TENANT as u64)
+            .then_some(())
+    })
+    .await;
+    wait_for(
+        "the committed offset past every record",
+        Duration::from_secs(60),
+        || async { (committed(&kafka).await == Some(last_offset + 1)).then_some(()) },
+    )
+    .await;
+    assert_eq!(stats.parked.load(Ordering::Relaxed), 0, "no tenant parked");
+    let paused: i64 = sqlx::query_scalar("SELECT count(*) FROM tenants WHERE state <> 'active'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(paused, 0, "no tenant paused");
+    assert_eq!(
+        stats.breaker_open.load(Ordering::Relaxed),
+        0,
+        "closed again"
+    );
+    // Order per tenant: the successful calls, in order, each once.
+    let calls = handler.calls.lock().unwrap().clone();
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for (tenant, seq) in calls {
+        let prev = last.insert(tenant.clone(), seq).unwrap_or(0);
+        assert!(
+            seq == prev || seq == prev + 1,
+            "{tenant}: {seq} after {prev}"
+        );
+    }
     stop.cancel();
     task.await.unwrap().unwrap();
     db.drop().await;
