@@ -41,7 +41,10 @@ pub struct PartitionOffsets {
     /// The next offset expected: one past the highest received (or `start`).
     next: i64,
     unsettled: BTreeSet<i64>,
+    /// The last point handed out to be committed.
     committed: i64,
+    /// The highest point the broker confirmed.
+    acked: i64,
 }
 
 impl PartitionOffsets {
@@ -53,6 +56,7 @@ impl PartitionOffsets {
             next: start,
             unsettled: BTreeSet::new(),
             committed: start,
+            acked: start,
         }
     }
 
@@ -107,6 +111,24 @@ impl PartitionOffsets {
     /// The last commit point handed out by [`take_commit`](Self::take_commit).
     pub fn committed(&self) -> i64 {
         self.committed
+    }
+
+    /// The broker confirmed a commit of `point`.
+    pub fn commit_succeeded(&mut self, point: i64) {
+        self.acked = self.acked.max(point);
+    }
+
+    /// A commit of `point` failed: unless a later point was handed out meanwhile (which covers
+    /// it), the next [`take_commit`](Self::take_commit) offers the current point again.
+    pub fn commit_failed(&mut self, point: i64) {
+        if self.committed == point {
+            self.committed = self.acked;
+        }
+    }
+
+    /// The highest point the broker confirmed.
+    pub fn acked(&self) -> i64 {
+        self.acked
     }
 }
 
@@ -169,6 +191,31 @@ mod tests {
         p.settled(4).unwrap();
         assert_eq!(p.settled(4), Err(OffsetError::NotUnsettled(4)));
         assert_eq!(p.commit_point(), 5);
+    }
+
+    #[test]
+    fn a_failed_commit_is_offered_again_unless_a_later_one_covers_it() {
+        let mut p = PartitionOffsets::new(0);
+        for o in 0..4 {
+            p.received(o).unwrap();
+        }
+        p.settled(0).unwrap();
+        assert_eq!(p.take_commit(), Some(1));
+        p.commit_failed(1);
+        assert_eq!(p.acked(), 0);
+        assert_eq!(p.take_commit(), Some(1), "offered again");
+        p.commit_succeeded(1);
+        p.settled(1).unwrap();
+        assert_eq!(p.take_commit(), Some(2));
+        p.settled(2).unwrap();
+        assert_eq!(p.take_commit(), Some(3));
+        p.commit_failed(2);
+        assert_eq!(p.take_commit(), None, "3 is on its way and covers 2");
+        p.commit_failed(3);
+        assert_eq!(p.take_commit(), Some(3));
+        p.commit_succeeded(3);
+        p.commit_succeeded(2);
+        assert_eq!(p.acked(), 3, "an old confirmation never lowers it");
     }
 
     /// A scenario: offsets received with gaps, then settled in an arbitrary order.

@@ -126,6 +126,23 @@ pub struct ConsumeStats {
     pub breaker_trips: std::sync::atomic::AtomicU64,
     /// Partitions this instance owns now.
     pub partitions: std::sync::atomic::AtomicU64,
+    /// Transient Kafka errors seen (brokers down, request errors); librdkafka recovers.
+    pub kafka_errors: std::sync::atomic::AtomicU64,
+}
+
+/// Whether a consume error ends the consumer: librdkafka's fatal errors (the idempotence or
+/// group membership can no longer be kept); every other error is transient and retried inside
+/// librdkafka.
+fn is_fatal(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::Fatal
+                | RDKafkaErrorCode::InvalidArgument
+                | RDKafkaErrorCode::Authentication
+        )
+    )
 }
 
 /// What the loop and the rebalance callback share. Locked briefly, never across an await.
@@ -275,7 +292,7 @@ impl ConsumerContext for Context {
             for &partition in &revoked {
                 if let Some(owned) = s.partitions.remove(&partition)
                     && let Some(offsets) = owned.offsets
-                    && offsets.commit_point() > offsets.committed()
+                    && offsets.commit_point() > offsets.acked()
                 {
                     let _ = commit.add_partition_offset(
                         &self.topic,
@@ -383,7 +400,7 @@ pub async fn run<H: Handler>(
     use std::sync::atomic::Ordering::Relaxed;
     let topic = config.kafka.topic.clone();
     let state = Arc::new(State::default());
-    let consumer: StreamConsumer<Context> =
+    let consumer: Arc<StreamConsumer<Context>> = Arc::new(
         broker::consumer_config(&config.kafka, &config.kafka.group_id).create_with_context(
             Context {
                 state: Arc::clone(&state),
@@ -391,7 +408,8 @@ pub async fn run<H: Handler>(
                 revoke_drain: options.revoke_drain,
                 stats: Arc::clone(&stats),
             },
-        )?;
+        )?,
+    );
     let window = Arc::new(Mutex::new(FailureWindow::new(
         options.breaker_window,
         options.breaker_min_tenants,
@@ -428,6 +446,11 @@ pub async fn run<H: Handler>(
     let (drain_tx, mut drain_rx) = mpsc::unbounded_channel::<Drained>();
     let mut draining: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut kill_switch_check = tokio::time::interval(options.kill_switch_interval);
+    // Async commit results never reach us (librdkafka reports them only to a C callback that
+    // rust-rdkafka does not install), so unconfirmed commits are checked against the broker.
+    let mut commit_check = tokio::time::interval(Duration::from_secs(2));
+    let (checked_tx, mut checked_rx) = mpsc::unbounded_channel::<Vec<(i32, i64)>>();
+    let mut commit_again = false;
     let mut killed: bool = sqlx::query_scalar("SELECT kill_switch FROM control")
         .fetch_one(&pool)
         .await?;
@@ -507,7 +530,18 @@ pub async fn run<H: Handler>(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             message = consumer.recv(), if scheduler.queued() < options.max_queued => {
-                let m = message?;
+                let m = match message {
+                    Ok(m) => m,
+                    // librdkafka reports broker trouble (down, unreachable, request errors) as
+                    // consume errors and recovers on its own; only a fatal error ends us.
+                    Err(e) if is_fatal(&e) => return Err(e.into()),
+                    Err(e) => {
+                        if stats.kafka_errors.fetch_add(1, Relaxed) % 100 == 0 {
+                            tracing::warn!(error = %e, "kafka error; librdkafka retries");
+                        }
+                        continue;
+                    }
+                };
                 stats.received.fetch_add(1, Relaxed);
                 // Assigned partitions: obey the pauses other instances recorded before looking
                 // at their first record (the callback ran inside this very poll).
@@ -612,6 +646,45 @@ pub async fn run<H: Handler>(
                 }
             }
             _ = tick.tick() => {}
+            _ = commit_check.tick() => {
+                let unconfirmed: Vec<i32> = state
+                    .lock()
+                    .partitions
+                    .iter()
+                    .filter(|(_, o)| o.offsets.as_ref().is_some_and(|o| o.committed() > o.acked()))
+                    .map(|(&p, _)| p)
+                    .collect();
+                if !unconfirmed.is_empty() {
+                    let (consumer, topic, tx) = (Arc::clone(&consumer), topic.clone(), checked_tx.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let mut list = TopicPartitionList::new();
+                        for p in unconfirmed {
+                            list.add_partition(&topic, p);
+                        }
+                        if let Ok(got) = consumer.committed_offsets(list, Duration::from_secs(5)) {
+                            let found = got
+                                .elements_for_topic(&topic)
+                                .iter()
+                                .map(|e| (e.partition(), e.offset().to_raw().unwrap_or(-1)))
+                                .collect();
+                            let _ = tx.send(found);
+                        }
+                    });
+                }
+            }
+            Some(found) = checked_rx.recv() => {
+                let mut s = state.lock();
+                for (partition, on_broker) in found {
+                    if let Some(offsets) = s.partitions.get_mut(&partition).and_then(|o| o.offsets.as_mut()) {
+                        offsets.commit_succeeded(on_broker);
+                        if offsets.committed() > offsets.acked() {
+                            // Not there (failed, or still on its way): offer it again.
+                            offsets.commit_failed(offsets.committed());
+                            commit_again = true;
+                        }
+                    }
+                }
+            }
             _ = kill_switch_check.tick() => {
                 let on: bool = sqlx::query_scalar("SELECT kill_switch FROM control").fetch_one(&pool).await?;
                 if on != killed {
@@ -712,7 +785,8 @@ pub async fn run<H: Handler>(
             stats.breaker_open.store(0, Relaxed);
             consumer.resume(&consumer.assignment()?)?;
         }
-        if settlements.len() >= options.settle_batch
+        if std::mem::take(&mut commit_again)
+            || settlements.len() >= options.settle_batch
             || (!(settlements.is_empty() && settled_positions.is_empty())
                 && last_flush.elapsed() >= options.settle_interval)
         {
@@ -1084,18 +1158,29 @@ async fn flush(
             }
         }
         for (&partition, owned) in s.partitions.iter_mut() {
-            if let Some(point) = owned
-                .offsets
-                .as_mut()
-                .and_then(PartitionOffsets::take_commit)
-            {
+            let Some(offsets) = owned.offsets.as_mut() else {
+                continue;
+            };
+            // The last, synchronous commit covers whatever the broker has not confirmed.
+            let point = match mode {
+                CommitMode::Sync => {
+                    (offsets.commit_point() > offsets.acked()).then(|| offsets.commit_point())
+                }
+                CommitMode::Async => offsets.take_commit(),
+            };
+            if let Some(point) = point {
                 commit.add_partition_offset(topic, partition, Offset::Offset(point))?;
             }
         }
     }
     if commit.count() > 0 {
         match mode {
-            CommitMode::Sync => tokio::task::block_in_place(|| consumer.commit(&commit, mode))?,
+            CommitMode::Sync => {
+                // At shutdown: a failure costs a redelivery (deduped), not an error exit.
+                if let Err(e) = blocking(|| consumer.commit(&commit, mode)) {
+                    tracing::warn!(error = %e, "final commit failed; the next start replays from the previous one");
+                }
+            }
             CommitMode::Async => consumer.commit(&commit, mode)?,
         }
         stats

@@ -21,20 +21,20 @@ use crate::support::{TestDb, config, fresh_topic, wait_for};
 
 /// Records every call; fails `failing` tenants permanently; takes a little time per call.
 #[derive(Default)]
-struct Recorder {
-    calls: Mutex<Vec<(String, i64)>>,
-    failing: Mutex<HashSet<String>>,
-    flaky: Mutex<HashSet<String>>,
+pub(crate) struct Recorder {
+    pub calls: Mutex<Vec<(String, i64)>>,
+    pub failing: Mutex<HashSet<String>>,
+    pub flaky: Mutex<HashSet<String>>,
     /// The partner refuses everyone (401) while set.
-    outage: std::sync::atomic::AtomicBool,
+    pub outage: std::sync::atomic::AtomicBool,
     /// When each call started and ended, per tenant: two calls of a tenant must never overlap,
     /// even across instances during a rebalance.
-    spans: Mutex<Vec<(String, std::time::Instant, std::time::Instant)>>,
+    pub spans: Mutex<Vec<(String, std::time::Instant, std::time::Instant)>>,
 }
 
 impl Recorder {
     /// Asserts that no two calls of a tenant overlapped in time.
-    fn assert_one_in_flight_per_tenant(&self) {
+    pub(crate) fn assert_one_in_flight_per_tenant(&self) {
         let mut spans = self.spans.lock().unwrap().clone();
         spans.sort_by_key(|(tenant, start, _)| (tenant.clone(), *start));
         for pair in spans.windows(2) {
@@ -107,7 +107,7 @@ impl Handler for Recorder {
     }
 }
 
-fn row(tenant: &str, seq: i64) -> OutboxRow {
+pub(crate) fn row(tenant: &str, seq: i64) -> OutboxRow {
     let payload = EventPayload::ProductUpdated(proto::ProductUpdated {
         product: Some(proto::Product {
             id: format!("{tenant}-p"),
@@ -132,7 +132,7 @@ fn row(tenant: &str, seq: i64) -> OutboxRow {
 
 /// Produces the rows in order (all enqueued before any is awaited, in order, so the idempotent
 /// producer keeps them in order); returns the last offset.
-async fn produce_rows(kafka: &ferry::config::KafkaConfig, rows: &[OutboxRow]) -> i64 {
+pub(crate) async fn produce_rows(kafka: &ferry::config::KafkaConfig, rows: &[OutboxRow]) -> i64 {
     let producer: FutureProducer = broker::producer_config(kafka).create().unwrap();
     let records: Vec<WireRecord> = rows
         .iter()
@@ -156,7 +156,11 @@ async fn produce_rows(kafka: &ferry::config::KafkaConfig, rows: &[OutboxRow]) ->
     last
 }
 
-async fn produce(kafka: &ferry::config::KafkaConfig, tenants: usize, per_tenant: i64) -> i64 {
+pub(crate) async fn produce(
+    kafka: &ferry::config::KafkaConfig,
+    tenants: usize,
+    per_tenant: i64,
+) -> i64 {
     let rows: Vec<OutboxRow> = (1..=per_tenant)
         .flat_map(|seq| (0..tenants).map(move |t| row(&format!("tenant-{t}"), seq)))
         .collect();
@@ -164,7 +168,7 @@ async fn produce(kafka: &ferry::config::KafkaConfig, tenants: usize, per_tenant:
 }
 
 /// Starts a consumer; returns its stop token, task and counters.
-fn start(
+pub(crate) fn start(
     cfg: &ferry::config::Config,
     pool: &sqlx::PgPool,
     handler: &Arc<Recorder>,
@@ -184,7 +188,7 @@ fn start(
     )
 }
 
-fn start_with(
+pub(crate) fn start_with(
     cfg: &ferry::config::Config,
     pool: &sqlx::PgPool,
     handler: &Arc<Recorder>,
@@ -209,7 +213,7 @@ fn start_with(
     (stop, task, stats)
 }
 
-async fn committed(kafka: &ferry::config::KafkaConfig) -> Option<i64> {
+pub(crate) async fn committed(kafka: &ferry::config::KafkaConfig) -> Option<i64> {
     let kafka = kafka.clone();
     tokio::task::spawn_blocking(move || {
         let c: BaseConsumer = broker::consumer_config(&kafka, &kafka.group_id)

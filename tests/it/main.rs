@@ -5,6 +5,7 @@ mod bench;
 mod consume;
 mod contract;
 mod decoder;
+mod faults;
 mod kafka;
 mod ledger;
 mod relay;
