@@ -536,7 +536,7 @@ pub async fn run<H: Handler>(
                     // consume errors and recovers on its own; only a fatal error ends us.
                     Err(e) if is_fatal(&e) => return Err(e.into()),
                     Err(e) => {
-                        if stats.kafka_errors.fetch_add(1, Relaxed) % 100 == 0 {
+                        if stats.kafka_errors.fetch_add(1, Relaxed).is_multiple_of(100) {
                             tracing::warn!(error = %e, "kafka error; librdkafka retries");
                         }
                         continue;
