@@ -8,6 +8,9 @@
 //! | Kafka bootstrap servers | `kafka.brokers` | `FERRY_KAFKA_BROKERS`, else `KAFKA_BROKERS` |
 //! | outbox topic | `kafka.topic` | `FERRY_KAFKA_TOPIC` |
 //! | consumer group | `kafka.group_id` | `FERRY_KAFKA_GROUP_ID` |
+//! | partner API | `partner.url` | `FERRY_PARTNER_URL` |
+//! | partner bearer token | `partner.token` | `FERRY_PARTNER_TOKEN` |
+//! | partner request timeout | `partner.timeout_ms` | `FERRY_PARTNER_TIMEOUT_MS` |
 //! | extra librdkafka settings | `[kafka.properties]` | `FERRY_KAFKA_PROPERTIES` (`name=value,name=value`, over the file's) |
 //! | relay slot | `relay.slot` | `FERRY_RELAY_SLOT` |
 //! | relay publication | `relay.publication` | `FERRY_RELAY_PUBLICATION` |
@@ -38,6 +41,29 @@ pub struct Config {
     pub kafka: KafkaConfig,
     /// Relay settings.
     pub relay: RelayConfig,
+    /// The partner's API (`ferry consume`, `ferry verify`).
+    pub partner: PartnerConfig,
+}
+
+/// The partner's API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartnerConfig {
+    /// Its base URL (`http://host:port`); required by the commands that call it.
+    pub url: Option<String>,
+    /// The bearer token.
+    pub token: String,
+    /// How long one request may take.
+    pub timeout: Duration,
+}
+
+impl Default for PartnerConfig {
+    fn default() -> Self {
+        PartnerConfig {
+            url: None,
+            token: String::new(),
+            timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// `ferry relay` settings.
@@ -153,6 +179,16 @@ struct FileConfig {
     kafka: FileKafka,
     #[serde(default)]
     relay: FileRelay,
+    #[serde(default)]
+    partner: FilePartner,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePartner {
+    url: Option<String>,
+    token: Option<String>,
+    timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -309,6 +345,16 @@ impl Config {
                 .unwrap_or(defaults.topic_partitions),
         };
 
+        let partner = PartnerConfig {
+            url: env(&["FERRY_PARTNER_URL"]).or(file.partner.url),
+            token: env(&["FERRY_PARTNER_TOKEN"])
+                .or(file.partner.token)
+                .unwrap_or_default(),
+            timeout: number("partner.timeout_ms", "FERRY_PARTNER_TIMEOUT_MS")?
+                .or(file.partner.timeout_ms)
+                .map_or(PartnerConfig::default().timeout, Duration::from_millis),
+        };
+
         let config = Config {
             database: DatabaseConfig {
                 url,
@@ -321,6 +367,7 @@ impl Config {
                 properties,
             },
             relay,
+            partner,
         };
         config.validate()?;
         Ok(config)
@@ -353,6 +400,18 @@ impl Config {
         }
         validate_topic(&self.kafka.topic)
             .map_err(|reason| invalid("kafka.topic", &self.kafka.topic, &reason))?;
+        if let Some(url) = &self.partner.url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(invalid(
+                "partner.url",
+                url,
+                "expected an http:// or https:// URL",
+            ));
+        }
+        if self.partner.timeout.is_zero() {
+            return Err(invalid("partner.timeout_ms", "0", "must be at least 1"));
+        }
         let r = &self.relay;
         for (key, value) in [
             ("relay.slot", &r.slot),
@@ -553,6 +612,22 @@ mod tests {
                     ("FERRY_KAFKA_PROPERTIES", "session.timeout.ms"),
                 ],
                 "kafka.properties",
+            ),
+            (
+                &[
+                    ("DATABASE_URL", "postgres://x/y"),
+                    ("KAFKA_BROKERS", "h:1"),
+                    ("FERRY_PARTNER_URL", "partner.example:8081"),
+                ],
+                "partner.url",
+            ),
+            (
+                &[
+                    ("DATABASE_URL", "postgres://x/y"),
+                    ("KAFKA_BROKERS", "h:1"),
+                    ("FERRY_PARTNER_TIMEOUT_MS", "0"),
+                ],
+                "partner.timeout_ms",
             ),
         ];
         for (vars, key) in cases {

@@ -71,13 +71,27 @@ impl FailureClass {
     }
 }
 
+/// Which attempt, at which record: the handler names the event's place in the log to the
+/// partner (for its order checks) and in the dedupe record it may write itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    /// Counts from 1.
+    pub number: u32,
+    /// The topic of the record that carried the event.
+    pub topic: String,
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+}
+
 /// Handles one event. Implemented by the partner integration, and by scripted handlers in tests.
 pub trait Handler: Send + Sync + 'static {
-    /// Handles `event`; `attempt` counts from 1.
+    /// Handles `event`, this `attempt`.
     fn handle(
         &self,
         event: &OutboxEvent,
-        attempt: u32,
+        attempt: &Attempt,
     ) -> impl std::future::Future<Output = Outcome> + Send;
 }
 

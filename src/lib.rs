@@ -14,6 +14,8 @@
 //! - [`relay`]: change data capture from the outbox to Kafka (`ferry relay`);
 //! - [`scheduler`], [`consumer`] and [`delivery`]: the consumer's pure core (per-tenant FIFO,
 //!   offsets, the handler contract and the one place that classifies failures);
+//! - [`partner`]: the partner's API, its client, the integration (the consumer's handler) and
+//!   the simulator (`ferry partner-sim`);
 //! - [`load`]: the reference "our platform" writer (`ferry load`);
 //! - [`smoke`]: the end-to-end round trip that proves a stack works;
 //! - [`bench`]: the benchmarks (`ferry bench ...`);
@@ -26,6 +28,7 @@ pub mod consumer;
 pub mod delivery;
 pub mod load;
 pub mod outbox;
+pub mod partner;
 pub mod relay;
 pub mod scheduler;
 pub mod shutdown;

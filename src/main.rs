@@ -38,6 +38,25 @@ enum Command {
     },
     /// Print the relay slot's position and lag.
     RelayStatus,
+    /// Deliver the outbox topic to the partner, each tenant in order, until SIGTERM/SIGINT.
+    Consume,
+    /// Play the partner's REST API (for tests and the demo) until SIGTERM/SIGINT.
+    PartnerSim {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:8081", env = "FERRY_PARTNER_SIM_ADDR")]
+        addr: std::net::SocketAddr,
+        /// The bearer token it accepts.
+        #[arg(long, env = "FERRY_PARTNER_TOKEN", default_value = "sim-token")]
+        token: String,
+    },
+    /// Compare our products with the partner's state per tenant; non-zero exit on drift or
+    /// duplicate objects.
+    Verify {
+        /// Tenants to check besides those with products (e.g. ones whose products were all
+        /// deleted).
+        #[arg(long = "tenant")]
+        tenants: Vec<String>,
+    },
     /// Write products and their outbox events like our platform does.
     Load {
         /// Distinct tenants.
@@ -65,7 +84,8 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum Bench {
-    /// The consumer: key-ordered parallelism against one-in-flight, and its overhead.
+    /// The consumer: key-ordered parallelism against one-in-flight, overhead, isolation of a failing
+    /// tenant, and memory while a paused tenant's events are parked.
     Consume {
         /// Events of the parallelism run.
         #[arg(long, default_value_t = 20_000)]
@@ -79,6 +99,27 @@ enum Bench {
         /// Events of the overhead run.
         #[arg(long, default_value_t = 200_000)]
         overhead_events: usize,
+        /// Events of each isolation run (100 tenants, one failing).
+        #[arg(long, default_value_t = 20_000)]
+        isolation_events: usize,
+        /// Events parked for the paused tenant in the memory run.
+        #[arg(long, default_value_t = 100_000)]
+        parked_events: usize,
+        /// `configured` (the stack's broker) or `mock` (librdkafka's in-process mock cluster,
+        /// where the broker's storage is not the bottleneck).
+        #[arg(long, default_value = "configured")]
+        broker: String,
+    },
+    /// The memory scenario of `bench consume`, started by it as a process of its own: consumes
+    /// a filled topic until the paused tenant's events are parked, prints its peak RSS.
+    #[command(hide = true)]
+    ConsumeParked {
+        /// The filled topic.
+        #[arg(long)]
+        topic: String,
+        /// Events to park.
+        #[arg(long)]
+        parked_events: usize,
     },
     /// The WAL relay against a naive polling relay under concurrent writers.
     Relay {
@@ -138,8 +179,50 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let _telemetry = ferry::telemetry::init("ferry")?;
+    // The simulator is the partner, not Ferry: it needs none of Ferry's settings.
+    if let Command::PartnerSim { addr, token } = &cli.command {
+        let shutdown = ferry::shutdown::on_signals()?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        tracing::info!(%addr, "partner simulator listening");
+        let sim = ferry::partner::sim::Sim::new(token.clone());
+        ferry::partner::sim::serve(listener, sim, shutdown).await?;
+        return Ok(());
+    }
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
+        Command::PartnerSim { .. } => unreachable!("handled above"),
+        Command::Consume => {
+            let shutdown = ferry::shutdown::on_signals()?;
+            let pool = ferry::store::connect(&config.database).await?;
+            let client = ferry::partner::client::PartnerClient::new(&config.partner)?;
+            let handler = std::sync::Arc::new(ferry::partner::integration::Integration::new(
+                client,
+                pool.clone(),
+            ));
+            let stats = std::sync::Arc::new(ferry::consumer::runtime::ConsumeStats::default());
+            tracing::info!(topic = %config.kafka.topic, group = %config.kafka.group_id, "consuming");
+            ferry::consumer::runtime::run(
+                &config,
+                pool,
+                handler,
+                ferry::consumer::runtime::ConsumeOptions::default(),
+                stats,
+                shutdown,
+            )
+            .await?;
+        }
+        Command::Verify { tenants } => {
+            let pool = ferry::store::connect(&config.database).await?;
+            let client = ferry::partner::client::PartnerClient::new(&config.partner)?;
+            let report = ferry::partner::verify::verify(&pool, &client, &tenants).await?;
+            print!("{}", ferry::partner::verify::render(&report));
+            let bad: usize = report.iter().map(|d| d.drift() + d.duplicates).sum();
+            if bad > 0 {
+                anyhow::bail!("{bad} objects differ between our products and the partner");
+            }
+        }
         Command::Migrate => {
             let pool = ferry::store::connect(&config.database).await?;
             ferry::store::migrate(&pool).await?;
@@ -239,16 +322,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     tenants,
                     handler_ms,
                     overhead_events,
+                    isolation_events,
+                    parked_events,
+                    broker,
                 },
         } => {
             let options = ferry::bench::consume::ConsumeBenchOptions {
+                broker: bench_broker(&broker)?,
                 events,
                 tenants,
                 handler_ms,
                 overhead_events,
+                isolation_events,
+                parked_events,
+                child: std::env::current_exe().ok(),
             };
             let report = ferry::bench::consume::run(&config, &options).await?;
             print!("{}", report.render());
+        }
+        Command::Bench {
+            which:
+                Bench::ConsumeParked {
+                    topic,
+                    parked_events,
+                },
+        } => {
+            let run = ferry::bench::consume::parked(&config, &topic, parked_events).await?;
+            println!("{}", run.to_line());
         }
         Command::Bench {
             which:
@@ -261,10 +361,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
         } => {
             let options = ferry::bench::relay::RelayBenchOptions {
-                broker: match broker.as_str() {
-                    "mock" => ferry::bench::relay::BenchBroker::Mock,
-                    _ => ferry::bench::relay::BenchBroker::Configured,
-                },
+                broker: bench_broker(&broker)?,
                 rows,
                 tenants,
                 writers,
@@ -275,4 +372,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The `--broker` of a benchmark: a clear error for anything but the two it knows.
+fn bench_broker(name: &str) -> anyhow::Result<ferry::bench::relay::BenchBroker> {
+    match name {
+        "configured" => Ok(ferry::bench::relay::BenchBroker::Configured),
+        "mock" => Ok(ferry::bench::relay::BenchBroker::Mock),
+        other => anyhow::bail!("--broker {other:?}: expected `configured` or `mock`"),
+    }
 }

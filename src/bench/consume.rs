@@ -5,48 +5,72 @@
 //!    flight (the classic in-order consumer), on the same records.
 //! 2. Overhead: a handler that returns at once; events per second with dedupe records, batched
 //!    settlement and commits on.
+//! 3. Isolation: 100 tenants on one partition, once all healthy and once with one tenant failing
+//!    every event (a 422): the other tenants' throughput against the healthy run, and how far the
+//!    committed offset fell behind while the failing tenant was paused and parked.
+//! 4. Memory: one tenant paused while its 100,000 events arrive and are parked; the process's
+//!    peak RSS over that run (the high-water mark is reset when the run starts).
 //!
 //! Each run reads a topic filled beforehand, in a database of its own, with a group of its own,
 //! timed from the consumer's start to the last delivery.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::relay::BenchBroker;
 use super::{BenchError, drop_database, fresh_database};
 use crate::broker;
 use crate::config::Config;
 use crate::consumer::runtime::{self, ConsumeOptions, ConsumeStats};
-use crate::delivery::{Handler, Outcome};
+use crate::delivery::{Attempt, Failure, FailureClass, Handler, Outcome};
 use crate::outbox::{EventPayload, EventType, OutboxEvent, OutboxRow, WireRecord, proto};
 
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct ConsumeBenchOptions {
+    /// The broker.
+    pub broker: BenchBroker,
     /// Events of the parallelism run.
     pub events: usize,
-    /// Tenants of both runs.
+    /// Tenants of the parallelism and overhead runs.
     pub tenants: usize,
-    /// The handler's time per event in the parallelism run.
+    /// The handler's time per event in the parallelism and isolation runs.
     pub handler_ms: u64,
     /// Events of the overhead run.
     pub overhead_events: usize,
+    /// Events of each isolation run (over 100 tenants).
+    pub isolation_events: usize,
+    /// Events parked for the paused tenant in the memory run.
+    pub parked_events: usize,
+    /// Runs the memory scenario in a process of its own, this executable started as
+    /// `ferry bench consume-parked` (so the peak RSS is the consumer's alone, not the
+    /// benchmark's other runs' or the producer's); in this process when `None`.
+    pub child: Option<std::path::PathBuf>,
 }
 
 impl Default for ConsumeBenchOptions {
     fn default() -> Self {
         ConsumeBenchOptions {
+            broker: BenchBroker::Configured,
             events: 20_000,
             tenants: 1_000,
             handler_ms: 10,
             overhead_events: 200_000,
+            isolation_events: 20_000,
+            parked_events: 100_000,
+            child: None,
         }
     }
 }
+
+/// Tenants of the isolation runs; `tenant-0` is the one that fails.
+const ISOLATION_TENANTS: usize = 100;
+const FAILING: &str = "tenant-0";
 
 /// The results.
 #[derive(Debug, Clone)]
@@ -59,6 +83,20 @@ pub struct ConsumeBenchReport {
     pub classic: Duration,
     /// The overhead run.
     pub overhead: Duration,
+    /// Isolation: the healthy tenants' events, all tenants healthy.
+    pub isolation_healthy: Duration,
+    /// Isolation: the same events with one tenant failing every event.
+    pub isolation_failing: Duration,
+    /// Isolation: events parked for the failing tenant.
+    pub isolation_parked: u64,
+    /// Isolation: the longest the commit point stood still with records behind it.
+    pub max_commit_lag: Duration,
+    /// Memory: events parked.
+    pub parked: u64,
+    /// Memory: the run's elapsed time.
+    pub parked_elapsed: Duration,
+    /// Memory: the process's peak RSS over the run, in KiB.
+    pub parked_peak_rss_kb: u64,
 }
 
 impl ConsumeBenchReport {
@@ -72,17 +110,32 @@ impl ConsumeBenchReport {
         self.options.overhead_events as f64 / self.overhead.as_secs_f64().max(1e-9)
     }
 
+    /// The healthy tenants' throughput with a failing tenant, against the all-healthy run.
+    pub fn isolation_ratio(&self) -> f64 {
+        self.isolation_healthy.as_secs_f64() / self.isolation_failing.as_secs_f64().max(1e-9)
+    }
+
+    /// Peak RSS of the memory run in MB.
+    pub fn parked_peak_rss_mb(&self) -> f64 {
+        self.parked_peak_rss_kb as f64 / 1024.0
+    }
+
     /// The table and the machine-readable last line.
     pub fn render(&self) -> String {
         let o = &self.options;
         let per_s = |n: usize, d: Duration| n as f64 / d.as_secs_f64().max(1e-9);
-        let mut s = String::from(
-            "consume benchmark on the configured broker\n\n\
+        let healthy = healthy_events(o.isolation_events);
+        let mut s = format!(
+            "consume benchmark on {}\n\n\
              | run | events | tenants | handler | in flight | elapsed | events/s | ratio |\n\
              |---|---|---|---|---|---|---|---|\n",
+            match o.broker {
+                BenchBroker::Configured => "the configured broker",
+                BenchBroker::Mock => "librdkafka's in-process mock cluster",
+            }
         );
         s.push_str(&format!(
-            "| key-ordered (ferry) | {} | {} | {} ms | 256 | {:.2} s | {:.0} | {:.1}x |\n",
+            "| 1. key-ordered (ferry) | {} | {} | {} ms | 256 | {:.2} s | {:.0} | {:.1}x |\n",
             o.events,
             o.tenants,
             o.handler_ms,
@@ -91,7 +144,7 @@ impl ConsumeBenchReport {
             self.speedup()
         ));
         s.push_str(&format!(
-            "| classic in-order (baseline) | {} | {} | {} ms | 1 | {:.2} s | {:.0} | 1.0x |\n",
+            "| 1. classic in-order (baseline) | {} | {} | {} ms | 1 | {:.2} s | {:.0} | 1.0x |\n",
             o.events,
             o.tenants,
             o.handler_ms,
@@ -99,54 +152,327 @@ impl ConsumeBenchReport {
             per_s(o.events, self.classic)
         ));
         s.push_str(&format!(
-            "| overhead (immediate handler) | {} | {} | 0 ms | 256 | {:.2} s | {:.0} | |\n\n",
+            "| 2. overhead (immediate handler) | {} | {} | 0 ms | 256 | {:.2} s | {:.0} | |\n",
             o.overhead_events,
             o.tenants,
             self.overhead.as_secs_f64(),
             self.overhead_events_per_s()
         ));
         s.push_str(&format!(
-            "speedup={:.1} overhead_events_per_s={:.0}\n",
+            "| 3. isolation, all healthy (baseline) | {healthy} healthy | {ISOLATION_TENANTS} | {} ms | 256 | {:.2} s | {:.0} | 1.0x |\n",
+            o.handler_ms,
+            self.isolation_healthy.as_secs_f64(),
+            per_s(healthy, self.isolation_healthy),
+        ));
+        s.push_str(&format!(
+            "| 3. isolation, {FAILING} failing every event | {healthy} healthy, {} parked | {ISOLATION_TENANTS} | {} ms | 256 | {:.2} s | {:.0} | {:.2}x |\n",
+            self.isolation_parked,
+            o.handler_ms,
+            self.isolation_failing.as_secs_f64(),
+            per_s(healthy, self.isolation_failing),
+            self.isolation_ratio(),
+        ));
+        s.push_str(&format!(
+            "| 4. memory, one tenant paused | {} parked | 1 | | | {:.2} s | {:.0} | |\n\n",
+            self.parked,
+            self.parked_elapsed.as_secs_f64(),
+            per_s(self.parked as usize, self.parked_elapsed),
+        ));
+        s.push_str(&format!(
+            "isolation: with {FAILING} failing, a commit point rested on an event in flight for at most {} ms; \
+             memory: peak RSS {:.1} MB while {} events were parked\n\n",
+            self.max_commit_lag.as_millis(),
+            self.parked_peak_rss_mb(),
+            self.parked,
+        ));
+        s.push_str(&format!(
+            "speedup={:.1} overhead_events_per_s={:.0} isolation_ratio={:.2} max_commit_lag_ms={} parked_peak_rss_mb={:.0}\n",
             self.speedup(),
-            self.overhead_events_per_s()
+            self.overhead_events_per_s(),
+            self.isolation_ratio(),
+            self.max_commit_lag.as_millis(),
+            self.parked_peak_rss_mb(),
         ));
         s
     }
 }
 
-struct Sleeper(Duration);
+/// Events of the isolation run that belong to the healthy tenants (all but `tenant-0`).
+fn healthy_events(events: usize) -> usize {
+    events - events.div_ceil(ISOLATION_TENANTS)
+}
 
-impl Handler for Sleeper {
-    async fn handle(&self, _event: &OutboxEvent, _attempt: u32) -> Outcome {
-        if !self.0.is_zero() {
-            tokio::time::sleep(self.0).await;
+/// The benchmark's handler: takes `delay` per event; fails every event of `failing` with a 422.
+struct Scripted {
+    delay: Duration,
+    failing: Option<&'static str>,
+    /// A tenant not counted in `healthy` (the isolation runs count the other tenants only).
+    uncounted: Option<&'static str>,
+    /// Events of the other tenants delivered.
+    healthy: AtomicU64,
+    /// When the first event reached the handler: runs are timed from there, so the group join
+    /// (which varies by seconds on tansu) is not counted.
+    first: std::sync::OnceLock<Instant>,
+}
+
+impl Scripted {
+    fn new(delay: Duration, failing: Option<&'static str>) -> Self {
+        Scripted {
+            delay,
+            failing,
+            uncounted: failing,
+            healthy: AtomicU64::new(0),
+            first: std::sync::OnceLock::new(),
+        }
+    }
+}
+
+impl Handler for Scripted {
+    async fn handle(&self, event: &OutboxEvent, _attempt: &Attempt) -> Outcome {
+        self.first.get_or_init(Instant::now);
+        if Some(event.tenant_id.as_str()) == self.failing {
+            return Outcome::Failed(Failure {
+                class: FailureClass::Permanent,
+                message: "partner answered 422: name is invalid".into(),
+                status: Some(422),
+                response: None,
+                retry_after: None,
+            });
+        }
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        if Some(event.tenant_id.as_str()) != self.uncounted {
+            self.healthy.fetch_add(1, Ordering::Relaxed);
         }
         Outcome::Done
     }
 }
 
-/// Runs both scenarios.
+/// Runs the four scenarios.
+///
+/// The isolation scenario times the healthy tenants' events from the first call to the
+/// handler, in both runs.
 pub async fn run(
     config: &Config,
     options: &ConsumeBenchOptions,
 ) -> Result<ConsumeBenchReport, BenchError> {
-    let topic = fill(config, options.events, options.tenants, 1).await?;
     let delay = Duration::from_millis(options.handler_ms);
-    let ferry = consume(config, &topic, options.events, 256, delay).await?;
-    let classic = consume(config, &topic, options.events, 1, delay).await?;
-    let big = fill(config, options.overhead_events, options.tenants, 4).await?;
-    let overhead = consume(config, &big, options.overhead_events, 256, Duration::ZERO).await?;
+    let any = |_: &ConsumeStats, _: &Scripted| true;
+    let mut config = config.clone();
+    let mock = match options.broker {
+        BenchBroker::Configured => None,
+        BenchBroker::Mock => {
+            let mock = rdkafka::mocking::MockCluster::new(1)?;
+            config.kafka.brokers = mock.bootstrap_servers();
+            Some(mock)
+        }
+    };
+    let (config, mock) = (&config, mock.as_ref());
+
+    // 1. Key-ordered parallelism against one in flight.
+    let topic = fill(config, mock, options.events, options.tenants, 1).await?;
+    let all = |n: usize| {
+        move |_: &ConsumeStats, h: &Scripted| h.healthy.load(Ordering::Relaxed) >= n as u64
+    };
+    let ferry = consume(
+        config,
+        &topic,
+        Scripted::new(delay, None),
+        256,
+        all(options.events),
+        any,
+    )
+    .await?
+    .elapsed;
+    let classic = consume(
+        config,
+        &topic,
+        Scripted::new(delay, None),
+        1,
+        all(options.events),
+        any,
+    )
+    .await?
+    .elapsed;
+
+    // 2. Overhead.
+    let big = fill(config, mock, options.overhead_events, options.tenants, 4).await?;
+    let overhead = consume(
+        config,
+        &big,
+        Scripted::new(Duration::ZERO, None),
+        256,
+        all(options.overhead_events),
+        any,
+    )
+    .await?
+    .elapsed;
+
+    // 3. Isolation: the same records, all healthy, then with tenant-0 failing.
+    let healthy = healthy_events(options.isolation_events);
+    let failing_events = (options.isolation_events - healthy) as u64;
+    let mixed = fill(config, mock, options.isolation_events, ISOLATION_TENANTS, 1).await?;
+    let baseline = Scripted {
+        uncounted: Some(FAILING),
+        ..Scripted::new(delay, None)
+    };
+    let isolation_healthy = consume(config, &mixed, baseline, 256, all(healthy), any).await?;
+    let isolation_failing = consume(
+        config,
+        &mixed,
+        Scripted::new(delay, Some(FAILING)),
+        256,
+        all(healthy),
+        // Run on until every event of the failing tenant is parked, so the commit lag covers it.
+        move |s: &ConsumeStats, _: &Scripted| s.parked.load(Ordering::Relaxed) >= failing_events,
+    )
+    .await?;
+
+    // 4. Memory: one tenant, paused at its first event, the rest parked as it arrives.
+    let parked_topic = fill(config, mock, options.parked_events + 1, 1, 1).await?;
+    let memory = match &options.child {
+        None => parked(config, &parked_topic, options.parked_events).await?,
+        Some(exe) => parked_in_child(exe, config, &parked_topic, options.parked_events).await?,
+    };
+
     Ok(ConsumeBenchReport {
         options: options.clone(),
         ferry,
         classic,
         overhead,
+        isolation_healthy: isolation_healthy.elapsed,
+        isolation_failing: isolation_failing.elapsed,
+        isolation_parked: isolation_failing.stats.parked.load(Ordering::Relaxed),
+        max_commit_lag: Duration::from_millis(
+            isolation_failing
+                .stats
+                .commit_lag_max_ms
+                .load(Ordering::Relaxed),
+        ),
+        parked: memory.parked,
+        parked_elapsed: memory.elapsed,
+        parked_peak_rss_kb: memory.peak_rss_kb,
     })
+}
+
+/// The memory scenario's result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParkedRun {
+    /// Events parked.
+    pub parked: u64,
+    /// From the first event to the last parked.
+    pub elapsed: Duration,
+    /// The process's peak RSS over the run, in KiB.
+    pub peak_rss_kb: u64,
+}
+
+impl ParkedRun {
+    /// The line `ferry bench consume-parked` prints.
+    pub fn to_line(&self) -> String {
+        format!(
+            "parked={} elapsed_ms={} peak_rss_kb={}",
+            self.parked,
+            self.elapsed.as_millis(),
+            self.peak_rss_kb
+        )
+    }
+
+    /// Reads [`ParkedRun::to_line`]'s line back.
+    pub fn from_line(line: &str) -> Option<ParkedRun> {
+        let mut fields = line.split(' ').map(|kv| kv.split_once('='));
+        let mut next = |key: &str| match fields.next() {
+            Some(Some((k, v))) if k == key => v.parse::<u64>().ok(),
+            _ => None,
+        };
+        Some(ParkedRun {
+            parked: next("parked")?,
+            elapsed: Duration::from_millis(next("elapsed_ms")?),
+            peak_rss_kb: next("peak_rss_kb")?,
+        })
+    }
+}
+
+/// The memory scenario in this process: consumes `topic` (one tenant, `parked_events + 1`
+/// events) with that tenant failing its first event, until the rest are parked.
+pub async fn parked(
+    config: &Config,
+    topic: &str,
+    parked_events: usize,
+) -> Result<ParkedRun, BenchError> {
+    reset_peak_rss();
+    let target = parked_events as u64;
+    let run = consume(
+        config,
+        topic,
+        Scripted::new(Duration::ZERO, Some(FAILING)),
+        256,
+        move |s: &ConsumeStats, _: &Scripted| s.parked.load(Ordering::Relaxed) > target,
+        |_: &ConsumeStats, _: &Scripted| true,
+    )
+    .await?;
+    Ok(ParkedRun {
+        parked: run.stats.parked.load(Ordering::Relaxed),
+        elapsed: run.elapsed,
+        peak_rss_kb: peak_rss_kb(),
+    })
+}
+
+/// The memory scenario in a process of its own: `exe bench consume-parked`.
+async fn parked_in_child(
+    exe: &std::path::Path,
+    config: &Config,
+    topic: &str,
+    parked_events: usize,
+) -> Result<ParkedRun, BenchError> {
+    let output = tokio::process::Command::new(exe)
+        .args(["bench", "consume-parked", "--topic", topic])
+        .args(["--parked-events", &parked_events.to_string()])
+        .env("FERRY_DATABASE_URL", &config.database.url)
+        .env("FERRY_KAFKA_BROKERS", &config.kafka.brokers)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await
+        .map_err(|e| BenchError::Stalled(format!("starting {}: {e}", exe.display())))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout
+        .lines()
+        .rev()
+        .find_map(ParkedRun::from_line)
+        .filter(|_| output.status.success())
+        .ok_or_else(|| {
+            BenchError::Stalled(format!(
+                "the memory run ({}) failed with {}: {stdout}",
+                exe.display(),
+                output.status
+            ))
+        })
+}
+
+/// Resets the process's peak RSS to its current RSS (Linux 4.0+); elsewhere a no-op, and the
+/// peak then covers the whole process life.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// The process's peak RSS in KiB (`VmHWM`), 0 where unknown.
+fn peak_rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// A fresh topic holding `events` events round-robin over `tenants`.
 async fn fill(
     config: &Config,
+    mock: Option<
+        &rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    >,
     events: usize,
     tenants: usize,
     partitions: i32,
@@ -154,7 +480,10 @@ async fn fill(
     let topic = format!("ferry-bench-consume-{}", Uuid::new_v4().simple());
     let mut kafka = config.kafka.clone();
     kafka.topic = topic.clone();
-    broker::ensure_topic(&kafka, &topic, partitions).await?;
+    match mock {
+        Some(mock) => mock.create_topic(&topic, partitions, 1)?,
+        None => broker::ensure_topic(&kafka, &topic, partitions).await?,
+    }
     let producer: FutureProducer = broker::producer_config(&kafka)
         .set("linger.ms", "5")
         .set("queue.buffering.max.messages", "1000000")
@@ -198,45 +527,100 @@ async fn fill(
     Ok(topic)
 }
 
-/// Consumes `topic` from the start with a fresh group and database until `events` are delivered.
+/// One run's result.
+struct Run {
+    /// From the consumer's start until `done` first held.
+    elapsed: Duration,
+    stats: Arc<ConsumeStats>,
+}
+
+/// Consumes `topic` from the start with a fresh group and database: timed until `done` holds,
+/// then run on until `settled` holds too.
 async fn consume(
     config: &Config,
     topic: &str,
-    events: usize,
+    handler: Scripted,
     max_in_flight: usize,
-    delay: Duration,
-) -> Result<Duration, BenchError> {
+    done: impl Fn(&ConsumeStats, &Scripted) -> bool,
+    settled: impl Fn(&ConsumeStats, &Scripted) -> bool,
+) -> Result<Run, BenchError> {
     let (pool, url) = fresh_database(&config.database, "ferry_bench_consume").await?;
     let mut cfg = config.clone();
     cfg.database.url = url.clone();
     cfg.kafka.topic = topic.to_owned();
     cfg.kafka.group_id = format!("ferry-bench-{}", Uuid::new_v4().simple());
     let stats = Arc::new(ConsumeStats::default());
+    let handler = Arc::new(handler);
     let stop = CancellationToken::new();
     let options = ConsumeOptions {
         max_in_flight,
         ..ConsumeOptions::default()
     };
-    let started = Instant::now();
     let task = tokio::spawn({
-        let (pool, stats, stop) = (pool.clone(), Arc::clone(&stats), stop.clone());
-        async move { runtime::run(&cfg, pool, Arc::new(Sleeper(delay)), options, stats, stop).await }
+        let (pool, stats, stop, handler) = (
+            pool.clone(),
+            Arc::clone(&stats),
+            stop.clone(),
+            Arc::clone(&handler),
+        );
+        async move { runtime::run(&cfg, pool, handler, options, stats, stop).await }
     });
     let until = Instant::now() + Duration::from_secs(1_800);
-    while stats.delivered.load(Ordering::Relaxed) < events as u64 {
+    let mut elapsed = None;
+    loop {
+        if elapsed.is_none() && done(&stats, &handler) {
+            elapsed = Some(handler.first.get().map_or(Duration::ZERO, Instant::elapsed));
+        }
+        if let Some(elapsed) = elapsed
+            && settled(&stats, &handler)
+        {
+            stop.cancel();
+            task.await
+                .expect("consumer panicked")
+                .map_err(|e| BenchError::Stalled(e.to_string()))?;
+            pool.close().await;
+            drop_database(&config.database, &url).await?;
+            return Ok(Run { elapsed, stats });
+        }
         if Instant::now() > until || task.is_finished() {
             return Err(BenchError::Stalled(
-                "the consumer stopped before delivering every event".into(),
+                "the consumer stopped before the run was complete".into(),
             ));
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let elapsed = started.elapsed();
-    stop.cancel();
-    task.await
-        .expect("consumer panicked")
-        .map_err(|e| BenchError::Stalled(e.to_string()))?;
-    pool.close().await;
-    drop_database(&config.database, &url).await?;
-    Ok(elapsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_memory_runs_line_reads_back() {
+        let run = ParkedRun {
+            parked: 100_001,
+            elapsed: Duration::from_millis(7_630),
+            peak_rss_kb: 98_304,
+        };
+        assert_eq!(
+            run.to_line(),
+            "parked=100001 elapsed_ms=7630 peak_rss_kb=98304"
+        );
+        assert_eq!(ParkedRun::from_line(&run.to_line()), Some(run));
+        assert_eq!(
+            ParkedRun::from_line("parked=1 elapsed_ms=x peak_rss_kb=1"),
+            None
+        );
+        assert_eq!(
+            ParkedRun::from_line("2026-11-28 INFO partitions assigned"),
+            None
+        );
+    }
+
+    #[test]
+    fn the_healthy_share_leaves_out_tenant_0s_events() {
+        // Round-robin over 100 tenants: tenant-0 has events 0, 100, 200, ...
+        assert_eq!(healthy_events(20_000), 19_800);
+        assert_eq!(healthy_events(401), 396);
+    }
 }

@@ -158,6 +158,9 @@ pub struct Pause {
     pub next_retry_at: Option<DateTime<Utc>>,
 }
 
+/// Records per statement when parking.
+const PARK_CHUNK: usize = 500;
+
 /// Pauses `tenant` (if `pause` is given) and parks `records` in order, in one transaction: once
 /// it commits, the records are settled and the partition's commit point may pass them. A record
 /// parked before (a redelivery) is parked once.
@@ -185,7 +188,9 @@ pub async fn park(
         .await?;
     }
     let mut parked = 0;
-    if !records.is_empty() {
+    // A statement per chunk: a paused tenant's whole queue (thousands of records) would
+    // otherwise be encoded into one statement, and the process's peak memory with it.
+    for records in records.chunks(PARK_CHUNK) {
         let b64 = base64::engine::general_purpose::STANDARD;
         let headers: Vec<serde_json::Value> =
             records
@@ -217,7 +222,7 @@ pub async fn park(
         .bind(records.iter().map(|r| r.timestamp).collect::<Vec<_>>())
         .execute(&mut *tx)
         .await?;
-        parked = result.rows_affected();
+        parked += result.rows_affected();
     }
     tx.commit().await?;
     Ok(parked)

@@ -38,7 +38,7 @@ use super::ledger::{self, ParkedRecord, Pause, SettledAs, Settlement};
 use super::offsets::PartitionOffsets;
 use crate::broker;
 use crate::config::Config;
-use crate::delivery::{Decision, Failure, FailureClass, Handler, Outcome, RetryPolicy};
+use crate::delivery::{Attempt, Decision, Failure, FailureClass, Handler, Outcome, RetryPolicy};
 use crate::outbox::{self, OutboxEvent};
 use crate::scheduler::Scheduler;
 
@@ -128,6 +128,11 @@ pub struct ConsumeStats {
     pub partitions: std::sync::atomic::AtomicU64,
     /// Transient Kafka errors seen (brokers down, request errors); librdkafka recovers.
     pub kafka_errors: std::sync::atomic::AtomicU64,
+    /// How long, at most, a partition's commit point rested on a record in flight, in
+    /// milliseconds (as seen at flushes): how far one tenant's slow or failing event (until it
+    /// is parked) held every other tenant's commits back. Records merely waiting their turn in
+    /// their tenant's queue are consumption, not counted.
+    pub commit_lag_max_ms: std::sync::atomic::AtomicU64,
 }
 
 /// Whether a consume error ends the consumer: librdkafka's fatal errors (the idempotence or
@@ -164,6 +169,9 @@ struct Owned {
     cancel: CancellationToken,
     /// Handler tasks and backlog drains under way for this partition.
     in_flight: usize,
+    /// When the handling of each record in flight started (kept across a breaker's hold): a
+    /// commit point resting on a record in flight is held back for that long.
+    started: std::collections::BTreeMap<i64, Instant>,
 }
 
 #[derive(Default)]
@@ -229,12 +237,26 @@ struct Lease {
 impl Lease {
     /// Claims `partition` if it is owned in `generation` (any generation when `None`).
     fn take(state: &Arc<State>, partition: i32, generation: Option<u64>) -> Option<Lease> {
+        Self::take_for(state, partition, generation, None)
+    }
+
+    /// Claims the partition for the record at `offset` (an event's handling, a probe), noting
+    /// when its handling started unless it started before (a retry after the breaker).
+    fn take_for(
+        state: &Arc<State>,
+        partition: i32,
+        generation: Option<u64>,
+        offset: Option<i64>,
+    ) -> Option<Lease> {
         let mut s = state.lock();
         let owned = s.partitions.get_mut(&partition)?;
         if generation.is_some_and(|g| g != owned.generation) || owned.cancel.is_cancelled() {
             return None;
         }
         owned.in_flight += 1;
+        if let Some(offset) = offset {
+            owned.started.entry(offset).or_insert_with(Instant::now);
+        }
         Some(Lease {
             state: Arc::clone(state),
             partition,
@@ -330,6 +352,7 @@ impl ConsumerContext for Context {
                         offsets: None,
                         cancel: CancellationToken::new(),
                         in_flight: 0,
+                        started: std::collections::BTreeMap::new(),
                     },
                 );
                 s.lost.retain(|p| *p != element.partition());
@@ -419,8 +442,7 @@ pub async fn run<H: Handler>(
 
     let mut scheduler: Scheduler<String, Item> = Scheduler::new(options.max_in_flight);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, Done)>();
-    let mut settlements: Vec<(Settlement, Position)> = Vec::new();
-    let mut settled_positions: Vec<Position> = Vec::new();
+    let mut pending = Pending::default();
     let mut last_flush = Instant::now();
     let mut tick = tokio::time::interval(options.settle_interval);
     // Tenants paused while this instance runs: their new records are parked, in order.
@@ -476,7 +498,12 @@ pub async fn run<H: Handler>(
             && let Some((tenant, item)) = scheduler.dispatch()
         {
             let position = item.position;
-            match Lease::take(&state, position.partition, Some(position.generation)) {
+            match Lease::take_for(
+                &state,
+                position.partition,
+                Some(position.generation),
+                Some(position.offset),
+            ) {
                 Some(lease) => batch.push((tenant, item, lease)),
                 None => {
                     // Lost between intake and now: the next owner has it.
@@ -575,9 +602,8 @@ pub async fn run<H: Handler>(
                 }
                 match decoded {
                     Ok(event) if paused.contains(event.tenant_id.as_str()) => {
-                        let tenant = event.tenant_id.to_string();
-                        stats.parked.fetch_add(ledger::park(&pool, &tenant, None, &[raw]).await?, Relaxed);
-                        settled_positions.push(position);
+                        // Parked with the next flush, in arrival order, many at a time.
+                        pending.parked.push((raw, position));
                     }
                     Ok(event) => {
                         let tenant = event.tenant_id.to_string();
@@ -585,13 +611,23 @@ pub async fn run<H: Handler>(
                     }
                     Err(bad) => {
                         let tenant = bad.tenant_id.as_ref().map_or_else(|| "unknown".to_owned(), |t| t.to_string());
+                        if paused.contains(&tenant) {
+                            // Already paused: it joins the backlog in order; the first cause stays.
+                            pending.parked.push((raw, position));
+                            continue;
+                        }
+                        // The tenant's queued events came first: they go into the backlog first.
                         let pause = Pause { cause: "bad_event", reason: bad.reason.to_string(), event_id: bad.event_id, next_retry_at: None };
-                        stats.parked.fetch_add(ledger::park(&pool, &tenant, Some(&pause), &[raw]).await?, Relaxed);
-                        let backlog: Vec<ParkedRecord> = scheduler.take_queue(&tenant).into_iter().map(|i| i.raw).collect();
-                        ledger::park(&pool, &tenant, None, &backlog).await?;
+                        let mut records = Vec::new();
+                        for queued in scheduler.take_queue(&tenant) {
+                            records.push(queued.raw);
+                            pending.positions.push(queued.position);
+                        }
+                        records.push(raw);
+                        stats.parked.fetch_add(ledger::park(&pool, &tenant, Some(&pause), &records).await?, Relaxed);
                         scheduler.hold(&tenant);
                         paused.insert(tenant);
-                        settled_positions.push(position);
+                        pending.positions.push(position);
                     }
                 }
             }
@@ -615,11 +651,11 @@ pub async fn run<H: Handler>(
                             SettledAs::Expired => stats.expired.fetch_add(1, Relaxed),
                             _ => 0,
                         };
-                        settlements.push((settlement(&item, &topic, outcome, attempts), item.position));
+                        pending.settlements.push((settlement(&item, &topic, outcome, attempts), item.position));
                     }
                     Done::Duplicate(item) => {
                         stats.duplicates.fetch_add(1, Relaxed);
-                        settled_positions.push(item.position);
+                        pending.positions.push(item.position);
                     }
                     Done::Breaker(item, failure) => {
                         if held_by_breaker.is_empty() {
@@ -641,7 +677,7 @@ pub async fn run<H: Handler>(
                         stats.parked.fetch_add(ledger::park(&pool, &tenant, Some(&pause), &records).await?, Relaxed);
                         scheduler.hold(&tenant);
                         paused.insert(tenant);
-                        settled_positions.extend(positions);
+                        pending.positions.extend(positions);
                     }
                 }
             }
@@ -722,7 +758,7 @@ pub async fn run<H: Handler>(
                 probing = true;
                 let (handler, tx) = (Arc::clone(&handler), probe_tx.clone());
                 tokio::spawn(async move {
-                    let outcome = handler.handle(&item.event, 1).await;
+                    let outcome = handler.handle(&item.event, &attempt_at(&item, 1)).await;
                     drop(lease);
                     let done = match outcome {
                         Outcome::Done => Done::Settled(item, SettledAs::Delivered, 1),
@@ -741,7 +777,7 @@ pub async fn run<H: Handler>(
                 match done {
                     Done::Settled(item, outcome, attempts) => {
                         stats.delivered.fetch_add(1, Relaxed);
-                        settlements.push((settlement(&item, &topic, outcome, attempts), item.position));
+                        pending.settlements.push((settlement(&item, &topic, outcome, attempts), item.position));
                         // Closed: the held events run first, each ahead of its tenant's queue.
                         for (t, held) in held_by_breaker.drain(..) {
                             scheduler.retry_first(t, held);
@@ -759,7 +795,12 @@ pub async fn run<H: Handler>(
             Some(report) = drain_rx.recv() => match report {
                 Drained::Empty(tenant) => {
                     draining.remove(&tenant);
-                    // Only this loop parks: nothing can be parked for the tenant while this runs.
+                    // Only this loop parks, and it parks what it buffered first: nothing can be
+                    // parked for the tenant between this flush and the flip.
+                    if pending.parked.iter().any(|(r, _)| r.tenant_id == tenant) {
+                        flush(&pool, &consumer, &state, &topic, &mut pending, &stats, CommitMode::Async).await?;
+                        last_flush = Instant::now();
+                    }
                     if ledger::finish_drain(&pool, &tenant).await? {
                         paused.remove(&tenant);
                         scheduler.release(&tenant);
@@ -786,16 +827,15 @@ pub async fn run<H: Handler>(
             consumer.resume(&consumer.assignment()?)?;
         }
         if std::mem::take(&mut commit_again)
-            || settlements.len() >= options.settle_batch
-            || (!(settlements.is_empty() && settled_positions.is_empty())
-                && last_flush.elapsed() >= options.settle_interval)
+            || pending.len() >= options.settle_batch
+            || (pending.len() > 0 && last_flush.elapsed() >= options.settle_interval)
         {
             flush(
                 &pool,
                 &consumer,
                 &state,
                 &topic,
-                (&mut settlements, &mut settled_positions),
+                &mut pending,
                 &stats,
                 CommitMode::Async,
             )
@@ -810,7 +850,9 @@ pub async fn run<H: Handler>(
     blocking(|| state.cancel_and_wait(&owned, deadline));
     while let Ok((_, done)) = done_rx.try_recv() {
         if let Done::Settled(item, outcome, attempts) = done {
-            settlements.push((settlement(&item, &topic, outcome, attempts), item.position));
+            pending
+                .settlements
+                .push((settlement(&item, &topic, outcome, attempts), item.position));
         }
     }
     flush(
@@ -818,7 +860,7 @@ pub async fn run<H: Handler>(
         &consumer,
         &state,
         &topic,
-        (&mut settlements, &mut settled_positions),
+        &mut pending,
         &stats,
         CommitMode::Sync,
     )
@@ -885,7 +927,10 @@ async fn handle<H: Handler>(
         if guard.cancel.is_cancelled() {
             return Done::Revoked(item);
         }
-        match handler.handle(&item.event, attempt).await {
+        match handler
+            .handle(&item.event, &attempt_at(&item, attempt))
+            .await
+        {
             Outcome::Done => {
                 guard.record(tenant, false);
                 return Done::Settled(item, SettledAs::Delivered, attempt);
@@ -924,6 +969,16 @@ async fn handle<H: Handler>(
                 attempt += 1;
             }
         }
+    }
+}
+
+/// Attempt `number` at the record that carried `item`.
+fn attempt_at(item: &Item, number: u32) -> Attempt {
+    Attempt {
+        number,
+        topic: item.raw.topic.clone(),
+        partition: item.raw.partition,
+        offset: item.raw.offset,
     }
 }
 
@@ -1123,7 +1178,24 @@ fn parked_record<M: Message>(m: &M, topic: &str) -> ParkedRecord {
     }
 }
 
-/// Records the settlements in one transaction, then marks them and the other settled positions
+/// What settled since the last flush.
+#[derive(Default)]
+struct Pending {
+    /// Handled events, recorded in `deliveries`.
+    settlements: Vec<(Settlement, Position)>,
+    /// Records settled with nothing left to record (parked already, duplicates, bad records).
+    positions: Vec<Position>,
+    /// Records of paused tenants, parked at the flush, in arrival order.
+    parked: Vec<(ParkedRecord, Position)>,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        self.settlements.len() + self.positions.len() + self.parked.len()
+    }
+}
+
+/// Parks the pending records of paused tenants, records the settlements in one transaction, then marks them and the other settled positions
 /// settled in their partitions' trackers (if still owned, same generation) and commits the
 /// points that moved.
 async fn flush(
@@ -1131,20 +1203,29 @@ async fn flush(
     consumer: &StreamConsumer<Context>,
     state: &State,
     topic: &str,
-    (settlements, settled_positions): (&mut Vec<(Settlement, Position)>, &mut Vec<Position>),
+    pending: &mut Pending,
     stats: &ConsumeStats,
     mode: CommitMode,
 ) -> Result<(), ConsumeError> {
-    if !settlements.is_empty() {
-        let batch: Vec<Settlement> = settlements.iter().map(|(s, _)| s.clone()).collect();
+    if !pending.parked.is_empty() {
+        let records: Vec<ParkedRecord> = pending.parked.iter().map(|(r, _)| r.clone()).collect();
+        let parked = ledger::park(pool, "", None, &records).await?;
+        stats
+            .parked
+            .fetch_add(parked, std::sync::atomic::Ordering::Relaxed);
+    }
+    if !pending.settlements.is_empty() {
+        let batch: Vec<Settlement> = pending.settlements.iter().map(|(s, _)| s.clone()).collect();
         let mut tx = pool.begin().await?;
         ledger::record_settled(&mut tx, &batch).await?;
         tx.commit().await?;
     }
-    let positions: VecDeque<Position> = settlements
+    let positions: VecDeque<Position> = pending
+        .settlements
         .drain(..)
         .map(|(_, p)| p)
-        .chain(settled_positions.drain(..))
+        .chain(pending.positions.drain(..))
+        .chain(pending.parked.drain(..).map(|(_, p)| p))
         .collect();
     let mut commit = TopicPartitionList::new();
     {
@@ -1155,6 +1236,7 @@ async fn flush(
                 && let Some(offsets) = owned.offsets.as_mut()
             {
                 let _ = offsets.settled(p.offset);
+                owned.started.remove(&p.offset);
             }
         }
         for (&partition, owned) in s.partitions.iter_mut() {
@@ -1170,6 +1252,22 @@ async fn flush(
             };
             if let Some(point) = point {
                 commit.add_partition_offset(topic, partition, Offset::Offset(point))?;
+            }
+            let point = offsets.commit_point();
+            // Records whose handling ended without a settlement here (revoked) are forgotten
+            // once the point passes them.
+            while owned
+                .started
+                .first_key_value()
+                .is_some_and(|(o, _)| *o < point)
+            {
+                owned.started.pop_first();
+            }
+            if let Some(started) = owned.started.get(&point) {
+                let behind = started.elapsed().as_millis() as u64;
+                stats
+                    .commit_lag_max_ms
+                    .fetch_max(behind, std::sync::atomic::Ordering::Relaxed);
             }
         }
     }

@@ -14,6 +14,7 @@ fn stack_config() -> Config {
         },
         kafka: crate::support::kafka_config("unused"),
         relay: RelayConfig::default(),
+        partner: Default::default(),
     }
 }
 
@@ -61,24 +62,48 @@ async fn a_small_relay_benchmark_runs_and_reports() {
 async fn a_small_consume_benchmark_runs_and_reports() {
     let config = stack_config();
     let options = ferry::bench::consume::ConsumeBenchOptions {
+        broker: ferry::bench::relay::BenchBroker::Configured,
         events: 100,
         tenants: 20,
         handler_ms: 5,
         overhead_events: 300,
+        isolation_events: 400,
+        parked_events: 200,
+        child: None,
     };
     let report = ferry::bench::consume::run(&config, &options)
         .await
         .expect("benchmark runs");
     // Every event of each run was delivered (run returns only then); the report is complete.
     let text = report.render();
-    assert!(text.contains("| key-ordered (ferry) | 100 |"), "{text}");
+    assert!(text.contains("| 1. key-ordered (ferry) | 100 |"), "{text}");
     assert!(
-        text.contains("| classic in-order (baseline) | 100 |"),
+        text.contains("| 1. classic in-order (baseline) | 100 |"),
+        "{text}"
+    );
+    assert!(
+        text.contains("| 4. memory, one tenant paused | 201 parked |"),
         "{text}"
     );
     let last = text.lines().last().unwrap();
-    assert!(
-        last.starts_with("speedup=") && last.contains(" overhead_events_per_s="),
+    let keys: Vec<&str> = last
+        .split(' ')
+        .map(|kv| kv.split('=').next().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "speedup",
+            "overhead_events_per_s",
+            "isolation_ratio",
+            "max_commit_lag_ms",
+            "parked_peak_rss_mb"
+        ],
         "{last}"
     );
+    // Tenant-0's 4 events were parked, not delivered; the memory run parked all 200 after the
+    // first (which paused the tenant and was parked with it).
+    assert_eq!(report.isolation_parked, 4);
+    assert_eq!(report.parked, 201);
+    assert!(report.parked_peak_rss_kb > 0, "VmHWM is read on Linux");
 }

@@ -8,6 +8,7 @@ mod decoder;
 mod faults;
 mod kafka;
 mod ledger;
+mod partner;
 mod relay;
 mod schema;
 mod support;

@@ -41,7 +41,7 @@ fn event(tenant: &str, seq: i64, description: &str) -> NewEvent {
 
 /// Starts an in-process relay; the slot exists when this returns, so every later commit is
 /// captured.
-async fn start_relay(
+pub(crate) async fn start_relay(
     cfg: &Config,
 ) -> (
     CancellationToken,

@@ -122,6 +122,7 @@ pub fn config(db: &TestDb, kafka: &KafkaConfig) -> Config {
             status_interval: Duration::from_millis(500),
             ..RelayConfig::default()
         },
+        partner: Default::default(),
     }
 }
 

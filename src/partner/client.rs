@@ -1,0 +1,305 @@
+//! The partner's HTTP client: one method per call of its API, every failure turned into a
+//! [`Failure`] the consumer understands (the design's failure table, through
+//! [`FailureClass::of_status`]). Timeouts and connection errors are retryable; the partner's
+//! `Retry-After` and error body are kept for the retry policy and the operator.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::api::{
+    ErrorBody, List, NewShopItem, NewShopPrice, POSITION_HEADER, ShopItem, ShopItemUpdate,
+    ShopPrice, ShopPriceUpdate,
+};
+use crate::config::PartnerConfig;
+use crate::delivery::{Failure, FailureClass};
+
+/// How much of the partner's error body is kept for the operator.
+const KEEP_BODY: usize = 2_000;
+
+/// The client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// `partner.url` is not set.
+    #[error(
+        "the partner's URL is not set (config key `partner.url` or environment FERRY_PARTNER_URL)"
+    )]
+    NoUrl,
+    /// reqwest refused the settings.
+    #[error("cannot build the partner's HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+/// What one call carries besides its body: whose it is and which event it serves.
+#[derive(Debug, Clone, Default)]
+pub struct Call {
+    /// The account (our tenant id).
+    pub account: String,
+    /// `Idempotency-Key` for writes.
+    pub idempotency_key: Option<String>,
+    /// The event's log position (`partition/offset`).
+    pub position: Option<String>,
+    /// The W3C trace context of the event's span.
+    pub traceparent: Option<String>,
+}
+
+impl Call {
+    /// The same call with `key` as its idempotency key.
+    pub fn keyed(&self, key: String) -> Call {
+        Call {
+            idempotency_key: Some(key),
+            ..self.clone()
+        }
+    }
+}
+
+/// The partner's API.
+#[derive(Debug, Clone)]
+pub struct PartnerClient {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl PartnerClient {
+    /// A client for `config`.
+    pub fn new(config: &PartnerConfig) -> Result<Self, ClientError> {
+        let url = config.url.as_deref().ok_or(ClientError::NoUrl)?;
+        let http = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout.min(Duration::from_secs(5)))
+            .pool_max_idle_per_host(256)
+            .build()?;
+        Ok(PartnerClient {
+            http,
+            base: url.trim_end_matches('/').to_owned(),
+            token: config.token.clone(),
+        })
+    }
+
+    async fn send<B: Serialize, T: DeserializeOwned>(
+        &self,
+        call: &Call,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<Option<T>, Failure> {
+        let url = format!("{}/v1/accounts/{}{path}", self.base, call.account);
+        let mut request = self
+            .http
+            .request(method.clone(), &url)
+            .bearer_auth(&self.token);
+        if let Some(key) = &call.idempotency_key {
+            request = request.header("Idempotency-Key", key);
+        }
+        if let Some(position) = &call.position {
+            request = request.header(POSITION_HEADER, position);
+        }
+        if let Some(traceparent) = &call.traceparent {
+            request = request.header("traceparent", traceparent);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| transport(&method, path, &e))?;
+        let status = response.status();
+        if status == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let text = response
+            .text()
+            .await
+            .map_err(|e| transport(&method, path, &e))?;
+        match FailureClass::of_status(status.as_u16()) {
+            None => serde_json::from_str(&text).map(Some).map_err(|e| Failure {
+                class: FailureClass::Retryable,
+                message: format!(
+                    "{method} {path}: the partner's answer is not what it documents: {e}"
+                ),
+                status: Some(status.as_u16()),
+                response: Some(text.chars().take(KEEP_BODY).collect()),
+                retry_after: None,
+            }),
+            Some(class) => {
+                let detail = serde_json::from_str::<ErrorBody>(&text)
+                    .map(|b| format!("{}: {}", b.error.code, b.error.message))
+                    .unwrap_or_else(|_| text.chars().take(200).collect());
+                Err(Failure {
+                    class,
+                    message: format!("{method} {path}: partner answered {status}: {detail}"),
+                    status: Some(status.as_u16()),
+                    response: Some(text.chars().take(KEEP_BODY).collect()),
+                    retry_after,
+                })
+            }
+        }
+    }
+
+    /// Creates an item.
+    pub async fn create_item(&self, call: &Call, item: &NewShopItem) -> Result<ShopItem, Failure> {
+        self.send(call, Method::POST, "/shop-items", Some(item))
+            .await?
+            .ok_or_else(|| empty("POST /shop-items"))
+    }
+
+    /// The item whose `external_id` is ours, if any (the first, should there be several).
+    pub async fn find_item(
+        &self,
+        call: &Call,
+        external_id: &str,
+    ) -> Result<Option<ShopItem>, Failure> {
+        let path = format!("/shop-items?external_id={}", encode(external_id));
+        let list: Option<List<ShopItem>> =
+            self.send::<(), _>(call, Method::GET, &path, None).await?;
+        Ok(list.and_then(|l| l.data.into_iter().next()))
+    }
+
+    /// Replaces an item's fields.
+    pub async fn update_item(
+        &self,
+        call: &Call,
+        id: &str,
+        update: &ShopItemUpdate,
+    ) -> Result<ShopItem, Failure> {
+        let path = format!("/shop-items/{}", encode(id));
+        self.send(call, Method::PUT, &path, Some(update))
+            .await?
+            .ok_or_else(|| empty("PUT /shop-items"))
+    }
+
+    /// Deletes an item (and its prices).
+    pub async fn delete_item(&self, call: &Call, id: &str) -> Result<(), Failure> {
+        let path = format!("/shop-items/{}", encode(id));
+        self.send::<(), serde_json::Value>(call, Method::DELETE, &path, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// Creates a price.
+    pub async fn create_price(
+        &self,
+        call: &Call,
+        price: &NewShopPrice,
+    ) -> Result<ShopPrice, Failure> {
+        self.send(call, Method::POST, "/shop-prices", Some(price))
+            .await?
+            .ok_or_else(|| empty("POST /shop-prices"))
+    }
+
+    /// The price whose `external_id` is ours, if any.
+    pub async fn find_price(
+        &self,
+        call: &Call,
+        external_id: &str,
+    ) -> Result<Option<ShopPrice>, Failure> {
+        let path = format!("/shop-prices?external_id={}", encode(external_id));
+        let list: Option<List<ShopPrice>> =
+            self.send::<(), _>(call, Method::GET, &path, None).await?;
+        Ok(list.and_then(|l| l.data.into_iter().next()))
+    }
+
+    /// Replaces a price's amount.
+    pub async fn update_price(
+        &self,
+        call: &Call,
+        id: &str,
+        update: &ShopPriceUpdate,
+    ) -> Result<ShopPrice, Failure> {
+        let path = format!("/shop-prices/{}", encode(id));
+        self.send(call, Method::PUT, &path, Some(update))
+            .await?
+            .ok_or_else(|| empty("PUT /shop-prices"))
+    }
+
+    /// Deletes a price.
+    pub async fn delete_price(&self, call: &Call, id: &str) -> Result<(), Failure> {
+        let path = format!("/shop-prices/{}", encode(id));
+        self.send::<(), serde_json::Value>(call, Method::DELETE, &path, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// Every item of an account (for `ferry verify`).
+    pub async fn list_items(&self, call: &Call) -> Result<Vec<ShopItem>, Failure> {
+        let list: Option<List<ShopItem>> = self
+            .send::<(), _>(call, Method::GET, "/shop-items", None)
+            .await?;
+        Ok(list.map(|l| l.data).unwrap_or_default())
+    }
+
+    /// Every price of an account (for `ferry verify`).
+    pub async fn list_prices(&self, call: &Call) -> Result<Vec<ShopPrice>, Failure> {
+        let list: Option<List<ShopPrice>> = self
+            .send::<(), _>(call, Method::GET, "/shop-prices", None)
+            .await?;
+        Ok(list.map(|l| l.data).unwrap_or_default())
+    }
+}
+
+/// Whether a failure is the partner saying the object does not exist.
+pub fn is_not_found(failure: &Failure) -> bool {
+    failure.status == Some(404)
+}
+
+fn transport(method: &Method, path: &str, e: &reqwest::Error) -> Failure {
+    let what = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "could not connect"
+    } else {
+        "failed"
+    };
+    Failure {
+        class: FailureClass::Retryable,
+        message: format!("{method} {path}: the request {what}: {e}"),
+        status: None,
+        response: None,
+        retry_after: None,
+    }
+}
+
+fn empty(what: &str) -> Failure {
+    Failure {
+        class: FailureClass::Retryable,
+        message: format!("{what}: the partner answered without a body"),
+        status: None,
+        response: None,
+        retry_after: None,
+    }
+}
+
+/// Percent-encodes a path segment or query value (ids are ours or the partner's: keep it safe).
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_encoded_for_paths_and_queries() {
+        assert_eq!(encode("item_00000001"), "item_00000001");
+        assert_eq!(encode("a/b c?d=e&f"), "a%2Fb%20c%3Fd%3De%26f");
+        assert_eq!(encode("ü"), "%C3%BC");
+    }
+}

@@ -1,0 +1,303 @@
+//! The partner integration: the consumer's [`Handler`] that mirrors our products as the
+//! partner's shop items and prices, through the generic mapping table
+//! (`integration_mappings`: our id → theirs, per object type).
+//!
+//! - *Created*: an item, then its price. Each step looks for its object first (by mapping, then
+//!   by our id as the partner's `external_id`), so a create that stopped half-way resumes
+//!   without a second item, and a lost create response (or a lost mapping row) is healed by
+//!   finding the object instead of creating it again.
+//! - *Updated*: the mapped objects are replaced; a missing mapping or object is found or created
+//!   (drift healed).
+//! - *Deleted*: the item (and with it its price) is deleted; nothing to delete is done.
+//!
+//! Every write carries `Idempotency-Key: <event id>/<step>`, the event's log position and its
+//! trace context. The mapping rows an event produced are written in one transaction with the
+//! event's dedupe record; a mapping learnt half-way (an item created before its price failed)
+//! is written at once, so a retry finds it.
+
+use sqlx::PgPool;
+
+use super::api::{NewShopItem, NewShopPrice, ShopItemUpdate, ShopPriceUpdate};
+use super::client::{Call, PartnerClient, is_not_found};
+use crate::consumer::ledger::{self, SettledAs, Settlement};
+use crate::delivery::{Attempt, Failure, FailureClass, Handler, Outcome};
+use crate::outbox::{EventPayload, OutboxEvent, proto};
+
+/// The integration's name in `integration_mappings`.
+pub const INTEGRATION: &str = "partner";
+/// Object type of an item mapping.
+pub const ITEM: &str = "shop_item";
+/// Object type of a price mapping.
+pub const PRICE: &str = "shop_price";
+
+/// The handler.
+#[derive(Debug, Clone)]
+pub struct Integration {
+    client: PartnerClient,
+    pool: PgPool,
+}
+
+impl Integration {
+    /// The integration over `client`, keeping its mappings in `pool`.
+    pub fn new(client: PartnerClient, pool: PgPool) -> Self {
+        Integration { client, pool }
+    }
+}
+
+impl Handler for Integration {
+    async fn handle(&self, event: &OutboxEvent, attempt: &Attempt) -> Outcome {
+        let call = Call {
+            account: event.tenant_id.to_string(),
+            idempotency_key: None,
+            position: Some(format!("{}/{}", attempt.partition, attempt.offset)),
+            traceparent: event.traceparent.clone(),
+        };
+        let result = match &event.payload {
+            EventPayload::ProductCreated(proto::ProductCreated { product: Some(p) })
+            | EventPayload::ProductUpdated(proto::ProductUpdated { product: Some(p) }) => {
+                self.upsert(event, attempt, &call, p).await
+            }
+            EventPayload::ProductDeleted(d) => {
+                self.delete(event, attempt, &call, &d.product_id).await
+            }
+            EventPayload::ProductCreated(_) | EventPayload::ProductUpdated(_) => Err(Failure {
+                class: FailureClass::Permanent,
+                message: "the event carries no product".into(),
+                status: None,
+                response: None,
+                retry_after: None,
+            }),
+            // Enabling and disabling a tenant are handled by `ferry tenant`; nothing to send.
+            EventPayload::TenantIntegrationEnabled(_)
+            | EventPayload::TenantIntegrationDisabled(_) => Ok(()),
+        };
+        match result {
+            Ok(()) => Outcome::Done,
+            Err(failure) => Outcome::Failed(failure),
+        }
+    }
+}
+
+impl Integration {
+    async fn upsert(
+        &self,
+        event: &OutboxEvent,
+        attempt: &Attempt,
+        call: &Call,
+        p: &proto::Product,
+    ) -> Result<(), Failure> {
+        let key = |step: &str| format!("{}/{step}", event.id);
+        let tenant = event.tenant_id.as_str();
+
+        // The item: by mapping, else by our id on the partner, else created.
+        let fields = ShopItemUpdate {
+            name: p.name.clone(),
+            description: p.description.clone(),
+        };
+        let mut item_id = None;
+        if let Some(id) = mapping(&self.pool, ITEM, &p.id).await? {
+            match self
+                .client
+                .update_item(&call.keyed(key("item/update")), &id, &fields)
+                .await
+            {
+                Ok(item) => item_id = Some(item.id),
+                Err(f) if is_not_found(&f) => {}
+                Err(f) => return Err(f),
+            }
+        }
+        let item_id = match item_id {
+            Some(id) => id,
+            None => match self.client.find_item(call, &p.id).await? {
+                Some(found) => {
+                    if found.name != fields.name || found.description != fields.description {
+                        self.client
+                            .update_item(&call.keyed(key("item/update")), &found.id, &fields)
+                            .await?;
+                    }
+                    found.id
+                }
+                None => {
+                    let new = NewShopItem {
+                        name: p.name.clone(),
+                        description: p.description.clone(),
+                        external_id: p.id.clone(),
+                    };
+                    self.client
+                        .create_item(&call.keyed(key("item/create")), &new)
+                        .await?
+                        .id
+                }
+            },
+        };
+        // Learnt now, so a failed price step resumes from here.
+        write_mappings(&self.pool, tenant, &[(ITEM, &p.id, &item_id)], None).await?;
+
+        // The price of that item, likewise.
+        let amount = ShopPriceUpdate {
+            amount_minor: p.price_minor,
+            currency: p.currency.clone(),
+        };
+        let mut price_id = None;
+        if let Some(id) = mapping(&self.pool, PRICE, &p.id).await? {
+            match self
+                .client
+                .update_price(&call.keyed(key("price/update")), &id, &amount)
+                .await
+            {
+                Ok(price) if price.item_id == item_id => price_id = Some(price.id),
+                Ok(_) | Err(_) => {}
+            }
+        }
+        let price_id = match price_id {
+            Some(id) => id,
+            None => match self.client.find_price(call, &p.id).await? {
+                Some(found) if found.item_id == item_id => {
+                    if found.amount_minor != amount.amount_minor
+                        || found.currency != amount.currency
+                    {
+                        self.client
+                            .update_price(&call.keyed(key("price/update")), &found.id, &amount)
+                            .await?;
+                    }
+                    found.id
+                }
+                _ => {
+                    let new = NewShopPrice {
+                        item_id: item_id.clone(),
+                        amount_minor: p.price_minor,
+                        currency: p.currency.clone(),
+                        external_id: p.id.clone(),
+                    };
+                    self.client
+                        .create_price(&call.keyed(key("price/create")), &new)
+                        .await?
+                        .id
+                }
+            },
+        };
+        write_mappings(
+            &self.pool,
+            tenant,
+            &[(ITEM, &p.id, &item_id), (PRICE, &p.id, &price_id)],
+            Some(&settled(event, attempt)),
+        )
+        .await
+    }
+
+    async fn delete(
+        &self,
+        event: &OutboxEvent,
+        attempt: &Attempt,
+        call: &Call,
+        product_id: &str,
+    ) -> Result<(), Failure> {
+        let item_id = match mapping(&self.pool, ITEM, product_id).await? {
+            Some(id) => Some(id),
+            None => self.client.find_item(call, product_id).await?.map(|i| i.id),
+        };
+        if let Some(id) = item_id {
+            match self
+                .client
+                .delete_item(&call.keyed(format!("{}/item/delete", event.id)), &id)
+                .await
+            {
+                Ok(()) => {}
+                Err(f) if is_not_found(&f) => {}
+                Err(f) => return Err(f),
+            }
+        }
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        sqlx::query(
+            "DELETE FROM integration_mappings WHERE integration = $1 AND local_id = $2 AND object_type IN ($3, $4)",
+        )
+        .bind(INTEGRATION)
+        .bind(product_id)
+        .bind(ITEM)
+        .bind(PRICE)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        ledger::record_settled(&mut tx, &[settled(event, attempt)])
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+}
+
+/// The dedupe record of a delivered event, written with its mappings.
+fn settled(event: &OutboxEvent, attempt: &Attempt) -> Settlement {
+    Settlement {
+        event_id: event.id,
+        tenant_id: event.tenant_id.to_string(),
+        event_type: Some(event.event_type().as_str().to_owned()),
+        outcome: SettledAs::Delivered,
+        attempts: attempt.number as i32,
+        error: None,
+        topic: attempt.topic.clone(),
+        partition: attempt.partition,
+        offset: attempt.offset,
+    }
+}
+
+/// The partner's id for our `local_id` of `object_type`.
+pub async fn mapping(
+    pool: &PgPool,
+    object_type: &str,
+    local_id: &str,
+) -> Result<Option<String>, Failure> {
+    sqlx::query_scalar(
+        "SELECT foreign_id FROM integration_mappings WHERE integration = $1 AND object_type = $2 AND local_id = $3",
+    )
+    .bind(INTEGRATION)
+    .bind(object_type)
+    .bind(local_id)
+    .fetch_optional(pool)
+    .await
+    .map_err(db)
+}
+
+/// Upserts `(object_type, local_id, foreign_id)` mappings, with the event's dedupe record when
+/// given, in one transaction.
+async fn write_mappings(
+    pool: &PgPool,
+    tenant: &str,
+    mappings: &[(&str, &str, &str)],
+    settlement: Option<&Settlement>,
+) -> Result<(), Failure> {
+    let mut tx = pool.begin().await.map_err(db)?;
+    for (object_type, local_id, foreign_id) in mappings {
+        sqlx::query(
+            "INSERT INTO integration_mappings (integration, object_type, local_id, foreign_id, tenant_id) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (integration, object_type, local_id) \
+             DO UPDATE SET foreign_id = EXCLUDED.foreign_id, updated_at = now() \
+             WHERE integration_mappings.foreign_id <> EXCLUDED.foreign_id",
+        )
+        .bind(INTEGRATION)
+        .bind(object_type)
+        .bind(local_id)
+        .bind(foreign_id)
+        .bind(tenant)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+    }
+    if let Some(settlement) = settlement {
+        ledger::record_settled(&mut tx, std::slice::from_ref(settlement))
+            .await
+            .map_err(db)?;
+    }
+    tx.commit().await.map_err(db)
+}
+
+/// Our database failing is not the tenant's fault: retry it like a timeout.
+fn db(e: sqlx::Error) -> Failure {
+    Failure {
+        class: FailureClass::Retryable,
+        message: format!("postgres: {e}"),
+        status: None,
+        response: None,
+        retry_after: None,
+    }
+}

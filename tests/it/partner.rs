@@ -1,0 +1,376 @@
+//! The partner integration against the partner simulator (a real HTTP server on loopback) and
+//! the real stack: the full path from our products to the partner's objects, and each way the
+//! partner misbehaves.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use chrono::Utc;
+use ferry::consumer::runtime::{self, ConsumeOptions, ConsumeStats};
+use ferry::outbox::{EventPayload, EventType, OutboxRow, proto};
+use ferry::partner::client::PartnerClient;
+use ferry::partner::integration::Integration;
+use ferry::partner::sim::{FailRule, Faults, Sim, SimHandle};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::consume::produce_rows;
+use crate::support::{TestDb, config, fresh_topic, wait_for};
+
+const TOKEN: &str = "test-token";
+
+/// A simulator on a free loopback port; returns it and its base URL.
+async fn start_sim() -> (SimHandle, String, CancellationToken) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let sim = Sim::new(TOKEN);
+    let stop = CancellationToken::new();
+    tokio::spawn(ferry::partner::sim::serve(
+        listener,
+        Arc::clone(&sim),
+        stop.clone(),
+    ));
+    (sim, url, stop)
+}
+
+struct Running {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), runtime::ConsumeError>>,
+    stats: Arc<ConsumeStats>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// Runs the consumer with the partner integration as its handler.
+fn consume(cfg: &ferry::config::Config, pool: &sqlx::PgPool, options: ConsumeOptions) -> Running {
+    let client = PartnerClient::new(&cfg.partner).unwrap();
+    let handler = Arc::new(Integration::new(client, pool.clone()));
+    let stats = Arc::new(ConsumeStats::default());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (cfg, pool, stats, stop) =
+            (cfg.clone(), pool.clone(), Arc::clone(&stats), stop.clone());
+        async move { runtime::run(&cfg, pool, handler, options, stats, stop).await }
+    });
+    Running { stop, task, stats }
+}
+
+fn fast_retries() -> ConsumeOptions {
+    ConsumeOptions {
+        retry: ferry::delivery::RetryPolicy {
+            base: Duration::from_millis(50),
+            max: Duration::from_millis(500),
+            pause_after_attempts: 6,
+            pause_after: Duration::from_secs(30),
+        },
+        kill_switch_interval: Duration::from_millis(100),
+        ..ConsumeOptions::default()
+    }
+}
+
+fn product(tenant: &str, id: &str, name: &str, price: i64, created: bool) -> OutboxRow {
+    let p = proto::Product {
+        id: id.to_owned(),
+        name: name.to_owned(),
+        description: String::new(),
+        price_minor: price,
+        currency: "EUR".into(),
+    };
+    let (payload, event_type) = if created {
+        (
+            EventPayload::ProductCreated(proto::ProductCreated { product: Some(p) }),
+            EventType::ProductCreated,
+        )
+    } else {
+        (
+            EventPayload::ProductUpdated(proto::ProductUpdated { product: Some(p) }),
+            EventType::ProductUpdated,
+        )
+    };
+    OutboxRow {
+        id: Uuid::now_v7(),
+        tenant_id: tenant.to_owned(),
+        aggregate_type: "Product".into(),
+        aggregate_id: id.to_owned(),
+        event_type: event_type.as_str().into(),
+        payload: payload.encode_to_vec(),
+        traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+        created_at: Utc::now(),
+        deliver_before: None,
+    }
+}
+
+async fn delivered(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM deliveries WHERE outcome = 'delivered'")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+async fn setup(timeout: Duration) -> (TestDb, ferry::config::Config, SimHandle, CancellationToken) {
+    let db = TestDb::migrated().await;
+    let kafka = fresh_topic(2).await;
+    let mut cfg = config(&db, &kafka);
+    let (sim, url, sim_stop) = start_sim().await;
+    cfg.partner.url = Some(url);
+    cfg.partner.token = TOKEN.into();
+    cfg.partner.timeout = timeout;
+    (db, cfg, sim, sim_stop)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn our_products_reach_the_partner_through_relay_and_consumer_with_zero_drift() {
+    let (db, cfg, sim, sim_stop) = setup(Duration::from_secs(10)).await;
+    let (relay_stop, relay_task, _) = crate::relay::start_relay(&cfg).await;
+    let load = ferry::load::run(
+        &db.pool,
+        &ferry::load::LoadOptions {
+            tenants: 12,
+            events: 600,
+            concurrency: 4,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let running = consume(&cfg, &db.pool, fast_retries());
+    let client = PartnerClient::new(&cfg.partner).unwrap();
+    let report = wait_for("zero drift", Duration::from_secs(120), || async {
+        let settled: i64 = sqlx::query_scalar("SELECT count(*) FROM deliveries")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        if settled < load.events() as i64 {
+            return None;
+        }
+        let report = ferry::partner::verify::verify(&db.pool, &client, &[])
+            .await
+            .unwrap();
+        report.iter().all(|d| d.drift() == 0).then_some(report)
+    })
+    .await;
+    let products: usize = report.iter().map(|d| d.products).sum();
+    assert!(products > 0, "the load left products");
+    let sims = sim.report();
+    for (account, r) in &sims {
+        assert_eq!(r.order_violations, 0, "{account}: {r:?}");
+        assert_eq!(r.duplicate_objects, 0, "{account}: {r:?}");
+    }
+    // Every write carried an idempotency key, the event's position and its trace context.
+    for request in sim.requests().iter().filter(|r| r.method != "GET") {
+        assert!(request.idempotency_key.is_some(), "{request:?}");
+        assert!(request.position.is_some(), "{request:?}");
+    }
+    // One mapping per object the partner holds.
+    let mappings: i64 = sqlx::query_scalar("SELECT count(*) FROM integration_mappings")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let objects: usize = sims.values().map(|r| r.items + r.prices).sum();
+    assert_eq!(mappings as usize, objects);
+    assert_eq!(running.stats.parked.load(Ordering::Relaxed), 0);
+    running.stop().await;
+    relay_stop.cancel();
+    relay_task.await.unwrap().unwrap();
+    sim_stop.cancel();
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_create_response_creates_no_duplicate() {
+    let (db, cfg, sim, sim_stop) = setup(Duration::from_millis(500)).await;
+    sim.set_faults(Faults {
+        lose_responses: BTreeMap::from([("tenant-a".to_owned(), 1)]),
+        lose_delay_ms: Some(2_000),
+        ..Faults::default()
+    });
+    produce_rows(&cfg.kafka, &[product("tenant-a", "p-1", "Tea", 350, true)]).await;
+    let running = consume(&cfg, &db.pool, fast_retries());
+    wait_for("the create delivered", Duration::from_secs(30), || async {
+        (delivered(&db.pool).await == 1).then_some(())
+    })
+    .await;
+    let state = sim.account("tenant-a");
+    assert_eq!(
+        state.items.len(),
+        1,
+        "one item despite the lost response: {state:?}"
+    );
+    assert_eq!(state.prices.len(), 1, "{state:?}");
+    assert_eq!(state.prices[0].item_id, state.items[0].id);
+    let posts = sim
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/shop-items"))
+        .count();
+    assert_eq!(
+        posts, 1,
+        "the retry found the item instead of creating it again"
+    );
+    running.stop().await;
+    sim_stop.cancel();
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_create_that_stopped_half_way_resumes_without_a_second_item() {
+    let (db, cfg, sim, sim_stop) = setup(Duration::from_secs(5)).await;
+    // The item is created, then the price fails twice.
+    sim.set_faults(Faults {
+        fail: vec![FailRule {
+            account: "tenant-a".into(),
+            method: "POST".into(),
+            path: "/shop-prices".into(),
+            status: 503,
+            times: 2,
+        }],
+        ..Faults::default()
+    });
+    produce_rows(&cfg.kafka, &[product("tenant-a", "p-1", "Tea", 350, true)]).await;
+    let running = consume(&cfg, &db.pool, fast_retries());
+    wait_for("the create delivered", Duration::from_secs(30), || async {
+        (delivered(&db.pool).await == 1).then_some(())
+    })
+    .await;
+    let requests = sim.requests();
+    let item_posts = requests
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/shop-items"))
+        .count();
+    let price_posts: Vec<u16> = requests
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/shop-prices"))
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(item_posts, 1, "the item was created once");
+    assert_eq!(price_posts, vec![503, 503, 201]);
+    let state = sim.account("tenant-a");
+    assert_eq!((state.items.len(), state.prices.len()), (1, 1), "{state:?}");
+    running.stop().await;
+    sim_stop.cancel();
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_429_with_retry_after_is_waited_out() {
+    let (db, cfg, sim, sim_stop) = setup(Duration::from_secs(5)).await;
+    sim.set_faults(Faults {
+        rate_limit: BTreeMap::from([("tenant-a".to_owned(), 1)]),
+        retry_after_s: Some(1),
+        ..Faults::default()
+    });
+    produce_rows(&cfg.kafka, &[product("tenant-a", "p-1", "Tea", 350, true)]).await;
+    let running = consume(&cfg, &db.pool, fast_retries());
+    wait_for("the create delivered", Duration::from_secs(30), || async {
+        (delivered(&db.pool).await == 1).then_some(())
+    })
+    .await;
+    let requests = sim.requests();
+    let limited = requests
+        .iter()
+        .position(|r| r.status == 429)
+        .expect("a 429 was answered");
+    let next = &requests[limited + 1];
+    assert!(
+        next.at_ms - requests[limited].at_ms >= 1_000,
+        "the next request came {} ms after the 429 with Retry-After: 1 (the backoff alone is 50 ms)",
+        next.at_ms - requests[limited].at_ms
+    );
+    running.stop().await;
+    sim_stop.cancel();
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_422_pauses_only_that_tenant_with_the_partners_message() {
+    let (db, cfg, sim, sim_stop) = setup(Duration::from_secs(5)).await;
+    sim.set_faults(Faults {
+        reject_names: vec!["Forbidden".into()],
+        ..Faults::default()
+    });
+    let mut rows = vec![product("tenant-bad", "p-bad", "Forbidden", 100, true)];
+    rows.push(product("tenant-bad", "p-bad-2", "Fine", 100, true));
+    for t in 0..5 {
+        rows.push(product(
+            &format!("tenant-{t}"),
+            &format!("p-{t}"),
+            "Fine",
+            100,
+            true,
+        ));
+    }
+    produce_rows(&cfg.kafka, &rows).await;
+    let running = consume(&cfg, &db.pool, fast_retries());
+    wait_for(
+        "the healthy tenants delivered and the bad one parked",
+        Duration::from_secs(30),
+        || async {
+            (delivered(&db.pool).await == 5 && running.stats.parked.load(Ordering::Relaxed) == 2)
+                .then_some(())
+        },
+    )
+    .await;
+    let (state, cause, reason): (String, String, String) = sqlx::query_as(
+        "SELECT state, pause_cause, pause_reason FROM tenants WHERE tenant_id = 'tenant-bad'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((state.as_str(), cause.as_str()), ("paused", "permanent"));
+    assert!(
+        reason.contains("422") && reason.contains("name \"Forbidden\" is not allowed"),
+        "the partner's message is visible: {reason}"
+    );
+    assert_eq!(sim.account("tenant-bad").items.len(), 0);
+    for t in 0..5 {
+        assert_eq!(sim.account(&format!("tenant-{t}")).items.len(), 1);
+    }
+    running.stop().await;
+    sim_stop.cancel();
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drift_is_healed_an_update_without_mapping_finds_or_creates_and_a_delete_without_one_is_done()
+ {
+    let (db, cfg, sim, sim_stop) = setup(Duration::from_secs(5)).await;
+    let deleted = {
+        let p = EventPayload::ProductDeleted(proto::ProductDeleted {
+            product_id: "p-never".into(),
+        });
+        OutboxRow {
+            event_type: EventType::ProductDeleted.as_str().into(),
+            payload: p.encode_to_vec(),
+            ..product("tenant-a", "p-never", "", 0, false)
+        }
+    };
+    // An update of a product the partner never saw, then a delete of one it never saw.
+    produce_rows(
+        &cfg.kafka,
+        &[product("tenant-a", "p-1", "Tea v2", 400, false), deleted],
+    )
+    .await;
+    let running = consume(&cfg, &db.pool, fast_retries());
+    wait_for("both delivered", Duration::from_secs(30), || async {
+        (delivered(&db.pool).await == 2).then_some(())
+    })
+    .await;
+    let state = sim.account("tenant-a");
+    assert_eq!(
+        state.items.len(),
+        1,
+        "the update created the missing item: {state:?}"
+    );
+    assert_eq!(state.items[0].name, "Tea v2");
+    assert_eq!(state.prices[0].amount_minor, 400);
+    running.stop().await;
+    sim_stop.cancel();
+    db.drop().await;
+}
