@@ -201,6 +201,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 client,
                 pool.clone(),
             ));
+            // Whoever starts first, relay or consumer, creates the topic (idempotent).
+            ferry::broker::ensure_topic(
+                &config.kafka,
+                &config.kafka.topic,
+                config.relay.topic_partitions,
+            )
+            .await?;
             let stats = std::sync::Arc::new(ferry::consumer::runtime::ConsumeStats::default());
             tracing::info!(topic = %config.kafka.topic, group = %config.kafka.group_id, "consuming");
             ferry::consumer::runtime::run(

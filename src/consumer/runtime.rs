@@ -381,6 +381,26 @@ struct Item {
     event: OutboxEvent,
     raw: ParkedRecord,
     position: Position,
+    /// Found settled (a redelivery) when it arrived.
+    settled: bool,
+}
+
+/// Records taken from Kafka in one turn of the loop, at most: one dedupe query for them all.
+const INTAKE_BATCH: usize = 500;
+
+/// How long intake waits for more records to fill a batch.
+const INTAKE_LINGER: Duration = Duration::from_millis(2);
+
+/// Dedupe lookups under way at once, at most (each holds a connection while it runs; the rest
+/// of the pool is for settling).
+const MAX_LOOKUPS: usize = 4;
+
+/// A record on its way from intake to admission.
+enum Arrival {
+    /// A decoded event.
+    Event(Item),
+    /// A record the decoder refused: it pauses its tenant with this reason.
+    Bad(ParkedRecord, Position, Pause),
 }
 
 enum Done {
@@ -443,6 +463,9 @@ pub async fn run<H: Handler>(
     let mut scheduler: Scheduler<String, Item> = Scheduler::new(options.max_in_flight);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, Done)>();
     let mut pending = Pending::default();
+    // Records taken from Kafka whose dedupe lookup is under way, admitted in order.
+    let mut lookups = futures::stream::FuturesOrdered::new();
+    let mut in_lookup = 0usize;
     let mut last_flush = Instant::now();
     let mut tick = tokio::time::interval(options.settle_interval);
     // Tenants paused while this instance runs: their new records are parked, in order.
@@ -511,123 +534,154 @@ pub async fn run<H: Handler>(
                 }
             }
         }
-        if !batch.is_empty() {
-            // Off the loop: one lookup for the batch, then a task per event. A failed lookup
-            // counts as "not settled": the event is handled again, which the partner's
-            // Idempotency-Key absorbs.
-            let (handler, pool, done_tx, retry, window, topic) = (
+        // A task per event; whether it is a redelivery was looked up when it arrived.
+        for (tenant, item, lease) in batch {
+            let (handler, done_tx, retry, window, pool, topic) = (
                 Arc::clone(&handler),
-                pool.clone(),
                 done_tx.clone(),
                 options.retry.clone(),
                 Arc::clone(&window),
+                pool.clone(),
                 topic.clone(),
             );
             tokio::spawn(async move {
-                let ids: Vec<uuid::Uuid> = batch.iter().map(|(_, item, _)| item.event.id).collect();
-                let settled = ledger::settled_ids(&pool, &ids).await.unwrap_or_default();
-                for (tenant, item, lease) in batch {
-                    let already = settled.contains(&item.event.id);
-                    let (handler, done_tx, retry, window, pool, topic) = (
-                        Arc::clone(&handler),
-                        done_tx.clone(),
-                        retry.clone(),
-                        Arc::clone(&window),
-                        pool.clone(),
-                        topic.clone(),
-                    );
-                    tokio::spawn(async move {
-                        let guard = Guard {
-                            retry: &retry,
-                            cancel: &lease.cancel,
-                            window: &window,
-                        };
-                        let done = handle(&*handler, item, &guard, already).await;
-                        let done = if lease.cancel.is_cancelled() {
-                            settle_on_revoke(done, &pool, &topic, &lease).await
-                        } else {
-                            done
-                        };
-                        let _ = done_tx.send((tenant, done));
-                        drop(lease);
-                    });
-                }
+                let guard = Guard {
+                    retry: &retry,
+                    cancel: &lease.cancel,
+                    window: &window,
+                };
+                let already = item.settled;
+                let done = handle(&*handler, item, &guard, already).await;
+                let done = if lease.cancel.is_cancelled() {
+                    settle_on_revoke(done, &pool, &topic, &lease).await
+                } else {
+                    done
+                };
+                let _ = done_tx.send((tenant, done));
+                drop(lease);
             });
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            message = consumer.recv(), if scheduler.queued() < options.max_queued => {
-                let m = match message {
-                    Ok(m) => m,
-                    // librdkafka reports broker trouble (down, unreachable, request errors) as
-                    // consume errors and recovers on its own; only a fatal error ends us.
-                    Err(e) if is_fatal(&e) => return Err(e.into()),
-                    Err(e) => {
-                        if stats.kafka_errors.fetch_add(1, Relaxed).is_multiple_of(100) {
-                            tracing::warn!(error = %e, "kafka error; librdkafka retries");
+            // Intake takes what is ready (up to INTAKE_BATCH records) and sends it to a dedupe
+            // lookup, one query per batch; lookups run concurrently and are admitted in order.
+            message = consumer.recv(), if scheduler.queued() + in_lookup < options.max_queued && lookups.len() < MAX_LOOKUPS => {
+                let mut next = Some(message);
+                let mut arrivals: Vec<Arrival> = Vec::new();
+                // Records come a fetch at a time: linger briefly for a fuller batch.
+                let linger = tokio::time::Instant::now() + INTAKE_LINGER;
+                while let Some(message) = next.take() {
+                    'one: {
+                        let m = match message {
+                            Ok(m) => m,
+                            // librdkafka reports broker trouble (down, unreachable, request
+                            // errors) as consume errors and recovers on its own; only a fatal
+                            // error ends us.
+                            Err(e) if is_fatal(&e) => return Err(e.into()),
+                            Err(e) => {
+                                if stats.kafka_errors.fetch_add(1, Relaxed).is_multiple_of(100) {
+                                    tracing::warn!(error = %e, "kafka error; librdkafka retries");
+                                }
+                                break 'one;
+                            }
+                        };
+                        stats.received.fetch_add(1, Relaxed);
+                        // Assigned partitions: obey the pauses other instances recorded before
+                        // any record of theirs is admitted (the callback ran inside this poll).
+                        if std::mem::take(&mut state.lock().reload_paused) {
+                            paused = paused_tenants(&pool).await?;
                         }
-                        continue;
+                        let position = {
+                            let mut s = state.lock();
+                            let Some(owned) = s.partitions.get_mut(&m.partition()) else {
+                                break 'one; // a record of a partition no longer ours
+                            };
+                            let offsets = owned.offsets.get_or_insert_with(|| PartitionOffsets::new(m.offset()));
+                            if offsets.received(m.offset()).is_err() {
+                                break 'one; // a re-fetch after a seek: already tracked
+                            }
+                            Position { partition: m.partition(), offset: m.offset(), generation: owned.generation }
+                        };
+                        let mut raw = parked_record(&m, &topic);
+                        // The parked copy names the event and its tenant as decoded, so a replay
+                        // can dedupe it and the backlog is filed under the right tenant.
+                        match outbox::decode(&broker::raw_record(&m)) {
+                            Ok(event) => {
+                                raw.event_id = Some(event.id);
+                                raw.tenant_id = event.tenant_id.to_string();
+                                let item = Item { event, raw, position, settled: false };
+                                arrivals.push(Arrival::Event(item));
+                            }
+                            Err(bad) => {
+                                raw.event_id = bad.event_id;
+                                raw.tenant_id = bad.tenant_id.as_ref().map_or_else(|| "unknown".to_owned(), |t| t.to_string());
+                                let pause = Pause { cause: "bad_event", reason: bad.reason.to_string(), event_id: bad.event_id, next_retry_at: None };
+                                arrivals.push(Arrival::Bad(raw, position, pause));
+                            }
+                        }
                     }
-                };
-                stats.received.fetch_add(1, Relaxed);
-                // Assigned partitions: obey the pauses other instances recorded before looking
-                // at their first record (the callback ran inside this very poll).
-                if std::mem::take(&mut state.lock().reload_paused) {
-                    paused = paused_tenants(&pool).await?;
+                    if arrivals.len() < INTAKE_BATCH {
+                        next = tokio::time::timeout_at(linger, consumer.recv()).await.ok();
+                    }
                 }
-                let position = {
-                    let mut s = state.lock();
-                    let Some(owned) = s.partitions.get_mut(&m.partition()) else {
-                        continue; // a record of a partition no longer ours
-                    };
-                    let offsets = owned.offsets.get_or_insert_with(|| PartitionOffsets::new(m.offset()));
-                    if offsets.received(m.offset()).is_err() {
-                        continue; // a re-fetch after a seek: already tracked
-                    }
-                    Position { partition: m.partition(), offset: m.offset(), generation: owned.generation }
-                };
-                let decoded = outbox::decode(&broker::raw_record(&m));
-                let mut raw = parked_record(&m, &topic);
-                // The parked copy names the event and its tenant as decoded, so a replay can
-                // dedupe it and the backlog is filed under the right tenant.
-                match &decoded {
-                    Ok(event) => {
-                        raw.event_id = Some(event.id);
-                        raw.tenant_id = event.tenant_id.to_string();
-                    }
-                    Err(bad) => {
-                        raw.event_id = bad.event_id;
-                        raw.tenant_id = bad.tenant_id.as_ref().map_or_else(|| "unknown".to_owned(), |t| t.to_string());
-                    }
-                }
-                match decoded {
-                    Ok(event) if paused.contains(event.tenant_id.as_str()) => {
-                        // Parked with the next flush, in arrival order, many at a time.
-                        pending.parked.push((raw, position));
-                    }
-                    Ok(event) => {
-                        let tenant = event.tenant_id.to_string();
-                        scheduler.arrive(tenant, Item { event, raw, position });
-                    }
-                    Err(bad) => {
-                        let tenant = bad.tenant_id.as_ref().map_or_else(|| "unknown".to_owned(), |t| t.to_string());
-                        if paused.contains(&tenant) {
-                            // Already paused: it joins the backlog in order; the first cause stays.
-                            pending.parked.push((raw, position));
-                            continue;
+                in_lookup += arrivals.len();
+                let pool = pool.clone();
+                // A task of its own: it must progress (and give its connection back) while the
+                // loop awaits something else.
+                lookups.push_back(tokio::spawn(async move {
+                    let ids: Vec<uuid::Uuid> = arrivals
+                        .iter()
+                        .filter_map(|a| match a { Arrival::Event(item) => Some(item.event.id), Arrival::Bad(..) => None })
+                        .collect();
+                    // A failed lookup counts as "not settled": the event is handled again, which
+                    // the partner's Idempotency-Key absorbs.
+                    let settled = if ids.is_empty() { Default::default() } else { ledger::settled_ids(&pool, &ids).await.unwrap_or_default() };
+                    (arrivals, settled)
+                }));
+            }
+            // Admission, in arrival order: paused tenants' records are parked, bad records pause
+            // their tenant, the rest join their tenant's queue.
+            Some(looked_up) = futures::StreamExt::next(&mut lookups), if !lookups.is_empty() => {
+                let (arrivals, settled) = looked_up.expect("dedupe lookup task panicked");
+                in_lookup -= arrivals.len();
+                for arrival in arrivals {
+                    match arrival {
+                        Arrival::Event(mut item) => {
+                            if !is_current(&state, item.position) {
+                                continue; // revoked meanwhile: the next owner reads it
+                            }
+                            let tenant = item.event.tenant_id.to_string();
+                            if paused.contains(&tenant) {
+                                pending.parked.push((item.raw, item.position));
+                            } else {
+                                item.settled = settled.contains(&item.event.id);
+                                scheduler.arrive(tenant, item);
+                            }
                         }
-                        // The tenant's queued events came first: they go into the backlog first.
-                        let pause = Pause { cause: "bad_event", reason: bad.reason.to_string(), event_id: bad.event_id, next_retry_at: None };
-                        let mut records = Vec::new();
-                        for queued in scheduler.take_queue(&tenant) {
-                            records.push(queued.raw);
-                            pending.positions.push(queued.position);
+                        Arrival::Bad(raw, position, pause) => {
+                            if !is_current(&state, position) {
+                                continue;
+                            }
+                            let tenant = raw.tenant_id.clone();
+                            if paused.contains(&tenant) {
+                                // Already paused: it joins the backlog in order; the first cause
+                                // stays.
+                                pending.parked.push((raw, position));
+                                continue;
+                            }
+                            // The tenant's queued events came first: they go into the backlog
+                            // first.
+                            let mut records = Vec::new();
+                            for queued in scheduler.take_queue(&tenant) {
+                                records.push(queued.raw);
+                                pending.positions.push(queued.position);
+                            }
+                            records.push(raw);
+                            stats.parked.fetch_add(ledger::park(&pool, &tenant, Some(&pause), &records).await?, Relaxed);
+                            scheduler.hold(&tenant);
+                            paused.insert(tenant);
+                            pending.positions.push(position);
                         }
-                        records.push(raw);
-                        stats.parked.fetch_add(ledger::park(&pool, &tenant, Some(&pause), &records).await?, Relaxed);
-                        scheduler.hold(&tenant);
-                        paused.insert(tenant);
-                        pending.positions.push(position);
                     }
                 }
             }
@@ -1087,12 +1141,13 @@ async fn drain<H: Handler>(handler: &H, pool: &PgPool, tenant: &str, guard: &Gua
                 generation: 0,
             };
             let topic = raw.topic.clone();
+            let already = settled.contains(&event.id);
             let item = Item {
                 event,
                 raw,
                 position,
+                settled: already,
             };
-            let already = settled.contains(&item.event.id);
             match handle(handler, item, guard, already).await {
                 Done::Settled(item, outcome, attempts) => {
                     settlements.push(settlement(&item, &topic, outcome, attempts));
