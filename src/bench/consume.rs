@@ -260,14 +260,7 @@ pub async fn run(
     let delay = Duration::from_millis(options.handler_ms);
     let any = |_: &ConsumeStats, _: &Scripted| true;
     let mut config = config.clone();
-    let mock = match options.broker {
-        BenchBroker::Configured => None,
-        BenchBroker::Mock => {
-            let mock = rdkafka::mocking::MockCluster::new(1)?;
-            config.kafka.brokers = mock.bootstrap_servers();
-            Some(mock)
-        }
-    };
+    let mock = options.broker.start(&mut config)?;
     let (config, mock) = (&config, mock.as_ref());
 
     // 1. Key-ordered parallelism against one in flight.
@@ -470,9 +463,7 @@ fn peak_rss_kb() -> u64 {
 /// A fresh topic holding `events` events round-robin over `tenants`.
 async fn fill(
     config: &Config,
-    mock: Option<
-        &rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
-    >,
+    mock: Option<&super::relay::Mock>,
     events: usize,
     tenants: usize,
     partitions: i32,

@@ -182,14 +182,7 @@ pub async fn run(
 ) -> Result<RelayBenchReport, BenchError> {
     let mut config = config.clone();
     // Kept alive for the whole run; dropped (and its brokers stopped) at the end.
-    let mock = match options.broker {
-        BenchBroker::Configured => None,
-        BenchBroker::Mock => {
-            let mock = rdkafka::mocking::MockCluster::new(1)?;
-            config.kafka.brokers = mock.bootstrap_servers();
-            Some(mock)
-        }
-    };
+    let mock = options.broker.start(&mut config)?;
     let ferry = run_ferry(&config, options, mock.as_ref()).await?;
     let polling = run_polling(&config, options, mock.as_ref()).await?;
     Ok(RelayBenchReport {
@@ -199,7 +192,23 @@ pub async fn run(
     })
 }
 
-type Mock = rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
+/// librdkafka's in-process mock cluster, as the benchmarks hold it.
+pub type Mock = rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
+
+impl BenchBroker {
+    /// Points `config` at this broker. For the mock cluster, starts it: keep what is returned
+    /// alive for the whole run (dropping it stops its brokers).
+    pub fn start(self, config: &mut Config) -> Result<Option<Mock>, BenchError> {
+        match self {
+            BenchBroker::Configured => Ok(None),
+            BenchBroker::Mock => {
+                let mock = rdkafka::mocking::MockCluster::new(1)?;
+                config.kafka.brokers = mock.bootstrap_servers();
+                Ok(Some(mock))
+            }
+        }
+    }
+}
 
 async fn prepare(
     config: &Config,
