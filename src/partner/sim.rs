@@ -257,15 +257,19 @@ impl Sim {
 /// The simulator's routes.
 pub fn router(sim: SimHandle) -> Router {
     let api = Router::new()
-        .route("/shop-items", post(create_item).get(find_items))
+        .route("/shop-items", post(create_item).get(find::<ShopItem>))
         .route(
             "/shop-items/{id}",
-            get(get_item).put(update_item).delete(delete_item),
+            get(get_one::<ShopItem>)
+                .put(update_item)
+                .delete(delete_one::<ShopItem>),
         )
-        .route("/shop-prices", post(create_price).get(find_prices))
+        .route("/shop-prices", post(create_price).get(find::<ShopPrice>))
         .route(
             "/shop-prices/{id}",
-            get(get_price).put(update_price).delete(delete_price),
+            get(get_one::<ShopPrice>)
+                .put(update_price)
+                .delete(delete_one::<ShopPrice>),
         );
     Router::new()
         .nest("/v1/accounts/{account}", api)
@@ -560,6 +564,115 @@ struct Search {
 
 type Req = (State<SimHandle>, Method, Uri, HeaderMap);
 
+/// A kind of object the simulator keeps: where it lives in an account, and what deleting one
+/// takes with it.
+trait Object: Clone + Serialize + Send + 'static {
+    /// Its name in messages.
+    const NAME: &'static str;
+    fn all(a: &Account) -> &BTreeMap<String, Self>;
+    fn all_mut(a: &mut Account) -> &mut BTreeMap<String, Self>;
+    fn external_id(&self) -> &str;
+    /// After the object `id` was deleted from `a`.
+    fn deleted(_a: &mut Account, _id: &str) {}
+}
+
+impl Object for ShopItem {
+    const NAME: &'static str = "item";
+    fn all(a: &Account) -> &BTreeMap<String, Self> {
+        &a.items
+    }
+    fn all_mut(a: &mut Account) -> &mut BTreeMap<String, Self> {
+        &mut a.items
+    }
+    fn external_id(&self) -> &str {
+        &self.external_id
+    }
+    /// An item's prices go with it.
+    fn deleted(a: &mut Account, id: &str) {
+        a.prices.retain(|_, p| p.item_id != id);
+    }
+}
+
+impl Object for ShopPrice {
+    const NAME: &'static str = "price";
+    fn all(a: &Account) -> &BTreeMap<String, Self> {
+        &a.prices
+    }
+    fn all_mut(a: &mut Account) -> &mut BTreeMap<String, Self> {
+        &mut a.prices
+    }
+    fn external_id(&self) -> &str {
+        &self.external_id
+    }
+}
+
+/// `GET /shop-items` or `/shop-prices`, optionally `?external_id=`.
+async fn find<O: Object>(
+    (State(sim), method, uri, headers): Req,
+    Path(account): Path<String>,
+    Query(search): Query<Search>,
+) -> Response {
+    handle(sim, account, method, uri, headers, move |s, account| {
+        let data: Vec<O> = s
+            .accounts
+            .get(account)
+            .map(|a| {
+                O::all(a)
+                    .values()
+                    .filter(|o| {
+                        search
+                            .external_id
+                            .as_deref()
+                            .is_none_or(|e| e == o.external_id())
+                    })
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        (200, json!(List { data }))
+    })
+    .await
+}
+
+/// `GET /shop-items/{id}` or `/shop-prices/{id}`.
+async fn get_one<O: Object>(
+    (State(sim), method, uri, headers): Req,
+    Path((account, id)): Path<(String, String)>,
+) -> Response {
+    handle(
+        sim,
+        account,
+        method,
+        uri,
+        headers,
+        move |s, account| match s.accounts.get(account).and_then(|a| O::all(a).get(&id)) {
+            Some(object) => (200, json!(object)),
+            None => not_found(O::NAME, &id),
+        },
+    )
+    .await
+}
+
+/// `DELETE /shop-items/{id}` or `/shop-prices/{id}`.
+async fn delete_one<O: Object>(
+    (State(sim), method, uri, headers): Req,
+    Path((account, id)): Path<(String, String)>,
+) -> Response {
+    handle(sim, account, method, uri, headers, move |s, account| {
+        let Some(a) = s.accounts.get_mut(account) else {
+            return not_found(O::NAME, &id);
+        };
+        match O::all_mut(a).remove(&id) {
+            Some(_) => {
+                O::deleted(a, &id);
+                (204, Value::Null)
+            }
+            None => not_found(O::NAME, &id),
+        }
+    })
+    .await
+}
+
 async fn create_item(
     (State(sim), method, uri, headers): Req,
     Path(account): Path<String>,
@@ -586,51 +699,6 @@ async fn create_item(
     .await
 }
 
-async fn find_items(
-    (State(sim), method, uri, headers): Req,
-    Path(account): Path<String>,
-    Query(search): Query<Search>,
-) -> Response {
-    handle(sim, account, method, uri, headers, move |s, account| {
-        let data: Vec<ShopItem> = s
-            .accounts
-            .get(account)
-            .map(|a| {
-                a.items
-                    .values()
-                    .filter(|i| {
-                        search
-                            .external_id
-                            .as_ref()
-                            .is_none_or(|e| *e == i.external_id)
-                    })
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default();
-        (200, json!(List { data }))
-    })
-    .await
-}
-
-async fn get_item(
-    (State(sim), method, uri, headers): Req,
-    Path((account, id)): Path<(String, String)>,
-) -> Response {
-    handle(
-        sim,
-        account,
-        method,
-        uri,
-        headers,
-        move |s, account| match s.accounts.get(account).and_then(|a| a.items.get(&id)) {
-            Some(item) => (200, json!(item)),
-            None => not_found("item", &id),
-        },
-    )
-    .await
-}
-
 async fn update_item(
     (State(sim), method, uri, headers): Req,
     Path((account, id)): Path<(String, String)>,
@@ -653,25 +721,6 @@ async fn update_item(
                 item.name = update.name;
                 item.description = update.description;
                 (200, json!(item))
-            }
-            None => not_found("item", &id),
-        }
-    })
-    .await
-}
-
-async fn delete_item(
-    (State(sim), method, uri, headers): Req,
-    Path((account, id)): Path<(String, String)>,
-) -> Response {
-    handle(sim, account, method, uri, headers, move |s, account| {
-        let Some(a) = s.accounts.get_mut(account) else {
-            return not_found("item", &id);
-        };
-        match a.items.remove(&id) {
-            Some(_) => {
-                a.prices.retain(|_, p| p.item_id != id);
-                (204, Value::Null)
             }
             None => not_found("item", &id),
         }
@@ -713,51 +762,6 @@ async fn create_price(
     .await
 }
 
-async fn find_prices(
-    (State(sim), method, uri, headers): Req,
-    Path(account): Path<String>,
-    Query(search): Query<Search>,
-) -> Response {
-    handle(sim, account, method, uri, headers, move |s, account| {
-        let data: Vec<ShopPrice> = s
-            .accounts
-            .get(account)
-            .map(|a| {
-                a.prices
-                    .values()
-                    .filter(|p| {
-                        search
-                            .external_id
-                            .as_ref()
-                            .is_none_or(|e| *e == p.external_id)
-                    })
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default();
-        (200, json!(List { data }))
-    })
-    .await
-}
-
-async fn get_price(
-    (State(sim), method, uri, headers): Req,
-    Path((account, id)): Path<(String, String)>,
-) -> Response {
-    handle(
-        sim,
-        account,
-        method,
-        uri,
-        headers,
-        move |s, account| match s.accounts.get(account).and_then(|a| a.prices.get(&id)) {
-            Some(price) => (200, json!(price)),
-            None => not_found("price", &id),
-        },
-    )
-    .await
-}
-
 async fn update_price(
     (State(sim), method, uri, headers): Req,
     Path((account, id)): Path<(String, String)>,
@@ -784,28 +788,6 @@ async fn update_price(
             None => not_found("price", &id),
         }
     })
-    .await
-}
-
-async fn delete_price(
-    (State(sim), method, uri, headers): Req,
-    Path((account, id)): Path<(String, String)>,
-) -> Response {
-    handle(
-        sim,
-        account,
-        method,
-        uri,
-        headers,
-        move |s, account| match s
-            .accounts
-            .get_mut(account)
-            .and_then(|a| a.prices.remove(&id))
-        {
-            Some(_) => (204, Value::Null),
-            None => not_found("price", &id),
-        },
-    )
     .await
 }
 
