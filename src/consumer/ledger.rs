@@ -60,6 +60,27 @@ pub struct Settlement {
     pub offset: i64,
 }
 
+impl Settlement {
+    /// `event`, read at `attempt`'s record, settled as `outcome` after `attempt.number` attempts.
+    pub fn new(
+        event: &crate::outbox::OutboxEvent,
+        attempt: &crate::delivery::Attempt,
+        outcome: SettledAs,
+    ) -> Settlement {
+        Settlement {
+            event_id: event.id,
+            tenant_id: event.tenant_id.to_string(),
+            event_type: Some(event.event_type().as_str().to_owned()),
+            outcome,
+            attempts: attempt.number as i32,
+            error: None,
+            topic: attempt.topic.clone(),
+            partition: attempt.partition,
+            offset: attempt.offset,
+        }
+    }
+}
+
 /// The event ids among `ids` already settled: a redelivered event is skipped, not handled again.
 pub async fn settled_ids(pool: &PgPool, ids: &[Uuid]) -> Result<HashSet<Uuid>, sqlx::Error> {
     let found: Vec<Uuid> = sqlx::query_scalar(

@@ -135,6 +135,18 @@ pub struct ConsumeStats {
     pub commit_lag_max_ms: std::sync::atomic::AtomicU64,
 }
 
+impl ConsumeStats {
+    /// Counts a settled event by its outcome.
+    fn count(&self, outcome: SettledAs) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match outcome {
+            SettledAs::Delivered => self.delivered.fetch_add(1, Relaxed),
+            SettledAs::Expired => self.expired.fetch_add(1, Relaxed),
+            _ => 0,
+        };
+    }
+}
+
 /// Whether a consume error ends the consumer: librdkafka's fatal errors (the idempotence or
 /// group membership can no longer be kept); every other error is transient and retried inside
 /// librdkafka.
@@ -536,13 +548,12 @@ pub async fn run<H: Handler>(
         }
         // A task per event; whether it is a redelivery was looked up when it arrived.
         for (tenant, item, lease) in batch {
-            let (handler, done_tx, retry, window, pool, topic) = (
+            let (handler, done_tx, retry, window, pool) = (
                 Arc::clone(&handler),
                 done_tx.clone(),
                 options.retry.clone(),
                 Arc::clone(&window),
                 pool.clone(),
-                topic.clone(),
             );
             tokio::spawn(async move {
                 let guard = Guard {
@@ -553,7 +564,7 @@ pub async fn run<H: Handler>(
                 let already = item.settled;
                 let done = handle(&*handler, item, &guard, already).await;
                 let done = if lease.cancel.is_cancelled() {
-                    settle_on_revoke(done, &pool, &topic, &lease).await
+                    settle_on_revoke(done, &pool, &lease).await
                 } else {
                     done
                 };
@@ -690,22 +701,14 @@ pub async fn run<H: Handler>(
                 match done {
                     Done::Revoked(_) => {}
                     Done::SettledOnRevoke(_, outcome) => {
-                        match outcome {
-                            SettledAs::Delivered => stats.delivered.fetch_add(1, Relaxed),
-                            SettledAs::Expired => stats.expired.fetch_add(1, Relaxed),
-                            _ => 0,
-                        };
+                        stats.count(outcome);
                     }
                     // A failure of a partition lost meanwhile is the next owner's to meet:
                     // parking it here could race the owner's own intake.
                     Done::Breaker(item, _) | Done::Pause(item, _) if !is_current(&state, item.position) => {}
                     Done::Settled(item, outcome, attempts) => {
-                        match outcome {
-                            SettledAs::Delivered => stats.delivered.fetch_add(1, Relaxed),
-                            SettledAs::Expired => stats.expired.fetch_add(1, Relaxed),
-                            _ => 0,
-                        };
-                        pending.settlements.push((settlement(&item, &topic, outcome, attempts), item.position));
+                        stats.count(outcome);
+                        pending.settlements.push((settlement(&item, outcome, attempts), item.position));
                     }
                     Done::Duplicate(item) => {
                         stats.duplicates.fetch_add(1, Relaxed);
@@ -831,7 +834,7 @@ pub async fn run<H: Handler>(
                 match done {
                     Done::Settled(item, outcome, attempts) => {
                         stats.delivered.fetch_add(1, Relaxed);
-                        pending.settlements.push((settlement(&item, &topic, outcome, attempts), item.position));
+                        pending.settlements.push((settlement(&item, outcome, attempts), item.position));
                         // Closed: the held events run first, each ahead of its tenant's queue.
                         for (t, held) in held_by_breaker.drain(..) {
                             scheduler.retry_first(t, held);
@@ -906,7 +909,7 @@ pub async fn run<H: Handler>(
         if let Done::Settled(item, outcome, attempts) = done {
             pending
                 .settlements
-                .push((settlement(&item, &topic, outcome, attempts), item.position));
+                .push((settlement(&item, outcome, attempts), item.position));
         }
     }
     flush(
@@ -1039,10 +1042,10 @@ fn attempt_at(item: &Item, number: u32) -> Attempt {
 /// A task whose partition was revoked (or the consumer is stopping) as it ended: a settled event
 /// is recorded now and its offset marked, so the revoke's commit passes it and the next owner
 /// does not send it again; anything else is left to the next owner.
-async fn settle_on_revoke(done: Done, pool: &PgPool, topic: &str, lease: &Lease) -> Done {
+async fn settle_on_revoke(done: Done, pool: &PgPool, lease: &Lease) -> Done {
     match done {
         Done::Settled(item, outcome, attempts) => {
-            let record = settlement(&item, topic, outcome, attempts);
+            let record = settlement(&item, outcome, attempts);
             let written = async {
                 let mut tx = pool.begin().await?;
                 ledger::record_settled(&mut tx, std::slice::from_ref(&record)).await?;
@@ -1140,7 +1143,6 @@ async fn drain<H: Handler>(handler: &H, pool: &PgPool, tenant: &str, guard: &Gua
                 offset: raw.offset,
                 generation: 0,
             };
-            let topic = raw.topic.clone();
             let already = settled.contains(&event.id);
             let item = Item {
                 event,
@@ -1150,7 +1152,7 @@ async fn drain<H: Handler>(handler: &H, pool: &PgPool, tenant: &str, guard: &Gua
             };
             match handle(handler, item, guard, already).await {
                 Done::Settled(item, outcome, attempts) => {
-                    settlements.push(settlement(&item, &topic, outcome, attempts));
+                    settlements.push(settlement(&item, outcome, attempts));
                 }
                 Done::Duplicate(_) | Done::SettledOnRevoke(..) => {}
                 Done::Revoked(_) => {
@@ -1195,18 +1197,8 @@ fn pause_for(
     }
 }
 
-fn settlement(item: &Item, topic: &str, outcome: SettledAs, attempts: u32) -> Settlement {
-    Settlement {
-        event_id: item.event.id,
-        tenant_id: item.event.tenant_id.to_string(),
-        event_type: Some(item.event.event_type().as_str().to_owned()),
-        outcome,
-        attempts: attempts as i32,
-        error: None,
-        topic: topic.to_owned(),
-        partition: item.position.partition,
-        offset: item.position.offset,
-    }
+fn settlement(item: &Item, outcome: SettledAs, attempts: u32) -> Settlement {
+    Settlement::new(&item.event, &attempt_at(item, attempts), outcome)
 }
 
 fn parked_record<M: Message>(m: &M, topic: &str) -> ParkedRecord {

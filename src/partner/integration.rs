@@ -227,17 +227,7 @@ impl Integration {
 
 /// The dedupe record of a delivered event, written with its mappings.
 fn settled(event: &OutboxEvent, attempt: &Attempt) -> Settlement {
-    Settlement {
-        event_id: event.id,
-        tenant_id: event.tenant_id.to_string(),
-        event_type: Some(event.event_type().as_str().to_owned()),
-        outcome: SettledAs::Delivered,
-        attempts: attempt.number as i32,
-        error: None,
-        topic: attempt.topic.clone(),
-        partition: attempt.partition,
-        offset: attempt.offset,
-    }
+    Settlement::new(event, attempt, SettledAs::Delivered)
 }
 
 /// The partner's id for our `local_id` of `object_type`.
