@@ -18,6 +18,9 @@ pub enum Outcome {
     Deferred(DateTime<Utc>),
     /// It failed; [`Failure::class`] says what that means.
     Failed(Failure),
+    /// Not for this handler (the tenant has the integration off): recorded as ignored,
+    /// nothing sent.
+    Ignored,
 }
 
 /// A failed attempt, as the handler saw it.

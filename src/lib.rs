@@ -16,6 +16,7 @@
 //!   offsets, the handler contract and the one place that classifies failures);
 //! - [`partner`]: the partner's API, its client, the integration (the consumer's handler) and
 //!   the simulator (`ferry partner-sim`);
+//! - [`tenant`]: switching a tenant's integration on (with its backfill) and off (`ferry tenant`);
 //! - [`load`]: the reference "our platform" writer (`ferry load`);
 //! - [`smoke`]: the end-to-end round trip that proves a stack works;
 //! - [`bench`]: the benchmarks (`ferry bench ...`);
@@ -35,3 +36,4 @@ pub mod shutdown;
 pub mod smoke;
 pub mod store;
 pub mod telemetry;
+pub mod tenant;

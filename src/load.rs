@@ -24,6 +24,8 @@ pub struct LoadOptions {
     pub tenant_prefix: String,
     /// Random seed, for a repeatable mix.
     pub seed: u64,
+    /// Changes per second in all, at most (unpaced when `None`).
+    pub rate: Option<f64>,
 }
 
 impl Default for LoadOptions {
@@ -34,6 +36,7 @@ impl Default for LoadOptions {
             concurrency: 8,
             tenant_prefix: "tenant-".to_owned(),
             seed: 42,
+            rate: None,
         }
     }
 }
@@ -64,6 +67,9 @@ pub enum LoadError {
     /// Zero tenants or writers.
     #[error("--tenants and --concurrency must be at least 1")]
     Empty,
+    /// A rate that is not a positive number.
+    #[error("--rate must be a positive number of changes per second, not {0}")]
+    Rate(f64),
     /// A generated tenant id is invalid (the prefix is too long or has control characters).
     #[error("tenant prefix {0:?} makes invalid tenant ids")]
     Prefix(String),
@@ -77,6 +83,13 @@ pub async fn run(pool: &PgPool, options: &LoadOptions) -> Result<LoadReport, Loa
     if options.tenants == 0 || options.concurrency == 0 {
         return Err(LoadError::Empty);
     }
+    if let Some(rate) = options.rate.filter(|r| !(r.is_finite() && *r > 0.0)) {
+        return Err(LoadError::Rate(rate));
+    }
+    // Each writer's share of the rate: one change every `interval`.
+    let interval = options
+        .rate
+        .map(|r| Duration::from_secs_f64(options.concurrency as f64 / r));
     TenantId::new(format!("{}{}", options.tenant_prefix, options.tenants))
         .map_err(|_| LoadError::Prefix(options.tenant_prefix.clone()))?;
     let started = Instant::now();
@@ -90,7 +103,7 @@ pub async fn run(pool: &PgPool, options: &LoadOptions) -> Result<LoadReport, Loa
             + usize::from(w < options.events % options.concurrency);
         let pool = pool.clone();
         let seed = options.seed ^ (w as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        workers.spawn(async move { write_share(pool, tenants, share, seed).await });
+        workers.spawn(async move { write_share(pool, tenants, share, seed, interval).await });
     }
     let mut report = LoadReport::default();
     while let Some(done) = workers.join_next().await {
@@ -108,14 +121,28 @@ async fn write_share(
     tenants: Vec<String>,
     events: usize,
     seed: u64,
+    interval: Option<Duration>,
 ) -> Result<LoadReport, LoadError> {
     let mut report = LoadReport::default();
     if tenants.is_empty() {
         return Ok(report);
     }
     let mut rng = SplitMix(seed);
-    let mut products: Vec<Vec<Uuid>> = vec![Vec::new(); tenants.len()];
+    // Products written before (by an earlier run, or the application) are changed too.
+    let mut products: Vec<Vec<Uuid>> = Vec::with_capacity(tenants.len());
+    for tenant in &tenants {
+        products.push(
+            sqlx::query_scalar("SELECT id FROM products WHERE tenant_id = $1 ORDER BY id")
+                .bind(tenant)
+                .fetch_all(&pool)
+                .await?,
+        );
+    }
+    let started = tokio::time::Instant::now();
     for n in 0..events {
+        if let Some(interval) = interval {
+            tokio::time::sleep_until(started + interval * n as u32).await;
+        }
         let t = (rng.next() % tenants.len() as u64) as usize;
         let tenant = TenantId::new(tenants[t].clone()).expect("checked in run");
         let roll = rng.next() % 100;

@@ -56,6 +56,15 @@ enum Command {
         /// deleted).
         #[arg(long = "tenant")]
         tenants: Vec<String>,
+        /// The partner is Ferry's simulator: also report the order violations it saw.
+        #[arg(long)]
+        simulator: bool,
+    },
+    /// Switch tenants' partner integration on (backfilling their products) or off (deleting
+    /// what Ferry created on the partner), or show where they stand.
+    Tenant {
+        #[command(subcommand)]
+        action: TenantAction,
     },
     /// Write products and their outbox events like our platform does.
     Load {
@@ -74,6 +83,9 @@ enum Command {
         /// Seed of the change mix.
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// Changes per second in all, at most (as fast as it can when not given).
+        #[arg(long)]
+        rate: Option<f64>,
     },
     /// Benchmarks, printed as tables with the ratio to their baseline.
     Bench {
@@ -140,6 +152,199 @@ enum Bench {
         #[arg(long, default_value = "configured", value_parser = ["configured", "mock"])]
         broker: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum TenantAction {
+    /// Switch the integration on and backfill: a create for every existing product, written
+    /// through the outbox so it is ordered with live changes. Waits until the partner has them.
+    Enable {
+        /// Tenant ids.
+        #[arg(required = true)]
+        tenants: Vec<String>,
+        /// Return once the backfill is written, without waiting for its delivery.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for the delivery.
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        wait_timeout: Duration,
+    },
+    /// Switch the integration off: the tenant's events are ignored from now on, and every
+    /// object Ferry created for it on the partner is deleted. Waits until that is done.
+    Disable {
+        /// Tenant ids.
+        #[arg(required = true)]
+        tenants: Vec<String>,
+        /// Return once the switch is written, without waiting for the rollback.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for the rollback.
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        wait_timeout: Duration,
+    },
+    /// Show tenants: integration on or off, state, pause reason, mapped objects, parked events.
+    Status {
+        /// Tenant ids.
+        #[arg(required = true)]
+        tenants: Vec<String>,
+    },
+}
+
+/// A progress bar on stderr: redrawn in place on a terminal, a line at most every few seconds
+/// otherwise (logs stay readable).
+struct Bar {
+    tty: bool,
+    last: Option<std::time::Instant>,
+}
+
+impl Bar {
+    fn new() -> Bar {
+        use std::io::IsTerminal as _;
+        Bar {
+            tty: std::io::stderr().is_terminal(),
+            last: None,
+        }
+    }
+
+    fn show(&mut self, label: &str, done: u64, total: u64, note: &str) {
+        let finished = done >= total;
+        if !self.tty
+            && !finished
+            && self
+                .last
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(2))
+        {
+            return;
+        }
+        self.last = Some(std::time::Instant::now());
+        const WIDTH: u64 = 30;
+        let filled = (done.min(total) * WIDTH)
+            .checked_div(total)
+            .unwrap_or(WIDTH) as usize;
+        let bar = format!(
+            "{}{}",
+            "#".repeat(filled),
+            "-".repeat(WIDTH as usize - filled)
+        );
+        let line = format!("{label} [{bar}] {done}/{total}{note}");
+        if self.tty {
+            eprint!("\r\x1b[2K{line}");
+            if finished {
+                eprintln!();
+            }
+        } else {
+            eprintln!("{line}");
+        }
+    }
+}
+
+/// The tenant's state in a progress line, when it is not simply active.
+fn state_note(status: Option<&ferry::tenant::TenantStatus>) -> String {
+    match status {
+        Some(s) if s.state != "active" => format!(
+            "  (tenant {}: {})",
+            s.state,
+            s.pause_reason.as_deref().unwrap_or("no reason given")
+        ),
+        _ => String::new(),
+    }
+}
+
+async fn tenant_command(config: &Config, action: TenantAction) -> anyhow::Result<()> {
+    let pool = ferry::store::connect(&config.database).await?;
+    match action {
+        TenantAction::Enable {
+            tenants,
+            no_wait,
+            wait_timeout,
+        } => {
+            for raw in tenants {
+                let tenant = ferry::tenant::tenant_id(&raw)?;
+                let mut bar = Bar::new();
+                let enabled = ferry::tenant::enable(&pool, &tenant, |b| {
+                    bar.show(
+                        &format!("{tenant}: backfill written "),
+                        b.written,
+                        b.total,
+                        "",
+                    );
+                })
+                .await?;
+                if enabled.was_enabled {
+                    eprintln!(
+                        "{tenant}: was enabled already; the backfill resends every product (a resync)"
+                    );
+                }
+                if !no_wait {
+                    let mut bar = Bar::new();
+                    ferry::tenant::wait(&pool, &tenant, &enabled.events, wait_timeout, |w| {
+                        bar.show(
+                            &format!("{tenant}: delivered         "),
+                            w.settled,
+                            w.total,
+                            &state_note(w.status.as_ref()),
+                        );
+                    })
+                    .await?;
+                }
+                println!(
+                    "{tenant}: integration enabled, {} products backfilled",
+                    enabled.events.len() - 1
+                );
+            }
+        }
+        TenantAction::Disable {
+            tenants,
+            no_wait,
+            wait_timeout,
+        } => {
+            for raw in tenants {
+                let tenant = ferry::tenant::tenant_id(&raw)?;
+                let mapped = ferry::tenant::status(&pool, &tenant)
+                    .await?
+                    .map_or(0, |s| s.mapped);
+                let event = ferry::tenant::disable(&pool, &tenant).await?;
+                if !no_wait {
+                    let mut bar = Bar::new();
+                    ferry::tenant::wait(&pool, &tenant, &[event], wait_timeout, |w| {
+                        let left = w.status.as_ref().map_or(0, |s| s.mapped);
+                        let done = if w.settled == w.total {
+                            mapped as u64
+                        } else {
+                            (mapped - left).max(0) as u64
+                        };
+                        bar.show(
+                            &format!("{tenant}: objects deleted "),
+                            done,
+                            mapped as u64,
+                            &state_note(w.status.as_ref()),
+                        );
+                    })
+                    .await?;
+                }
+                println!("{tenant}: integration disabled, {mapped} mapped objects rolled back");
+            }
+        }
+        TenantAction::Status { tenants } => {
+            println!("| tenant | integration | state | mapped objects | parked events | reason |");
+            println!("|---|---|---|---|---|---|");
+            for raw in tenants {
+                let tenant = ferry::tenant::tenant_id(&raw)?;
+                match ferry::tenant::status(&pool, &tenant).await? {
+                    Some(s) => println!(
+                        "| {tenant} | {} | {} | {} | {} | {} |",
+                        if s.integration_enabled { "on" } else { "off" },
+                        s.state,
+                        s.mapped,
+                        s.parked,
+                        s.pause_reason.unwrap_or_default()
+                    ),
+                    None => println!("| {tenant} | off (never enabled) | | | | |"),
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -220,16 +425,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await?;
         }
-        Command::Verify { tenants } => {
+        Command::Verify { tenants, simulator } => {
+            use ferry::partner::verify;
             let pool = ferry::store::connect(&config.database).await?;
             let client = ferry::partner::client::PartnerClient::new(&config.partner)?;
-            let report = ferry::partner::verify::verify(&pool, &client, &tenants).await?;
-            print!("{}", ferry::partner::verify::render(&report));
-            let bad: usize = report.iter().map(|d| d.drift() + d.duplicates).sum();
+            let order_violations = if simulator {
+                let report = client
+                    .simulator_report()
+                    .await
+                    .map_err(|f| anyhow::anyhow!(f.message))?;
+                Some(report.values().map(|a| a.order_violations).sum())
+            } else {
+                None
+            };
+            let found = verify::Verification {
+                tenants: verify::verify(&pool, &client, &tenants).await?,
+                latency: verify::latency(&pool).await?,
+                order_violations,
+            };
+            print!("{}", found.render());
+            let bad = found.failures();
             if bad > 0 {
-                anyhow::bail!("{bad} objects differ between our products and the partner");
+                anyhow::bail!(
+                    "{bad} differences: drifted or duplicate objects, or events out of order"
+                );
             }
         }
+        Command::Tenant { action } => tenant_command(&config, action).await?,
         Command::Migrate => {
             let pool = ferry::store::connect(&config.database).await?;
             ferry::store::migrate(&pool).await?;
@@ -301,6 +523,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             concurrency,
             tenant_prefix,
             seed,
+            rate,
         } => {
             let pool = ferry::store::connect(&config.database).await?;
             let options = ferry::load::LoadOptions {
@@ -309,6 +532,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 concurrency,
                 tenant_prefix,
                 seed,
+                rate,
             };
             let report = ferry::load::run(&pool, &options).await?;
             println!(

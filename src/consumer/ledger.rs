@@ -58,10 +58,15 @@ pub struct Settlement {
     pub partition: i32,
     /// Offset.
     pub offset: i64,
+    /// When the event was written to the outbox (its record's timestamp).
+    pub written_at: Option<DateTime<Utc>>,
+    /// When the partner acknowledged it (delivered events).
+    pub acked_at: Option<DateTime<Utc>>,
 }
 
 impl Settlement {
-    /// `event`, read at `attempt`'s record, settled as `outcome` after `attempt.number` attempts.
+    /// `event`, read at `attempt`'s record, settled as `outcome` after `attempt.number` attempts;
+    /// a delivered event counts as acknowledged now.
     pub fn new(
         event: &crate::outbox::OutboxEvent,
         attempt: &crate::delivery::Attempt,
@@ -77,6 +82,8 @@ impl Settlement {
             topic: attempt.topic.clone(),
             partition: attempt.partition,
             offset: attempt.offset,
+            written_at: event.occurred_at,
+            acked_at: (outcome == SettledAs::Delivered).then(Utc::now),
         }
     }
 }
@@ -93,8 +100,9 @@ pub async fn settled_ids(pool: &PgPool, ids: &[Uuid]) -> Result<HashSet<Uuid>, s
 }
 
 /// Records a batch of settled events in one transaction of the caller's (so a handler's own
-/// writes, such as mapping rows, commit with their dedupe record). An event already recorded
-/// keeps its first record: replays never rewrite history.
+/// writes, such as mapping rows, commit with their dedupe record). An event already settled
+/// keeps its first record: replays never rewrite history. One that failed before (recorded
+/// unsettled when its tenant paused) is settled now, its attempts added up.
 pub async fn record_settled(
     conn: &mut sqlx::PgConnection,
     batch: &[Settlement],
@@ -111,6 +119,8 @@ pub async fn record_settled(
     let mut topics = Vec::with_capacity(batch.len());
     let mut partitions = Vec::with_capacity(batch.len());
     let mut offsets = Vec::with_capacity(batch.len());
+    let mut written = Vec::with_capacity(batch.len());
+    let mut acked = Vec::with_capacity(batch.len());
     for s in batch {
         ids.push(s.event_id);
         tenants.push(s.tenant_id.as_str());
@@ -121,13 +131,19 @@ pub async fn record_settled(
         topics.push(s.topic.as_str());
         partitions.push(s.partition);
         offsets.push(s.offset);
+        written.push(s.written_at);
+        acked.push(s.acked_at);
     }
     let result = sqlx::query(
         "INSERT INTO deliveries (event_id, tenant_id, event_type, outcome, attempts, last_error, \
-                                 topic, partition, \"offset\", settled_at) \
+                                 topic, partition, \"offset\", written_at, acked_at, settled_at) \
          SELECT *, now() FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], \
-                                     $6::text[], $7::text[], $8::int[], $9::bigint[]) \
-         ON CONFLICT (event_id) DO NOTHING",
+                                     $6::text[], $7::text[], $8::int[], $9::bigint[], \
+                                     $10::timestamptz[], $11::timestamptz[]) \
+         ON CONFLICT (event_id) DO UPDATE SET outcome = EXCLUDED.outcome, \
+             attempts = deliveries.attempts + EXCLUDED.attempts, written_at = EXCLUDED.written_at, \
+             acked_at = EXCLUDED.acked_at, settled_at = now(), updated_at = now() \
+         WHERE deliveries.settled_at IS NULL",
     )
     .bind(&ids)
     .bind(&tenants)
@@ -138,6 +154,8 @@ pub async fn record_settled(
     .bind(&topics)
     .bind(&partitions)
     .bind(&offsets)
+    .bind(&written)
+    .bind(&acked)
     .execute(conn)
     .await?;
     Ok(result.rows_affected())
@@ -177,6 +195,10 @@ pub struct Pause {
     pub event_id: Option<Uuid>,
     /// When to try again automatically (retryable causes).
     pub next_retry_at: Option<DateTime<Utc>>,
+    /// Attempts made at the failing event.
+    pub attempts: u32,
+    /// The partner's last answer to it: `{"status": 422, "body": "..."}`.
+    pub response: Option<serde_json::Value>,
 }
 
 /// Records per statement when parking.
@@ -207,6 +229,30 @@ pub async fn park(
         .bind(p.next_retry_at)
         .execute(&mut *tx)
         .await?;
+        // The failing event's record: why, after how many attempts, what the partner said.
+        // Not settled: it stays parked until replayed or skipped.
+        if let Some(event_id) = p.event_id {
+            let at = records.iter().find(|r| r.event_id == Some(event_id));
+            sqlx::query(
+                "INSERT INTO deliveries (event_id, tenant_id, outcome, attempts, last_error, last_response, \
+                                         topic, partition, \"offset\") \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 ON CONFLICT (event_id) DO UPDATE SET outcome = $3, attempts = deliveries.attempts + $4, \
+                     last_error = $5, last_response = $6, updated_at = now() \
+                 WHERE deliveries.settled_at IS NULL",
+            )
+            .bind(event_id)
+            .bind(tenant)
+            .bind(if p.cause == "bad_event" { "bad_event" } else { "failed" })
+            .bind(p.attempts as i32)
+            .bind(&p.reason)
+            .bind(&p.response)
+            .bind(at.map(|r| r.topic.as_str()))
+            .bind(at.map(|r| r.partition))
+            .bind(at.map(|r| r.offset))
+            .execute(&mut *tx)
+            .await?;
+        }
     }
     let mut parked = 0;
     // A statement per chunk: a paused tenant's whole queue (thousands of records) would

@@ -411,14 +411,47 @@ const MAX_LOOKUPS: usize = 4;
 enum Arrival {
     /// A decoded event.
     Event(Item),
-    /// A record the decoder refused: it pauses its tenant with this reason.
-    Bad(ParkedRecord, Position, Pause),
+    /// A record the decoder refused.
+    Bad(Refused),
+}
+
+/// A record the decoder refused: when its turn comes it pauses its tenant with the decoder's
+/// reason and is parked first in the backlog.
+struct Refused {
+    raw: ParkedRecord,
+    position: Position,
+    pause: Pause,
+}
+
+/// What waits in a tenant's queue. A refused record waits its turn like an event: if the
+/// tenant's event in flight fails too, that event must be parked ahead of it.
+enum Queued {
+    Event(Item),
+    Refused(Refused),
+}
+
+impl Queued {
+    fn position(&self) -> Position {
+        match self {
+            Queued::Event(item) => item.position,
+            Queued::Refused(r) => r.position,
+        }
+    }
+
+    /// The record to park, and where it came from.
+    fn into_parked(self) -> (ParkedRecord, Position) {
+        match self {
+            Queued::Event(item) => (item.raw, item.position),
+            Queued::Refused(r) => (r.raw, r.position),
+        }
+    }
 }
 
 enum Done {
     Settled(Item, SettledAs, u32),
     Duplicate(Item),
-    Pause(Item, Failure),
+    /// Failed after this many attempts: pause the tenant.
+    Pause(Item, Failure, u32),
     /// The partner refuses everyone (401/403), or most tenants are failing: hold this event,
     /// open the breaker.
     Breaker(Item, Failure),
@@ -435,7 +468,7 @@ enum Drained {
     /// The backlog read came back empty: flip the tenant live if still empty.
     Empty(String),
     /// Replaying failed again: the tenant stays paused with this reason.
-    Failed(String, Failure, Option<uuid::Uuid>),
+    Failed(String, Failure, Option<uuid::Uuid>, u32),
     /// The database failed; try again on the next poll.
     Error(String, sqlx::Error),
     /// The tenant's partition was revoked or the consumer is stopping: the replayed part is
@@ -472,7 +505,7 @@ pub async fn run<H: Handler>(
     )));
     consumer.subscribe(&[&topic])?;
 
-    let mut scheduler: Scheduler<String, Item> = Scheduler::new(options.max_in_flight);
+    let mut scheduler: Scheduler<String, Queued> = Scheduler::new(options.max_in_flight);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, Done)>();
     let mut pending = Pending::default();
     // Records taken from Kafka whose dedupe lookup is under way, admitted in order.
@@ -516,7 +549,7 @@ pub async fn run<H: Handler>(
         // Partitions revoked since the last turn: their queued and held events are the next
         // owner's now.
         if !std::mem::take(&mut state.lock().lost).is_empty() {
-            let dropped = scheduler.drop_where(|item| !is_current(&state, item.position));
+            let dropped = scheduler.drop_where(|queued| !is_current(&state, queued.position()));
             held_by_breaker.retain(|(_, item)| is_current(&state, item.position));
             tracing::debug!(
                 dropped = dropped.len(),
@@ -527,11 +560,19 @@ pub async fn run<H: Handler>(
         // `max_queued`, and nothing is committed past undelivered events.
         // Dispatch what may run, checking the dedupe record for the whole batch in one query.
         let mut batch = Vec::new();
+        let mut refused = Vec::new();
         while !killed
             && held_by_breaker.is_empty()
             && !probing
-            && let Some((tenant, item)) = scheduler.dispatch()
+            && let Some((tenant, queued)) = scheduler.dispatch()
         {
+            let item = match queued {
+                Queued::Event(item) => item,
+                Queued::Refused(r) => {
+                    refused.push((tenant, r));
+                    continue;
+                }
+            };
             let position = item.position;
             match Lease::take_for(
                 &state,
@@ -545,6 +586,26 @@ pub async fn run<H: Handler>(
                     scheduler.complete(&tenant);
                 }
             }
+        }
+        // A refused record's turn: everything of its tenant before it has settled; it and the
+        // tenant's queue are parked, in order, and the tenant paused with the decoder's reason.
+        for (tenant, r) in refused {
+            if is_current(&state, r.position) {
+                let mut records = vec![r.raw];
+                pending.positions.push(r.position);
+                for queued in scheduler.take_queue(&tenant) {
+                    let (raw, position) = queued.into_parked();
+                    records.push(raw);
+                    pending.positions.push(position);
+                }
+                stats.parked.fetch_add(
+                    ledger::park(&pool, &tenant, Some(&r.pause), &records).await?,
+                    Relaxed,
+                );
+                scheduler.hold(&tenant);
+                paused.insert(tenant.clone());
+            }
+            scheduler.complete(&tenant);
         }
         // A task per event; whether it is a redelivery was looked up when it arrived.
         for (tenant, item, lease) in batch {
@@ -626,8 +687,8 @@ pub async fn run<H: Handler>(
                             Err(bad) => {
                                 raw.event_id = bad.event_id;
                                 raw.tenant_id = bad.tenant_id.as_ref().map_or_else(|| "unknown".to_owned(), |t| t.to_string());
-                                let pause = Pause { cause: "bad_event", reason: bad.reason.to_string(), event_id: bad.event_id, next_retry_at: None };
-                                arrivals.push(Arrival::Bad(raw, position, pause));
+                                let pause = Pause { cause: "bad_event", reason: bad.reason.to_string(), event_id: bad.event_id, next_retry_at: None, attempts: 0, response: None };
+                                arrivals.push(Arrival::Bad(Refused { raw, position, pause }));
                             }
                         }
                     }
@@ -666,32 +727,21 @@ pub async fn run<H: Handler>(
                                 pending.parked.push((item.raw, item.position));
                             } else {
                                 item.settled = settled.contains(&item.event.id);
-                                scheduler.arrive(tenant, item);
+                                scheduler.arrive(tenant, Queued::Event(item));
                             }
                         }
-                        Arrival::Bad(raw, position, pause) => {
-                            if !is_current(&state, position) {
+                        Arrival::Bad(r) => {
+                            if !is_current(&state, r.position) {
                                 continue;
                             }
-                            let tenant = raw.tenant_id.clone();
+                            let tenant = r.raw.tenant_id.clone();
                             if paused.contains(&tenant) {
                                 // Already paused: it joins the backlog in order; the first cause
                                 // stays.
-                                pending.parked.push((raw, position));
-                                continue;
+                                pending.parked.push((r.raw, r.position));
+                            } else {
+                                scheduler.arrive(tenant, Queued::Refused(r));
                             }
-                            // The tenant's queued events came first: they go into the backlog
-                            // first.
-                            let mut records = Vec::new();
-                            for queued in scheduler.take_queue(&tenant) {
-                                records.push(queued.raw);
-                                pending.positions.push(queued.position);
-                            }
-                            records.push(raw);
-                            stats.parked.fetch_add(ledger::park(&pool, &tenant, Some(&pause), &records).await?, Relaxed);
-                            scheduler.hold(&tenant);
-                            paused.insert(tenant);
-                            pending.positions.push(position);
                         }
                     }
                 }
@@ -705,7 +755,7 @@ pub async fn run<H: Handler>(
                     }
                     // A failure of a partition lost meanwhile is the next owner's to meet:
                     // parking it here could race the owner's own intake.
-                    Done::Breaker(item, _) | Done::Pause(item, _) if !is_current(&state, item.position) => {}
+                    Done::Breaker(item, _) | Done::Pause(item, _, _) if !is_current(&state, item.position) => {}
                     Done::Settled(item, outcome, attempts) => {
                         stats.count(outcome);
                         pending.settlements.push((settlement(&item, outcome, attempts), item.position));
@@ -723,13 +773,14 @@ pub async fn run<H: Handler>(
                         }
                         held_by_breaker.push((tenant, item));
                     }
-                    Done::Pause(item, failure) => {
-                        let pause = pause_for(&failure, Some(item.event.id), options.auto_resume_after);
+                    Done::Pause(item, failure, attempts) => {
+                        let pause = pause_for(&failure, Some(item.event.id), attempts, options.auto_resume_after);
                         let mut records = vec![item.raw];
                         let mut positions = vec![item.position];
                         for queued in scheduler.take_queue(&tenant) {
-                            records.push(queued.raw);
-                            positions.push(queued.position);
+                            let (raw, position) = queued.into_parked();
+                            records.push(raw);
+                            positions.push(position);
                         }
                         stats.parked.fetch_add(ledger::park(&pool, &tenant, Some(&pause), &records).await?, Relaxed);
                         scheduler.hold(&tenant);
@@ -819,6 +870,7 @@ pub async fn run<H: Handler>(
                     drop(lease);
                     let done = match outcome {
                         Outcome::Done => Done::Settled(item, SettledAs::Delivered, 1),
+                        Outcome::Ignored => Done::Settled(item, SettledAs::Ignored, 1),
                         Outcome::Failed(f) => Done::Breaker(item, f),
                         Outcome::Deferred(_) => Done::Breaker(item, Failure {
                             class: crate::delivery::FailureClass::PartnerWide,
@@ -837,13 +889,13 @@ pub async fn run<H: Handler>(
                         pending.settlements.push((settlement(&item, outcome, attempts), item.position));
                         // Closed: the held events run first, each ahead of its tenant's queue.
                         for (t, held) in held_by_breaker.drain(..) {
-                            scheduler.retry_first(t, held);
+                            scheduler.retry_first(t, Queued::Event(held));
                         }
                         stats.breaker_open.store(0, Relaxed);
                         consumer.resume(&consumer.assignment()?)?;
                         tracing::info!(%tenant, "the partner answers again: breaker closed");
                     }
-                    Done::Breaker(item, _) | Done::Pause(item, _) if is_current(&state, item.position) => {
+                    Done::Breaker(item, _) | Done::Pause(item, _, _) if is_current(&state, item.position) => {
                         held_by_breaker.insert(0, (tenant, item));
                     }
                     _ => {}
@@ -864,9 +916,9 @@ pub async fn run<H: Handler>(
                         tracing::info!(%tenant, "backlog replayed; tenant live again");
                     }
                 }
-                Drained::Failed(tenant, failure, event_id) => {
+                Drained::Failed(tenant, failure, event_id, attempts) => {
                     draining.remove(&tenant);
-                    let pause = pause_for(&failure, event_id, options.auto_resume_after);
+                    let pause = pause_for(&failure, event_id, attempts, options.auto_resume_after);
                     ledger::park(&pool, &tenant, Some(&pause), &[]).await?;
                 }
                 Drained::Error(tenant, e) => {
@@ -992,6 +1044,7 @@ async fn handle<H: Handler>(
                 guard.record(tenant, false);
                 return Done::Settled(item, SettledAs::Delivered, attempt);
             }
+            Outcome::Ignored => return Done::Settled(item, SettledAs::Ignored, attempt),
             Outcome::Deferred(until) => {
                 let wait = (until - chrono::Utc::now()).to_std().unwrap_or_default();
                 if !guard.sleep(wait).await {
@@ -1020,7 +1073,7 @@ async fn handle<H: Handler>(
                     {
                         return Done::Breaker(item, failure);
                     }
-                    Decision::PauseTenant => return Done::Pause(item, failure),
+                    Decision::PauseTenant => return Done::Pause(item, failure, attempt),
                     Decision::TripBreaker => return Done::Breaker(item, failure),
                 }
                 attempt += 1;
@@ -1067,7 +1120,7 @@ async fn settle_on_revoke(done: Done, pool: &PgPool, lease: &Lease) -> Done {
             lease.settled(item.position.offset);
             Done::Revoked(item)
         }
-        Done::Pause(item, _)
+        Done::Pause(item, _, _)
         | Done::Breaker(item, _)
         | Done::Revoked(item)
         | Done::SettledOnRevoke(item, _) => Done::Revoked(item),
@@ -1135,7 +1188,7 @@ async fn drain<H: Handler>(handler: &H, pool: &PgPool, tenant: &str, guard: &Gua
                         retry_after: None,
                     };
                     let _ = ledger::unpark(pool, tenant, through, &settlements).await;
-                    return Drained::Failed(tenant.to_owned(), failure, bad.event_id);
+                    return Drained::Failed(tenant.to_owned(), failure, bad.event_id, 0);
                 }
             };
             let position = Position {
@@ -1162,9 +1215,18 @@ async fn drain<H: Handler>(handler: &H, pool: &PgPool, tenant: &str, guard: &Gua
                         Err(e) => Drained::Error(tenant.to_owned(), e),
                     };
                 }
-                Done::Pause(item, failure) | Done::Breaker(item, failure) => {
+                Done::Pause(item, failure, attempts) => {
                     let _ = ledger::unpark(pool, tenant, through, &settlements).await;
-                    return Drained::Failed(tenant.to_owned(), failure, Some(item.event.id));
+                    return Drained::Failed(
+                        tenant.to_owned(),
+                        failure,
+                        Some(item.event.id),
+                        attempts,
+                    );
+                }
+                Done::Breaker(item, failure) => {
+                    let _ = ledger::unpark(pool, tenant, through, &settlements).await;
+                    return Drained::Failed(tenant.to_owned(), failure, Some(item.event.id), 1);
                 }
             }
             through = seq;
@@ -1180,6 +1242,7 @@ async fn drain<H: Handler>(handler: &H, pool: &PgPool, tenant: &str, guard: &Gua
 fn pause_for(
     failure: &Failure,
     event_id: Option<uuid::Uuid>,
+    attempts: u32,
     auto_resume_after: Duration,
 ) -> Pause {
     // A partner-wide refusal met while replaying a backlog is retried later, like a timeout.
@@ -1194,6 +1257,11 @@ fn pause_for(
         next_retry_at: retryable.then(|| {
             chrono::Utc::now() + chrono::Duration::from_std(auto_resume_after).unwrap_or_default()
         }),
+        attempts,
+        // What the partner answered, kept for the operator.
+        response: failure
+            .status
+            .map(|status| serde_json::json!({"status": status, "body": failure.response})),
     }
 }
 

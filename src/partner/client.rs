@@ -238,6 +238,34 @@ impl PartnerClient {
         Ok(list.map(|l| l.data).unwrap_or_default())
     }
 
+    /// The partner simulator's own report per account (`GET /_sim/report`): what it holds and
+    /// whether each account's requests came in order. A real partner has no such thing.
+    pub async fn simulator_report(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, super::sim::AccountReport>, Failure> {
+        let path = "/_sim/report";
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .map_err(|e| transport(&Method::GET, path, &e))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(Failure {
+                class: FailureClass::Permanent,
+                message: format!("GET {path}: {status}: is the partner the simulator?"),
+                status: Some(status.as_u16()),
+                response: None,
+                retry_after: None,
+            });
+        }
+        response
+            .json()
+            .await
+            .map_err(|e| transport(&Method::GET, path, &e))
+    }
+
     /// Every price of an account (for `ferry verify`).
     pub async fn list_prices(&self, call: &Call) -> Result<Vec<ShopPrice>, Failure> {
         let list: Option<List<ShopPrice>> = self

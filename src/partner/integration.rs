@@ -53,23 +53,19 @@ impl Handler for Integration {
             traceparent: event.traceparent.clone(),
         };
         let result = match &event.payload {
-            EventPayload::ProductCreated(proto::ProductCreated { product: Some(p) })
-            | EventPayload::ProductUpdated(proto::ProductUpdated { product: Some(p) }) => {
-                self.upsert(event, attempt, &call, p).await
+            // The backfill's creates follow this event: nothing to send for it.
+            EventPayload::TenantIntegrationEnabled(_) => Ok(()),
+            // After every earlier event of the tenant: what they created is mapped by now.
+            EventPayload::TenantIntegrationDisabled(_) => {
+                self.rollback(event, attempt, &call).await
             }
-            EventPayload::ProductDeleted(d) => {
-                self.delete(event, attempt, &call, &d.product_id).await
-            }
-            EventPayload::ProductCreated(_) | EventPayload::ProductUpdated(_) => Err(Failure {
-                class: FailureClass::Permanent,
-                message: "the event carries no product".into(),
-                status: None,
-                response: None,
-                retry_after: None,
-            }),
-            // Enabling and disabling a tenant are handled by `ferry tenant`; nothing to send.
-            EventPayload::TenantIntegrationEnabled(_)
-            | EventPayload::TenantIntegrationDisabled(_) => Ok(()),
+            // Read as each event is handled, which is after it was written: an event written
+            // after `ferry tenant enable|disable` committed sees the flag it set.
+            _ => match self.enabled(event.tenant_id.as_str()).await {
+                Ok(false) => return Outcome::Ignored,
+                Ok(true) => self.product(event, attempt, &call).await,
+                Err(failure) => Err(failure),
+            },
         };
         match result {
             Ok(()) => Outcome::Done,
@@ -79,6 +75,124 @@ impl Handler for Integration {
 }
 
 impl Integration {
+    async fn enabled(&self, tenant: &str) -> Result<bool, Failure> {
+        Ok(
+            sqlx::query_scalar("SELECT integration_enabled FROM tenants WHERE tenant_id = $1")
+                .bind(tenant)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?
+                .unwrap_or(false),
+        )
+    }
+
+    async fn product(
+        &self,
+        event: &OutboxEvent,
+        attempt: &Attempt,
+        call: &Call,
+    ) -> Result<(), Failure> {
+        match &event.payload {
+            EventPayload::ProductCreated(proto::ProductCreated { product: Some(p) })
+            | EventPayload::ProductUpdated(proto::ProductUpdated { product: Some(p) }) => {
+                self.upsert(event, attempt, call, p).await
+            }
+            EventPayload::ProductDeleted(d) => {
+                self.delete(event, attempt, call, &d.product_id).await
+            }
+            EventPayload::ProductCreated(_) | EventPayload::ProductUpdated(_) => Err(Failure {
+                class: FailureClass::Permanent,
+                message: "the event carries no product".into(),
+                status: None,
+                response: None,
+                retry_after: None,
+            }),
+            EventPayload::TenantIntegrationEnabled(_)
+            | EventPayload::TenantIntegrationDisabled(_) => Ok(()),
+        }
+    }
+
+    /// The tenant's rollback: every object mapped for it is deleted on the partner (prices
+    /// before items), each mapping row removed once its object is gone, so a retry resumes
+    /// where this stopped; then whatever Ferry created that no mapping names (our id in
+    /// `external_id`: a lost mapping row) is swept. Not found counts as deleted.
+    async fn rollback(
+        &self,
+        event: &OutboxEvent,
+        attempt: &Attempt,
+        call: &Call,
+    ) -> Result<(), Failure> {
+        let tenant = event.tenant_id.as_str();
+        loop {
+            let page: Vec<(String, String, String)> = sqlx::query_as(
+                "SELECT object_type, local_id, foreign_id FROM integration_mappings \
+                 WHERE integration = $1 AND tenant_id = $2 \
+                 ORDER BY object_type = $3 DESC, local_id LIMIT 100",
+            )
+            .bind(INTEGRATION)
+            .bind(tenant)
+            .bind(PRICE)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+            if page.is_empty() {
+                break;
+            }
+            for (object_type, local_id, foreign_id) in page {
+                self.delete_object(call, event, &object_type, &local_id, &foreign_id)
+                    .await?;
+                sqlx::query(
+                    "DELETE FROM integration_mappings \
+                     WHERE integration = $1 AND object_type = $2 AND local_id = $3 AND foreign_id = $4",
+                )
+                .bind(INTEGRATION)
+                .bind(&object_type)
+                .bind(&local_id)
+                .bind(&foreign_id)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+            }
+        }
+        for price in self.client.list_prices(call).await? {
+            if !price.external_id.is_empty() {
+                self.delete_object(call, event, PRICE, &price.external_id, &price.id)
+                    .await?;
+            }
+        }
+        for item in self.client.list_items(call).await? {
+            if !item.external_id.is_empty() {
+                self.delete_object(call, event, ITEM, &item.external_id, &item.id)
+                    .await?;
+            }
+        }
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        ledger::record_settled(&mut tx, &[settled(event, attempt)])
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn delete_object(
+        &self,
+        call: &Call,
+        event: &OutboxEvent,
+        object_type: &str,
+        local_id: &str,
+        foreign_id: &str,
+    ) -> Result<(), Failure> {
+        let call = call.keyed(format!("{}/rollback/{object_type}/{local_id}", event.id));
+        let deleted = if object_type == PRICE {
+            self.client.delete_price(&call, foreign_id).await
+        } else {
+            self.client.delete_item(&call, foreign_id).await
+        };
+        match deleted {
+            Ok(()) => Ok(()),
+            Err(f) if is_not_found(&f) => Ok(()),
+            Err(f) => Err(f),
+        }
+    }
     async fn upsert(
         &self,
         event: &OutboxEvent,

@@ -30,6 +30,8 @@ pub(crate) struct Recorder {
     /// When each call started and ended, per tenant: two calls of a tenant must never overlap,
     /// even across instances during a rebalance.
     pub spans: Mutex<Vec<(String, std::time::Instant, std::time::Instant)>>,
+    /// Calls of these tenants wait until the tenant is taken out.
+    pub stalled: Mutex<HashSet<String>>,
 }
 
 impl Recorder {
@@ -60,6 +62,14 @@ impl Handler for Recorder {
             .unwrap()
             .push((event.tenant_id.to_string(), seq));
         let started = std::time::Instant::now();
+        while self
+            .stalled
+            .lock()
+            .unwrap()
+            .contains(event.tenant_id.as_str())
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         tokio::time::sleep(Duration::from_millis((seq % 3) as u64)).await;
         self.spans.lock().unwrap().push((
             event.tenant_id.to_string(),
@@ -712,6 +722,15 @@ async fn a_bad_event_pauses_only_its_tenant_with_the_decoders_reason() {
         reason.contains("not valid protobuf"),
         "the decoder's reason: {reason}"
     );
+    let (outcome, error): (String, String) = sqlx::query_as(
+        "SELECT outcome, last_error FROM deliveries WHERE event_id = $1 AND settled_at IS NULL",
+    )
+    .bind(rows[1].id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(outcome, "bad_event", "the bad event is on record");
+    assert!(error.contains("not valid protobuf"), "{error}");
     assert!(
         handler
             .calls
@@ -727,6 +746,70 @@ async fn a_bad_event_pauses_only_its_tenant_with_the_decoders_reason() {
         || async { (committed(&kafka).await == Some(last_offset + 1)).then_some(()) },
     )
     .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    db.drop().await;
+}
+
+/// A bad record waits its turn: when the tenant's earlier event is in flight and then fails,
+/// the backlog holds that event first, then the bad record, then the rest.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_event_behind_an_event_in_flight_is_parked_after_it() {
+    let db = TestDb::migrated().await;
+    let kafka = fresh_topic(1).await;
+    let cfg = config(&db, &kafka);
+    let mut broken = row("slow", 2);
+    broken.payload = vec![0x0a, 0x05, 0x61]; // a truncated protobuf message
+    // `marker` comes after the bad record in the partition: once it is delivered, the bad
+    // record has been admitted while slow/1 was still in flight.
+    let rows = vec![row("slow", 1), broken, row("slow", 3), row("marker", 1)];
+    produce_rows(&kafka, &rows).await;
+    let handler = Arc::new(Recorder::default());
+    handler.stalled.lock().unwrap().insert("slow".into());
+    handler.failing.lock().unwrap().insert("slow".into());
+    let (stop, task, stats) = start(&cfg, &db.pool, &handler);
+    wait_for("the marker delivered", Duration::from_secs(30), || async {
+        (stats.delivered.load(Ordering::Relaxed) == 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        stats.parked.load(Ordering::Relaxed),
+        0,
+        "nothing parked while slow/1 is in flight"
+    );
+    handler.stalled.lock().unwrap().clear();
+    wait_for(
+        "slow's three records parked",
+        Duration::from_secs(30),
+        || async { (stats.parked.load(Ordering::Relaxed) == 3).then_some(()) },
+    )
+    .await;
+    let backlog = ferry::consumer::ledger::parked_backlog(&db.pool, "slow", 0, 10)
+        .await
+        .unwrap();
+    let offsets: Vec<i64> = backlog.iter().map(|(_, r)| r.offset).collect();
+    assert_eq!(
+        offsets,
+        [0, 1, 2],
+        "the failed event, the bad record, the rest"
+    );
+    let (cause, failed): (String, Uuid) =
+        sqlx::query_as("SELECT pause_cause, paused_event_id FROM tenants WHERE tenant_id = 'slow'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!((cause.as_str(), failed), ("permanent", rows[0].id));
+    let (outcome, response): (String, serde_json::Value) =
+        sqlx::query_as("SELECT outcome, last_response FROM deliveries WHERE event_id = $1")
+            .bind(rows[0].id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(outcome, "failed");
+    assert_eq!(
+        response["status"], 422,
+        "the partner's answer kept: {response}"
+    );
     stop.cancel();
     task.await.unwrap().unwrap();
     db.drop().await;

@@ -17,6 +17,8 @@ fn settlement(id: Uuid, offset: i64) -> Settlement {
         topic: "t".into(),
         partition: 0,
         offset,
+        written_at: None,
+        acked_at: None,
     }
 }
 
@@ -82,6 +84,10 @@ async fn parking_pauses_the_tenant_keeps_order_and_parks_a_record_once() {
         reason: "partner answered 422: name is required".into(),
         event_id: records[0].event_id,
         next_retry_at: None,
+        attempts: 1,
+        response: Some(
+            serde_json::json!({"status": 422, "body": "{\"error\":\"name is required\"}"}),
+        ),
     };
     assert_eq!(
         ledger::park(&db.pool, "acme", Some(&pause), &records)
@@ -123,5 +129,56 @@ async fn parking_pauses_the_tenant_keeps_order_and_parks_a_record_once() {
         .await
         .unwrap();
     assert_eq!(rest.iter().map(|(_, r)| r.offset).collect::<Vec<_>>(), [15]);
+
+    // The failing event is on record, unsettled, with the partner's answer: it is not a
+    // duplicate to skip when the backlog is replayed.
+    let failed = records[0].event_id.unwrap();
+    let (outcome, attempts, response, offset): (String, i32, serde_json::Value, i64) =
+        sqlx::query_as(
+            "SELECT outcome, attempts, last_response, \"offset\" FROM deliveries WHERE event_id = $1",
+        )
+        .bind(failed)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!((outcome.as_str(), attempts, offset), ("failed", 1, 10));
+    assert_eq!(response["status"], 422);
+    assert!(
+        ledger::settled_ids(&db.pool, &[failed])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Replayed and delivered: settled now, its attempts added up, and only once.
+    let mut conn = db.pool.acquire().await.unwrap();
+    let replayed = settlement(failed, 10);
+    assert_eq!(
+        ledger::record_settled(&mut conn, std::slice::from_ref(&replayed))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        ledger::record_settled(&mut conn, &[replayed])
+            .await
+            .unwrap(),
+        0
+    );
+    // Given back, or closing the pool at the end would wait for it forever.
+    drop(conn);
+    let (outcome, attempts): (String, i32) =
+        sqlx::query_as("SELECT outcome, attempts FROM deliveries WHERE event_id = $1")
+            .bind(failed)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!((outcome.as_str(), attempts), ("delivered", 2));
+    assert_eq!(
+        ledger::settled_ids(&db.pool, &[failed])
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
     db.drop().await;
 }

@@ -12,4 +12,5 @@ mod partner;
 mod relay;
 mod schema;
 mod support;
+mod tenant;
 mod writer;

@@ -22,7 +22,7 @@ use crate::support::{TestDb, config, fresh_topic, wait_for};
 const TOKEN: &str = "test-token";
 
 /// A simulator on a free loopback port; returns it and its base URL.
-async fn start_sim() -> (SimHandle, String, CancellationToken) {
+pub(crate) async fn start_sim() -> (SimHandle, String, CancellationToken) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let sim = Sim::new(TOKEN);
@@ -35,21 +35,25 @@ async fn start_sim() -> (SimHandle, String, CancellationToken) {
     (sim, url, stop)
 }
 
-struct Running {
+pub(crate) struct Running {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), runtime::ConsumeError>>,
-    stats: Arc<ConsumeStats>,
+    pub(crate) stats: Arc<ConsumeStats>,
 }
 
 impl Running {
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.stop.cancel();
         self.task.await.unwrap().unwrap();
     }
 }
 
 /// Runs the consumer with the partner integration as its handler.
-fn consume(cfg: &ferry::config::Config, pool: &sqlx::PgPool, options: ConsumeOptions) -> Running {
+pub(crate) fn consume(
+    cfg: &ferry::config::Config,
+    pool: &sqlx::PgPool,
+    options: ConsumeOptions,
+) -> Running {
     let client = PartnerClient::new(&cfg.partner).unwrap();
     let handler = Arc::new(Integration::new(client, pool.clone()));
     let stats = Arc::new(ConsumeStats::default());
@@ -62,7 +66,7 @@ fn consume(cfg: &ferry::config::Config, pool: &sqlx::PgPool, options: ConsumeOpt
     Running { stop, task, stats }
 }
 
-fn fast_retries() -> ConsumeOptions {
+pub(crate) fn fast_retries() -> ConsumeOptions {
     ConsumeOptions {
         retry: ferry::delivery::RetryPolicy {
             base: Duration::from_millis(50),
@@ -114,7 +118,10 @@ async fn delivered(pool: &sqlx::PgPool) -> i64 {
         .unwrap()
 }
 
-async fn setup(timeout: Duration) -> (TestDb, ferry::config::Config, SimHandle, CancellationToken) {
+/// A fresh database and topic, and a simulator the config points at; no tenant enabled.
+pub(crate) async fn setup_sim(
+    timeout: Duration,
+) -> (TestDb, ferry::config::Config, SimHandle, CancellationToken) {
     let db = TestDb::migrated().await;
     let kafka = fresh_topic(2).await;
     let mut cfg = config(&db, &kafka);
@@ -122,6 +129,22 @@ async fn setup(timeout: Duration) -> (TestDb, ferry::config::Config, SimHandle, 
     cfg.partner.url = Some(url);
     cfg.partner.token = TOKEN.into();
     cfg.partner.timeout = timeout;
+    (db, cfg, sim, sim_stop)
+}
+
+async fn setup(timeout: Duration) -> (TestDb, ferry::config::Config, SimHandle, CancellationToken) {
+    let (db, cfg, sim, sim_stop) = setup_sim(timeout).await;
+    // The tenants these tests use have the integration on (with nothing to backfill).
+    let tenants = ["tenant-a", "tenant-bad"]
+        .map(String::from)
+        .into_iter()
+        .chain((0..50).map(|t| format!("tenant-{t}")));
+    for tenant in tenants {
+        let tenant = ferry::tenant::tenant_id(&tenant).unwrap();
+        ferry::tenant::enable(&db.pool, &tenant, |_| {})
+            .await
+            .unwrap();
+    }
     (db, cfg, sim, sim_stop)
 }
 

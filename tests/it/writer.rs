@@ -103,5 +103,49 @@ async fn the_load_writer_writes_each_change_with_its_event() {
         ferry::load::run(&db.pool, &bad).await,
         Err(ferry::load::LoadError::Empty)
     ));
+    for rate in [0.0, -5.0, f64::NAN] {
+        let bad = ferry::load::LoadOptions {
+            rate: Some(rate),
+            ..Default::default()
+        };
+        assert!(
+            matches!(
+                ferry::load::run(&db.pool, &bad).await,
+                Err(ferry::load::LoadError::Rate(_))
+            ),
+            "--rate {rate} refused"
+        );
+    }
+    // A second run changes the products the first one left, not only its own.
+    let before: Vec<(uuid::Uuid, i64)> =
+        sqlx::query_as("SELECT id, version FROM products ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let again = ferry::load::LoadOptions { seed: 7, ..options };
+    ferry::load::run(&db.pool, &again).await.unwrap();
+    let changed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM products p JOIN UNNEST($1::uuid[], $2::bigint[]) AS b(id, version) \
+         ON p.id = b.id WHERE p.version > b.version",
+    )
+    .bind(before.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+    .bind(before.iter().map(|(_, v)| *v).collect::<Vec<_>>())
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(changed > 0, "earlier products updated by the second run");
+    assert_eq!(
+        ferry::load::run(
+            &db.pool,
+            &ferry::load::LoadOptions {
+                rate: Some(0.0),
+                ..Default::default()
+            }
+        )
+        .await
+        .unwrap_err()
+        .to_string(),
+        "--rate must be a positive number of changes per second, not 0"
+    );
     db.drop().await;
 }

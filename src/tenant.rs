@@ -1,0 +1,292 @@
+//! Switching a tenant's partner integration on and off: `ferry tenant enable|disable|status`.
+//!
+//! Both go through the outbox, so they are ordered with the tenant's live traffic:
+//! - **enable** sets `tenants.integration_enabled` and writes `TenantIntegrationEnabled`, then a
+//!   `ProductCreated` for every existing product (the backfill), a page at a time. Each page
+//!   reads its products `FOR SHARE` in the transaction that writes their creates, so a live
+//!   change of one of them commits either before the page (the page reads the changed row, and
+//!   its create comes after the change's event) or after it (its event comes after the create).
+//!   Either way the partner ends with the latest state. A product created live during the
+//!   backfill may get a second create; the integration's create is an upsert, so it is harmless.
+//! - **disable** clears the flag and writes `TenantIntegrationDisabled`. The integration handles
+//!   that event after every earlier event of the tenant: it deletes every mapped object then,
+//!   so an object created by an event still in flight when the flag flipped is deleted too.
+//!
+//! While the flag is off the integration records the tenant's product events as ignored and
+//! sends nothing (checked when each event is handled, which is always after it was written).
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::outbox::writer::{self, NewEvent};
+use crate::outbox::{EventPayload, TenantId, proto};
+use crate::partner::integration::INTEGRATION;
+
+/// Products per backfill transaction.
+pub const BACKFILL_PAGE: i64 = 500;
+
+/// A tenant command that cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum TenantError {
+    /// The tenant id is not one (empty, too long, control characters).
+    #[error("invalid tenant id {0:?}: {1}")]
+    InvalidId(String, String),
+    /// Disabling a tenant that was never enabled.
+    #[error("tenant {0:?} has no integration to disable (it was never enabled)")]
+    NotEnabled(String),
+    /// The events were not all settled in time.
+    #[error(
+        "gave up waiting after {waited:?}: {settled} of {total} events settled for tenant {tenant:?} \
+         (state: {state}); is `ferry consume` running?"
+    )]
+    TimedOut {
+        /// The tenant.
+        tenant: String,
+        /// Events settled.
+        settled: u64,
+        /// Events waited for.
+        total: u64,
+        /// The tenant's state then, with the pause reason if paused.
+        state: String,
+        /// How long it waited.
+        waited: Duration,
+    },
+    /// Postgres failed.
+    #[error("postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+}
+
+/// How far an enable's backfill got: `written` of `total` creates are in the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backfill {
+    /// Creates written so far.
+    pub written: u64,
+    /// Products the tenant had when the backfill started (live creates may add a few).
+    pub total: u64,
+}
+
+/// What `enable` wrote: the events to wait for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enabled {
+    /// Whether the tenant was enabled already (the backfill is then a resync).
+    pub was_enabled: bool,
+    /// The `TenantIntegrationEnabled` event, then every backfill create, in order.
+    pub events: Vec<Uuid>,
+}
+
+/// Parses a tenant id from the command line.
+pub fn tenant_id(raw: &str) -> Result<TenantId, TenantError> {
+    TenantId::new(raw.to_owned()).map_err(|e| TenantError::InvalidId(raw.to_owned(), e.to_string()))
+}
+
+/// Switches the integration on for `tenant` and backfills its products through the outbox,
+/// reporting each page written to `progress`.
+pub async fn enable(
+    pool: &PgPool,
+    tenant: &TenantId,
+    mut progress: impl FnMut(Backfill),
+) -> Result<Enabled, TenantError> {
+    let mut tx = pool.begin().await?;
+    let was_enabled: bool = sqlx::query_scalar(
+        "SELECT integration_enabled FROM tenants WHERE tenant_id = $1 FOR UPDATE",
+    )
+    .bind(tenant.as_str())
+    .fetch_optional(&mut *tx)
+    .await?
+    .unwrap_or(false);
+    sqlx::query(
+        "INSERT INTO tenants (tenant_id, integration_enabled) VALUES ($1, true) \
+         ON CONFLICT (tenant_id) DO UPDATE SET integration_enabled = true, updated_at = now()",
+    )
+    .bind(tenant.as_str())
+    .execute(&mut *tx)
+    .await?;
+    let marker = NewEvent::new(
+        tenant.clone(),
+        tenant.as_str(),
+        EventPayload::TenantIntegrationEnabled(proto::TenantIntegrationEnabled {
+            integration: INTEGRATION.to_owned(),
+        }),
+    );
+    writer::append(&mut tx, &marker).await?;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM products WHERE tenant_id = $1")
+        .bind(tenant.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+
+    let mut events = vec![marker.id];
+    let mut report = Backfill {
+        written: 0,
+        total: total as u64,
+    };
+    progress(report);
+    let mut after = Uuid::nil();
+    loop {
+        let mut tx = pool.begin().await?;
+        let page: Vec<(Uuid, String, String, i64, String)> = sqlx::query_as(
+            "SELECT id, name, description, price_minor, currency FROM products \
+             WHERE tenant_id = $1 AND id > $2 ORDER BY id LIMIT $3 FOR SHARE",
+        )
+        .bind(tenant.as_str())
+        .bind(after)
+        .bind(BACKFILL_PAGE)
+        .fetch_all(&mut *tx)
+        .await?;
+        let Some(last) = page.last() else { break };
+        after = last.0;
+        let creates: Vec<NewEvent> = page
+            .into_iter()
+            .map(|(id, name, description, price_minor, currency)| {
+                let product = proto::Product {
+                    id: id.to_string(),
+                    name,
+                    description,
+                    price_minor,
+                    currency,
+                };
+                NewEvent::new(
+                    tenant.clone(),
+                    id.to_string(),
+                    EventPayload::ProductCreated(proto::ProductCreated {
+                        product: Some(product),
+                    }),
+                )
+            })
+            .collect();
+        writer::append_many(&mut tx, &creates).await?;
+        tx.commit().await?;
+        events.extend(creates.iter().map(|e| e.id));
+        report.written += creates.len() as u64;
+        report.total = report.total.max(report.written);
+        progress(report);
+    }
+    Ok(Enabled {
+        was_enabled,
+        events,
+    })
+}
+
+/// Switches the integration off for `tenant`: from now on its events are ignored, and the
+/// `TenantIntegrationDisabled` event written here makes the integration delete every object it
+/// mapped. Returns that event's id.
+pub async fn disable(pool: &PgPool, tenant: &TenantId) -> Result<Uuid, TenantError> {
+    let mut tx = pool.begin().await?;
+    let known: Option<bool> = sqlx::query_scalar(
+        "UPDATE tenants SET integration_enabled = false, updated_at = now() \
+         WHERE tenant_id = $1 RETURNING true",
+    )
+    .bind(tenant.as_str())
+    .fetch_optional(&mut *tx)
+    .await?;
+    if known.is_none() {
+        return Err(TenantError::NotEnabled(tenant.to_string()));
+    }
+    let marker = NewEvent::new(
+        tenant.clone(),
+        tenant.as_str(),
+        EventPayload::TenantIntegrationDisabled(proto::TenantIntegrationDisabled {
+            integration: INTEGRATION.to_owned(),
+        }),
+    );
+    writer::append(&mut tx, &marker).await?;
+    tx.commit().await?;
+    Ok(marker.id)
+}
+
+/// A tenant as an operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct TenantStatus {
+    /// Whether the integration is on.
+    pub integration_enabled: bool,
+    /// `active`, `paused`, `draining` or `disabled`.
+    pub state: String,
+    /// Why it is paused, when it is.
+    pub pause_reason: Option<String>,
+    /// Objects mapped on the partner.
+    pub mapped: i64,
+    /// Events parked, waiting for a resume.
+    pub parked: i64,
+}
+
+/// The tenant's state, or `None` if Ferry has never heard of it.
+pub async fn status(pool: &PgPool, tenant: &TenantId) -> Result<Option<TenantStatus>, TenantError> {
+    Ok(sqlx::query_as(
+        "SELECT t.integration_enabled, t.state, t.pause_reason, \
+                (SELECT count(*) FROM integration_mappings m WHERE m.tenant_id = t.tenant_id AND m.integration = $2) AS mapped, \
+                (SELECT count(*) FROM parked_events p WHERE p.tenant_id = t.tenant_id) AS parked \
+         FROM tenants t WHERE t.tenant_id = $1",
+    )
+    .bind(tenant.as_str())
+    .bind(INTEGRATION)
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// How many of `events` are settled (delivered, ignored, expired or skipped).
+pub async fn settled(pool: &PgPool, events: &[Uuid]) -> Result<u64, TenantError> {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM deliveries WHERE event_id = ANY($1) AND settled_at IS NOT NULL",
+    )
+    .bind(events)
+    .fetch_one(pool)
+    .await?;
+    Ok(n as u64)
+}
+
+/// Where a wait stands, reported on every look.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiting {
+    /// Events settled.
+    pub settled: u64,
+    /// Events waited for.
+    pub total: u64,
+    /// The tenant, as it is now.
+    pub status: Option<TenantStatus>,
+}
+
+/// How often a wait looks again.
+pub const POLL: Duration = Duration::from_millis(500);
+
+/// Waits until every one of `events` is settled (the consumers delivered or ignored them),
+/// reporting to `progress` on every look; gives up after `timeout`. A paused tenant is
+/// reported, not an error: an operator may resume it while this waits.
+pub async fn wait(
+    pool: &PgPool,
+    tenant: &TenantId,
+    events: &[Uuid],
+    timeout: Duration,
+    mut progress: impl FnMut(&Waiting),
+) -> Result<(), TenantError> {
+    let started = std::time::Instant::now();
+    loop {
+        let now = Waiting {
+            settled: settled(pool, events).await?,
+            total: events.len() as u64,
+            status: status(pool, tenant).await?,
+        };
+        progress(&now);
+        if now.settled == now.total {
+            return Ok(());
+        }
+        if started.elapsed() >= timeout {
+            let state = match &now.status {
+                Some(s) => match &s.pause_reason {
+                    Some(reason) if s.state != "active" => format!("{}: {reason}", s.state),
+                    _ => s.state.clone(),
+                },
+                None => "unknown".to_owned(),
+            };
+            return Err(TenantError::TimedOut {
+                tenant: tenant.to_string(),
+                settled: now.settled,
+                total: now.total,
+                state,
+                waited: started.elapsed(),
+            });
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
