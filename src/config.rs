@@ -11,6 +11,12 @@
 //! | partner API | `partner.url` | `FERRY_PARTNER_URL` |
 //! | partner bearer token | `partner.token` | `FERRY_PARTNER_TOKEN` |
 //! | partner request timeout | `partner.timeout_ms` | `FERRY_PARTNER_TIMEOUT_MS` |
+//! | events in flight, all tenants | `consume.max_in_flight` | `FERRY_CONSUME_MAX_IN_FLIGHT` |
+//! | first retry's backoff | `consume.retry_base_ms` | `FERRY_CONSUME_RETRY_BASE_MS` |
+//! | longest backoff | `consume.retry_max_ms` | `FERRY_CONSUME_RETRY_MAX_MS` |
+//! | pause a tenant after this many attempts | `consume.pause_after_attempts` | `FERRY_CONSUME_PAUSE_AFTER_ATTEMPTS` |
+//! | ...or after failing this long | `consume.pause_after_ms` | `FERRY_CONSUME_PAUSE_AFTER_MS` |
+//! | resume a retryable pause after | `consume.auto_resume_after_ms` | `FERRY_CONSUME_AUTO_RESUME_AFTER_MS` |
 //! | extra librdkafka settings | `[kafka.properties]` | `FERRY_KAFKA_PROPERTIES` (`name=value,name=value`, over the file's) |
 //! | relay slot | `relay.slot` | `FERRY_RELAY_SLOT` |
 //! | relay publication | `relay.publication` | `FERRY_RELAY_PUBLICATION` |
@@ -43,6 +49,26 @@ pub struct Config {
     pub relay: RelayConfig,
     /// The partner's API (`ferry consume`, `ferry verify`).
     pub partner: PartnerConfig,
+    /// `ferry consume`'s limits and retry policy: overrides of its defaults.
+    pub consume: ConsumeConfig,
+}
+
+/// `ferry consume` settings given in the file or the environment; unset ones keep the
+/// consumer's defaults (`ConsumeOptions::default`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConsumeConfig {
+    /// Events in flight at once, all tenants together.
+    pub max_in_flight: Option<usize>,
+    /// The first retry's backoff.
+    pub retry_base: Option<Duration>,
+    /// The longest backoff.
+    pub retry_max: Option<Duration>,
+    /// A tenant is paused after this many failed attempts at one event...
+    pub pause_after_attempts: Option<u32>,
+    /// ...or after failing this long.
+    pub pause_after: Option<Duration>,
+    /// A tenant paused for a retryable cause is resumed automatically after this long.
+    pub auto_resume_after: Option<Duration>,
 }
 
 /// The partner's API.
@@ -181,6 +207,19 @@ struct FileConfig {
     relay: FileRelay,
     #[serde(default)]
     partner: FilePartner,
+    #[serde(default)]
+    consume: FileConsume,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConsume {
+    max_in_flight: Option<u64>,
+    retry_base_ms: Option<u64>,
+    retry_max_ms: Option<u64>,
+    pause_after_attempts: Option<u64>,
+    pause_after_ms: Option<u64>,
+    auto_resume_after_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -355,6 +394,42 @@ impl Config {
                 .map_or(PartnerConfig::default().timeout, Duration::from_millis),
         };
 
+        let c = file.consume;
+        let ms = |key, var, file: Option<u64>| -> Result<Option<Duration>, ConfigError> {
+            Ok(number(key, var)?.or(file).map(Duration::from_millis))
+        };
+        let consume = ConsumeConfig {
+            max_in_flight: number("consume.max_in_flight", "FERRY_CONSUME_MAX_IN_FLIGHT")?
+                .or(c.max_in_flight)
+                .map(|n| n.min(1_000_000) as usize),
+            retry_base: ms(
+                "consume.retry_base_ms",
+                "FERRY_CONSUME_RETRY_BASE_MS",
+                c.retry_base_ms,
+            )?,
+            retry_max: ms(
+                "consume.retry_max_ms",
+                "FERRY_CONSUME_RETRY_MAX_MS",
+                c.retry_max_ms,
+            )?,
+            pause_after_attempts: number(
+                "consume.pause_after_attempts",
+                "FERRY_CONSUME_PAUSE_AFTER_ATTEMPTS",
+            )?
+            .or(c.pause_after_attempts)
+            .map(|n| n.min(u64::from(u32::MAX)) as u32),
+            pause_after: ms(
+                "consume.pause_after_ms",
+                "FERRY_CONSUME_PAUSE_AFTER_MS",
+                c.pause_after_ms,
+            )?,
+            auto_resume_after: ms(
+                "consume.auto_resume_after_ms",
+                "FERRY_CONSUME_AUTO_RESUME_AFTER_MS",
+                c.auto_resume_after_ms,
+            )?,
+        };
+
         let config = Config {
             database: DatabaseConfig {
                 url,
@@ -368,6 +443,7 @@ impl Config {
             },
             relay,
             partner,
+            consume,
         };
         config.validate()?;
         Ok(config)
@@ -411,6 +487,35 @@ impl Config {
         }
         if self.partner.timeout.is_zero() {
             return Err(invalid("partner.timeout_ms", "0", "must be at least 1"));
+        }
+        let c = &self.consume;
+        if c.max_in_flight == Some(0) {
+            return Err(invalid("consume.max_in_flight", "0", "must be at least 1"));
+        }
+        if c.pause_after_attempts == Some(0) {
+            return Err(invalid(
+                "consume.pause_after_attempts",
+                "0",
+                "must be at least 1",
+            ));
+        }
+        for (key, value) in [
+            ("consume.retry_base_ms", c.retry_base),
+            ("consume.retry_max_ms", c.retry_max),
+            ("consume.auto_resume_after_ms", c.auto_resume_after),
+        ] {
+            if value.is_some_and(|d| d.is_zero()) {
+                return Err(invalid(key, "0", "must be at least 1"));
+            }
+        }
+        if let (Some(base), Some(max)) = (c.retry_base, c.retry_max)
+            && base > max
+        {
+            return Err(invalid(
+                "consume.retry_base_ms",
+                &base.as_millis().to_string(),
+                &format!("must not exceed consume.retry_max_ms ({})", max.as_millis()),
+            ));
         }
         let r = &self.relay;
         for (key, value) in [
@@ -634,6 +739,57 @@ mod tests {
             let err = Config::load_with(None, env(vars)).unwrap_err();
             assert!(err.to_string().contains(key), "{vars:?}: {err}");
         }
+    }
+
+    #[test]
+    fn consume_settings_override_only_what_is_given_and_are_checked() {
+        let c = Config::load_with(None, env(BASE)).unwrap();
+        assert_eq!(c.consume, ConsumeConfig::default());
+        let mut e = BASE.to_vec();
+        e.extend([
+            ("FERRY_CONSUME_MAX_IN_FLIGHT", "64"),
+            ("FERRY_CONSUME_PAUSE_AFTER_ATTEMPTS", "3"),
+            ("FERRY_CONSUME_AUTO_RESUME_AFTER_MS", "5000"),
+        ]);
+        let c = Config::load_with(None, env(&e)).unwrap();
+        assert_eq!(c.consume.max_in_flight, Some(64));
+        assert_eq!(c.consume.pause_after_attempts, Some(3));
+        assert_eq!(c.consume.auto_resume_after, Some(Duration::from_secs(5)));
+        assert_eq!(c.consume.retry_base, None);
+        for (var, value, key) in [
+            ("FERRY_CONSUME_MAX_IN_FLIGHT", "0", "consume.max_in_flight"),
+            (
+                "FERRY_CONSUME_PAUSE_AFTER_ATTEMPTS",
+                "0",
+                "consume.pause_after_attempts",
+            ),
+            (
+                "FERRY_CONSUME_RETRY_BASE_MS",
+                "soon",
+                "consume.retry_base_ms",
+            ),
+            (
+                "FERRY_CONSUME_AUTO_RESUME_AFTER_MS",
+                "0",
+                "consume.auto_resume_after_ms",
+            ),
+        ] {
+            let mut e = BASE.to_vec();
+            e.push((var, value));
+            let err = Config::load_with(None, env(&e)).unwrap_err();
+            assert!(err.to_string().contains(key), "{var}={value}: {err}");
+        }
+        let mut e = BASE.to_vec();
+        e.extend([
+            ("FERRY_CONSUME_RETRY_BASE_MS", "5000"),
+            ("FERRY_CONSUME_RETRY_MAX_MS", "100"),
+        ]);
+        let err = Config::load_with(None, env(&e)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("must not exceed consume.retry_max_ms"),
+            "{err}"
+        );
     }
 
     #[test]

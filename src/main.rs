@@ -419,7 +419,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &config,
                 pool,
                 handler,
-                ferry::consumer::runtime::ConsumeOptions::default(),
+                ferry::consumer::runtime::ConsumeOptions::configured(&config.consume),
                 stats,
                 shutdown,
             )

@@ -92,6 +92,22 @@ impl Default for ConsumeOptions {
     }
 }
 
+impl ConsumeOptions {
+    /// The defaults, with what the configuration overrides.
+    pub fn configured(config: &crate::config::ConsumeConfig) -> Self {
+        let mut o = ConsumeOptions::default();
+        o.max_in_flight = config.max_in_flight.unwrap_or(o.max_in_flight);
+        o.retry.base = config.retry_base.unwrap_or(o.retry.base);
+        o.retry.max = config.retry_max.unwrap_or(o.retry.max).max(o.retry.base);
+        o.retry.pause_after_attempts = config
+            .pause_after_attempts
+            .unwrap_or(o.retry.pause_after_attempts);
+        o.retry.pause_after = config.pause_after.unwrap_or(o.retry.pause_after);
+        o.auto_resume_after = config.auto_resume_after.unwrap_or(o.auto_resume_after);
+        o
+    }
+}
+
 /// Why the consumer stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumeError {

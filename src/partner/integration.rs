@@ -59,13 +59,31 @@ impl Handler for Integration {
             EventPayload::TenantIntegrationDisabled(_) => {
                 self.rollback(event, attempt, &call).await
             }
-            // Read as each event is handled, which is after it was written: an event written
-            // after `ferry tenant enable|disable` committed sees the flag it set.
-            _ => match self.enabled(event.tenant_id.as_str()).await {
-                Ok(false) => return Outcome::Ignored,
-                Ok(true) => self.product(event, attempt, &call).await,
-                Err(failure) => Err(failure),
-            },
+            EventPayload::ProductCreated(proto::ProductCreated { product: Some(p) })
+            | EventPayload::ProductUpdated(proto::ProductUpdated { product: Some(p) }) => {
+                match self.known(event.tenant_id.as_str(), &p.id).await {
+                    Ok(known) if !known.enabled => return Outcome::Ignored,
+                    Ok(known) => self.upsert(event, attempt, &call, p, known).await,
+                    Err(failure) => Err(failure),
+                }
+            }
+            EventPayload::ProductDeleted(d) => {
+                match self.known(event.tenant_id.as_str(), &d.product_id).await {
+                    Ok(known) if !known.enabled => return Outcome::Ignored,
+                    Ok(known) => {
+                        self.delete(event, attempt, &call, &d.product_id, known)
+                            .await
+                    }
+                    Err(failure) => Err(failure),
+                }
+            }
+            EventPayload::ProductCreated(_) | EventPayload::ProductUpdated(_) => Err(Failure {
+                class: FailureClass::Permanent,
+                message: "the event carries no product".into(),
+                status: None,
+                response: None,
+                retry_after: None,
+            }),
         };
         match result {
             Ok(()) => Outcome::Done,
@@ -75,41 +93,30 @@ impl Handler for Integration {
 }
 
 impl Integration {
-    async fn enabled(&self, tenant: &str) -> Result<bool, Failure> {
-        Ok(
-            sqlx::query_scalar("SELECT integration_enabled FROM tenants WHERE tenant_id = $1")
-                .bind(tenant)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(db)?
-                .unwrap_or(false),
+    /// One query for what the event's handling starts from. The flag is read as each event is
+    /// handled, which is after it was written: an event written after `ferry tenant
+    /// enable|disable` committed sees the flag it set.
+    async fn known(&self, tenant: &str, product_id: &str) -> Result<Known, Failure> {
+        let (enabled, item, price): (bool, Option<String>, Option<String>) = sqlx::query_as(
+            "SELECT coalesce((SELECT integration_enabled FROM tenants WHERE tenant_id = $1), false), \
+                    (SELECT foreign_id FROM integration_mappings \
+                      WHERE integration = $2 AND object_type = $3 AND local_id = $5), \
+                    (SELECT foreign_id FROM integration_mappings \
+                      WHERE integration = $2 AND object_type = $4 AND local_id = $5)",
         )
-    }
-
-    async fn product(
-        &self,
-        event: &OutboxEvent,
-        attempt: &Attempt,
-        call: &Call,
-    ) -> Result<(), Failure> {
-        match &event.payload {
-            EventPayload::ProductCreated(proto::ProductCreated { product: Some(p) })
-            | EventPayload::ProductUpdated(proto::ProductUpdated { product: Some(p) }) => {
-                self.upsert(event, attempt, call, p).await
-            }
-            EventPayload::ProductDeleted(d) => {
-                self.delete(event, attempt, call, &d.product_id).await
-            }
-            EventPayload::ProductCreated(_) | EventPayload::ProductUpdated(_) => Err(Failure {
-                class: FailureClass::Permanent,
-                message: "the event carries no product".into(),
-                status: None,
-                response: None,
-                retry_after: None,
-            }),
-            EventPayload::TenantIntegrationEnabled(_)
-            | EventPayload::TenantIntegrationDisabled(_) => Ok(()),
-        }
+        .bind(tenant)
+        .bind(INTEGRATION)
+        .bind(ITEM)
+        .bind(PRICE)
+        .bind(product_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(Known {
+            enabled,
+            item,
+            price,
+        })
     }
 
     /// The tenant's rollback: every object mapped for it is deleted on the partner (prices
@@ -199,6 +206,7 @@ impl Integration {
         attempt: &Attempt,
         call: &Call,
         p: &proto::Product,
+        known: Known,
     ) -> Result<(), Failure> {
         let key = |step: &str| format!("{}/{step}", event.id);
         let tenant = event.tenant_id.as_str();
@@ -209,10 +217,10 @@ impl Integration {
             description: p.description.clone(),
         };
         let mut item_id = None;
-        if let Some(id) = mapping(&self.pool, ITEM, &p.id).await? {
+        if let Some(id) = &known.item {
             match self
                 .client
-                .update_item(&call.keyed(key("item/update")), &id, &fields)
+                .update_item(&call.keyed(key("item/update")), id, &fields)
                 .await
             {
                 Ok(item) => item_id = Some(item.id),
@@ -245,7 +253,10 @@ impl Integration {
             },
         };
         // Learnt now, so a failed price step resumes from here.
-        write_mappings(&self.pool, tenant, &[(ITEM, &p.id, &item_id)], None).await?;
+        let item_learnt = known.item.as_deref() != Some(item_id.as_str());
+        if item_learnt {
+            write_mappings(&self.pool, tenant, &[(ITEM, &p.id, &item_id)], None).await?;
+        }
 
         // The price of that item, likewise.
         let amount = ShopPriceUpdate {
@@ -253,10 +264,10 @@ impl Integration {
             currency: p.currency.clone(),
         };
         let mut price_id = None;
-        if let Some(id) = mapping(&self.pool, PRICE, &p.id).await? {
+        if let Some(id) = &known.price {
             match self
                 .client
-                .update_price(&call.keyed(key("price/update")), &id, &amount)
+                .update_price(&call.keyed(key("price/update")), id, &amount)
                 .await
             {
                 Ok(price) if price.item_id == item_id => price_id = Some(price.id),
@@ -290,13 +301,14 @@ impl Integration {
                 }
             },
         };
-        write_mappings(
-            &self.pool,
-            tenant,
-            &[(ITEM, &p.id, &item_id), (PRICE, &p.id, &price_id)],
-            Some(&settled(event, attempt)),
-        )
-        .await
+        // The event's dedupe record, with the price's mapping if it is new.
+        let price_learnt = known.price.as_deref() != Some(price_id.as_str());
+        let learnt: &[(&str, &str, &str)] = if price_learnt {
+            &[(PRICE, &p.id, &price_id)]
+        } else {
+            &[]
+        };
+        write_mappings(&self.pool, tenant, learnt, Some(&settled(event, attempt))).await
     }
 
     async fn delete(
@@ -305,8 +317,9 @@ impl Integration {
         attempt: &Attempt,
         call: &Call,
         product_id: &str,
+        known: Known,
     ) -> Result<(), Failure> {
-        let item_id = match mapping(&self.pool, ITEM, product_id).await? {
+        let item_id = match known.item {
             Some(id) => Some(id),
             None => self.client.find_item(call, product_id).await?.map(|i| i.id),
         };
@@ -339,26 +352,19 @@ impl Integration {
     }
 }
 
+/// What an event's handling starts from.
+struct Known {
+    /// The tenant has the integration on.
+    enabled: bool,
+    /// The product's item on the partner, if mapped.
+    item: Option<String>,
+    /// Its price, if mapped.
+    price: Option<String>,
+}
+
 /// The dedupe record of a delivered event, written with its mappings.
 fn settled(event: &OutboxEvent, attempt: &Attempt) -> Settlement {
     Settlement::new(event, attempt, SettledAs::Delivered)
-}
-
-/// The partner's id for our `local_id` of `object_type`.
-pub async fn mapping(
-    pool: &PgPool,
-    object_type: &str,
-    local_id: &str,
-) -> Result<Option<String>, Failure> {
-    sqlx::query_scalar(
-        "SELECT foreign_id FROM integration_mappings WHERE integration = $1 AND object_type = $2 AND local_id = $3",
-    )
-    .bind(INTEGRATION)
-    .bind(object_type)
-    .bind(local_id)
-    .fetch_optional(pool)
-    .await
-    .map_err(db)
 }
 
 /// Upserts `(object_type, local_id, foreign_id)` mappings, with the event's dedupe record when

@@ -15,6 +15,7 @@ fn stack_config() -> Config {
         kafka: crate::support::kafka_config("unused"),
         relay: RelayConfig::default(),
         partner: Default::default(),
+        consume: Default::default(),
     }
 }
 

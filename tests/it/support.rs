@@ -123,6 +123,7 @@ pub fn config(db: &TestDb, kafka: &KafkaConfig) -> Config {
             ..RelayConfig::default()
         },
         partner: Default::default(),
+        consume: Default::default(),
     }
 }
 
