@@ -59,10 +59,20 @@ pub fn producer_config(config: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// How long a fetch may wait for records, unless the configured properties say otherwise.
+/// Ferry's latency counts from the outbox commit: a broker that holds a fetch for its whole
+/// maximum wait even when records arrive (tansu does; librdkafka's default is 500 ms) adds up
+/// to that much to every event. Measured with the local stack at 200 events/s: median outbox
+/// to partner 510 ms with the default, 110 ms with 10 ms.
+pub const FETCH_WAIT_MAX_MS: &str = "10";
+
 /// A consumer in `group_id` with offsets under Ferry's control: nothing is auto-committed and
 /// nothing is stored until Ferry says the record is settled.
 pub fn consumer_config(config: &KafkaConfig, group_id: &str) -> ClientConfig {
     let mut c = client_config(config);
+    if !config.properties.contains_key("fetch.wait.max.ms") {
+        c.set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS);
+    }
     c.set("group.id", group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")

@@ -59,6 +59,9 @@ enum Command {
         /// The partner is Ferry's simulator: also report the order violations it saw.
         #[arg(long)]
         simulator: bool,
+        /// Latency of the events written since then only (RFC 3339, or seconds since the epoch).
+        #[arg(long, value_parser = parse_time)]
+        latency_since: Option<chrono::DateTime<chrono::Utc>>,
     },
     /// Switch tenants' partner integration on (backfilling their products) or off (deleting
     /// what Ferry created on the partner), or show where they stand.
@@ -347,6 +350,16 @@ async fn tenant_command(config: &Config, action: TenantAction) -> anyhow::Result
     Ok(())
 }
 
+fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(seconds) = s.trim().parse::<i64>() {
+        return chrono::DateTime::from_timestamp(seconds, 0)
+            .ok_or_else(|| format!("`{s}` seconds since the epoch is out of range"));
+    }
+    chrono::DateTime::parse_from_rfc3339(s.trim())
+        .map(|t| t.to_utc())
+        .map_err(|e| format!("`{s}` is not a time like 2026-11-28T16:00:00Z or 1795000000: {e}"))
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let (number, unit) = s.trim().split_at(
         s.trim()
@@ -420,12 +433,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 pool,
                 handler,
                 ferry::consumer::runtime::ConsumeOptions::configured(&config.consume),
-                stats,
+                std::sync::Arc::clone(&stats),
                 shutdown,
             )
             .await?;
+            let bound = |h: &ferry::consumer::latency::Histogram, q| {
+                h.quantile_bound_ms(q)
+                    .map_or_else(|| "-".to_owned(), |ms| format!("<={ms}ms"))
+            };
+            tracing::info!(
+                delivered = stats.delivered.load(std::sync::atomic::Ordering::Relaxed),
+                received = stats.received.load(std::sync::atomic::Ordering::Relaxed),
+                intake_p50 = %bound(&stats.intake_latency, 0.5),
+                intake_p99 = %bound(&stats.intake_latency, 0.99),
+                ack_p50 = %bound(&stats.ack_latency, 0.5),
+                ack_p99 = %bound(&stats.ack_latency, 0.99),
+                "consumer stopped"
+            );
         }
-        Command::Verify { tenants, simulator } => {
+        Command::Verify {
+            tenants,
+            simulator,
+            latency_since,
+        } => {
             use ferry::partner::verify;
             let pool = ferry::store::connect(&config.database).await?;
             let client = ferry::partner::client::PartnerClient::new(&config.partner)?;
@@ -440,7 +470,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let found = verify::Verification {
                 tenants: verify::verify(&pool, &client, &tenants).await?,
-                latency: verify::latency(&pool).await?,
+                latency: verify::latency(&pool, None).await?,
+                window: match latency_since {
+                    Some(since) => Some((since, verify::latency(&pool, Some(since)).await?)),
+                    None => None,
+                },
                 order_violations,
             };
             print!("{}", found.render());

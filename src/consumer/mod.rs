@@ -5,6 +5,7 @@
 //! parked backlogs and tenant state.
 
 pub mod breaker;
+pub mod latency;
 pub mod ledger;
 pub mod offsets;
 pub mod runtime;

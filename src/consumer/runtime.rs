@@ -149,6 +149,12 @@ pub struct ConsumeStats {
     /// is parked) held every other tenant's commits back. Records merely waiting their turn in
     /// their tenant's queue are consumption, not counted.
     pub commit_lag_max_ms: std::sync::atomic::AtomicU64,
+    /// From the record's timestamp (the outbox row's commit) to Ferry receiving it: the relay's
+    /// and the broker's share of the latency.
+    pub intake_latency: super::latency::Histogram,
+    /// From the record's timestamp to the partner's acknowledgement (the handler returned done):
+    /// the end-to-end latency of delivered events.
+    pub ack_latency: super::latency::Histogram,
 }
 
 impl ConsumeStats {
@@ -625,12 +631,13 @@ pub async fn run<H: Handler>(
         }
         // A task per event; whether it is a redelivery was looked up when it arrived.
         for (tenant, item, lease) in batch {
-            let (handler, done_tx, retry, window, pool) = (
+            let (handler, done_tx, retry, window, pool, stats) = (
                 Arc::clone(&handler),
                 done_tx.clone(),
                 options.retry.clone(),
                 Arc::clone(&window),
                 pool.clone(),
+                Arc::clone(&stats),
             );
             tokio::spawn(async move {
                 let guard = Guard {
@@ -640,6 +647,13 @@ pub async fn run<H: Handler>(
                 };
                 let already = item.settled;
                 let done = handle(&*handler, item, &guard, already).await;
+                if let Done::Settled(item, SettledAs::Delivered, _) = &done
+                    && let Some(written) = item.event.occurred_at
+                {
+                    stats
+                        .ack_latency
+                        .record((chrono::Utc::now() - written).to_std().unwrap_or_default());
+                }
                 let done = if lease.cancel.is_cancelled() {
                     settle_on_revoke(done, &pool, &lease).await
                 } else {
@@ -674,6 +688,10 @@ pub async fn run<H: Handler>(
                             }
                         };
                         stats.received.fetch_add(1, Relaxed);
+                        if let Some(written) = m.timestamp().to_millis() {
+                            let now = chrono::Utc::now().timestamp_millis();
+                            stats.intake_latency.record(Duration::from_millis(now.saturating_sub(written).max(0) as u64));
+                        }
                         // Assigned partitions: obey the pauses other instances recorded before
                         // any record of theirs is admitted (the callback ran inside this poll).
                         if std::mem::take(&mut state.lock().reload_paused) {

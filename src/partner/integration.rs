@@ -375,30 +375,45 @@ async fn write_mappings(
     mappings: &[(&str, &str, &str)],
     settlement: Option<&Settlement>,
 ) -> Result<(), Failure> {
+    // A round trip per statement, and each counts when the partner takes milliseconds and
+    // our database is shared: mappings alone are one statement (atomic on its own); with a
+    // settlement, one transaction of two.
+    let Some(settlement) = settlement else {
+        return upsert_mappings(&mut *pool.acquire().await.map_err(db)?, tenant, mappings).await;
+    };
     let mut tx = pool.begin().await.map_err(db)?;
-    for (object_type, local_id, foreign_id) in mappings {
-        sqlx::query(
-            "INSERT INTO integration_mappings (integration, object_type, local_id, foreign_id, tenant_id) \
-             VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (integration, object_type, local_id) \
-             DO UPDATE SET foreign_id = EXCLUDED.foreign_id, updated_at = now() \
-             WHERE integration_mappings.foreign_id <> EXCLUDED.foreign_id",
-        )
-        .bind(INTEGRATION)
-        .bind(object_type)
-        .bind(local_id)
-        .bind(foreign_id)
-        .bind(tenant)
-        .execute(&mut *tx)
+    upsert_mappings(&mut tx, tenant, mappings).await?;
+    ledger::record_settled(&mut tx, std::slice::from_ref(settlement))
         .await
         .map_err(db)?;
-    }
-    if let Some(settlement) = settlement {
-        ledger::record_settled(&mut tx, std::slice::from_ref(settlement))
-            .await
-            .map_err(db)?;
-    }
     tx.commit().await.map_err(db)
+}
+
+/// One statement for all of `mappings`.
+async fn upsert_mappings(
+    conn: &mut sqlx::PgConnection,
+    tenant: &str,
+    mappings: &[(&str, &str, &str)],
+) -> Result<(), Failure> {
+    if mappings.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO integration_mappings (integration, object_type, local_id, foreign_id, tenant_id) \
+         SELECT $1, t, l, f, $5 FROM UNNEST($2::text[], $3::text[], $4::text[]) AS m(t, l, f) \
+         ON CONFLICT (integration, object_type, local_id) \
+         DO UPDATE SET foreign_id = EXCLUDED.foreign_id, updated_at = now() \
+         WHERE integration_mappings.foreign_id <> EXCLUDED.foreign_id",
+    )
+    .bind(INTEGRATION)
+    .bind(mappings.iter().map(|m| m.0).collect::<Vec<_>>())
+    .bind(mappings.iter().map(|m| m.1).collect::<Vec<_>>())
+    .bind(mappings.iter().map(|m| m.2).collect::<Vec<_>>())
+    .bind(tenant)
+    .execute(conn)
+    .await
+    .map_err(db)?;
+    Ok(())
 }
 
 /// Our database failing is not the tenant's fault: retry it like a timeout.

@@ -183,8 +183,11 @@ pub struct Latency {
     pub all_p99_ms: f64,
 }
 
-/// The latency of every delivered event on record.
-pub async fn latency(pool: &PgPool) -> Result<Latency, sqlx::Error> {
+/// The latency of the delivered events on record, those written since `since` when given.
+pub async fn latency(
+    pool: &PgPool,
+    since: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<Latency, sqlx::Error> {
     let (events,): (i64,) =
         sqlx::query_as("SELECT count(*) FROM deliveries WHERE settled_at IS NOT NULL")
             .fetch_one(pool)
@@ -199,11 +202,13 @@ pub async fn latency(pool: &PgPool) -> Result<Latency, sqlx::Error> {
              ms AS ( \
                  SELECT extract(epoch FROM acked_at - written_at) * 1000 AS ms FROM deliveries \
                  WHERE outcome = 'delivered' AND acked_at IS NOT NULL AND written_at IS NOT NULL \
+                   AND ($2::timestamptz IS NULL OR written_at >= $2) \
                    AND NOT ($1 AND tenant_id IN (SELECT tenant_id FROM unhealthy))) \
              SELECT count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::float8, \
                     percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::float8 FROM ms",
         )
         .bind(healthy_only)
+        .bind(since)
         .fetch_one(pool)
     };
     let (healthy, p50, p99) = percentiles(true).await?;
@@ -223,8 +228,10 @@ pub async fn latency(pool: &PgPool) -> Result<Latency, sqlx::Error> {
 pub struct Verification {
     /// Per tenant.
     pub tenants: Vec<TenantDrift>,
-    /// Latency of delivered events.
+    /// Latency of every delivered event on record.
     pub latency: Latency,
+    /// Latency of the events written since a time, when asked: the machine line's.
+    pub window: Option<(chrono::DateTime<chrono::Utc>, Latency)>,
     /// Order violations the simulator saw, when the partner is the simulator.
     pub order_violations: Option<u64>,
 }
@@ -245,9 +252,20 @@ impl Verification {
         let mut s = render(&self.tenants);
         s.push_str(&format!(
             "\n| latency, outbox to partner ack | events | p50 ms | p99 ms |\n|---|---|---|---|\n\
-             | healthy tenants | {} | {:.1} | {:.1} |\n| all tenants | {} | | {:.1} |\n\n",
+             | healthy tenants | {} | {:.1} | {:.1} |\n| all tenants | {} | | {:.1} |\n",
             l.healthy, l.p50_ms, l.p99_ms, l.all, l.all_p99_ms
         ));
+        if let Some((since, w)) = &self.window {
+            s.push_str(&format!(
+                "| healthy tenants, written since {} | {} | {:.1} | {:.1} |\n",
+                since.format("%H:%M:%S"),
+                w.healthy,
+                w.p50_ms,
+                w.p99_ms
+            ));
+        }
+        s.push('\n');
+        let l = self.window.as_ref().map_or(l, |(_, w)| w);
         let drift: usize = self.tenants.iter().map(TenantDrift::drift).sum();
         let duplicates: usize = self.tenants.iter().map(|d| d.duplicates).sum();
         let order = self

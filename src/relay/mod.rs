@@ -438,6 +438,7 @@ impl Relay {
     /// One batch: peek, produce, wait for acknowledgements, advance.
     pub async fn step(&mut self) -> Result<Step, RelayError> {
         use futures::TryStreamExt as _;
+        let started = std::time::Instant::now();
         let upto: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
             .fetch_one(&self.pool)
             .await?;
@@ -468,9 +469,11 @@ impl Relay {
             }
         }
         drop(changes);
+        let decoded = started.elapsed();
         while let Some(delivery) = pending.pop_front() {
             Self::acked(delivery).await?;
         }
+        let acked = started.elapsed();
         self.stats
             .records_acked
             .fetch_add(records as u64, Ordering::Relaxed);
@@ -492,6 +495,13 @@ impl Relay {
             self.confirmed = target;
             self.stats.confirmed_lsn.store(target.0, Ordering::Relaxed);
         }
+        tracing::debug!(
+            records,
+            decoded_ms = decoded.as_millis() as u64,
+            acked_ms = acked.as_millis() as u64,
+            advanced_ms = started.elapsed().as_millis() as u64,
+            "relay step"
+        );
         // The lag as of this step's start, without another query (the periodic status check
         // measures it exactly).
         self.stats
