@@ -20,7 +20,7 @@
 //! again before the first record of the new partitions is looked at, so whichever instance owns
 //! a tenant obeys the pause another instance recorded.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -534,6 +534,8 @@ pub async fn run<H: Handler>(
     let mut lookups = futures::stream::FuturesOrdered::new();
     let mut in_lookup = 0usize;
     let mut last_flush = Instant::now();
+    // The batch being written, if any: one at a time, marked in the order written.
+    let mut writing: Option<tokio::task::JoinHandle<Result<Vec<Position>, sqlx::Error>>> = None;
     let mut tick = tokio::time::interval(options.settle_interval);
     // Tenants paused while this instance runs: their new records are parked, in order.
     let mut paused = paused_tenants(&pool).await?;
@@ -935,11 +937,21 @@ pub async fn run<H: Handler>(
                     _ => {}
                 }
             }
+            Some(written) = async { Some(writing.as_mut()?.await) }, if writing.is_some() => {
+                writing = None;
+                let positions = written.expect("settle task panicked")?;
+                mark_and_commit(&consumer, &state, &topic, positions, &stats, CommitMode::Async)?;
+            }
             Some(report) = drain_rx.recv() => match report {
                 Drained::Empty(tenant) => {
                     draining.remove(&tenant);
-                    // Only this loop parks, and it parks what it buffered first: nothing can be
-                    // parked for the tenant between this flush and the flip.
+                    // Only this loop parks, and it parks what it buffered first: once the batch
+                    // being written and what is pending are durable, nothing can be parked for
+                    // the tenant between then and the flip.
+                    if let Some(batch) = writing.take() {
+                        let positions = batch.await.expect("settle task panicked")?;
+                        mark_and_commit(&consumer, &state, &topic, positions, &stats, CommitMode::Async)?;
+                    }
                     if pending.parked.iter().any(|(r, _)| r.tenant_id == tenant) {
                         flush(&pool, &consumer, &state, &topic, &mut pending, &stats, CommitMode::Async).await?;
                         last_flush = Instant::now();
@@ -969,25 +981,43 @@ pub async fn run<H: Handler>(
             stats.breaker_open.store(0, Relaxed);
             consumer.resume(&consumer.assignment()?)?;
         }
-        if std::mem::take(&mut commit_again)
-            || pending.len() >= options.settle_batch
-            || (pending.len() > 0 && last_flush.elapsed() >= options.settle_interval)
-        {
-            flush(
-                &pool,
+        if std::mem::take(&mut commit_again) {
+            mark_and_commit(
                 &consumer,
                 &state,
                 &topic,
-                &mut pending,
+                Vec::new(),
                 &stats,
                 CommitMode::Async,
-            )
-            .await?;
+            )?;
+        }
+        // Settle in batches, a task writing while the loop goes on; what settles meanwhile
+        // waits for the next batch.
+        if writing.is_none()
+            && (pending.len() >= options.settle_batch
+                || (pending.len() > 0 && last_flush.elapsed() >= options.settle_interval))
+        {
+            writing = Some(tokio::spawn(write_pending(
+                pool.clone(),
+                std::mem::take(&mut pending),
+                Arc::clone(&stats),
+            )));
             last_flush = Instant::now();
         }
     }
     // Shutdown: no new attempt starts; attempts under way end (bounded by `revoke_drain`) and
     // settle themselves; what settled before is flushed; then one synchronous commit.
+    if let Some(batch) = writing.take() {
+        let positions = batch.await.expect("settle task panicked")?;
+        mark_and_commit(
+            &consumer,
+            &state,
+            &topic,
+            positions,
+            &stats,
+            CommitMode::Async,
+        )?;
+    }
     let owned: Vec<i32> = state.lock().partitions.keys().copied().collect();
     let deadline = Instant::now() + options.revoke_drain;
     blocking(|| state.cancel_and_wait(&owned, deadline));
@@ -1344,38 +1374,62 @@ impl Pending {
     }
 }
 
-/// Parks the pending records of paused tenants, records the settlements in one transaction, then marks them and the other settled positions
-/// settled in their partitions' trackers (if still owned, same generation) and commits the
-/// points that moved.
+/// Parks the pending records of paused tenants and records the settlements in one
+/// transaction; returns every position they settle. Runs as a task of its own, one at a time,
+/// so the loop takes in and dispatches while a batch is written; the positions are marked only
+/// once it is durable ([`mark_and_commit`]).
+async fn write_pending(
+    pool: PgPool,
+    pending: Pending,
+    stats: Arc<ConsumeStats>,
+) -> Result<Vec<Position>, sqlx::Error> {
+    let Pending {
+        settlements,
+        positions: mut settled,
+        parked,
+    } = pending;
+    if !parked.is_empty() {
+        let (records, positions): (Vec<ParkedRecord>, Vec<Position>) = parked.into_iter().unzip();
+        let n = ledger::park(&pool, "", None, &records).await?;
+        stats
+            .parked
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        settled.extend(positions);
+    }
+    if !settlements.is_empty() {
+        let (batch, positions): (Vec<Settlement>, Vec<Position>) = settlements.into_iter().unzip();
+        let mut tx = pool.begin().await?;
+        ledger::record_settled(&mut tx, &batch).await?;
+        tx.commit().await?;
+        settled.extend(positions);
+    }
+    Ok(settled)
+}
+
+/// Writes what is pending and marks it, in this task: for the drain's flip and for shutdown.
 async fn flush(
     pool: &PgPool,
     consumer: &StreamConsumer<Context>,
     state: &State,
     topic: &str,
     pending: &mut Pending,
+    stats: &Arc<ConsumeStats>,
+    mode: CommitMode,
+) -> Result<(), ConsumeError> {
+    let positions = write_pending(pool.clone(), std::mem::take(pending), Arc::clone(stats)).await?;
+    mark_and_commit(consumer, state, topic, positions, stats, mode)
+}
+
+/// Marks durable positions settled in their partitions' trackers (if still owned, same
+/// generation) and commits the points that moved.
+fn mark_and_commit(
+    consumer: &StreamConsumer<Context>,
+    state: &State,
+    topic: &str,
+    positions: Vec<Position>,
     stats: &ConsumeStats,
     mode: CommitMode,
 ) -> Result<(), ConsumeError> {
-    if !pending.parked.is_empty() {
-        let records: Vec<ParkedRecord> = pending.parked.iter().map(|(r, _)| r.clone()).collect();
-        let parked = ledger::park(pool, "", None, &records).await?;
-        stats
-            .parked
-            .fetch_add(parked, std::sync::atomic::Ordering::Relaxed);
-    }
-    if !pending.settlements.is_empty() {
-        let batch: Vec<Settlement> = pending.settlements.iter().map(|(s, _)| s.clone()).collect();
-        let mut tx = pool.begin().await?;
-        ledger::record_settled(&mut tx, &batch).await?;
-        tx.commit().await?;
-    }
-    let positions: VecDeque<Position> = pending
-        .settlements
-        .drain(..)
-        .map(|(_, p)| p)
-        .chain(pending.positions.drain(..))
-        .chain(pending.parked.drain(..).map(|(_, p)| p))
-        .collect();
     let mut commit = TopicPartitionList::new();
     {
         let mut s = state.lock();
