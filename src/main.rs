@@ -161,36 +161,30 @@ enum Bench {
 enum TenantAction {
     /// Switch the integration on and backfill: a create for every existing product, written
     /// through the outbox so it is ordered with live changes. Waits until the partner has them.
-    Enable {
-        /// Tenant ids.
-        #[arg(required = true)]
-        tenants: Vec<String>,
-        /// Return once the backfill is written, without waiting for its delivery.
-        #[arg(long)]
-        no_wait: bool,
-        /// How long to wait for the delivery.
-        #[arg(long, default_value = "10m", value_parser = parse_duration)]
-        wait_timeout: Duration,
-    },
+    Enable(Switch),
     /// Switch the integration off: the tenant's events are ignored from now on, and every
     /// object Ferry created for it on the partner is deleted. Waits until that is done.
-    Disable {
-        /// Tenant ids.
-        #[arg(required = true)]
-        tenants: Vec<String>,
-        /// Return once the switch is written, without waiting for the rollback.
-        #[arg(long)]
-        no_wait: bool,
-        /// How long to wait for the rollback.
-        #[arg(long, default_value = "10m", value_parser = parse_duration)]
-        wait_timeout: Duration,
-    },
+    Disable(Switch),
     /// Show tenants: integration on or off, state, pause reason, mapped objects, parked events.
     Status {
         /// Tenant ids.
         #[arg(required = true)]
         tenants: Vec<String>,
     },
+}
+
+/// What `ferry tenant enable` and `disable` take.
+#[derive(Debug, clap::Args)]
+struct Switch {
+    /// Tenant ids.
+    #[arg(required = true)]
+    tenants: Vec<String>,
+    /// Return once the events are written, without waiting until the consumers handled them.
+    #[arg(long)]
+    no_wait: bool,
+    /// How long to wait for the consumers.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    wait_timeout: Duration,
 }
 
 /// A progress bar on stderr: redrawn in place on a terminal, a line at most every few seconds
@@ -256,11 +250,11 @@ fn state_note(status: Option<&ferry::tenant::TenantStatus>) -> String {
 async fn tenant_command(config: &Config, action: TenantAction) -> anyhow::Result<()> {
     let pool = ferry::store::connect(&config.database).await?;
     match action {
-        TenantAction::Enable {
+        TenantAction::Enable(Switch {
             tenants,
             no_wait,
             wait_timeout,
-        } => {
+        }) => {
             for raw in tenants {
                 let tenant = ferry::tenant::tenant_id(&raw)?;
                 let mut bar = Bar::new();
@@ -296,11 +290,11 @@ async fn tenant_command(config: &Config, action: TenantAction) -> anyhow::Result
                 );
             }
         }
-        TenantAction::Disable {
+        TenantAction::Disable(Switch {
             tenants,
             no_wait,
             wait_timeout,
-        } => {
+        }) => {
             for raw in tenants {
                 let tenant = ferry::tenant::tenant_id(&raw)?;
                 let mapped = ferry::tenant::status(&pool, &tenant)
