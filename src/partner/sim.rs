@@ -257,18 +257,24 @@ impl Sim {
 /// The simulator's routes.
 pub fn router(sim: SimHandle) -> Router {
     let api = Router::new()
-        .route("/shop-items", post(create_item).get(find::<ShopItem>))
+        .route(
+            "/shop-items",
+            post(create_one::<ShopItem>).get(find::<ShopItem>),
+        )
         .route(
             "/shop-items/{id}",
             get(get_one::<ShopItem>)
-                .put(update_item)
+                .put(update_one::<ShopItem>)
                 .delete(delete_one::<ShopItem>),
         )
-        .route("/shop-prices", post(create_price).get(find::<ShopPrice>))
+        .route(
+            "/shop-prices",
+            post(create_one::<ShopPrice>).get(find::<ShopPrice>),
+        )
         .route(
             "/shop-prices/{id}",
             get(get_one::<ShopPrice>)
-                .put(update_price)
+                .put(update_one::<ShopPrice>)
                 .delete(delete_one::<ShopPrice>),
         );
     Router::new()
@@ -567,22 +573,58 @@ type Req = (State<SimHandle>, Method, Uri, HeaderMap);
 /// A kind of object the simulator keeps: where it lives in an account, and what deleting one
 /// takes with it.
 trait Object: Clone + Serialize + Send + 'static {
-    /// Its name in messages.
+    /// What a create sends.
+    type New: for<'de> Deserialize<'de> + Send;
+    /// What an update sends.
+    type Update: for<'de> Deserialize<'de> + Send;
+    /// Its name in messages and ids.
     const NAME: &'static str;
+    /// Refuses a create the partner would refuse (422, or 404 for a missing parent).
+    fn check_new(s: &SimState, account: &str, new: &Self::New) -> Result<(), (u16, Value)>;
+    /// The object a create makes, with the id the partner assigned.
+    fn build(new: Self::New, id: String) -> Self;
+    /// Refuses an update the partner would refuse (422).
+    fn check_update(s: &SimState, update: &Self::Update) -> Result<(), (u16, Value)>;
+    /// Applies an update.
+    fn apply(&mut self, update: Self::Update);
     fn all(a: &Account) -> &BTreeMap<String, Self>;
     fn all_mut(a: &mut Account) -> &mut BTreeMap<String, Self>;
+    fn id(&self) -> &str;
     fn external_id(&self) -> &str;
     /// After the object `id` was deleted from `a`.
     fn deleted(_a: &mut Account, _id: &str) {}
 }
 
 impl Object for ShopItem {
+    type New = NewShopItem;
+    type Update = ShopItemUpdate;
     const NAME: &'static str = "item";
+    fn check_new(s: &SimState, _account: &str, new: &NewShopItem) -> Result<(), (u16, Value)> {
+        valid_item(s, &new.name)
+    }
+    fn build(new: NewShopItem, id: String) -> Self {
+        ShopItem {
+            id,
+            name: new.name,
+            description: new.description,
+            external_id: new.external_id,
+        }
+    }
+    fn check_update(s: &SimState, update: &ShopItemUpdate) -> Result<(), (u16, Value)> {
+        valid_item(s, &update.name)
+    }
+    fn apply(&mut self, update: ShopItemUpdate) {
+        self.name = update.name;
+        self.description = update.description;
+    }
     fn all(a: &Account) -> &BTreeMap<String, Self> {
         &a.items
     }
     fn all_mut(a: &mut Account) -> &mut BTreeMap<String, Self> {
         &mut a.items
+    }
+    fn id(&self) -> &str {
+        &self.id
     }
     fn external_id(&self) -> &str {
         &self.external_id
@@ -594,12 +636,45 @@ impl Object for ShopItem {
 }
 
 impl Object for ShopPrice {
+    type New = NewShopPrice;
+    type Update = ShopPriceUpdate;
     const NAME: &'static str = "price";
+    /// A price needs its item, in the same account.
+    fn check_new(s: &SimState, account: &str, new: &NewShopPrice) -> Result<(), (u16, Value)> {
+        valid_price(new.amount_minor, &new.currency)?;
+        if !s
+            .accounts
+            .get(account)
+            .is_some_and(|a| a.items.contains_key(&new.item_id))
+        {
+            return Err(not_found("item", &new.item_id));
+        }
+        Ok(())
+    }
+    fn build(new: NewShopPrice, id: String) -> Self {
+        ShopPrice {
+            id,
+            item_id: new.item_id,
+            amount_minor: new.amount_minor,
+            currency: new.currency,
+            external_id: new.external_id,
+        }
+    }
+    fn check_update(_s: &SimState, update: &ShopPriceUpdate) -> Result<(), (u16, Value)> {
+        valid_price(update.amount_minor, &update.currency)
+    }
+    fn apply(&mut self, update: ShopPriceUpdate) {
+        self.amount_minor = update.amount_minor;
+        self.currency = update.currency;
+    }
     fn all(a: &Account) -> &BTreeMap<String, Self> {
         &a.prices
     }
     fn all_mut(a: &mut Account) -> &mut BTreeMap<String, Self> {
         &mut a.prices
+    }
+    fn id(&self) -> &str {
+        &self.id
     }
     fn external_id(&self) -> &str {
         &self.external_id
@@ -673,119 +748,52 @@ async fn delete_one<O: Object>(
     .await
 }
 
-async fn create_item(
+/// `POST /shop-items` or `/shop-prices`: the partner assigns the id.
+async fn create_one<O: Object>(
     (State(sim), method, uri, headers): Req,
     Path(account): Path<String>,
     body: Bytes,
 ) -> Response {
     handle(sim, account, method, uri, headers, move |s, account| {
-        let new: NewShopItem = match parse(&body) {
+        let new: O::New = match parse(&body) {
             Ok(v) => v,
             Err(e) => return e,
         };
-        if let Err(e) = valid_item(s, &new.name) {
+        if let Err(e) = O::check_new(s, account, &new) {
             return e;
         }
-        let item = ShopItem {
-            id: next_id(s, "item"),
-            name: new.name,
-            description: new.description,
-            external_id: new.external_id,
-        };
+        let object = O::build(new, next_id(s, O::NAME));
         let a = s.accounts.entry(account.to_owned()).or_default();
-        a.items.insert(item.id.clone(), item.clone());
-        (201, json!(item))
+        O::all_mut(a).insert(object.id().to_owned(), object.clone());
+        (201, json!(object))
     })
     .await
 }
 
-async fn update_item(
+/// `PUT /shop-items/{id}` or `/shop-prices/{id}`: replaces the fields an update carries.
+async fn update_one<O: Object>(
     (State(sim), method, uri, headers): Req,
     Path((account, id)): Path<(String, String)>,
     body: Bytes,
 ) -> Response {
     handle(sim, account, method, uri, headers, move |s, account| {
-        let update: ShopItemUpdate = match parse(&body) {
+        let update: O::Update = match parse(&body) {
             Ok(v) => v,
             Err(e) => return e,
         };
-        if let Err(e) = valid_item(s, &update.name) {
+        if let Err(e) = O::check_update(s, &update) {
             return e;
         }
         match s
             .accounts
             .get_mut(account)
-            .and_then(|a| a.items.get_mut(&id))
+            .and_then(|a| O::all_mut(a).get_mut(&id))
         {
-            Some(item) => {
-                item.name = update.name;
-                item.description = update.description;
-                (200, json!(item))
+            Some(object) => {
+                object.apply(update);
+                (200, json!(object))
             }
-            None => not_found("item", &id),
-        }
-    })
-    .await
-}
-
-async fn create_price(
-    (State(sim), method, uri, headers): Req,
-    Path(account): Path<String>,
-    body: Bytes,
-) -> Response {
-    handle(sim, account, method, uri, headers, move |s, account| {
-        let new: NewShopPrice = match parse(&body) {
-            Ok(v) => v,
-            Err(e) => return e,
-        };
-        if let Err(e) = valid_price(new.amount_minor, &new.currency) {
-            return e;
-        }
-        if !s
-            .accounts
-            .get(account)
-            .is_some_and(|a| a.items.contains_key(&new.item_id))
-        {
-            return not_found("item", &new.item_id);
-        }
-        let price = ShopPrice {
-            id: next_id(s, "price"),
-            item_id: new.item_id,
-            amount_minor: new.amount_minor,
-            currency: new.currency,
-            external_id: new.external_id,
-        };
-        let a = s.accounts.entry(account.to_owned()).or_default();
-        a.prices.insert(price.id.clone(), price.clone());
-        (201, json!(price))
-    })
-    .await
-}
-
-async fn update_price(
-    (State(sim), method, uri, headers): Req,
-    Path((account, id)): Path<(String, String)>,
-    body: Bytes,
-) -> Response {
-    handle(sim, account, method, uri, headers, move |s, account| {
-        let update: ShopPriceUpdate = match parse(&body) {
-            Ok(v) => v,
-            Err(e) => return e,
-        };
-        if let Err(e) = valid_price(update.amount_minor, &update.currency) {
-            return e;
-        }
-        match s
-            .accounts
-            .get_mut(account)
-            .and_then(|a| a.prices.get_mut(&id))
-        {
-            Some(price) => {
-                price.amount_minor = update.amount_minor;
-                price.currency = update.currency;
-                (200, json!(price))
-            }
-            None => not_found("price", &id),
+            None => not_found(O::NAME, &id),
         }
     })
     .await
