@@ -17,6 +17,8 @@
 //! | pause a tenant after this many attempts | `consume.pause_after_attempts` | `FERRY_CONSUME_PAUSE_AFTER_ATTEMPTS` |
 //! | ...or after failing this long | `consume.pause_after_ms` | `FERRY_CONSUME_PAUSE_AFTER_MS` |
 //! | resume a retryable pause after | `consume.auto_resume_after_ms` | `FERRY_CONSUME_AUTO_RESUME_AFTER_MS` |
+//! | admin API address | `admin.addr` | `FERRY_ADMIN_ADDR` |
+//! | admin API bearer token | `admin.token` | `FERRY_ADMIN_TOKEN` |
 //! | extra librdkafka settings | `[kafka.properties]` | `FERRY_KAFKA_PROPERTIES` (`name=value,name=value`, over the file's) |
 //! | relay slot | `relay.slot` | `FERRY_RELAY_SLOT` |
 //! | relay publication | `relay.publication` | `FERRY_RELAY_PUBLICATION` |
@@ -51,6 +53,26 @@ pub struct Config {
     pub partner: PartnerConfig,
     /// `ferry consume`'s limits and retry policy: overrides of its defaults.
     pub consume: ConsumeConfig,
+    /// The admin API each `ferry consume` serves.
+    pub admin: AdminConfig,
+}
+
+/// The admin API's address and token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Where it listens (loopback by default).
+    pub addr: std::net::SocketAddr,
+    /// The bearer token every route but `/health` needs; required off loopback.
+    pub token: Option<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], 9190)),
+            token: None,
+        }
+    }
 }
 
 /// `ferry consume` settings given in the file or the environment; unset ones keep the
@@ -209,6 +231,15 @@ struct FileConfig {
     partner: FilePartner,
     #[serde(default)]
     consume: FileConsume,
+    #[serde(default)]
+    admin: FileAdmin,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    addr: Option<String>,
+    token: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -430,6 +461,21 @@ impl Config {
             )?,
         };
 
+        let admin_addr = env(&["FERRY_ADMIN_ADDR"]).or(file.admin.addr);
+        let admin = AdminConfig {
+            addr: match admin_addr {
+                Some(a) => a.trim().parse().map_err(|_| ConfigError::Invalid {
+                    key: "admin.addr",
+                    value: a.clone(),
+                    reason: "expected an address like 127.0.0.1:9190".to_owned(),
+                })?,
+                None => AdminConfig::default().addr,
+            },
+            token: env(&["FERRY_ADMIN_TOKEN"])
+                .or(file.admin.token)
+                .filter(|t| !t.is_empty()),
+        };
+
         let config = Config {
             database: DatabaseConfig {
                 url,
@@ -444,6 +490,7 @@ impl Config {
             relay,
             partner,
             consume,
+            admin,
         };
         config.validate()?;
         Ok(config)
@@ -487,6 +534,16 @@ impl Config {
         }
         if self.partner.timeout.is_zero() {
             return Err(invalid("partner.timeout_ms", "0", "must be at least 1"));
+        }
+        if !self.admin.addr.ip().is_loopback() && self.admin.token.is_none() {
+            return Err(invalid(
+                "admin.token",
+                "",
+                &format!(
+                    "required when the admin API listens beyond loopback ({})",
+                    self.admin.addr
+                ),
+            ));
         }
         let c = &self.consume;
         if c.max_in_flight == Some(0) {
@@ -790,6 +847,23 @@ mod tests {
                 .contains("must not exceed consume.retry_max_ms"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_admin_api_beyond_loopback_needs_a_token() {
+        let c = Config::load_with(None, env(BASE)).unwrap();
+        assert!(c.admin.addr.ip().is_loopback() && c.admin.token.is_none());
+        let mut e = BASE.to_vec();
+        e.push(("FERRY_ADMIN_ADDR", "0.0.0.0:9190"));
+        let err = Config::load_with(None, env(&e)).unwrap_err();
+        assert!(err.to_string().contains("admin.token"), "{err}");
+        e.push(("FERRY_ADMIN_TOKEN", "s3cret"));
+        let c = Config::load_with(None, env(&e)).unwrap();
+        assert_eq!(c.admin.token.as_deref(), Some("s3cret"));
+        let mut e = BASE.to_vec();
+        e.push(("FERRY_ADMIN_ADDR", "localhost"));
+        let err = Config::load_with(None, env(&e)).unwrap_err();
+        assert!(err.to_string().contains("admin.addr"), "{err}");
     }
 
     #[test]

@@ -20,8 +20,11 @@
 //! - [`load`]: the reference "our platform" writer (`ferry load`);
 //! - [`smoke`]: the end-to-end round trip that proves a stack works;
 //! - [`bench`]: the benchmarks (`ferry bench ...`);
+//! - [`admin`]: the admin HTTP API each consumer serves (health, metrics, tenants, resume,
+//!   the kill switch);
 //! - [`shutdown`]: the signal every long-running task obeys.
 
+pub mod admin;
 pub mod bench;
 pub mod broker;
 pub mod config;

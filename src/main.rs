@@ -421,6 +421,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await?;
             let stats = std::sync::Arc::new(ferry::consumer::runtime::ConsumeStats::default());
+            let listener = tokio::net::TcpListener::bind(config.admin.addr)
+                .await
+                .with_context(|| format!("the admin API cannot listen on {}", config.admin.addr))?;
+            tracing::info!(addr = %config.admin.addr, "admin API listening");
+            tokio::spawn(ferry::admin::serve(
+                listener,
+                ferry::admin::Admin {
+                    pool: pool.clone(),
+                    stats: std::sync::Arc::clone(&stats),
+                    token: config.admin.token.clone(),
+                },
+                shutdown.clone(),
+            ));
             tracing::info!(topic = %config.kafka.topic, group = %config.kafka.group_id, "consuming");
             ferry::consumer::runtime::run(
                 &config,

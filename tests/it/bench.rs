@@ -16,6 +16,7 @@ fn stack_config() -> Config {
         relay: RelayConfig::default(),
         partner: Default::default(),
         consume: Default::default(),
+        admin: Default::default(),
     }
 }
 

@@ -56,7 +56,7 @@ async fn settlement_is_batched_and_a_replay_never_rewrites_it() {
     db.drop().await;
 }
 
-fn record(offset: i64) -> ParkedRecord {
+pub(crate) fn record(offset: i64) -> ParkedRecord {
     ParkedRecord {
         tenant_id: "acme".into(),
         event_id: Some(Uuid::now_v7()),

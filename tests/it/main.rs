@@ -1,6 +1,7 @@
 //! Ferry's integration tests: one binary, against the real stack (`scripts/stack up`, then
 //! `eval "$(scripts/stack env)"`). Each test makes its own fresh database and its own topic.
 
+mod admin;
 mod bench;
 mod consume;
 mod contract;

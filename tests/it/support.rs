@@ -124,6 +124,7 @@ pub fn config(db: &TestDb, kafka: &KafkaConfig) -> Config {
         },
         partner: Default::default(),
         consume: Default::default(),
+        admin: Default::default(),
     }
 }
 

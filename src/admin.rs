@@ -1,0 +1,458 @@
+//! The admin HTTP API each `ferry consume` instance serves (axum): health, Prometheus metrics,
+//! the tenants an operator must look at and why, resume, and the kill switch.
+//!
+//! Every route but `/health` needs `Authorization: Bearer <admin.token>`, compared in constant
+//! time. The configuration refuses a non-loopback address without a token. Errors are JSON of
+//! one shape, `{"error": {"code": "...", "message": "..."}}`, and bad input gets a 4xx that says
+//! what was wrong.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use axum::Router;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::consumer::latency::Histogram;
+use crate::consumer::ledger;
+use crate::consumer::runtime::ConsumeStats;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 16 * 1024;
+
+/// What the routes read and change.
+#[derive(Clone)]
+pub struct Admin {
+    /// The database the consumer records into.
+    pub pool: PgPool,
+    /// The consumer's live counters.
+    pub stats: Arc<ConsumeStats>,
+    /// The bearer token; `None` only on a loopback address (the configuration checks).
+    pub token: Option<String>,
+}
+
+/// An error answered as JSON.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            format!("postgres: {e}"),
+        )
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        match e.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the body is larger than {MAX_BODY} bytes"),
+            ),
+            status => ApiError::new(status, "bad_request", e.body_text()),
+        }
+    }
+}
+
+/// The router.
+pub fn router(admin: Admin) -> Router {
+    let authed = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/v1/tenants", get(list_tenants))
+        .route("/v1/tenants/{tenant}", get(get_tenant))
+        .route("/v1/tenants/{tenant}/resume", post(resume))
+        .route("/v1/kill-switch", get(get_kill_switch).put(put_kill_switch))
+        .route_layer(middleware::from_fn_with_state(admin.clone(), authorize));
+    Router::new()
+        .route(
+            "/health",
+            get(|| async { axum::Json(json!({"status": "ok"})) }),
+        )
+        .merge(authed)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(admin)
+}
+
+/// Serves `router` on `listener` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    admin: Admin,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(admin))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// Whether `a` equals `b`, in time that does not depend on where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn authorize(
+    State(admin): State<Admin>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(expected) = admin.token.as_deref() else {
+        return next.run(request).await;
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send Authorization: Bearer <admin token>",
+        )
+        .into_response(),
+        Some(token) if !constant_time_eq(token.as_bytes(), expected.as_bytes()) => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong token").into_response()
+        }
+        Some(_) => next.run(request).await,
+    }
+}
+
+/// A tenant as the operator sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct TenantView {
+    /// The tenant.
+    pub tenant_id: String,
+    /// Whether the integration is on.
+    pub integration_enabled: bool,
+    /// `active`, `paused`, `draining` or `disabled`.
+    pub state: String,
+    /// `retryable`, `permanent`, `bad_event` or `operator`.
+    pub pause_cause: Option<String>,
+    /// Why.
+    pub pause_reason: Option<String>,
+    /// The event that failed.
+    pub paused_event_id: Option<uuid::Uuid>,
+    /// Since when.
+    pub paused_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// When it is retried automatically (retryable causes).
+    pub next_retry_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Events parked, waiting.
+    pub backlog: i64,
+    /// Attempts at the failing event.
+    pub failed_attempts: Option<i32>,
+    /// The partner's answer to it: `{"status": 422, "body": "..."}`.
+    pub partner_response: Option<serde_json::Value>,
+}
+
+const TENANT_VIEW: &str = "SELECT t.tenant_id, t.integration_enabled, t.state, t.pause_cause, t.pause_reason, \
+        t.paused_event_id, t.paused_at, t.next_retry_at, \
+        (SELECT count(*) FROM parked_events p WHERE p.tenant_id = t.tenant_id) AS backlog, \
+        d.attempts AS failed_attempts, d.last_response AS partner_response \
+     FROM tenants t LEFT JOIN deliveries d ON d.event_id = t.paused_event_id";
+
+/// `GET /v1/tenants`: the tenants that are not active (paused, draining, disabled), oldest
+/// pause first.
+async fn list_tenants(State(admin): State<Admin>) -> Result<Response, ApiError> {
+    let tenants: Vec<TenantView> = sqlx::query_as(&format!(
+        "{TENANT_VIEW} WHERE t.state <> 'active' ORDER BY t.paused_at NULLS LAST, t.tenant_id LIMIT 1000"
+    ))
+    .fetch_all(&admin.pool)
+    .await?;
+    Ok(axum::Json(json!({"data": tenants})).into_response())
+}
+
+/// `GET /v1/tenants/{tenant}`.
+async fn get_tenant(
+    State(admin): State<Admin>,
+    Path(tenant): Path<String>,
+) -> Result<Response, ApiError> {
+    let found: Option<TenantView> =
+        sqlx::query_as(&format!("{TENANT_VIEW} WHERE t.tenant_id = $1"))
+            .bind(&tenant)
+            .fetch_optional(&admin.pool)
+            .await?;
+    match found {
+        Some(t) => Ok(axum::Json(t).into_response()),
+        None => Err(unknown_tenant(&tenant)),
+    }
+}
+
+fn unknown_tenant(tenant: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "unknown_tenant",
+        format!("no tenant {tenant:?} is known to Ferry"),
+    )
+}
+
+/// Who did it and why: every operator action is audited.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Action {
+    /// Who (a person or a tool).
+    pub actor: String,
+    /// Why.
+    pub reason: String,
+}
+
+impl Action {
+    fn check(&self) -> Result<(), ApiError> {
+        if self.actor.trim().is_empty() || self.reason.trim().is_empty() {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "missing_actor_or_reason",
+                "actor and reason must not be empty: every operator action is audited",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `POST /v1/tenants/{tenant}/resume` `{"actor", "reason"}`: the owning instance replays the
+/// backlog in order, then the tenant is live again.
+async fn resume(
+    State(admin): State<Admin>,
+    Path(tenant): Path<String>,
+    body: Result<axum::Json<Action>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let axum::Json(action) = body?;
+    action.check()?;
+    if ledger::request_resume(&admin.pool, &tenant, &action.actor, &action.reason).await? {
+        return Ok((
+            StatusCode::ACCEPTED,
+            axum::Json(json!({"tenant_id": tenant, "state": "draining"})),
+        )
+            .into_response());
+    }
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT state FROM tenants WHERE tenant_id = $1")
+            .bind(&tenant)
+            .fetch_optional(&admin.pool)
+            .await?;
+    match state {
+        None => Err(unknown_tenant(&tenant)),
+        Some(state) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_paused",
+            format!("tenant {tenant:?} is {state}, not paused: nothing to resume"),
+        )),
+    }
+}
+
+/// The kill switch, as set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KillSwitch {
+    /// On: no instance dispatches anything.
+    pub on: bool,
+    /// Who.
+    pub actor: String,
+    /// Why.
+    pub reason: String,
+}
+
+async fn get_kill_switch(State(admin): State<Admin>) -> Result<Response, ApiError> {
+    let on: bool = sqlx::query_scalar("SELECT kill_switch FROM control")
+        .fetch_one(&admin.pool)
+        .await?;
+    Ok(axum::Json(json!({"on": on})).into_response())
+}
+
+/// `PUT /v1/kill-switch` `{"on", "actor", "reason"}`: every instance obeys within its
+/// `kill_switch_interval`.
+async fn put_kill_switch(
+    State(admin): State<Admin>,
+    body: Result<axum::Json<KillSwitch>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let axum::Json(switch) = body?;
+    Action {
+        actor: switch.actor.clone(),
+        reason: switch.reason.clone(),
+    }
+    .check()?;
+    let mut tx = admin.pool.begin().await?;
+    sqlx::query("UPDATE control SET kill_switch = $1")
+        .bind(switch.on)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO operator_actions (actor, action, reason, details) VALUES ($1, 'kill_switch', $2, $3)",
+    )
+    .bind(&switch.actor)
+    .bind(&switch.reason)
+    .bind(json!({"on": switch.on}))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(axum::Json(json!({"on": switch.on})).into_response())
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(State(admin): State<Admin>) -> Result<Response, ApiError> {
+    let s = &admin.stats;
+    let (paused, parked): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM tenants WHERE state IN ('paused', 'draining')), \
+                (SELECT count(*) FROM parked_events)",
+    )
+    .fetch_one(&admin.pool)
+    .await?;
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    };
+    metric(
+        "ferry_consumer_records_received_total",
+        "counter",
+        "Records taken from Kafka.",
+        s.received.load(Relaxed),
+    );
+    metric(
+        "ferry_consumer_duplicates_total",
+        "counter",
+        "Redelivered events skipped as already settled.",
+        s.duplicates.load(Relaxed),
+    );
+    metric(
+        "ferry_consumer_parked_total",
+        "counter",
+        "Records parked for paused tenants.",
+        s.parked.load(Relaxed),
+    );
+    metric(
+        "ferry_consumer_commits_total",
+        "counter",
+        "Offset commits.",
+        s.commits.load(Relaxed),
+    );
+    metric(
+        "ferry_consumer_kafka_errors_total",
+        "counter",
+        "Transient Kafka errors (librdkafka recovers).",
+        s.kafka_errors.load(Relaxed),
+    );
+    metric(
+        "ferry_consumer_breaker_trips_total",
+        "counter",
+        "Times the partner-wide breaker opened.",
+        s.breaker_trips.load(Relaxed),
+    );
+    metric(
+        "ferry_consumer_breaker_open",
+        "gauge",
+        "1 while the partner-wide breaker is open.",
+        s.breaker_open.load(Relaxed),
+    );
+    metric(
+        "ferry_consumer_kill_switch",
+        "gauge",
+        "1 while the kill switch is on.",
+        s.kill_switch.load(Relaxed),
+    );
+    metric(
+        "ferry_consumer_partitions",
+        "gauge",
+        "Partitions this instance owns.",
+        s.partitions.load(Relaxed),
+    );
+    metric(
+        "ferry_consumer_commit_lag_max_ms",
+        "gauge",
+        "Longest a commit point rested on an event in flight, ms.",
+        s.commit_lag_max_ms.load(Relaxed),
+    );
+    metric(
+        "ferry_tenants_paused",
+        "gauge",
+        "Tenants paused or replaying their backlog.",
+        paused as u64,
+    );
+    metric(
+        "ferry_parked_events",
+        "gauge",
+        "Events parked, waiting for their tenant.",
+        parked as u64,
+    );
+    out.push_str("# HELP ferry_deliveries_total Events settled by this instance, by outcome.\n# TYPE ferry_deliveries_total counter\n");
+    out.push_str(&format!(
+        "ferry_deliveries_total{{outcome=\"delivered\"}} {}\nferry_deliveries_total{{outcome=\"expired\"}} {}\n",
+        s.delivered.load(Relaxed),
+        s.expired.load(Relaxed)
+    ));
+    histogram(
+        &mut out,
+        "ferry_delivery_latency_seconds",
+        "From the outbox commit (the record's timestamp) to the partner's acknowledgement.",
+        &s.ack_latency,
+    );
+    histogram(
+        &mut out,
+        "ferry_intake_latency_seconds",
+        "From the outbox commit (the record's timestamp) to Ferry receiving the record.",
+        &s.intake_latency,
+    );
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
+    out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
+    for (bound, count) in h.cumulative() {
+        let le = bound.map_or_else(|| "+Inf".to_owned(), |ms| format!("{}", ms as f64 / 1000.0));
+        out.push_str(&format!("{name}_bucket{{le=\"{le}\"}} {count}\n"));
+    }
+    out.push_str(&format!(
+        "{name}_sum {}\n{name}_count {}\n",
+        h.sum_ms() as f64 / 1000.0,
+        h.count()
+    ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret-longer"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+}
