@@ -94,6 +94,7 @@ pub fn router(admin: Admin) -> Router {
         .route("/v1/tenants", get(list_tenants))
         .route("/v1/tenants/{tenant}", get(get_tenant))
         .route("/v1/tenants/{tenant}/resume", post(resume))
+        .route("/v1/tenants/{tenant}/skip", post(skip))
         .route("/v1/kill-switch", get(get_kill_switch).put(put_kill_switch))
         .route_layer(middleware::from_fn_with_state(admin.clone(), authorize));
     Router::new()
@@ -271,6 +272,43 @@ async fn resume(
             StatusCode::CONFLICT,
             "not_paused",
             format!("tenant {tenant:?} is {state}, not paused: nothing to resume"),
+        )),
+    }
+}
+
+/// `POST /v1/tenants/{tenant}/skip` `{"actor", "reason"}`: the failing event (the oldest
+/// parked) is skipped, recorded with who and why, and the rest of the backlog replayed.
+async fn skip(
+    State(admin): State<Admin>,
+    Path(tenant): Path<String>,
+    body: Result<axum::Json<Action>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let axum::Json(action) = body?;
+    action.check()?;
+    if let Some(skipped) =
+        ledger::skip_failed(&admin.pool, &tenant, &action.actor, &action.reason).await?
+    {
+        return Ok((
+            StatusCode::ACCEPTED,
+            axum::Json(json!({
+                "tenant_id": tenant,
+                "state": "draining",
+                "skipped": {"event_id": skipped.event_id, "partition": skipped.partition, "offset": skipped.offset},
+            })),
+        )
+            .into_response());
+    }
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT state FROM tenants WHERE tenant_id = $1")
+            .bind(&tenant)
+            .fetch_optional(&admin.pool)
+            .await?;
+    match state {
+        None => Err(unknown_tenant(&tenant)),
+        Some(state) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_paused",
+            format!("tenant {tenant:?} is {state} with nothing parked to skip"),
         )),
     }
 }

@@ -415,6 +415,89 @@ pub async fn request_resume(
     Ok(changed == 1)
 }
 
+/// What an operator skipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// The skipped record's event id, when it had a readable one.
+    pub event_id: Option<Uuid>,
+    /// Where it was read.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+}
+
+/// Skips the paused tenant's oldest parked record (the one that failed: it is always parked
+/// first), records it as `skipped` with who and why, and resumes the tenant, in one
+/// transaction. `None` when the tenant is not paused or has nothing parked.
+pub async fn skip_failed(
+    pool: &PgPool,
+    tenant: &str,
+    actor: &str,
+    reason: &str,
+) -> Result<Option<Skipped>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let paused: Option<String> = sqlx::query_scalar(
+        "SELECT tenant_id FROM tenants WHERE tenant_id = $1 AND state = 'paused' FOR UPDATE",
+    )
+    .bind(tenant)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if paused.is_none() {
+        return Ok(None);
+    }
+    let oldest: Option<(Option<Uuid>, String, i32, i64)> = sqlx::query_as(
+        "DELETE FROM parked_events WHERE seq = \
+             (SELECT seq FROM parked_events WHERE tenant_id = $1 ORDER BY seq LIMIT 1) \
+         RETURNING event_id, topic, partition, \"offset\"",
+    )
+    .bind(tenant)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((event_id, topic, partition, offset)) = oldest else {
+        return Ok(None);
+    };
+    if let Some(id) = event_id {
+        sqlx::query(
+            "INSERT INTO deliveries (event_id, tenant_id, outcome, topic, partition, \"offset\", last_error, settled_at) \
+             VALUES ($1, $2, 'skipped', $3, $4, $5, $6, now()) \
+             ON CONFLICT (event_id) DO UPDATE SET outcome = 'skipped', settled_at = now(), updated_at = now(), \
+                 last_error = EXCLUDED.last_error || coalesce('; it had failed with: ' || deliveries.last_error, '') \
+             WHERE deliveries.settled_at IS NULL",
+        )
+        .bind(id)
+        .bind(tenant)
+        .bind(&topic)
+        .bind(partition)
+        .bind(offset)
+        .bind(format!("skipped by {actor}: {reason}"))
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query(
+        "INSERT INTO operator_actions (actor, action, tenant_id, event_id, reason, details) \
+         VALUES ($1, 'skip', $2, $3, $4, $5)",
+    )
+    .bind(actor)
+    .bind(tenant)
+    .bind(event_id)
+    .bind(reason)
+    .bind(json!({"topic": topic, "partition": partition, "offset": offset}))
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE tenants SET state = 'draining', next_retry_at = NULL, updated_at = now() WHERE tenant_id = $1",
+    )
+    .bind(tenant)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Some(Skipped {
+        event_id,
+        partition,
+        offset,
+    }))
+}
+
 /// Tenants to drain now: resumed by an operator, or paused for a retryable cause whose retry
 /// time has come (these are moved to `draining` here).
 pub async fn tenants_to_drain(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {

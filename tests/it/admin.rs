@@ -200,7 +200,7 @@ async fn an_operator_sees_why_a_tenant_is_paused_and_resumes_it() {
     let (status, body) = call(post.clone(), &resume, Some(TOKEN), Some(ok.into())).await;
     assert_eq!((status, code(&body)), (StatusCode::CONFLICT, "not_paused"));
     let (status, body) = call(
-        post,
+        post.clone(),
         &format!("{url}/v1/tenants/nobody/resume"),
         Some(TOKEN),
         Some(ok.into()),
@@ -209,6 +209,43 @@ async fn an_operator_sees_why_a_tenant_is_paused_and_resumes_it() {
     assert_eq!(
         (status, code(&body)),
         (StatusCode::NOT_FOUND, "unknown_tenant")
+    );
+
+    // Paused again by the same event: this time the operator skips it.
+    ledger::park(&db.pool, "acme", Some(&pause), &[])
+        .await
+        .unwrap();
+    let skip = format!("{url}/v1/tenants/acme/skip");
+    let why = r#"{"actor": "ops@example.com", "reason": "obsolete product"}"#;
+    let (status, body) = call(post.clone(), &skip, Some(TOKEN), Some(why.into())).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(
+        body["skipped"]["offset"], 10,
+        "the failing event, parked first: {body}"
+    );
+    let (outcome, settled, error): (String, bool, String) = sqlx::query_as(
+        "SELECT outcome, settled_at IS NOT NULL, last_error FROM deliveries WHERE event_id = $1",
+    )
+    .bind(records[0].event_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((outcome.as_str(), settled), ("skipped", true));
+    assert!(
+        error.contains("ops@example.com") && error.contains("obsolete product"),
+        "{error}"
+    );
+    let left: Vec<i64> =
+        sqlx::query_scalar("SELECT \"offset\" FROM parked_events WHERE tenant_id = 'acme'")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(left, [11], "the rest of the backlog stays, to be replayed");
+    let (status, body) = call(post, &skip, Some(TOKEN), Some(why.into())).await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::CONFLICT, "not_paused"),
+        "draining now"
     );
     stop.cancel();
     db.drop().await;
