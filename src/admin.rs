@@ -261,19 +261,24 @@ async fn resume(
         )
             .into_response());
     }
+    Err(not_paused(&admin.pool, &tenant, "not paused: nothing to resume").await?)
+}
+
+/// Why an action on a paused tenant did nothing: the tenant is unknown, or in another state.
+async fn not_paused(pool: &PgPool, tenant: &str, what: &str) -> Result<ApiError, ApiError> {
     let state: Option<String> =
         sqlx::query_scalar("SELECT state FROM tenants WHERE tenant_id = $1")
-            .bind(&tenant)
-            .fetch_optional(&admin.pool)
+            .bind(tenant)
+            .fetch_optional(pool)
             .await?;
-    match state {
-        None => Err(unknown_tenant(&tenant)),
-        Some(state) => Err(ApiError::new(
+    Ok(match state {
+        None => unknown_tenant(tenant),
+        Some(state) => ApiError::new(
             StatusCode::CONFLICT,
             "not_paused",
-            format!("tenant {tenant:?} is {state}, not paused: nothing to resume"),
-        )),
-    }
+            format!("tenant {tenant:?} is {state}, {what}"),
+        ),
+    })
 }
 
 /// `POST /v1/tenants/{tenant}/skip` `{"actor", "reason"}`: the failing event (the oldest
@@ -298,19 +303,7 @@ async fn skip(
         )
             .into_response());
     }
-    let state: Option<String> =
-        sqlx::query_scalar("SELECT state FROM tenants WHERE tenant_id = $1")
-            .bind(&tenant)
-            .fetch_optional(&admin.pool)
-            .await?;
-    match state {
-        None => Err(unknown_tenant(&tenant)),
-        Some(state) => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "not_paused",
-            format!("tenant {tenant:?} is {state} with nothing parked to skip"),
-        )),
-    }
+    Err(not_paused(&admin.pool, &tenant, "with nothing parked to skip").await?)
 }
 
 /// The kill switch, as set.

@@ -393,15 +393,8 @@ pub async fn request_resume(
     reason: &str,
 ) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let changed = sqlx::query(
-        "UPDATE tenants SET state = 'draining', next_retry_at = NULL, updated_at = now() \
-         WHERE tenant_id = $1 AND state = 'paused'",
-    )
-    .bind(tenant)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if changed == 1 {
+    let changed = start_drain(&mut tx, tenant).await?;
+    if changed {
         sqlx::query(
             "INSERT INTO operator_actions (actor, action, tenant_id, reason) VALUES ($1, 'resume', $2, $3)",
         )
@@ -412,6 +405,20 @@ pub async fn request_resume(
         .await?;
     }
     tx.commit().await?;
+    Ok(changed)
+}
+
+/// Moves a paused tenant to `draining` (its owner replays the backlog); false if it was not
+/// paused.
+async fn start_drain(conn: &mut sqlx::PgConnection, tenant: &str) -> Result<bool, sqlx::Error> {
+    let changed = sqlx::query(
+        "UPDATE tenants SET state = 'draining', next_retry_at = NULL, updated_at = now() \
+         WHERE tenant_id = $1 AND state = 'paused'",
+    )
+    .bind(tenant)
+    .execute(conn)
+    .await?
+    .rows_affected();
     Ok(changed == 1)
 }
 
@@ -436,13 +443,9 @@ pub async fn skip_failed(
     reason: &str,
 ) -> Result<Option<Skipped>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let paused: Option<String> = sqlx::query_scalar(
-        "SELECT tenant_id FROM tenants WHERE tenant_id = $1 AND state = 'paused' FOR UPDATE",
-    )
-    .bind(tenant)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if paused.is_none() {
+    // Resumed first, in this transaction: that checks the tenant is paused and holds its row;
+    // with nothing parked the transaction is dropped, and it stays paused.
+    if !start_drain(&mut tx, tenant).await? {
         return Ok(None);
     }
     let oldest: Option<(Option<Uuid>, String, i32, i64)> = sqlx::query_as(
@@ -482,12 +485,6 @@ pub async fn skip_failed(
     .bind(event_id)
     .bind(reason)
     .bind(json!({"topic": topic, "partition": partition, "offset": offset}))
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "UPDATE tenants SET state = 'draining', next_retry_at = NULL, updated_at = now() WHERE tenant_id = $1",
-    )
-    .bind(tenant)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;

@@ -535,7 +535,7 @@ pub async fn run<H: Handler>(
     let mut in_lookup = 0usize;
     let mut last_flush = Instant::now();
     // The batch being written, if any: one at a time, marked in the order written.
-    let mut writing: Option<tokio::task::JoinHandle<Result<Vec<Position>, sqlx::Error>>> = None;
+    let mut writing: Option<Writing> = None;
     let mut tick = tokio::time::interval(options.settle_interval);
     // Tenants paused while this instance runs: their new records are parked, in order.
     let mut paused = paused_tenants(&pool).await?;
@@ -948,10 +948,7 @@ pub async fn run<H: Handler>(
                     // Only this loop parks, and it parks what it buffered first: once the batch
                     // being written and what is pending are durable, nothing can be parked for
                     // the tenant between then and the flip.
-                    if let Some(batch) = writing.take() {
-                        let positions = batch.await.expect("settle task panicked")?;
-                        mark_and_commit(&consumer, &state, &topic, positions, &stats, CommitMode::Async)?;
-                    }
+                    finish_writing(&mut writing, &consumer, &state, &topic, &stats).await?;
                     if pending.parked.iter().any(|(r, _)| r.tenant_id == tenant) {
                         flush(&pool, &consumer, &state, &topic, &mut pending, &stats, CommitMode::Async).await?;
                         last_flush = Instant::now();
@@ -1007,17 +1004,7 @@ pub async fn run<H: Handler>(
     }
     // Shutdown: no new attempt starts; attempts under way end (bounded by `revoke_drain`) and
     // settle themselves; what settled before is flushed; then one synchronous commit.
-    if let Some(batch) = writing.take() {
-        let positions = batch.await.expect("settle task panicked")?;
-        mark_and_commit(
-            &consumer,
-            &state,
-            &topic,
-            positions,
-            &stats,
-            CommitMode::Async,
-        )?;
-    }
+    finish_writing(&mut writing, &consumer, &state, &topic, &stats).await?;
     let owned: Vec<i32> = state.lock().partitions.keys().copied().collect();
     let deadline = Instant::now() + options.revoke_drain;
     blocking(|| state.cancel_and_wait(&owned, deadline));
@@ -1404,6 +1391,24 @@ async fn write_pending(
         settled.extend(positions);
     }
     Ok(settled)
+}
+
+/// A settle batch being written: the positions it settles, once durable.
+type Writing = tokio::task::JoinHandle<Result<Vec<Position>, sqlx::Error>>;
+
+/// Waits for the batch being written, if any, and marks it.
+async fn finish_writing(
+    writing: &mut Option<Writing>,
+    consumer: &StreamConsumer<Context>,
+    state: &State,
+    topic: &str,
+    stats: &ConsumeStats,
+) -> Result<(), ConsumeError> {
+    if let Some(batch) = writing.take() {
+        let positions = batch.await.expect("settle task panicked")?;
+        mark_and_commit(consumer, state, topic, positions, stats, CommitMode::Async)?;
+    }
+    Ok(())
 }
 
 /// Writes what is pending and marks it, in this task: for the drain's flip and for shutdown.

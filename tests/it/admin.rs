@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use ferry::admin::{Admin, serve};
-use ferry::consumer::ledger::{self, Pause};
+use ferry::consumer::ledger;
 use ferry::consumer::runtime::ConsumeStats;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -92,14 +92,7 @@ async fn an_operator_sees_why_a_tenant_is_paused_and_resumes_it() {
     let db = TestDb::migrated().await;
     let (url, stop) = start(&db).await;
     let records = vec![crate::ledger::record(10), crate::ledger::record(11)];
-    let pause = Pause {
-        cause: "permanent",
-        reason: "partner answered 422: name is required".into(),
-        event_id: records[0].event_id,
-        next_retry_at: None,
-        attempts: 1,
-        response: Some(json!({"status": 422, "body": "{\"error\":\"name is required\"}"})),
-    };
+    let pause = crate::ledger::pause_422(records[0].event_id);
     ledger::park(&db.pool, "acme", Some(&pause), &records)
         .await
         .unwrap();

@@ -75,20 +75,25 @@ pub(crate) fn record(offset: i64) -> ParkedRecord {
     }
 }
 
-#[tokio::test]
-async fn parking_pauses_the_tenant_keeps_order_and_parks_a_record_once() {
-    let db = TestDb::migrated().await;
-    let records: Vec<ParkedRecord> = [10, 11, 14].into_iter().map(record).collect();
-    let pause = Pause {
+/// A permanent pause after one attempt at `event_id`, with the partner's 422 kept.
+pub(crate) fn pause_422(event_id: Option<Uuid>) -> Pause {
+    Pause {
         cause: "permanent",
         reason: "partner answered 422: name is required".into(),
-        event_id: records[0].event_id,
+        event_id,
         next_retry_at: None,
         attempts: 1,
         response: Some(
             serde_json::json!({"status": 422, "body": "{\"error\":\"name is required\"}"}),
         ),
-    };
+    }
+}
+
+#[tokio::test]
+async fn parking_pauses_the_tenant_keeps_order_and_parks_a_record_once() {
+    let db = TestDb::migrated().await;
+    let records: Vec<ParkedRecord> = [10, 11, 14].into_iter().map(record).collect();
+    let pause = pause_422(records[0].event_id);
     assert_eq!(
         ledger::park(&db.pool, "acme", Some(&pause), &records)
             .await
