@@ -12,9 +12,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::TestDb;
 
-const TOKEN: &str = "admin-test-token";
+pub(crate) const TOKEN: &str = "admin-test-token";
 
-async fn start(db: &TestDb) -> (String, CancellationToken) {
+pub(crate) async fn start(db: &TestDb) -> (String, CancellationToken) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let stop = CancellationToken::new();
