@@ -339,6 +339,19 @@ async fn an_operator_sees_a_paused_tenant_and_resumes_it_in_the_browser() {
             t.starts_with("Last refresh")
         })
         .await;
+    let failed = records[0].event_id.unwrap();
+    let failure = browser
+        .text(&format!(r#"#failures tr[data-event="{failed}"]"#))
+        .await
+        .unwrap();
+    assert!(
+        failure.contains("acme") && failure.contains("name is required"),
+        "the failing event among the recent failures: {failure}"
+    );
+    assert_eq!(
+        browser.text("#partitions-note").await.unwrap(),
+        "This instance owns no partitions right now."
+    );
     let address = browser.command(Method::GET, "/url", None).await.unwrap();
     assert!(
         !address.as_str().unwrap().contains(TOKEN),
