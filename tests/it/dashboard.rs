@@ -25,7 +25,7 @@ const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 /// cores are shared with builds.
 const PAGE: Duration = Duration::from_secs(20);
 
-/// A chromedriver child process, killed when dropped.
+/// A chromedriver child process, killed when dropped; its log is kept only if the test failed.
 struct Driver {
     child: Child,
     log: PathBuf,
@@ -35,6 +35,11 @@ impl Drop for Driver {
     fn drop(&mut self) {
         self.child.kill().ok();
         self.child.wait().ok();
+        if std::thread::panicking() {
+            eprintln!("chromedriver's log: {}", self.log.display());
+        } else {
+            std::fs::remove_file(&self.log).ok();
+        }
     }
 }
 
