@@ -1,5 +1,8 @@
-//! The admin HTTP API each `ferry consume` instance serves (axum): health, Prometheus metrics,
-//! the tenants an operator must look at and why, resume, and the kill switch.
+//! The admin HTTP API each `ferry consume` instance serves (axum): health and readiness,
+//! Prometheus metrics, this instance's partitions with their lag, the tenants an operator must
+//! look at and why, recent failures, an event's history of attempts; resume, retry now, skip,
+//! pause, replay from a point in time, and the kill switch. Every action is audited (who and
+//! why, in `operator_actions`).
 //!
 //! Every route but `/health` needs `Authorization: Bearer <admin.token>`, compared in constant
 //! time. The configuration refuses a non-loopback address without a token. Errors are JSON of
@@ -10,8 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use axum::Router;
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -74,6 +77,24 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+impl From<ledger::ActionError> for ApiError {
+    fn from(e: ledger::ActionError) -> Self {
+        match e {
+            ledger::ActionError::UnknownTenant(tenant) => unknown_tenant(&tenant),
+            ledger::ActionError::WrongState { code, .. } => {
+                ApiError::new(StatusCode::CONFLICT, code, e.to_string())
+            }
+            ledger::ActionError::Postgres(e) => e.into(),
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(e: QueryRejection) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text())
+    }
+}
+
 impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> Self {
         match e.status() {
@@ -95,6 +116,12 @@ pub fn router(admin: Admin) -> Router {
         .route("/v1/tenants/{tenant}", get(get_tenant))
         .route("/v1/tenants/{tenant}/resume", post(resume))
         .route("/v1/tenants/{tenant}/skip", post(skip))
+        .route("/v1/tenants/{tenant}/retry", post(retry))
+        .route("/v1/tenants/{tenant}/pause", post(pause))
+        .route("/v1/tenants/{tenant}/replay", post(replay))
+        .route("/v1/partitions", get(partitions))
+        .route("/v1/failures", get(failures))
+        .route("/v1/events/{event}", get(event_history))
         .route("/v1/kill-switch", get(get_kill_switch).put(put_kill_switch))
         .route_layer(middleware::from_fn_with_state(admin.clone(), authorize));
     Router::new()
@@ -102,6 +129,7 @@ pub fn router(admin: Admin) -> Router {
             "/health",
             get(|| async { axum::Json(json!({"status": "ok"})) }),
         )
+        .route("/ready", get(ready))
         .merge(authed)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -265,20 +293,240 @@ async fn resume(
 }
 
 /// Why an action on a paused tenant did nothing: the tenant is unknown, or in another state.
-async fn not_paused(pool: &PgPool, tenant: &str, what: &str) -> Result<ApiError, ApiError> {
-    let state: Option<String> =
-        sqlx::query_scalar("SELECT state FROM tenants WHERE tenant_id = $1")
-            .bind(tenant)
-            .fetch_optional(pool)
+async fn not_paused(pool: &PgPool, tenant: &str, what: &'static str) -> Result<ApiError, ApiError> {
+    let mut conn = pool.acquire().await?;
+    Ok(ledger::wrong_state(&mut conn, tenant, "not_paused", what)
+        .await?
+        .into())
+}
+
+/// `POST /v1/tenants/{tenant}/retry` `{"actor", "reason"}`: a paused tenant's backlog is
+/// replayed now rather than at its `next_retry_at`.
+async fn retry(
+    State(admin): State<Admin>,
+    Path(tenant): Path<String>,
+    body: Result<axum::Json<Action>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let axum::Json(action) = body?;
+    action.check()?;
+    ledger::retry_now(&admin.pool, &tenant, &action.actor, &action.reason).await?;
+    Ok(accepted(json!({"tenant_id": tenant, "state": "draining"})))
+}
+
+/// `POST /v1/tenants/{tenant}/pause` `{"actor", "reason"}`: the owning instance stops
+/// delivering the tenant within its `kill_switch_interval` (an attempt under way ends first)
+/// and parks its events, in order, until it is resumed.
+async fn pause(
+    State(admin): State<Admin>,
+    Path(tenant): Path<String>,
+    body: Result<axum::Json<Action>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let axum::Json(action) = body?;
+    action.check()?;
+    ledger::pause_by_operator(&admin.pool, &tenant, &action.actor, &action.reason).await?;
+    Ok(accepted(json!({"tenant_id": tenant, "state": "paused"})))
+}
+
+/// A replay, as asked for.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Replay {
+    /// Who.
+    pub actor: String,
+    /// Why.
+    pub reason: String,
+    /// From when: an RFC 3339 time (`2026-12-01T08:00:00Z`).
+    pub since: String,
+}
+
+/// `POST /v1/tenants/{tenant}/replay` `{"actor", "reason", "since"}`: every event of the
+/// tenant written since then is sent again, in order, through the outbox (so it is ordered
+/// with live traffic). Answers how many.
+async fn replay(
+    State(admin): State<Admin>,
+    Path(tenant): Path<String>,
+    body: Result<axum::Json<Replay>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let axum::Json(replay) = body?;
+    Action {
+        actor: replay.actor.clone(),
+        reason: replay.reason.clone(),
+    }
+    .check()?;
+    let since = chrono::DateTime::parse_from_rfc3339(replay.since.trim())
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "bad_time",
+                format!(
+                    "since {:?} is not an RFC 3339 time such as 2026-12-01T08:00:00Z: {e}",
+                    replay.since
+                ),
+            )
+        })?
+        .with_timezone(&chrono::Utc);
+    if since > chrono::Utc::now() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "bad_time",
+            format!("since {since} is in the future: there is nothing to replay"),
+        ));
+    }
+    let events =
+        ledger::replay_since(&admin.pool, &tenant, since, &replay.actor, &replay.reason).await?;
+    Ok(accepted(
+        json!({"tenant_id": tenant, "events": events, "since": since}),
+    ))
+}
+
+fn accepted(body: serde_json::Value) -> Response {
+    (StatusCode::ACCEPTED, axum::Json(body)).into_response()
+}
+
+/// `GET /ready`: 200 when this instance can do its work (its database answers), else 503.
+async fn ready(State(admin): State<Admin>) -> Response {
+    match sqlx::query_scalar::<_, bool>("SELECT kill_switch FROM control")
+        .fetch_one(&admin.pool)
+        .await
+    {
+        Ok(kill_switch) => axum::Json(json!({
+            "status": "ready",
+            "database": "ok",
+            "partitions": admin.stats.partitions.load(Relaxed),
+            "kill_switch": kill_switch,
+        }))
+        .into_response(),
+        Err(e) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            format!("postgres does not answer: {e}"),
+        )
+        .into_response(),
+    }
+}
+
+/// `GET /v1/partitions`: this instance's partitions, their committed offsets and lag (as read
+/// every couple of seconds).
+async fn partitions(State(admin): State<Admin>) -> Response {
+    let view = admin
+        .stats
+        .partition_view
+        .lock()
+        .expect("partition view")
+        .clone();
+    axum::Json(json!({"data": view})).into_response()
+}
+
+/// `?limit=N` (1 to 1000).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limit {
+    /// How many, at most.
+    pub limit: Option<i64>,
+}
+
+/// A failed event, as the operator sees it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct FailureView {
+    /// The event.
+    pub event_id: uuid::Uuid,
+    /// Its tenant.
+    pub tenant_id: String,
+    /// Its type.
+    pub event_type: Option<String>,
+    /// `failed` or `bad_event`.
+    pub outcome: String,
+    /// Attempts made.
+    pub attempts: i32,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// The partner's last answer.
+    pub last_response: Option<serde_json::Value>,
+    /// Where it was read.
+    pub partition: Option<i32>,
+    /// Its offset.
+    pub offset: Option<i64>,
+    /// When it last changed.
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// `GET /v1/failures?limit=N`: the events that failed and paused their tenant, newest first,
+/// still waiting (replayed or skipped ones are settled and drop out).
+async fn failures(
+    State(admin): State<Admin>,
+    query: Result<Query<Limit>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(Limit { limit }) = query?;
+    let limit = limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            format!("limit must be 1 to 1000, not {limit}"),
+        ));
+    }
+    let rows: Vec<FailureView> = sqlx::query_as(
+        "SELECT event_id, tenant_id, event_type, outcome, attempts, last_error, last_response,                 partition, \"offset\", updated_at          FROM deliveries WHERE outcome IN ('failed', 'bad_event') AND settled_at IS NULL          ORDER BY updated_at DESC LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(&admin.pool)
+    .await?;
+    Ok(axum::Json(json!({"data": rows})).into_response())
+}
+
+/// `GET /v1/events/{id}`: what happened to one event: its outcome, every attempt recorded (with
+/// the partner's answers), whether it is parked, and what operators did to it.
+async fn event_history(
+    State(admin): State<Admin>,
+    Path(event): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = uuid::Uuid::parse_str(event.trim()).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_event_id",
+            format!("{event:?} is not an event id (a UUID): {e}"),
+        )
+    })?;
+    let delivery: Option<serde_json::Value> =
+        sqlx::query_scalar("SELECT to_jsonb(d) - 'event_id' FROM deliveries d WHERE event_id = $1")
+            .bind(id)
+            .fetch_optional(&admin.pool)
             .await?;
-    Ok(match state {
-        None => unknown_tenant(tenant),
-        Some(state) => ApiError::new(
-            StatusCode::CONFLICT,
-            "not_paused",
-            format!("tenant {tenant:?} is {state}, {what}"),
-        ),
-    })
+    let attempts: Vec<serde_json::Value> = sqlx::query_scalar(
+        "SELECT to_jsonb(a) - 'event_id' FROM delivery_attempts a WHERE event_id = $1 ORDER BY attempt",
+    )
+    .bind(id)
+    .fetch_all(&admin.pool)
+    .await?;
+    let parked: Option<serde_json::Value> = sqlx::query_scalar(
+        "SELECT jsonb_build_object('seq', seq, 'tenant_id', tenant_id, 'topic', topic,                 'partition', partition, 'offset', \"offset\", 'parked_at', parked_at)          FROM parked_events WHERE event_id = $1 ORDER BY seq LIMIT 1",
+    )
+    .bind(id)
+    .fetch_optional(&admin.pool)
+    .await?;
+    let actions: Vec<serde_json::Value> = sqlx::query_scalar(
+        "SELECT jsonb_build_object('at', at, 'actor', actor, 'action', action, 'reason', reason,                 'details', details)          FROM operator_actions WHERE event_id = $1 ORDER BY at",
+    )
+    .bind(id)
+    .fetch_all(&admin.pool)
+    .await?;
+    if delivery.is_none() && parked.is_none() && attempts.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_event",
+            format!(
+                "no event {id} has reached Ferry's records (not consumed yet, or never written)"
+            ),
+        ));
+    }
+    Ok(axum::Json(json!({
+        "event_id": id,
+        "delivery": delivery,
+        "attempts": attempts,
+        "parked": parked,
+        "actions": actions,
+    }))
+    .into_response())
 }
 
 /// `POST /v1/tenants/{tenant}/skip` `{"actor", "reason"}`: the failing event (the oldest
@@ -441,12 +689,77 @@ async fn metrics(State(admin): State<Admin>) -> Result<Response, ApiError> {
         "Events parked, waiting for their tenant.",
         parked as u64,
     );
-    out.push_str("# HELP ferry_deliveries_total Events settled by this instance, by outcome.\n# TYPE ferry_deliveries_total counter\n");
-    out.push_str(&format!(
-        "ferry_deliveries_total{{outcome=\"delivered\"}} {}\nferry_deliveries_total{{outcome=\"expired\"}} {}\n",
-        s.delivered.load(Relaxed),
-        s.expired.load(Relaxed)
-    ));
+    metric(
+        "ferry_consumer_in_flight",
+        "gauge",
+        "Events being handled now.",
+        s.in_flight.load(Relaxed),
+    );
+    metric(
+        "ferry_consumer_tenants_held",
+        "gauge",
+        "Tenants this instance holds paused: their records are parked, not delivered.",
+        s.tenants_held.load(Relaxed),
+    );
+    metric(
+        "ferry_consumer_queued",
+        "gauge",
+        "Events in memory waiting for their tenant's turn.",
+        s.queued.load(Relaxed),
+    );
+    out.push_str("# HELP ferry_deliveries_total Events this instance took to an end, by outcome (parked: held for a paused tenant; failed: paused its tenant).\n# TYPE ferry_deliveries_total counter\n");
+    for (outcome, n) in [
+        ("delivered", &s.delivered),
+        ("expired", &s.expired),
+        ("ignored", &s.ignored),
+        ("duplicate", &s.duplicates),
+        ("parked", &s.parked),
+        ("failed", &s.failed),
+        ("bad_event", &s.bad_events),
+    ] {
+        out.push_str(&format!(
+            "ferry_deliveries_total{{outcome=\"{outcome}\"}} {}\n",
+            n.load(Relaxed)
+        ));
+    }
+    out.push_str("# HELP ferry_retries_total Retries of failed attempts, by cause.\n# TYPE ferry_retries_total counter\n");
+    for (cause, n) in s.retries.snapshot() {
+        out.push_str(&format!("ferry_retries_total{{cause=\"{cause}\"}} {n}\n"));
+    }
+    let view = s.partition_view.lock().expect("partition view").clone();
+    out.push_str("# HELP ferry_consumer_lag Records of an owned partition not yet committed (high watermark less committed offset).\n# TYPE ferry_consumer_lag gauge\n");
+    for p in view.iter().filter(|p| p.lag.is_some()) {
+        out.push_str(&format!(
+            "ferry_consumer_lag{{topic=\"{}\",partition=\"{}\"}} {}\n",
+            p.topic,
+            p.partition,
+            p.lag.unwrap_or_default()
+        ));
+    }
+    out.push_str("# HELP ferry_consumer_committed_offset The group's committed offset of an owned partition.\n# TYPE ferry_consumer_committed_offset gauge\n");
+    for p in &view {
+        if let Some(committed) = p.committed_offset {
+            out.push_str(&format!(
+                "ferry_consumer_committed_offset{{topic=\"{}\",partition=\"{}\"}} {committed}\n",
+                p.topic, p.partition
+            ));
+        }
+    }
+    // The relay's slots on this database: WAL the change feed has not confirmed yet.
+    let slots: Vec<(String, Option<i64>)> = sqlx::query_as(
+        "SELECT slot_name::text, pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint \
+         FROM pg_replication_slots WHERE database = current_database() AND slot_type = 'logical' \
+         ORDER BY slot_name",
+    )
+    .fetch_all(&admin.pool)
+    .await?;
+    out.push_str("# HELP ferry_relay_slot_lag_bytes WAL written since the relay's slot last confirmed (the change feed's lag).\n# TYPE ferry_relay_slot_lag_bytes gauge\n");
+    for (slot, lag) in slots {
+        out.push_str(&format!(
+            "ferry_relay_slot_lag_bytes{{slot=\"{slot}\"}} {}\n",
+            lag.unwrap_or_default()
+        ));
+    }
     histogram(
         &mut out,
         "ferry_delivery_latency_seconds",

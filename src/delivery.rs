@@ -38,6 +38,23 @@ pub struct Failure {
     pub retry_after: Option<Duration>,
 }
 
+impl Failure {
+    /// What went wrong, in a few stable words, for the retry metrics and the attempt history:
+    /// `rate_limited` (429), `server_error` (5xx), `timeout` (408, or no answer at all: a
+    /// timeout or a broken connection), `unauthorized` (401/403), `rejected` (another 4xx) or
+    /// `handler` (a failure with no HTTP in it, such as a bad event).
+    pub fn cause(&self) -> &'static str {
+        match (self.status, self.class) {
+            (Some(429), _) => "rate_limited",
+            (Some(500..=599), _) => "server_error",
+            (Some(408), _) | (None, FailureClass::Retryable) => "timeout",
+            (Some(401 | 403), _) => "unauthorized",
+            (Some(_), _) => "rejected",
+            (None, _) => "handler",
+        }
+    }
+}
+
 /// The scope and the remedy of a failure (the design's failure table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FailureClass {
@@ -198,6 +215,27 @@ mod tests {
         ];
         for (status, class) in table {
             assert_eq!(FailureClass::of_status(status), class, "HTTP {status}");
+        }
+    }
+
+    #[test]
+    fn causes_name_what_went_wrong() {
+        let with = |status, class| Failure {
+            status,
+            ..failure(class, None)
+        };
+        use FailureClass::*;
+        let table = [
+            (Some(429), Retryable, "rate_limited"),
+            (Some(503), Retryable, "server_error"),
+            (Some(408), Retryable, "timeout"),
+            (None, Retryable, "timeout"),
+            (Some(401), PartnerWide, "unauthorized"),
+            (Some(422), Permanent, "rejected"),
+            (None, Permanent, "handler"),
+        ];
+        for (status, class, cause) in table {
+            assert_eq!(with(status, class).cause(), cause, "{status:?} {class:?}");
         }
     }
 

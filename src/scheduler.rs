@@ -141,6 +141,11 @@ impl<K: Hash + Eq + Clone, E> Scheduler<K, E> {
         self.held.contains(tenant)
     }
 
+    /// Whether the tenant has an event in flight.
+    pub fn is_in_flight(&self, tenant: &K) -> bool {
+        self.in_flight.contains(tenant)
+    }
+
     /// Events in flight.
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()

@@ -84,6 +84,37 @@ pub fn init(service_name: &'static str) -> Result<TelemetryGuard, TelemetryError
     })
 }
 
+/// The current tracing span's W3C `traceparent`, when an OpenTelemetry layer is installed and
+/// the span is sampled into a valid trace.
+pub fn current_traceparent() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let context = tracing::Span::current().context();
+    let span = context.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| {
+        format!(
+            "00-{}-{}-{:02x}",
+            sc.trace_id(),
+            sc.span_id(),
+            sc.trace_flags().to_u8()
+        )
+    })
+}
+
+/// Makes `span` a child of the remote span a W3C `traceparent` names (the writer's, carried
+/// in the outbox row and the Kafka header), so one trace runs from the user's click to the
+/// partner's answer. A malformed value leaves the span a root of its own.
+pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
+    use opentelemetry::propagation::TextMapPropagator as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let carrier =
+        std::collections::HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    let parent = TraceContextPropagator::new().extract(&carrier);
+    // Only fails when no OpenTelemetry layer is installed: then there is no trace to join.
+    let _ = span.set_parent(parent);
+}
+
 /// Serves `GET /metrics` (Prometheus text format, from `render`) on `listener` until
 /// `shutdown`.
 pub async fn serve_metrics(

@@ -509,15 +509,17 @@ pub async fn tenants_to_drain(pool: &PgPool) -> Result<Vec<String>, sqlx::Error>
 }
 
 /// Removes replayed records from a tenant's backlog (up to and including `seq`), recording their
-/// settlements in the same transaction.
+/// settlements and the attempts at them in the same transaction.
 pub async fn unpark(
     pool: &PgPool,
     tenant: &str,
     through_seq: i64,
     settlements: &[Settlement],
+    attempts: &[AttemptLog],
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     record_settled(&mut tx, settlements).await?;
+    record_attempts(&mut tx, attempts).await?;
     sqlx::query("DELETE FROM parked_events WHERE tenant_id = $1 AND seq <= $2")
         .bind(tenant)
         .bind(through_seq)
@@ -541,4 +543,241 @@ pub async fn finish_drain(pool: &PgPool, tenant: &str) -> Result<bool, sqlx::Err
     .await?
     .rows_affected();
     Ok(flipped == 1)
+}
+
+/// One attempt at an event, for the operator's history (`delivery_attempts`). Attempts are
+/// recorded for events that failed at least once: every attempt of theirs, the last one
+/// included. A first-try delivery has its `deliveries` row only (attempts = 1), which keeps a
+/// healthy stream at one row per event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptLog {
+    /// The event.
+    pub event_id: Uuid,
+    /// Counts from 1 (attempts of a replay go on from the number recorded before).
+    pub attempt: i32,
+    /// When the attempt started.
+    pub started_at: DateTime<Utc>,
+    /// When it ended.
+    pub finished_at: DateTime<Utc>,
+    /// `delivered`, `ignored`, `failed` or `deferred`.
+    pub outcome: &'static str,
+    /// The failure's cause and message, for a failed attempt.
+    pub error: Option<String>,
+    /// The partner's answer, `{"status": 503, "body": "..."}`, when there was one.
+    pub response: Option<serde_json::Value>,
+    /// Which consumer made it (host and process).
+    pub instance: String,
+}
+
+/// Records attempts, in the caller's transaction; an attempt recorded before is kept.
+/// Attempt numbers of an event already recorded (it failed, was parked, and is now replayed)
+/// go on after the highest one recorded, so the history reads in order.
+pub async fn record_attempts(
+    conn: &mut sqlx::PgConnection,
+    attempts: &[AttemptLog],
+) -> Result<u64, sqlx::Error> {
+    if attempts.is_empty() {
+        return Ok(0);
+    }
+    let result = sqlx::query(
+        "INSERT INTO delivery_attempts (event_id, attempt, started_at, finished_at, outcome, error, response, instance) \
+         SELECT a.e, a.n + coalesce((SELECT max(attempt) FROM delivery_attempts d WHERE d.event_id = a.e \
+                                       AND d.started_at < a.s), 0), \
+                a.s, a.f, a.o, a.err, a.r, a.i \
+         FROM UNNEST($1::uuid[], $2::int[], $3::timestamptz[], $4::timestamptz[], $5::text[], \
+                     $6::text[], $7::jsonb[], $8::text[]) AS a(e, n, s, f, o, err, r, i) \
+         ON CONFLICT (event_id, attempt) DO NOTHING",
+    )
+    .bind(attempts.iter().map(|a| a.event_id).collect::<Vec<_>>())
+    .bind(attempts.iter().map(|a| a.attempt).collect::<Vec<_>>())
+    .bind(attempts.iter().map(|a| a.started_at).collect::<Vec<_>>())
+    .bind(attempts.iter().map(|a| a.finished_at).collect::<Vec<_>>())
+    .bind(attempts.iter().map(|a| a.outcome).collect::<Vec<_>>())
+    .bind(attempts.iter().map(|a| a.error.as_deref()).collect::<Vec<_>>())
+    .bind(attempts.iter().map(|a| a.response.clone()).collect::<Vec<_>>())
+    .bind(attempts.iter().map(|a| a.instance.as_str()).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// Why an operator's action on a tenant did nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    /// No such tenant.
+    #[error("no tenant {0:?} is known to Ferry")]
+    UnknownTenant(String),
+    /// The tenant is in a state the action does not apply to.
+    #[error("tenant {tenant:?} is {state}, {what}")]
+    WrongState {
+        /// The tenant.
+        tenant: String,
+        /// Its state.
+        state: String,
+        /// Why that stops the action.
+        what: &'static str,
+        /// A stable name for it: `not_paused`, `not_active`.
+        code: &'static str,
+    },
+    /// The database failed.
+    #[error("postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+}
+
+/// Why an action found `tenant` in the wrong state (or found no such tenant).
+pub async fn wrong_state(
+    conn: &mut sqlx::PgConnection,
+    tenant: &str,
+    code: &'static str,
+    what: &'static str,
+) -> Result<ActionError, sqlx::Error> {
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT state FROM tenants WHERE tenant_id = $1")
+            .bind(tenant)
+            .fetch_optional(conn)
+            .await?;
+    Ok(match state {
+        None => ActionError::UnknownTenant(tenant.to_owned()),
+        Some(state) => ActionError::WrongState {
+            tenant: tenant.to_owned(),
+            state,
+            what,
+            code,
+        },
+    })
+}
+
+/// Pauses an active tenant by hand (audited). The instance that owns the tenant's partition
+/// notices within its `kill_switch_interval`: an attempt already under way ends first, then the
+/// tenant's queue and its later events are parked in order, and nothing more is sent until an
+/// operator resumes it.
+pub async fn pause_by_operator(
+    pool: &PgPool,
+    tenant: &str,
+    actor: &str,
+    reason: &str,
+) -> Result<(), ActionError> {
+    let mut tx = pool.begin().await?;
+    let changed = sqlx::query(
+        "UPDATE tenants SET state = 'paused', pause_cause = 'operator', pause_reason = $2, \
+                paused_event_id = NULL, paused_at = now(), next_retry_at = NULL, updated_at = now() \
+         WHERE tenant_id = $1 AND state = 'active'",
+    )
+    .bind(tenant)
+    .bind(format!("paused by {actor}: {reason}"))
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if changed != 1 {
+        return Err(wrong_state(
+            &mut tx,
+            tenant,
+            "not_active",
+            "only an active tenant can be paused",
+        )
+        .await?);
+    }
+    audit(&mut tx, actor, "pause", tenant, reason, json!({})).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Retries a paused tenant now (audited): its owner replays the backlog at once instead of at
+/// the scheduled `next_retry_at`. Same effect as a resume; a separate action in the audit trail
+/// because it says "the cause may have gone" rather than "the cause was fixed".
+pub async fn retry_now(
+    pool: &PgPool,
+    tenant: &str,
+    actor: &str,
+    reason: &str,
+) -> Result<(), ActionError> {
+    let mut tx = pool.begin().await?;
+    if !start_drain(&mut tx, tenant).await? {
+        return Err(wrong_state(
+            &mut tx,
+            tenant,
+            "not_paused",
+            "not paused: nothing to retry",
+        )
+        .await?);
+    }
+    audit(&mut tx, actor, "retry", tenant, reason, json!({})).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Replays a tenant's events written since `since` (audited): each outbox row of the tenant
+/// from then on is written to the outbox again as a new event (a new id, so neither the dedupe
+/// record nor the partner's idempotency keys swallow it), in the order Kafka carried the
+/// originals. The copies go through the same path as live traffic (the change feed, the
+/// tenant's partition, its queue), so they are ordered after everything committed before the
+/// replay and before everything committed after it. Returns how many events were written.
+pub async fn replay_since(
+    pool: &PgPool,
+    tenant: &str,
+    since: DateTime<Utc>,
+    actor: &str,
+    reason: &str,
+) -> Result<u64, ActionError> {
+    let mut tx = pool.begin().await?;
+    let known: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM tenants WHERE tenant_id = $1) \
+             OR EXISTS (SELECT 1 FROM outbox WHERE tenant_id = $1)",
+    )
+    .bind(tenant)
+    .fetch_one(&mut *tx)
+    .await?;
+    if !known {
+        return Err(ActionError::UnknownTenant(tenant.to_owned()));
+    }
+    // Kafka's order is the truth for what was delivered (`deliveries` keeps each event's
+    // position); rows not consumed yet follow in the order they were written. A tenant's events
+    // all live on one partition, so offsets compare. The rows are inserted in that order (which
+    // is the WAL's, hence the change feed's), and their `created_at` keeps it for readers.
+    let written = sqlx::query(
+        "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, tenant_id, traceparent, deliver_before, created_at) \
+         SELECT gen_random_uuid(), aggregatetype, aggregateid, type, payload, tenant_id, NULL, deliver_before, \
+                now() + n * interval '1 microsecond' \
+         FROM (SELECT o.*, row_number() OVER (ORDER BY d.\"offset\" NULLS LAST, o.created_at, o.id) AS n \
+               FROM outbox o LEFT JOIN deliveries d ON d.event_id = o.id \
+               WHERE o.tenant_id = $1 AND o.created_at >= $2) history \
+         ORDER BY n",
+    )
+    .bind(tenant)
+    .bind(since)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    audit(
+        &mut tx,
+        actor,
+        "replay",
+        tenant,
+        reason,
+        json!({"since": since, "events": written}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(written)
+}
+
+async fn audit(
+    conn: &mut sqlx::PgConnection,
+    actor: &str,
+    action: &str,
+    tenant: &str,
+    reason: &str,
+    details: serde_json::Value,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO operator_actions (actor, action, tenant_id, reason, details) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(actor)
+    .bind(action)
+    .bind(tenant)
+    .bind(reason)
+    .bind(details)
+    .execute(conn)
+    .await?;
+    Ok(())
 }

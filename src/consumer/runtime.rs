@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::breaker::FailureWindow;
-use super::ledger::{self, ParkedRecord, Pause, SettledAs, Settlement};
+use super::ledger::{self, AttemptLog, ParkedRecord, Pause, SettledAs, Settlement};
 use super::offsets::PartitionOffsets;
 use crate::broker;
 use crate::config::Config;
@@ -155,7 +155,70 @@ pub struct ConsumeStats {
     /// From the record's timestamp to the partner's acknowledgement (the handler returned done):
     /// the end-to-end latency of delivered events.
     pub ack_latency: super::latency::Histogram,
+    /// Events settled as ignored (their tenant has the integration off).
+    pub ignored: std::sync::atomic::AtomicU64,
+    /// Events whose failure paused their tenant.
+    pub failed: std::sync::atomic::AtomicU64,
+    /// Records the decoder refused (each paused its tenant, or joined a paused backlog).
+    pub bad_events: std::sync::atomic::AtomicU64,
+    /// Events being handled now.
+    pub in_flight: std::sync::atomic::AtomicU64,
+    /// Events in memory waiting for their tenant's turn.
+    pub queued: std::sync::atomic::AtomicU64,
+    /// Tenants this instance holds paused (their records are parked, not delivered).
+    pub tenants_held: std::sync::atomic::AtomicU64,
+    /// Retries made, by the failure's cause ([`Failure::cause`]).
+    pub retries: CauseCounts,
+    /// This instance's partitions, as last looked at (every `LAG_INTERVAL`).
+    pub partition_view: Mutex<Vec<PartitionView>>,
 }
+
+/// Counts by a failure's cause.
+#[derive(Debug, Default)]
+pub struct CauseCounts(Mutex<std::collections::BTreeMap<&'static str, u64>>);
+
+impl CauseCounts {
+    /// Counts one of `cause`.
+    pub fn add(&self, cause: &'static str) {
+        *self
+            .0
+            .lock()
+            .expect("cause counts")
+            .entry(cause)
+            .or_default() += 1;
+    }
+
+    /// Every cause seen, with its count, by name.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let counts = self.0.lock().expect("cause counts");
+        counts.iter().map(|(c, n)| (*c, *n)).collect()
+    }
+}
+
+/// A partition this instance owns, for the operator: where its commits are and how far behind
+/// the log's end.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PartitionView {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// The group's committed offset on the broker (the next record to read), if any.
+    pub committed_offset: Option<i64>,
+    /// The commit point this instance has settled through (may be ahead of the broker's
+    /// until the next commit lands).
+    pub settled_offset: Option<i64>,
+    /// The log's end (the offset the next record will get).
+    pub high_watermark: Option<i64>,
+    /// Records not yet committed: the high watermark less the committed offset (less the
+    /// log's start when nothing is committed).
+    pub lag: Option<i64>,
+    /// Events of this partition being handled now.
+    pub in_flight: usize,
+}
+
+/// How often the partitions' committed offsets and watermarks are read for [`PartitionView`].
+const LAG_INTERVAL: Duration = Duration::from_secs(2);
 
 impl ConsumeStats {
     /// Counts a settled event by its outcome.
@@ -164,7 +227,9 @@ impl ConsumeStats {
         match outcome {
             SettledAs::Delivered => self.delivered.fetch_add(1, Relaxed),
             SettledAs::Expired => self.expired.fetch_add(1, Relaxed),
-            _ => 0,
+            SettledAs::Ignored => self.ignored.fetch_add(1, Relaxed),
+            // Counted as they arrive; skips are the admin API's.
+            SettledAs::BadEvent | SettledAs::Skipped => 0,
         };
     }
 }
@@ -417,6 +482,8 @@ struct Item {
     position: Position,
     /// Found settled (a redelivery) when it arrived.
     settled: bool,
+    /// Its attempts, once one failed: the operator's history of it.
+    log: Vec<AttemptLog>,
 }
 
 /// Records taken from Kafka in one turn of the loop, at most: one dedupe query for them all.
@@ -539,6 +606,12 @@ pub async fn run<H: Handler>(
     let mut tick = tokio::time::interval(options.settle_interval);
     // Tenants paused while this instance runs: their new records are parked, in order.
     let mut paused = paused_tenants(&pool).await?;
+    // Tenants paused elsewhere (an operator, another instance) while one of their events is in
+    // flight here: held, their queue parked once that event has ended (a failure of it must be
+    // parked ahead of what came after it).
+    let mut pausing: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut lag_check = tokio::time::interval(LAG_INTERVAL);
+    let lag_busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
     // Which partition a tenant's records land on: a backlog is replayed by the instance that
     // owns the tenant's partition, never by two.
@@ -570,6 +643,25 @@ pub async fn run<H: Handler>(
         .await?;
     stats.kill_switch.store(u64::from(killed), Relaxed);
     loop {
+        // A pause noticed while the tenant had an event in flight takes effect once that event
+        // has ended: its queue is parked, in order, and its later records follow.
+        if !pausing.is_empty() {
+            let ready: Vec<String> = pausing
+                .iter()
+                .filter(|t| {
+                    !scheduler.is_in_flight(*t) && !held_by_breaker.iter().any(|(h, _)| h == *t)
+                })
+                .cloned()
+                .collect();
+            for tenant in ready {
+                pausing.remove(&tenant);
+                if paused.insert(tenant.clone()) {
+                    for queued in scheduler.take_queue(&tenant) {
+                        pending.parked.push(queued.into_parked());
+                    }
+                }
+            }
+        }
         // Partitions revoked since the last turn: their queued and held events are the next
         // owner's now.
         if !std::mem::take(&mut state.lock().lost).is_empty() {
@@ -646,9 +738,13 @@ pub async fn run<H: Handler>(
                     retry: &retry,
                     cancel: &lease.cancel,
                     window: &window,
+                    stats: &stats,
                 };
                 let already = item.settled;
-                let done = handle(&*handler, item, &guard, already).await;
+                let span = event_span(&item);
+                let done =
+                    tracing::Instrument::instrument(handle(&*handler, item, &guard, already), span)
+                        .await;
                 if let Done::Settled(item, SettledAs::Delivered, _) = &done
                     && let Some(written) = item.event.occurred_at
                 {
@@ -697,7 +793,8 @@ pub async fn run<H: Handler>(
                         // Assigned partitions: obey the pauses other instances recorded before
                         // any record of theirs is admitted (the callback ran inside this poll).
                         if std::mem::take(&mut state.lock().reload_paused) {
-                            paused = paused_tenants(&pool).await?;
+                            let now = paused_tenants(&pool).await?;
+                            obey_pauses(now, &mut paused, &mut pausing, &mut scheduler);
                         }
                         let position = {
                             let mut s = state.lock();
@@ -717,10 +814,11 @@ pub async fn run<H: Handler>(
                             Ok(event) => {
                                 raw.event_id = Some(event.id);
                                 raw.tenant_id = event.tenant_id.to_string();
-                                let item = Item { event, raw, position, settled: false };
+                                let item = Item { event, raw, position, settled: false, log: Vec::new() };
                                 arrivals.push(Arrival::Event(item));
                             }
                             Err(bad) => {
+                                stats.bad_events.fetch_add(1, Relaxed);
                                 raw.event_id = bad.event_id;
                                 raw.tenant_id = bad.tenant_id.as_ref().map_or_else(|| "unknown".to_owned(), |t| t.to_string());
                                 let pause = Pause { cause: "bad_event", reason: bad.reason.to_string(), event_id: bad.event_id, next_retry_at: None, attempts: 0, response: None };
@@ -792,9 +890,10 @@ pub async fn run<H: Handler>(
                     // A failure of a partition lost meanwhile is the next owner's to meet:
                     // parking it here could race the owner's own intake.
                     Done::Breaker(item, _) | Done::Pause(item, _, _) if !is_current(&state, item.position) => {}
-                    Done::Settled(item, outcome, attempts) => {
+                    Done::Settled(mut item, outcome, attempts) => {
                         stats.count(outcome);
                         pending.settlements.push((settlement(&item, outcome, attempts), item.position));
+                        pending.attempts.append(&mut item.log);
                     }
                     Done::Duplicate(item) => {
                         stats.duplicates.fetch_add(1, Relaxed);
@@ -810,7 +909,11 @@ pub async fn run<H: Handler>(
                         held_by_breaker.push((tenant, item));
                     }
                     Done::Pause(item, failure, attempts) => {
+                        stats.failed.fetch_add(1, Relaxed);
                         let pause = pause_for(&failure, Some(item.event.id), attempts, options.auto_resume_after);
+                        let mut conn = pool.acquire().await?;
+                        ledger::record_attempts(&mut conn, &item.log).await?;
+                        drop(conn);
                         let mut records = vec![item.raw];
                         let mut positions = vec![item.position];
                         for queued in scheduler.take_queue(&tenant) {
@@ -826,6 +929,22 @@ pub async fn run<H: Handler>(
                 }
             }
             _ = tick.tick() => {}
+            _ = lag_check.tick(), if !lag_busy.load(Relaxed) => {
+                let owned: Vec<(i32, Option<i64>, usize)> = state
+                    .lock()
+                    .partitions
+                    .iter()
+                    .map(|(&p, o)| (p, o.offsets.as_ref().map(PartitionOffsets::commit_point), o.in_flight))
+                    .collect();
+                lag_busy.store(true, Relaxed);
+                let (consumer, topic, stats, busy) = (Arc::clone(&consumer), topic.clone(), Arc::clone(&stats), Arc::clone(&lag_busy));
+                // Blocking broker round trips: off the loop.
+                tokio::task::spawn_blocking(move || {
+                    let view = read_partitions(&consumer, &topic, owned);
+                    *stats.partition_view.lock().expect("partition view") = view;
+                    busy.store(false, Relaxed);
+                });
+            }
             _ = commit_check.tick() => {
                 let unconfirmed: Vec<i32> = state
                     .lock()
@@ -872,6 +991,10 @@ pub async fn run<H: Handler>(
                 }
                 killed = on;
                 stats.kill_switch.store(u64::from(on), Relaxed);
+                // Pauses recorded elsewhere (an operator's, or another instance's before a
+                // rebalance) reach this instance here.
+                let now = paused_tenants(&pool).await?;
+                obey_pauses(now, &mut paused, &mut pausing, &mut scheduler);
                 // Resumed tenants (by an operator, or retryable ones whose time came) that this
                 // instance holds: replay their backlogs. New events keep being parked meanwhile.
                 if !killed {
@@ -882,9 +1005,9 @@ pub async fn run<H: Handler>(
                             && let Some(lease) = Lease::take(&state, partition, None)
                         {
                             draining.insert(tenant.clone());
-                            let (handler, pool, tx, retry, window) = (Arc::clone(&handler), pool.clone(), drain_tx.clone(), options.retry.clone(), Arc::clone(&window));
+                            let (handler, pool, tx, retry, window, stats) = (Arc::clone(&handler), pool.clone(), drain_tx.clone(), options.retry.clone(), Arc::clone(&window), Arc::clone(&stats));
                             tokio::spawn(async move {
-                                let guard = Guard { retry: &retry, cancel: &lease.cancel, window: &window };
+                                let guard = Guard { retry: &retry, cancel: &lease.cancel, window: &window, stats: &stats };
                                 let report = drain(&*handler, &pool, &tenant, &guard).await;
                                 let _ = tx.send(report);
                                 drop(lease);
@@ -973,6 +1096,9 @@ pub async fn run<H: Handler>(
                 }
             },
         }
+        stats.in_flight.store(scheduler.in_flight() as u64, Relaxed);
+        stats.queued.store(scheduler.queued() as u64, Relaxed);
+        stats.tenants_held.store(paused.len() as u64, Relaxed);
         // Everything the breaker held went to other instances: nothing left to probe with.
         if held_by_breaker.is_empty() && !probing && stats.breaker_open.load(Relaxed) == 1 {
             stats.breaker_open.store(0, Relaxed);
@@ -1009,10 +1135,11 @@ pub async fn run<H: Handler>(
     let deadline = Instant::now() + options.revoke_drain;
     blocking(|| state.cancel_and_wait(&owned, deadline));
     while let Ok((_, done)) = done_rx.try_recv() {
-        if let Done::Settled(item, outcome, attempts) = done {
+        if let Done::Settled(mut item, outcome, attempts) = done {
             pending
                 .settlements
                 .push((settlement(&item, outcome, attempts), item.position));
+            pending.attempts.append(&mut item.log);
         }
     }
     flush(
@@ -1034,6 +1161,7 @@ struct Guard<'a> {
     retry: &'a RetryPolicy,
     cancel: &'a CancellationToken,
     window: &'a Mutex<FailureWindow<String>>,
+    stats: &'a ConsumeStats,
 }
 
 impl Guard<'_> {
@@ -1063,10 +1191,11 @@ impl Guard<'_> {
 
 /// Runs one event to an end: a duplicate (already settled), expired, delivered, a failure that
 /// pauses its tenant or trips the breaker, or revoked. Retries happen here, holding only this
-/// tenant; no attempt starts once the partition's work is cancelled.
+/// tenant; no attempt starts once the partition's work is cancelled. Once an attempt fails,
+/// every attempt of the event is logged on it for the operator's history.
 async fn handle<H: Handler>(
     handler: &H,
-    item: Item,
+    mut item: Item,
     guard: &Guard<'_>,
     already_settled: bool,
 ) -> Done {
@@ -1080,22 +1209,34 @@ async fn handle<H: Handler>(
     {
         return Done::Settled(item, SettledAs::Expired, 0);
     }
-    let tenant = item.event.tenant_id.as_str();
+    let tenant = item.event.tenant_id.to_string();
     let first_failure = Instant::now();
     let mut attempt = 1;
     loop {
         if guard.cancel.is_cancelled() {
             return Done::Revoked(item);
         }
-        match handler
+        tracing::Span::current().record("attempt", attempt);
+        let started = chrono::Utc::now();
+        let outcome = handler
             .handle(&item.event, &attempt_at(&item, attempt))
-            .await
-        {
+            .await;
+        let ended = |item: &mut Item, outcome: &'static str| {
+            if !item.log.is_empty() {
+                item.log
+                    .push(attempt_log(item, attempt, started, outcome, None));
+            }
+        };
+        match outcome {
             Outcome::Done => {
-                guard.record(tenant, false);
+                guard.record(&tenant, false);
+                ended(&mut item, "delivered");
                 return Done::Settled(item, SettledAs::Delivered, attempt);
             }
-            Outcome::Ignored => return Done::Settled(item, SettledAs::Ignored, attempt),
+            Outcome::Ignored => {
+                ended(&mut item, "ignored");
+                return Done::Settled(item, SettledAs::Ignored, attempt);
+            }
             Outcome::Deferred(until) => {
                 let wait = (until - chrono::Utc::now()).to_std().unwrap_or_default();
                 if !guard.sleep(wait).await {
@@ -1103,9 +1244,11 @@ async fn handle<H: Handler>(
                 }
             }
             Outcome::Failed(failure) => {
+                let log = attempt_log(&item, attempt, started, "failed", Some(&failure));
+                item.log.push(log);
                 // A permanent failure is about this event, not the partner's health.
                 if failure.class != FailureClass::Permanent {
-                    guard.record(tenant, true);
+                    guard.record(&tenant, true);
                 }
                 let jitter =
                     f64::from(item.event.id.as_u128() as u32 ^ attempt) / f64::from(u32::MAX);
@@ -1114,6 +1257,7 @@ async fn handle<H: Handler>(
                     .decide(&failure, attempt, first_failure.elapsed(), jitter)
                 {
                     Decision::RetryIn(wait) => {
+                        guard.stats.retries.add(failure.cause());
                         if !guard.sleep(wait).await {
                             return Done::Revoked(item);
                         }
@@ -1131,6 +1275,63 @@ async fn handle<H: Handler>(
             }
         }
     }
+}
+
+/// Who this consumer is, in the attempt history: host and process.
+fn instance() -> &'static str {
+    static INSTANCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    INSTANCE.get_or_init(|| {
+        let host = std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "ferry".to_owned());
+        format!("{host}:{}", std::process::id())
+    })
+}
+
+/// The history entry of attempt `number` at `item`, started at `started` and ending now.
+fn attempt_log(
+    item: &Item,
+    number: u32,
+    started: chrono::DateTime<chrono::Utc>,
+    outcome: &'static str,
+    failure: Option<&Failure>,
+) -> AttemptLog {
+    AttemptLog {
+        event_id: item.event.id,
+        attempt: number as i32,
+        started_at: started,
+        finished_at: chrono::Utc::now(),
+        outcome,
+        error: failure.map(|f| format!("{}: {}", f.cause(), f.message)),
+        response: failure.and_then(|f| {
+            f.status
+                .map(|status| serde_json::json!({"status": status, "body": f.response}))
+        }),
+        instance: instance().to_owned(),
+    }
+}
+
+/// The span of one event's handling: a child of the writer's span when the record carried its
+/// `traceparent`, with the event's coordinates as attributes. At debug level, so it costs
+/// nothing unless a trace exporter (which takes every level) or `RUST_LOG=debug` wants it.
+fn event_span(item: &Item) -> tracing::Span {
+    let span = tracing::debug_span!(
+        "deliver event",
+        otel.kind = "consumer",
+        tenant = %item.event.tenant_id,
+        partition = item.position.partition,
+        offset = item.position.offset,
+        event_id = %item.event.id,
+        event_type = item.event.event_type().as_str(),
+        attempt = tracing::field::Empty,
+    );
+    if let Some(traceparent) = &item.event.traceparent {
+        crate::telemetry::continue_trace(&span, traceparent);
+    }
+    span
 }
 
 /// Attempt `number` at the record that carried `item`.
@@ -1187,6 +1388,77 @@ fn is_current(state: &State, position: Position) -> bool {
         .is_some_and(|o| o.generation == position.generation && !o.cancel.is_cancelled())
 }
 
+/// Brings the loop's view of paused tenants in line with `now` (the database's): a tenant
+/// newly paused is held at once and parked when nothing of it is in flight (`pausing`); one no
+/// longer paused (flipped live by the instance that owned it before a rebalance) is released.
+fn obey_pauses(
+    now: std::collections::HashSet<String>,
+    paused: &mut std::collections::HashSet<String>,
+    pausing: &mut std::collections::HashSet<String>,
+    scheduler: &mut Scheduler<String, Queued>,
+) {
+    for tenant in paused.iter().chain(pausing.iter()) {
+        if !now.contains(tenant) {
+            scheduler.release(tenant);
+        }
+    }
+    paused.retain(|t| now.contains(t));
+    pausing.retain(|t| now.contains(t));
+    for tenant in now {
+        if !paused.contains(&tenant) && pausing.insert(tenant.clone()) {
+            scheduler.hold(&tenant);
+        }
+    }
+}
+
+/// This instance's partitions as the broker sees them: the group's committed offset and the
+/// log's watermarks, read with blocking round trips (run off the loop). `owned` is each
+/// partition with the commit point settled here and its work in flight.
+fn read_partitions(
+    consumer: &StreamConsumer<Context>,
+    topic: &str,
+    owned: Vec<(i32, Option<i64>, usize)>,
+) -> Vec<PartitionView> {
+    let timeout = Duration::from_secs(5);
+    let mut list = TopicPartitionList::new();
+    for (partition, ..) in &owned {
+        list.add_partition(topic, *partition);
+    }
+    let committed: HashMap<i32, i64> = consumer
+        .committed_offsets(list, timeout)
+        .map(|got| {
+            got.elements_for_topic(topic)
+                .iter()
+                .filter_map(|e| {
+                    e.offset()
+                        .to_raw()
+                        .filter(|o| *o >= 0)
+                        .map(|o| (e.partition(), o))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut view: Vec<PartitionView> = owned
+        .into_iter()
+        .map(|(partition, settled, in_flight)| {
+            let marks = consumer.fetch_watermarks(topic, partition, timeout).ok();
+            let committed_offset = committed.get(&partition).copied();
+            PartitionView {
+                topic: topic.to_owned(),
+                partition,
+                committed_offset,
+                settled_offset: settled,
+                high_watermark: marks.map(|(_, high)| high),
+                lag: marks
+                    .map(|(low, high)| (high - committed_offset.unwrap_or(low).max(low)).max(0)),
+                in_flight,
+            }
+        })
+        .collect();
+    view.sort_by_key(|p| p.partition);
+    view
+}
+
 /// The tenants whose records are parked rather than delivered: paused, or replaying a backlog.
 async fn paused_tenants(pool: &PgPool) -> Result<std::collections::HashSet<String>, sqlx::Error> {
     Ok(ledger::inactive_tenants(pool)
@@ -1211,6 +1483,7 @@ async fn drain<H: Handler>(handler: &H, pool: &PgPool, tenant: &str, guard: &Gua
             return Drained::Empty(tenant.to_owned());
         }
         let mut settlements = Vec::new();
+        let mut attempts = Vec::new();
         let mut through = after;
         let ids: Vec<uuid::Uuid> = page.iter().filter_map(|(_, r)| r.event_id).collect();
         let settled = match ledger::settled_ids(pool, &ids).await {
@@ -1238,7 +1511,7 @@ async fn drain<H: Handler>(handler: &H, pool: &PgPool, tenant: &str, guard: &Gua
                         response: None,
                         retry_after: None,
                     };
-                    let _ = ledger::unpark(pool, tenant, through, &settlements).await;
+                    let _ = ledger::unpark(pool, tenant, through, &settlements, &attempts).await;
                     return Drained::Failed(tenant.to_owned(), failure, bad.event_id, 0);
                 }
             };
@@ -1253,36 +1526,40 @@ async fn drain<H: Handler>(handler: &H, pool: &PgPool, tenant: &str, guard: &Gua
                 raw,
                 position,
                 settled: already,
+                log: Vec::new(),
             };
-            match handle(handler, item, guard, already).await {
-                Done::Settled(item, outcome, attempts) => {
-                    settlements.push(settlement(&item, outcome, attempts));
+            let span = event_span(&item);
+            match tracing::Instrument::instrument(handle(handler, item, guard, already), span).await
+            {
+                Done::Settled(mut item, outcome, tries) => {
+                    guard.stats.count(outcome);
+                    settlements.push(settlement(&item, outcome, tries));
+                    attempts.append(&mut item.log);
                 }
                 Done::Duplicate(_) | Done::SettledOnRevoke(..) => {}
                 Done::Revoked(_) => {
                     // Keep what was replayed; the rest stays parked for the partition's owner.
-                    return match ledger::unpark(pool, tenant, through, &settlements).await {
+                    return match ledger::unpark(pool, tenant, through, &settlements, &attempts)
+                        .await
+                    {
                         Ok(()) => Drained::Revoked(tenant.to_owned()),
                         Err(e) => Drained::Error(tenant.to_owned(), e),
                     };
                 }
-                Done::Pause(item, failure, attempts) => {
-                    let _ = ledger::unpark(pool, tenant, through, &settlements).await;
-                    return Drained::Failed(
-                        tenant.to_owned(),
-                        failure,
-                        Some(item.event.id),
-                        attempts,
-                    );
+                Done::Pause(mut item, failure, tries) => {
+                    attempts.append(&mut item.log);
+                    let _ = ledger::unpark(pool, tenant, through, &settlements, &attempts).await;
+                    return Drained::Failed(tenant.to_owned(), failure, Some(item.event.id), tries);
                 }
-                Done::Breaker(item, failure) => {
-                    let _ = ledger::unpark(pool, tenant, through, &settlements).await;
+                Done::Breaker(mut item, failure) => {
+                    attempts.append(&mut item.log);
+                    let _ = ledger::unpark(pool, tenant, through, &settlements, &attempts).await;
                     return Drained::Failed(tenant.to_owned(), failure, Some(item.event.id), 1);
                 }
             }
             through = seq;
         }
-        if let Err(e) = ledger::unpark(pool, tenant, through, &settlements).await {
+        if let Err(e) = ledger::unpark(pool, tenant, through, &settlements, &attempts).await {
             return Drained::Error(tenant.to_owned(), e);
         }
         after = through;
@@ -1353,6 +1630,8 @@ struct Pending {
     positions: Vec<Position>,
     /// Records of paused tenants, parked at the flush, in arrival order.
     parked: Vec<(ParkedRecord, Position)>,
+    /// The attempt history of settled events that failed before they settled.
+    attempts: Vec<AttemptLog>,
 }
 
 impl Pending {
@@ -1374,6 +1653,7 @@ async fn write_pending(
         settlements,
         positions: mut settled,
         parked,
+        attempts,
     } = pending;
     if !parked.is_empty() {
         let (records, positions): (Vec<ParkedRecord>, Vec<Position>) = parked.into_iter().unzip();
@@ -1387,6 +1667,7 @@ async fn write_pending(
         let (batch, positions): (Vec<Settlement>, Vec<Position>) = settlements.into_iter().unzip();
         let mut tx = pool.begin().await?;
         ledger::record_settled(&mut tx, &batch).await?;
+        ledger::record_attempts(&mut tx, &attempts).await?;
         tx.commit().await?;
         settled.extend(positions);
     }

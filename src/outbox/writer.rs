@@ -19,9 +19,7 @@
 //! ```
 
 use chrono::{DateTime, Utc};
-use opentelemetry::trace::TraceContextExt as _;
 use sqlx::PgConnection;
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use uuid::Uuid;
 
 use super::{EventPayload, TenantId};
@@ -67,21 +65,7 @@ impl NewEvent {
     }
 }
 
-/// The current tracing span's W3C `traceparent`, when an OpenTelemetry layer is installed and
-/// the span is sampled into a valid trace.
-pub fn current_traceparent() -> Option<String> {
-    let context = tracing::Span::current().context();
-    let span = context.span();
-    let sc = span.span_context();
-    sc.is_valid().then(|| {
-        format!(
-            "00-{}-{}-{:02x}",
-            sc.trace_id(),
-            sc.span_id(),
-            sc.trace_flags().to_u8()
-        )
-    })
-}
+pub use crate::telemetry::current_traceparent;
 
 /// Appends one event within the caller's transaction (pass `&mut tx`).
 pub async fn append(conn: &mut PgConnection, event: &NewEvent) -> Result<Uuid, sqlx::Error> {

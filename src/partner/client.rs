@@ -97,16 +97,28 @@ impl PartnerClient {
         if let Some(position) = &call.position {
             request = request.header(POSITION_HEADER, position);
         }
-        if let Some(traceparent) = &call.traceparent {
+        // A client span per request, child of the event's span: the partner's side of the trace
+        // hangs off this request, not off the event as a whole.
+        let span = tracing::debug_span!(
+            "partner request",
+            otel.kind = "client",
+            http.request.method = %method,
+            url.path = path,
+            http.response.status_code = tracing::field::Empty,
+        );
+        let traceparent = span
+            .in_scope(crate::telemetry::current_traceparent)
+            .or_else(|| call.traceparent.clone());
+        if let Some(traceparent) = &traceparent {
             request = request.header("traceparent", traceparent);
         }
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response = request
-            .send()
+        let response = tracing::Instrument::instrument(request.send(), span.clone())
             .await
             .map_err(|e| transport(&method, path, &e))?;
+        span.record("http.response.status_code", response.status().as_u16());
         let status = response.status();
         if status == StatusCode::NO_CONTENT {
             return Ok(None);

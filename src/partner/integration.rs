@@ -50,7 +50,9 @@ impl Handler for Integration {
             account: event.tenant_id.to_string(),
             idempotency_key: None,
             position: Some(format!("{}/{}", attempt.partition, attempt.offset)),
-            traceparent: event.traceparent.clone(),
+            // The consumer's span for this event (a child of the writer's), else the writer's.
+            traceparent: crate::telemetry::current_traceparent()
+                .or_else(|| event.traceparent.clone()),
         };
         let result = match &event.payload {
             // The backfill's creates follow this event: nothing to send for it.

@@ -70,6 +70,9 @@ async fn every_route_but_health_needs_the_token() {
         "/v1/tenants",
         "/v1/tenants/acme",
         "/v1/kill-switch",
+        "/v1/partitions",
+        "/v1/failures",
+        "/v1/events/0191d0a2-0000-7000-8000-000000000000",
     ] {
         let (status, body) = call(get.clone(), &format!("{url}{path}"), None, None).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{path} without a token");
@@ -300,6 +303,316 @@ async fn the_kill_switch_is_set_audited_and_metrics_are_scraped() {
     ] {
         assert!(text.lines().any(|l| l == series), "{series} in:\n{text}");
     }
+    stop.cancel();
+    db.drop().await;
+}
+
+/// A tenant row, integration on, active.
+async fn active_tenant(db: &TestDb, tenant: &str) {
+    sqlx::query("INSERT INTO tenants (tenant_id, integration_enabled) VALUES ($1, true)")
+        .bind(tenant)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pause_and_retry_now_are_audited_and_refused_in_the_wrong_state() {
+    let db = TestDb::migrated().await;
+    let (url, stop) = start(&db).await;
+    active_tenant(&db, "acme").await;
+    let post = reqwest::Method::POST;
+    let why = r#"{"actor": "ops", "reason": "partner asked us to hold acme"}"#;
+
+    let (status, body) = call(
+        post.clone(),
+        &format!("{url}/v1/tenants/acme/pause"),
+        Some(TOKEN),
+        Some(why.into()),
+    )
+    .await;
+    assert_eq!(
+        (status, body["state"].as_str()),
+        (StatusCode::ACCEPTED, Some("paused")),
+        "{body}"
+    );
+    let (state, cause, reason): (String, String, String) = sqlx::query_as(
+        "SELECT state, pause_cause, pause_reason FROM tenants WHERE tenant_id = 'acme'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((state.as_str(), cause.as_str()), ("paused", "operator"));
+    assert!(
+        reason.contains("ops") && reason.contains("hold acme"),
+        "{reason}"
+    );
+    // Paused already: a second pause has nothing to do; an unknown tenant is named.
+    let (status, body) = call(
+        post.clone(),
+        &format!("{url}/v1/tenants/acme/pause"),
+        Some(TOKEN),
+        Some(why.into()),
+    )
+    .await;
+    assert_eq!((status, code(&body)), (StatusCode::CONFLICT, "not_active"));
+    let (status, body) = call(
+        post.clone(),
+        &format!("{url}/v1/tenants/nobody/pause"),
+        Some(TOKEN),
+        Some(why.into()),
+    )
+    .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::NOT_FOUND, "unknown_tenant")
+    );
+    // Without a reason nothing is paused.
+    active_tenant(&db, "other").await;
+    let (status, _) = call(
+        post.clone(),
+        &format!("{url}/v1/tenants/other/pause"),
+        Some(TOKEN),
+        Some(r#"{"actor": "ops", "reason": ""}"#.into()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "an empty reason");
+    let other: String = sqlx::query_scalar("SELECT state FROM tenants WHERE tenant_id = 'other'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(other, "active");
+
+    // Retry now: the paused tenant drains at once; an active one has nothing to retry.
+    let retry = format!("{url}/v1/tenants/acme/retry");
+    let (status, body) = call(post.clone(), &retry, Some(TOKEN), Some(why.into())).await;
+    assert_eq!(
+        (status, body["state"].as_str()),
+        (StatusCode::ACCEPTED, Some("draining")),
+        "{body}"
+    );
+    let (status, body) = call(post, &retry, Some(TOKEN), Some(why.into())).await;
+    assert_eq!((status, code(&body)), (StatusCode::CONFLICT, "not_paused"));
+    let actions: Vec<String> = sqlx::query_scalar(
+        "SELECT action FROM operator_actions WHERE tenant_id = 'acme' ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(actions, ["pause", "retry"]);
+    stop.cancel();
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_writes_the_tenants_history_again_in_order() {
+    let db = TestDb::migrated().await;
+    let (url, stop) = start(&db).await;
+    let cutoff = chrono::Utc::now() - chrono::Duration::hours(1);
+    // Two old events (before the cut-off), three since, and another tenant's event.
+    let mut rows = Vec::new();
+    for (seq, age_min) in [(1, 120), (2, 90), (3, 30), (4, 20), (5, 10)] {
+        let mut row = crate::consume::row("acme", seq);
+        row.created_at = chrono::Utc::now() - chrono::Duration::minutes(age_min);
+        rows.push(row);
+    }
+    rows.push(crate::consume::row("other", 1));
+    for row in &rows {
+        sqlx::query(
+            "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, tenant_id, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(row.id)
+        .bind(&row.aggregate_type)
+        .bind(&row.aggregate_id)
+        .bind(&row.event_type)
+        .bind(&row.payload)
+        .bind(&row.tenant_id)
+        .bind(row.created_at)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    let replay = format!("{url}/v1/tenants/acme/replay");
+    let post = reqwest::Method::POST;
+    // Bad times, each named, and nothing written.
+    for (what, since) in [
+        ("a word", "yesterday"),
+        ("a date without a time", "2026-12-01"),
+        ("an empty time", ""),
+        ("the future", "2999-01-01T00:00:00Z"),
+    ] {
+        let body = json!({"actor": "ops", "reason": "partner lost data", "since": since});
+        let (status, answer) =
+            call(post.clone(), &replay, Some(TOKEN), Some(body.to_string())).await;
+        assert_eq!(
+            (status, code(&answer)),
+            (StatusCode::UNPROCESSABLE_ENTITY, "bad_time"),
+            "{what}: {answer}"
+        );
+    }
+    let (status, answer) = call(
+        post.clone(),
+        &format!("{url}/v1/tenants/nobody/replay"),
+        Some(TOKEN),
+        Some(json!({"actor": "ops", "reason": "x", "since": cutoff.to_rfc3339()}).to_string()),
+    )
+    .await;
+    assert_eq!(
+        (status, code(&answer)),
+        (StatusCode::NOT_FOUND, "unknown_tenant")
+    );
+    let count = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(count().await, 6, "the refusals wrote nothing");
+
+    let body = json!({"actor": "ops", "reason": "partner lost data", "since": cutoff.to_rfc3339()});
+    let (status, answer) = call(post, &replay, Some(TOKEN), Some(body.to_string())).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    assert_eq!(answer["events"], 3, "{answer}");
+    // The copies: new ids, the same payloads, in the original order, after the originals.
+    let copies: Vec<(uuid::Uuid, String)> = sqlx::query_as(
+        "SELECT id, aggregateid FROM outbox WHERE tenant_id = 'acme' AND created_at > now() - interval '1 minute' \
+         ORDER BY created_at, id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let seqs: Vec<&str> = copies.iter().map(|(_, seq)| seq.as_str()).collect();
+    assert_eq!(seqs, ["3", "4", "5"]);
+    assert!(
+        copies
+            .iter()
+            .all(|(id, _)| rows.iter().all(|r| r.id != *id)),
+        "every copy is a new event"
+    );
+    let details: serde_json::Value = sqlx::query_scalar(
+        "SELECT details FROM operator_actions WHERE action = 'replay' AND tenant_id = 'acme'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(details["events"], 3, "{details}");
+    stop.cancel();
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failures_and_an_events_history_are_one_call_away() {
+    let db = TestDb::migrated().await;
+    let (url, stop) = start(&db).await;
+    let records = vec![crate::ledger::record(10), crate::ledger::record(11)];
+    let failed = records[0].event_id.unwrap();
+    ledger::park(
+        &db.pool,
+        "acme",
+        Some(&crate::ledger::pause_422(Some(failed))),
+        &records,
+    )
+    .await
+    .unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let now = chrono::Utc::now();
+    ledger::record_attempts(
+        &mut conn,
+        &[ledger::AttemptLog {
+            event_id: failed,
+            attempt: 1,
+            started_at: now,
+            finished_at: now,
+            outcome: "failed",
+            error: Some("rejected: name is required".into()),
+            response: Some(json!({"status": 422, "body": "name is required"})),
+            instance: "test:1".into(),
+        }],
+    )
+    .await
+    .unwrap();
+    drop(conn);
+    let get = reqwest::Method::GET;
+
+    let (status, body) = call(
+        get.clone(),
+        &format!("{url}/v1/failures"),
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["data"][0]["event_id"], failed.to_string(), "{body}");
+    assert_eq!(body["data"][0]["last_response"]["status"], 422, "{body}");
+    for (what, query) in [
+        ("zero", "limit=0"),
+        ("too many", "limit=5000"),
+        ("not a number", "limit=ten"),
+        ("an unknown parameter", "since=today"),
+    ] {
+        let (status, body) = call(
+            get.clone(),
+            &format!("{url}/v1/failures?{query}"),
+            Some(TOKEN),
+            None,
+        )
+        .await;
+        assert_eq!(
+            (status, code(&body)),
+            (StatusCode::BAD_REQUEST, "bad_query"),
+            "{what}: {body}"
+        );
+    }
+
+    let (status, body) = call(
+        get.clone(),
+        &format!("{url}/v1/events/{failed}"),
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["delivery"]["outcome"], "failed", "{body}");
+    assert_eq!(body["attempts"][0]["attempt"], 1, "{body}");
+    assert_eq!(body["attempts"][0]["response"]["status"], 422, "{body}");
+    assert_eq!(body["parked"]["offset"], 10, "{body}");
+    let (status, body) = call(
+        get.clone(),
+        &format!("{url}/v1/events/not-a-uuid"),
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::BAD_REQUEST, "bad_event_id"),
+        "{body}"
+    );
+    let (status, body) = call(
+        get.clone(),
+        &format!("{url}/v1/events/{}", uuid::Uuid::new_v4()),
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::NOT_FOUND, "unknown_event")
+    );
+
+    let (status, body) = call(get.clone(), &format!("{url}/ready"), None, None).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("ready")),
+        "readiness needs no token: {body}"
+    );
+    let (status, body) = call(get, &format!("{url}/v1/partitions"), Some(TOKEN), None).await;
+    assert_eq!(
+        (status, body["data"].as_array().map(Vec::len)),
+        (StatusCode::OK, Some(0)),
+        "no consumer, no partitions: {body}"
+    );
     stop.cancel();
     db.drop().await;
 }

@@ -1,0 +1,282 @@
+//! Operating a running consumer through the admin API, against the real stack: an operator's
+//! pause reaches the instance that owns the tenant (in-flight work ends, the rest is parked in
+//! order), resume replays it; a failing event's every attempt is on record; the partitions
+//! show their committed offsets and lag; a scrape carries the series an operator graphs.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry::admin::{Admin, serve};
+use ferry::consumer::runtime::{ConsumeOptions, ConsumeStats};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::consume::{Recorder, produce_rows, row, start_with};
+use crate::support::{TestDb, config, fresh_topic, wait_for};
+
+const TOKEN: &str = "operate-test-token";
+
+/// The admin API over a running consumer's counters.
+async fn admin(db: &TestDb, stats: &Arc<ConsumeStats>) -> (String, CancellationToken) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    let admin = Admin {
+        pool: db.pool.clone(),
+        stats: Arc::clone(stats),
+        token: Some(TOKEN.into()),
+    };
+    tokio::spawn(serve(listener, admin, stop.clone()));
+    (url, stop)
+}
+
+async fn post(url: &str, body: Value) -> (reqwest::StatusCode, Value) {
+    let response = reqwest::Client::new()
+        .post(url)
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (response.status(), response.json().await.unwrap())
+}
+
+async fn get(url: &str) -> String {
+    reqwest::Client::new()
+        .get(url)
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+fn options() -> ConsumeOptions {
+    ConsumeOptions {
+        kill_switch_interval: Duration::from_millis(100),
+        retry: ferry::delivery::RetryPolicy {
+            base: Duration::from_millis(20),
+            max: Duration::from_millis(100),
+            pause_after_attempts: 50,
+            pause_after: Duration::from_secs(60),
+        },
+        ..ConsumeOptions::default()
+    }
+}
+
+fn calls_of(handler: &Recorder, tenant: &str) -> Vec<i64> {
+    handler
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, _)| t == tenant)
+        .map(|(_, seq)| *seq)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operators_pause_reaches_the_owner_and_resume_replays_in_order() {
+    let db = TestDb::migrated().await;
+    let kafka = fresh_topic(1).await;
+    let cfg = config(&db, &kafka);
+    for tenant in ["held", "busy"] {
+        sqlx::query("INSERT INTO tenants (tenant_id, integration_enabled) VALUES ($1, true)")
+            .bind(tenant)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+    let handler = Arc::new(Recorder::default());
+    let (stop, task, stats) = start_with(&cfg, &db.pool, &handler, options());
+    let (url, admin_stop) = admin(&db, &stats).await;
+
+    let rows: Vec<_> = (1..=5)
+        .flat_map(|seq| [row("held", seq), row("busy", seq)])
+        .collect();
+    produce_rows(&kafka, &rows).await;
+    wait_for(
+        "the first 10 delivered",
+        Duration::from_secs(60),
+        || async { (stats.delivered.load(Ordering::Relaxed) >= 10).then_some(()) },
+    )
+    .await;
+
+    // Paused through the API: the owner holds it within its kill-switch interval.
+    let why = json!({"actor": "ops", "reason": "partner maintenance for held"});
+    let (status, body) = post(&format!("{url}/v1/tenants/held/pause"), why.clone()).await;
+    assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{body}");
+    wait_for(
+        "the owning instance holds the paused tenant",
+        Duration::from_secs(10),
+        || async { (stats.tenants_held.load(Ordering::Relaxed) == 1).then_some(()) },
+    )
+    .await;
+    let rows: Vec<_> = (6..=10)
+        .flat_map(|seq| [row("held", seq), row("busy", seq)])
+        .collect();
+    let last = produce_rows(&kafka, &rows).await;
+    wait_for(
+        "busy delivered on, held's new events parked",
+        Duration::from_secs(60),
+        || async {
+            let parked: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM parked_events WHERE tenant_id = 'held'")
+                    .fetch_one(&db.pool)
+                    .await
+                    .unwrap();
+            (calls_of(&handler, "busy").len() == 10 && parked == 5).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        calls_of(&handler, "held"),
+        (1..=5).collect::<Vec<_>>(),
+        "nothing of a paused tenant is sent"
+    );
+    // The partition's commit point passes the parked events.
+    wait_for(
+        "the partition committed through the parked events, lag 0",
+        Duration::from_secs(30),
+        || async {
+            let body: Value =
+                serde_json::from_str(&get(&format!("{url}/v1/partitions")).await).unwrap();
+            let p = &body["data"][0];
+            (p["committed_offset"] == json!(last + 1) && p["lag"] == json!(0)).then_some(())
+        },
+    )
+    .await;
+
+    let (status, body) = post(&format!("{url}/v1/tenants/held/resume"), why).await;
+    assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{body}");
+    wait_for(
+        "held replayed and live again",
+        Duration::from_secs(60),
+        || async {
+            let state: String =
+                sqlx::query_scalar("SELECT state FROM tenants WHERE tenant_id = 'held'")
+                    .fetch_one(&db.pool)
+                    .await
+                    .unwrap();
+            (state == "active" && calls_of(&handler, "held").len() == 10).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(calls_of(&handler, "held"), (1..=10).collect::<Vec<_>>());
+    assert_eq!(calls_of(&handler, "busy"), (1..=10).collect::<Vec<_>>());
+
+    let text = get(&format!("{url}/metrics")).await;
+    for series in [
+        "ferry_consumer_in_flight",
+        "ferry_consumer_queued",
+        "ferry_consumer_tenants_held 0",
+        "ferry_deliveries_total{outcome=\"parked\"} 5",
+        "ferry_deliveries_total{outcome=\"delivered\"} 20",
+        "ferry_deliveries_total{outcome=\"ignored\"} 0",
+        &format!(
+            "ferry_consumer_lag{{topic=\"{}\",partition=\"0\"}} 0",
+            kafka.topic
+        ),
+        &format!(
+            "ferry_consumer_committed_offset{{topic=\"{}\",partition=\"0\"}} {}",
+            kafka.topic,
+            last + 1
+        ),
+        "# TYPE ferry_relay_slot_lag_bytes gauge",
+        "# TYPE ferry_retries_total counter",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(series)),
+            "{series} in:\n{text}"
+        );
+    }
+    admin_stop.cancel();
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_events_every_attempt_is_on_record() {
+    let db = TestDb::migrated().await;
+    let kafka = fresh_topic(1).await;
+    let cfg = config(&db, &kafka);
+    let handler = Arc::new(Recorder {
+        flaky: Mutex::new(["shaky".to_owned()].into_iter().collect()),
+        ..Default::default()
+    });
+    let (stop, task, stats) = start_with(&cfg, &db.pool, &handler, options());
+    let (url, admin_stop) = admin(&db, &stats).await;
+    let event = row("shaky", 1);
+    let id = event.id;
+    produce_rows(&kafka, &[event, row("steady", 1)]).await;
+    wait_for(
+        "three failed attempts at shaky's event",
+        Duration::from_secs(30),
+        || async { (calls_of(&handler, "shaky").len() >= 3).then_some(()) },
+    )
+    .await;
+    handler.flaky.lock().unwrap().clear();
+    wait_for("both delivered", Duration::from_secs(30), || async {
+        (stats.delivered.load(Ordering::Relaxed) == 2).then_some(())
+    })
+    .await;
+    let history: Value = wait_for(
+        "the event's history recorded",
+        Duration::from_secs(10),
+        || async {
+            let body: Value =
+                serde_json::from_str(&get(&format!("{url}/v1/events/{id}")).await).unwrap();
+            (body["delivery"]["settled_at"].is_string()).then_some(body)
+        },
+    )
+    .await;
+    let attempts = history["attempts"].as_array().unwrap();
+    let calls = calls_of(&handler, "shaky").len();
+    assert_eq!(attempts.len(), calls, "one entry per call: {history}");
+    for (n, attempt) in attempts.iter().enumerate() {
+        assert_eq!(attempt["attempt"], json!(n + 1), "{history}");
+    }
+    let (last, failed) = attempts.split_last().unwrap();
+    assert_eq!(last["outcome"], "delivered", "{history}");
+    for f in failed {
+        assert_eq!(f["outcome"], "failed", "{history}");
+        assert_eq!(f["response"]["status"], 503, "{history}");
+        assert!(
+            f["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("server_error: partner timed out"),
+            "{history}"
+        );
+    }
+    assert_eq!(history["delivery"]["attempts"], json!(calls), "{history}");
+    // A first-try delivery keeps one row, no attempt history.
+    let steady: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM delivery_attempts a JOIN deliveries d USING (event_id) WHERE d.tenant_id = 'steady'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(steady, 0);
+    let text = get(&format!("{url}/metrics")).await;
+    let retries: HashMap<&str, u64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("ferry_retries_total{cause=\""))
+        .filter_map(|l| l.split_once("\"} "))
+        .map(|(cause, n)| (cause, n.parse().unwrap()))
+        .collect();
+    assert_eq!(
+        retries.get("server_error").copied(),
+        Some(calls as u64 - 1),
+        "{text}"
+    );
+    admin_stop.cancel();
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    db.drop().await;
+}
