@@ -74,6 +74,9 @@ pub enum CtlError {
         /// What did not fit.
         detail: String,
     },
+    /// The HTTP client could not be built (its TLS backend failed to start).
+    #[error("cannot set up the HTTP client: {0}")]
+    Setup(reqwest::Error),
     /// The command line asked for something that cannot be sent.
     #[error("{0}")]
     BadInput(String),
@@ -85,6 +88,21 @@ impl CtlError {
         match self {
             CtlError::BadInput(_) => 2,
             _ => 1,
+        }
+    }
+
+    /// What to do about it, when the API's own message speaks of HTTP rather than of
+    /// `ferry ctl`'s options.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            CtlError::Api { code, .. } if code == "unauthorized" => {
+                Some("give the consumer's admin.token with --token or FERRY_ADMIN_TOKEN")
+            }
+            // `no such route`: the consumer predates the route, not a typo (ctl builds the paths).
+            CtlError::Api { code, .. } if code == "not_found" => {
+                Some("the consumer at --url may be of an older version, without this route")
+            }
+            _ => None,
         }
     }
 }
@@ -157,6 +175,12 @@ pub fn parse_since(raw: &str) -> Result<DateTime<Utc>, CtlError> {
         })
 }
 
+/// Parses an event id: a UUID, named in the message when it is not one.
+pub fn parse_event_id(raw: &str) -> Result<uuid::Uuid, CtlError> {
+    uuid::Uuid::parse_str(raw.trim())
+        .map_err(|e| CtlError::BadInput(format!("{raw:?} is not an event id (a UUID): {e}")))
+}
+
 /// Parses `--reason`: it is the audit record's why, so blank is refused.
 pub fn parse_reason(raw: &str) -> Result<String, CtlError> {
     if raw.trim().is_empty() {
@@ -185,14 +209,21 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client of the admin API at `url` (`http://host:port`), sending `token` as the bearer.
+    /// A client of the admin API at `url` (`http://host:port`, or `host:port` as `admin.addr`
+    /// is written), sending `token` as the bearer.
     pub fn new(url: &str, token: Option<String>) -> Result<Client, CtlError> {
-        let base = reqwest::Url::parse(url.trim()).map_err(|e| {
+        let trimmed = url.trim();
+        let full = if trimmed.contains("://") {
+            trimmed.to_owned()
+        } else {
+            format!("http://{trimmed}")
+        };
+        let base = reqwest::Url::parse(&full).map_err(|e| {
             CtlError::BadInput(format!(
                 "--url {url:?} is not a URL like {DEFAULT_URL}: {e}"
             ))
         })?;
-        if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
+        if !matches!(base.scheme(), "http" | "https") || base.host().is_none() {
             return Err(CtlError::BadInput(format!(
                 "--url {url:?} is not an http(s) URL like {DEFAULT_URL}"
             )));
@@ -200,7 +231,7 @@ impl Client {
         let http = reqwest::Client::builder()
             .timeout(TIMEOUT)
             .build()
-            .map_err(|e| CtlError::BadInput(format!("cannot set up the HTTP client: {e}")))?;
+            .map_err(CtlError::Setup)?;
         Ok(Client {
             http,
             base,
@@ -215,7 +246,7 @@ impl Client {
         {
             let mut path = url
                 .path_segments_mut()
-                .expect("checked in new: the URL can be a base");
+                .expect("checked in new: an http(s) URL with a host is a base");
             path.pop_if_empty();
             path.extend(segments);
         }
@@ -409,6 +440,10 @@ pub struct PartitionRow {
     /// The committed offset (none before the first commit).
     #[serde(default)]
     pub committed_offset: Option<i64>,
+    /// The commit point this instance has settled through (ahead of the committed offset
+    /// until the next commit lands).
+    #[serde(default)]
+    pub settled_offset: Option<i64>,
     /// The partition's end.
     #[serde(default)]
     pub high_watermark: Option<i64>,
@@ -541,7 +576,7 @@ pub fn render(op: &Op, answer: Value, now: DateTime<Utc>) -> Result<String, Stri
             )
         }
         Op::Replay(..) => format!(
-            "{}: {} events since {} to replay\n",
+            "{}: {} events since {} written again, to be delivered in order\n",
             text("tenant_id"),
             answer["events"],
             text("since"),
@@ -758,6 +793,7 @@ pub fn partitions_table(partitions: &[PartitionRow]) -> String {
                 p.topic.clone(),
                 p.partition.to_string(),
                 or_dash(p.committed_offset),
+                or_dash(p.settled_offset),
                 or_dash(p.high_watermark),
                 or_dash(p.lag),
                 or_dash(p.in_flight),
@@ -769,6 +805,7 @@ pub fn partitions_table(partitions: &[PartitionRow]) -> String {
             "TOPIC",
             "PARTITION",
             "COMMITTED",
+            "SETTLED",
             "HIGH-WATERMARK",
             "LAG",
             "IN-FLIGHT",
@@ -1039,14 +1076,14 @@ mod tests {
         assert!(render(&Op::Partitions, json!({"rows": []}), now()).is_err());
 
         let partitions = json!({"data": [
-            {"topic": "ferry.outbox", "partition": 0, "committed_offset": 120, "high_watermark": 125, "lag": 5, "in_flight": 2},
+            {"topic": "ferry.outbox", "partition": 0, "committed_offset": 120, "settled_offset": 123, "high_watermark": 125, "lag": 5, "in_flight": 2},
             {"topic": "ferry.outbox", "partition": 11, "committed_offset": null, "high_watermark": 0, "lag": 0, "in_flight": 0}
         ]});
         assert_eq!(
             render(&Op::Partitions, partitions, now()).unwrap(),
-            "TOPIC         PARTITION  COMMITTED  HIGH-WATERMARK  LAG  IN-FLIGHT\n\
-             ferry.outbox  0          120        125             5    2\n\
-             ferry.outbox  11         -          0               0    0\n"
+            "TOPIC         PARTITION  COMMITTED  SETTLED  HIGH-WATERMARK  LAG  IN-FLIGHT\n\
+             ferry.outbox  0          120        123      125             5    2\n\
+             ferry.outbox  11         -          -        0               0    0\n"
         );
 
         let failures = json!({"data": [{
@@ -1107,9 +1144,13 @@ mod tests {
         assert!(parse_reason("  ").is_err());
         assert!(parse_tenant("").is_err());
         assert!(parse_tenant("a/b").is_ok(), "sent percent-encoded");
-        for url in ["127.0.0.1:9190", "ftp://x", "not a url"] {
+        for url in ["ftp://x", "not a url", "http://"] {
             assert!(Client::new(url, None).is_err(), "{url}");
         }
+        assert!(parse_event_id("not-a-uuid").is_err());
+        // As `admin.addr` is written.
+        let client = Client::new("127.0.0.1:9190", None).unwrap();
+        assert_eq!(client.base.as_str(), "http://127.0.0.1:9190/");
     }
 
     #[test]
@@ -1176,6 +1217,12 @@ mod tests {
             api.to_string(),
             "tenant \"acme\" is active, not paused: nothing to resume (not_paused, HTTP 409)"
         );
-        assert_eq!(api.exit_code(), 1);
+        assert_eq!((api.exit_code(), api.hint()), (1, None));
+        let unauthorized = CtlError::Api {
+            status: 401,
+            code: "unauthorized".into(),
+            message: "wrong token".into(),
+        };
+        assert!(unauthorized.hint().unwrap().contains("--token"));
     }
 }

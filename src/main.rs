@@ -104,7 +104,7 @@ enum Command {
 /// `ferry ctl`: its options go before or after its command.
 #[derive(Debug, clap::Args)]
 struct CtlArgs {
-    /// The admin API of a `ferry consume` (its `admin.addr`).
+    /// The admin API of a `ferry consume`: its `admin.addr`, as a URL or as host:port.
     #[arg(long, global = true, env = "FERRY_ADMIN_URL", default_value = ferry::ctl::DEFAULT_URL)]
     url: String,
     /// The admin API's bearer token (its `admin.token`).
@@ -152,14 +152,15 @@ enum CtlCommand {
     Partitions,
     /// The latest events that failed, with the error and the partner's answer.
     Failures {
-        /// At most this many (the API's default when not given).
-        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        /// At most this many, 1 to 1000 (the API's default, 50, when not given).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
         limit: Option<u32>,
     },
     /// An event's history: its delivery, every attempt, its parked record and the operator
     /// actions on it.
     Event {
         /// The event id (a UUID).
+        #[arg(value_parser = ferry::ctl::parse_event_id)]
         event_id: uuid::Uuid,
     },
 }
@@ -253,6 +254,9 @@ async fn ctl_command(args: CtlArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e}");
+            if let Some(hint) = e.hint() {
+                eprintln!("hint: {hint}");
+            }
             ExitCode::from(e.exit_code())
         }
     }

@@ -1,6 +1,7 @@
 //! `ferry ctl` end to end: the real `ferry` binary, as an operator runs it, against the admin
 //! API served in-process on a fresh database. The child gets no database or Kafka settings:
-//! `ferry ctl` must not need them.
+//! `ferry ctl` must not need them. Every subcommand is run: tenants, tenant, resume, skip,
+//! retry, pause, replay, kill-switch, partitions, failures and event.
 
 use std::sync::Arc;
 
@@ -15,12 +16,17 @@ use crate::support::TestDb;
 const TOKEN: &str = "ctl-test-token";
 
 async fn start(db: &TestDb) -> (String, CancellationToken) {
+    start_with(db, Arc::new(ConsumeStats::default())).await
+}
+
+/// The admin API over `stats`, as a consumer would serve it.
+async fn start_with(db: &TestDb, stats: Arc<ConsumeStats>) -> (String, CancellationToken) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let stop = CancellationToken::new();
     let admin = Admin {
         pool: db.pool.clone(),
-        stats: Arc::new(ConsumeStats::default()),
+        stats,
         token: Some(TOKEN.into()),
     };
     tokio::spawn(serve(listener, admin, stop.clone()));
@@ -219,6 +225,11 @@ async fn refusals_say_what_was_wrong() {
             .contains("error: wrong token (unauthorized, HTTP 401)"),
         "{run}"
     );
+    assert!(
+        run.stderr
+            .contains("hint: give the consumer's admin.token with --token"),
+        "{run}"
+    );
     let run = ferry(&["ctl", "--url", &url, "tenants"]).await;
     assert_eq!(run.code, Some(1), "{run}");
     assert!(run.stderr.contains("(unauthorized, HTTP 401)"), "{run}");
@@ -250,10 +261,17 @@ async fn refusals_say_what_was_wrong() {
     );
     let run = ctl(&url, &["event", "not-a-uuid"]).await;
     assert_eq!(run.code, Some(2), "{run}");
-    assert!(run.stderr.contains("not-a-uuid"), "{run}");
-    let run = ferry(&["ctl", "--url", "127.0.0.1:9190", "tenants"]).await;
+    assert!(
+        run.stderr.contains("\"not-a-uuid\" is not an event id"),
+        "{run}"
+    );
+    let run = ferry(&["ctl", "--url", "ftp://127.0.0.1:9190", "tenants"]).await;
     assert_eq!(run.code, Some(2), "{run}");
-    assert!(run.stderr.contains("is not a URL"), "{run}");
+    assert!(run.stderr.contains("is not an http(s) URL"), "{run}");
+    // As `admin.addr` is written, without the scheme.
+    let addr = url.trim_start_matches("http://");
+    let run = ferry(&["ctl", "--url", addr, "--token", TOKEN, "kill-switch"]).await;
+    assert_eq!(run.code, Some(0), "{run}");
     assert_eq!(audited(&db).await, []);
     stop.cancel();
     db.drop().await;
@@ -308,6 +326,228 @@ async fn the_kill_switch_goes_on_and_off() {
             "night-shift kill_switch partner back"
         ]
     );
+    stop.cancel();
+    db.drop().await;
+}
+
+/// Writes `tenant`'s outbox rows, one per age (minutes ago), oldest first.
+async fn outbox_history(db: &TestDb, tenant: &str, ages_min: &[i64]) {
+    for (seq, age) in ages_min.iter().enumerate() {
+        let mut row = crate::consume::row(tenant, seq as i64 + 1);
+        row.created_at = chrono::Utc::now() - chrono::Duration::minutes(*age);
+        sqlx::query(
+            "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, tenant_id, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(row.id)
+        .bind(&row.aggregate_type)
+        .bind(&row.aggregate_id)
+        .bind(&row.event_type)
+        .bind(&row.payload)
+        .bind(&row.tenant_id)
+        .bind(row.created_at)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_pauses_retries_and_replays_a_tenant() {
+    let db = TestDb::migrated().await;
+    let (url, stop) = start(&db).await;
+    sqlx::query("INSERT INTO tenants (tenant_id, integration_enabled) VALUES ('acme', true)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    outbox_history(&db, "acme", &[120, 90, 30, 20, 10]).await;
+
+    let run = ctl(
+        &url,
+        &["pause", "acme", "--reason", "partner asked to hold"],
+    )
+    .await;
+    assert_eq!(
+        (run.code, run.stdout.as_str()),
+        (Some(0), "acme: paused\n"),
+        "{run}"
+    );
+    assert_eq!(state(&db, "acme").await, "paused");
+    let run = ctl(&url, &["tenants"]).await;
+    let row = run.stdout.lines().nth(1).unwrap_or_default().to_owned();
+    assert!(
+        row.starts_with("acme    paused  operator") && row.contains("partner asked to hold"),
+        "{run}"
+    );
+    let run = ctl(&url, &["pause", "acme", "--reason", "again"]).await;
+    assert_eq!(run.code, Some(1), "{run}");
+    assert!(run.stderr.contains("(not_active, HTTP 409)"), "{run}");
+
+    let run = ctl(&url, &["retry", "acme", "--reason", "partner ready"]).await;
+    assert_eq!(
+        (run.code, run.stdout.as_str()),
+        (Some(0), "acme: draining\n"),
+        "{run}"
+    );
+    assert_eq!(state(&db, "acme").await, "draining");
+
+    let cutoff = (chrono::Utc::now() - chrono::Duration::hours(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let args = [
+        "replay",
+        "acme",
+        "--since",
+        &cutoff,
+        "--reason",
+        "partner lost data",
+    ];
+    let run = ctl(&url, &args).await;
+    assert_eq!(run.code, Some(0), "{run}");
+    assert_eq!(
+        run.stdout,
+        format!("acme: 3 events since {cutoff} written again, to be delivered in order\n"),
+        "the three written since: {run}"
+    );
+    let written: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE tenant_id = 'acme'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(written, 8, "five originals and three copies");
+    // A time the command line takes but the API refuses: its answer, as it gave it.
+    let args = [
+        "replay",
+        "acme",
+        "--since",
+        "2999-01-01T00:00:00Z",
+        "--reason",
+        "r",
+    ];
+    let run = ctl(&url, &args).await;
+    assert_eq!(run.code, Some(1), "{run}");
+    assert!(run.stderr.contains("(bad_time, HTTP 422)"), "{run}");
+
+    let actions: Vec<String> = audited(&db)
+        .await
+        .into_iter()
+        .map(|(actor, action, reason)| format!("{actor} {action} {reason}"))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "night-shift pause partner asked to hold",
+            "night-shift retry partner ready",
+            "night-shift replay partner lost data"
+        ]
+    );
+    stop.cancel();
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failures_partitions_and_an_events_history() {
+    let db = TestDb::migrated().await;
+    let stats = Arc::new(ConsumeStats::default());
+    *stats.partition_view.lock().unwrap() = vec![ferry::consumer::runtime::PartitionView {
+        topic: "ferry.outbox".into(),
+        partition: 2,
+        committed_offset: Some(10),
+        settled_offset: Some(10),
+        high_watermark: Some(12),
+        lag: Some(2),
+        in_flight: 0,
+    }];
+    let (url, stop) = start_with(&db, stats).await;
+
+    let run = ctl(&url, &["failures"]).await;
+    assert_eq!(
+        (run.code, run.stdout.as_str()),
+        (Some(0), "no failed events on record\n"),
+        "{run}"
+    );
+
+    let records = vec![crate::ledger::record(10), crate::ledger::record(11)];
+    let failed = records[0].event_id.unwrap();
+    let pause = crate::ledger::pause_422(Some(failed));
+    ledger::park(&db.pool, "acme", Some(&pause), &records)
+        .await
+        .unwrap();
+    let started = chrono::Utc::now();
+    let mut conn = db.pool.acquire().await.unwrap();
+    ledger::record_attempts(
+        &mut conn,
+        &[ledger::AttemptLog {
+            event_id: failed,
+            attempt: 1,
+            started_at: started,
+            finished_at: started + chrono::Duration::milliseconds(250),
+            outcome: "failed",
+            error: Some("rejected: name is required".into()),
+            response: Some(serde_json::json!({"status": 422, "body": "name is required"})),
+            instance: "test:1".into(),
+        }],
+    )
+    .await
+    .unwrap();
+    drop(conn);
+
+    let run = ctl(&url, &["failures", "--limit", "5"]).await;
+    assert_eq!(run.code, Some(0), "{run}");
+    let row = run
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&failed.to_string()))
+        .unwrap_or_else(|| panic!("a row for {failed}: {run}"));
+    for cell in ["acme", "failed", "2@10", "422", "name is required"] {
+        assert!(row.contains(cell), "{cell:?} in the row of {failed}: {run}");
+    }
+    let run = ctl(&url, &["failures", "--limit", "0"]).await;
+    assert_eq!(run.code, Some(2), "{run}");
+    let run = ctl(&url, &["--json", "failures"]).await;
+    let body: Value = serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}: {run}"));
+    assert_eq!(body["data"][0]["last_response"]["status"], 422, "{run}");
+
+    let run = ctl(&url, &["partitions"]).await;
+    assert_eq!(
+        run.stdout,
+        "TOPIC         PARTITION  COMMITTED  SETTLED  HIGH-WATERMARK  LAG  IN-FLIGHT\n\
+         ferry.outbox  2          10         10       12              2    0\n",
+        "{run}"
+    );
+
+    // The operator skips it; its history shows the attempt, the parked record gone, the skip.
+    let run = ctl(&url, &["skip", "acme", "--reason", "obsolete product"]).await;
+    assert_eq!(run.code, Some(0), "{run}");
+    let run = ctl(&url, &["event", &failed.to_string()]).await;
+    assert_eq!(run.code, Some(0), "{run}");
+    let attempt = format!(
+        "1  {}  250ms  failed   422     rejected: name is required",
+        started.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    for line in [
+        format!("event     {failed}"),
+        "          outcome: skipped".to_owned(),
+        "parked    no".to_owned(),
+        attempt,
+    ] {
+        assert!(run.stdout.lines().any(|l| l == line), "{line:?}: {run}");
+    }
+    let skip = run
+        .stdout
+        .lines()
+        .skip_while(|l| *l != "operator actions")
+        .nth(2)
+        .unwrap_or_default();
+    assert!(
+        skip.contains("night-shift") && skip.ends_with("skip    obsolete product"),
+        "{run}"
+    );
+    let run = ctl(&url, &["--json", "event", &failed.to_string()]).await;
+    let body: Value = serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}: {run}"));
+    assert_eq!(body["attempts"][0]["response"]["status"], 422, "{run}");
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let run = ctl(&url, &["event", &unknown]).await;
+    assert_eq!(run.code, Some(1), "{run}");
+    assert!(run.stderr.contains("(unknown_event, HTTP 404)"), "{run}");
     stop.cancel();
     db.drop().await;
 }
