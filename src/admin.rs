@@ -283,11 +283,7 @@ async fn resume(
     let axum::Json(action) = body?;
     action.check()?;
     if ledger::request_resume(&admin.pool, &tenant, &action.actor, &action.reason).await? {
-        return Ok((
-            StatusCode::ACCEPTED,
-            axum::Json(json!({"tenant_id": tenant, "state": "draining"})),
-        )
-            .into_response());
+        return Ok(accepted(json!({"tenant_id": tenant, "state": "draining"})));
     }
     Err(not_paused(&admin.pool, &tenant, "not paused: nothing to resume").await?)
 }

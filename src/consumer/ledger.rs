@@ -392,20 +392,41 @@ pub async fn request_resume(
     actor: &str,
     reason: &str,
 ) -> Result<bool, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let changed = start_drain(&mut tx, tenant).await?;
-    if changed {
-        sqlx::query(
-            "INSERT INTO operator_actions (actor, action, tenant_id, reason) VALUES ($1, 'resume', $2, $3)",
-        )
-        .bind(actor)
-        .bind(tenant)
-        .bind(reason)
-        .execute(&mut *tx)
-        .await?;
+    match drain_by_operator(pool, tenant, actor, reason, "resume").await {
+        Ok(()) => Ok(true),
+        Err(ActionError::Postgres(e)) => Err(e),
+        Err(_) => Ok(false),
     }
+}
+
+/// Retries a paused tenant now (audited): its owner replays the backlog at once instead of at
+/// the scheduled `next_retry_at`. Same effect as a resume; a separate action in the audit trail
+/// because it says "the cause may have gone" rather than "the cause was fixed".
+pub async fn retry_now(
+    pool: &PgPool,
+    tenant: &str,
+    actor: &str,
+    reason: &str,
+) -> Result<(), ActionError> {
+    drain_by_operator(pool, tenant, actor, reason, "retry").await
+}
+
+/// Moves a paused tenant to `draining` and audits it as `action`, in one transaction.
+async fn drain_by_operator(
+    pool: &PgPool,
+    tenant: &str,
+    actor: &str,
+    reason: &str,
+    action: &str,
+) -> Result<(), ActionError> {
+    let mut tx = pool.begin().await?;
+    if !start_drain(&mut tx, tenant).await? {
+        let what = "not paused: nothing to resume or retry";
+        return Err(wrong_state(&mut tx, tenant, "not_paused", what).await?);
+    }
+    audit(&mut tx, actor, action, tenant, reason, json!({})).await?;
     tx.commit().await?;
-    Ok(changed)
+    Ok(())
 }
 
 /// Moves a paused tenant to `draining` (its owner replays the backlog); false if it was not
@@ -678,30 +699,6 @@ pub async fn pause_by_operator(
         .await?);
     }
     audit(&mut tx, actor, "pause", tenant, reason, json!({})).await?;
-    tx.commit().await?;
-    Ok(())
-}
-
-/// Retries a paused tenant now (audited): its owner replays the backlog at once instead of at
-/// the scheduled `next_retry_at`. Same effect as a resume; a separate action in the audit trail
-/// because it says "the cause may have gone" rather than "the cause was fixed".
-pub async fn retry_now(
-    pool: &PgPool,
-    tenant: &str,
-    actor: &str,
-    reason: &str,
-) -> Result<(), ActionError> {
-    let mut tx = pool.begin().await?;
-    if !start_drain(&mut tx, tenant).await? {
-        return Err(wrong_state(
-            &mut tx,
-            tenant,
-            "not_paused",
-            "not paused: nothing to retry",
-        )
-        .await?);
-    }
-    audit(&mut tx, actor, "retry", tenant, reason, json!({})).await?;
     tx.commit().await?;
     Ok(())
 }
