@@ -22,6 +22,7 @@
 //! - [`bench`]: the benchmarks (`ferry bench ...`);
 //! - [`admin`]: the admin HTTP API each consumer serves (health, metrics, tenants, resume,
 //!   the kill switch);
+//! - [`ctl`]: the operator's terminal client of the admin API (`ferry ctl`);
 //! - [`shutdown`]: the signal every long-running task obeys.
 
 pub mod admin;
@@ -29,6 +30,7 @@ pub mod bench;
 pub mod broker;
 pub mod config;
 pub mod consumer;
+pub mod ctl;
 pub mod delivery;
 pub mod load;
 pub mod outbox;

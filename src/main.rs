@@ -95,6 +95,171 @@ enum Command {
         #[command(subcommand)]
         which: Bench,
     },
+    /// Operate a running `ferry consume` through its admin API: paused tenants and why,
+    /// resume, retry, skip, pause, replay, the kill switch, partitions, failures, an event's
+    /// history.
+    Ctl(CtlArgs),
+}
+
+/// `ferry ctl`: its options go before or after its command.
+#[derive(Debug, clap::Args)]
+struct CtlArgs {
+    /// The admin API of a `ferry consume`: its `admin.addr`, as a URL or as host:port.
+    #[arg(long, global = true, env = "FERRY_ADMIN_URL", default_value = ferry::ctl::DEFAULT_URL)]
+    url: String,
+    /// The admin API's bearer token (its `admin.token`).
+    #[arg(long, global = true, env = "FERRY_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print the API's JSON answer instead of a table, for scripts.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum CtlCommand {
+    /// The tenants that are not active: state, cause, backlog, since when, next retry, reason.
+    Tenants,
+    /// One tenant in full, with the partner's answer to its failing event.
+    Tenant {
+        /// The tenant id.
+        #[arg(value_parser = ferry::ctl::parse_tenant)]
+        tenant: String,
+    },
+    /// Replay a paused tenant's backlog in order, then deliver live again.
+    Resume(CtlTenant),
+    /// Try a paused tenant's failing event again now.
+    Retry(CtlTenant),
+    /// Skip a paused tenant's failing event (recorded as skipped) and replay the rest.
+    Skip(CtlTenant),
+    /// Pause a tenant: its events are parked, in order, until it is resumed.
+    Pause(CtlTenant),
+    /// Deliver a tenant's events since a point in time again, in order.
+    Replay {
+        #[command(flatten)]
+        action: CtlTenant,
+        /// From when: an RFC 3339 time, e.g. 2026-11-28T16:00:00Z.
+        #[arg(long, value_name = "TIME", value_parser = ferry::ctl::parse_since)]
+        since: chrono::DateTime<chrono::Utc>,
+    },
+    /// Show the kill switch, or turn it on (no instance dispatches anything) or off.
+    KillSwitch {
+        #[command(subcommand)]
+        set: Option<KillSwitchSet>,
+    },
+    /// Committed offset, high watermark, lag and events in flight per partition.
+    Partitions,
+    /// The latest events that failed, with the error and the partner's answer.
+    Failures {
+        /// At most this many, 1 to 1000 (the API's default, 50, when not given).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: Option<u32>,
+    },
+    /// An event's history: its delivery, every attempt, its parked record and the operator
+    /// actions on it.
+    Event {
+        /// The event id (a UUID).
+        #[arg(value_parser = ferry::ctl::parse_event_id)]
+        event_id: uuid::Uuid,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KillSwitchSet {
+    /// Stop dispatching on every instance.
+    On(Who),
+    /// Dispatch again.
+    Off(Who),
+}
+
+/// An audited action on one tenant.
+#[derive(Debug, clap::Args)]
+struct CtlTenant {
+    /// The tenant id.
+    #[arg(value_parser = ferry::ctl::parse_tenant)]
+    tenant: String,
+    #[command(flatten)]
+    who: Who,
+}
+
+/// Who does it and why: every operator action is audited.
+#[derive(Debug, clap::Args)]
+struct Who {
+    /// Why (required: it goes into the audit record).
+    #[arg(long, value_parser = ferry::ctl::parse_reason)]
+    reason: String,
+    /// Who, as recorded [default: $USER, else `ctl`].
+    #[arg(long)]
+    actor: Option<String>,
+}
+
+impl Who {
+    fn action(self) -> ferry::ctl::Action {
+        ferry::ctl::Action {
+            actor: ferry::ctl::actor(self.actor, std::env::var("USER").ok()),
+            reason: self.reason,
+        }
+    }
+}
+
+impl CtlCommand {
+    fn into_op(self) -> ferry::ctl::Op {
+        use ferry::ctl::Op;
+        let on =
+            |a: CtlTenant, op: fn(String, ferry::ctl::Action) -> Op| op(a.tenant, a.who.action());
+        match self {
+            CtlCommand::Tenants => Op::Tenants,
+            CtlCommand::Tenant { tenant } => Op::Tenant(tenant),
+            CtlCommand::Resume(a) => on(a, Op::Resume),
+            CtlCommand::Retry(a) => on(a, Op::Retry),
+            CtlCommand::Skip(a) => on(a, Op::Skip),
+            CtlCommand::Pause(a) => on(a, Op::Pause),
+            CtlCommand::Replay { action, since } => {
+                Op::Replay(action.tenant, since, action.who.action())
+            }
+            CtlCommand::KillSwitch { set: None } => Op::KillSwitch,
+            CtlCommand::KillSwitch {
+                set: Some(KillSwitchSet::On(who)),
+            } => Op::SetKillSwitch(true, who.action()),
+            CtlCommand::KillSwitch {
+                set: Some(KillSwitchSet::Off(who)),
+            } => Op::SetKillSwitch(false, who.action()),
+            CtlCommand::Partitions => Op::Partitions,
+            CtlCommand::Failures { limit } => Op::Failures(limit),
+            CtlCommand::Event { event_id } => Op::Event(event_id),
+        }
+    }
+}
+
+/// `ferry ctl`: one call; the answer on stdout, or `error: ...` on stderr and exit 1 (2 for
+/// bad input, as clap does for bad usage).
+async fn ctl_command(args: CtlArgs) -> ExitCode {
+    let op = args.command.into_op();
+    let answer = match ferry::ctl::Client::new(&args.url, args.token) {
+        Ok(client) => ferry::ctl::run(&client, &op, args.json, chrono::Utc::now()).await,
+        Err(e) => Err(e),
+    };
+    match answer {
+        Ok(text) => {
+            use std::io::Write as _;
+            match std::io::stdout().lock().write_all(text.as_bytes()) {
+                // `ferry ctl failures | head` closes the pipe early: that is no failure.
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    eprintln!("error: cannot write the answer: {e}");
+                    ExitCode::FAILURE
+                }
+                _ => ExitCode::SUCCESS,
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            if let Some(hint) = e.hint() {
+                eprintln!("hint: {hint}");
+            }
+            ExitCode::from(e.exit_code())
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -380,6 +545,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // `ferry ctl` is a client of a running consumer: it needs none of Ferry's settings (no
+    // database, no Kafka), logs nothing (its output is the answer) and has exit codes of its own.
+    let cli = match cli {
+        Cli {
+            command: Command::Ctl(args),
+            ..
+        } => return runtime.block_on(ctl_command(args)),
+        cli => cli,
+    };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -405,6 +579,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
         Command::PartnerSim { .. } => unreachable!("handled above"),
+        Command::Ctl(_) => unreachable!("handled in main"),
         Command::Consume => {
             let shutdown = ferry::shutdown::on_signals()?;
             let pool = ferry::store::connect(&config.database).await?;

@@ -5,6 +5,7 @@ mod admin;
 mod bench;
 mod consume;
 mod contract;
+mod ctl;
 mod dashboard;
 mod decoder;
 mod faults;
