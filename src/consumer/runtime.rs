@@ -203,22 +203,35 @@ pub struct PartitionView {
     pub topic: String,
     /// The partition.
     pub partition: i32,
-    /// The group's committed offset on the broker (the next record to read), if any.
+    /// The group's committed offset as the broker last confirmed it (the next record to
+    /// read), if known.
     pub committed_offset: Option<i64>,
     /// The commit point this instance has settled through (may be ahead of the broker's
     /// until the next commit lands).
     pub settled_offset: Option<i64>,
     /// The log's end (the offset the next record will get).
     pub high_watermark: Option<i64>,
-    /// Records not yet committed: the high watermark less the committed offset (less the
-    /// log's start when nothing is committed).
+    /// Records not yet committed: the high watermark less the committed offset.
     pub lag: Option<i64>,
     /// Events of this partition being handled now.
     pub in_flight: usize,
 }
 
-/// How often the partitions' committed offsets and watermarks are read for [`PartitionView`].
+/// How often [`PartitionView`] is brought up to date, and librdkafka's statistics (with the
+/// high watermarks) come.
 const LAG_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The consumer's settings with librdkafka's statistics on (unless set already), for the high
+/// watermarks.
+fn with_statistics(mut config: rdkafka::ClientConfig) -> rdkafka::ClientConfig {
+    if config.get("statistics.interval.ms").is_none() {
+        config.set(
+            "statistics.interval.ms",
+            LAG_INTERVAL.as_millis().to_string(),
+        );
+    }
+    config
+}
 
 impl ConsumeStats {
     /// Counts a settled event by its outcome.
@@ -258,6 +271,8 @@ struct Shared {
     lost: Vec<i32>,
     /// Set on assign: read the paused tenants again before the next record.
     reload_paused: bool,
+    /// Each partition's high watermark, from librdkafka's statistics.
+    high_watermarks: HashMap<i32, i64>,
 }
 
 /// A partition this instance owns.
@@ -396,7 +411,22 @@ struct Context {
     stats: Arc<ConsumeStats>,
 }
 
-impl ClientContext for Context {}
+impl ClientContext for Context {
+    /// librdkafka's statistics (every `statistics.interval.ms`): the high watermark it learnt
+    /// from the fetches, for the partitions' lag. No request of its own, so a slow broker's
+    /// answers to watermark requests never hold the fetches back.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Some(topic) = statistics.topics.get(&self.topic) else {
+            return;
+        };
+        let mut s = self.state.lock();
+        for (&partition, p) in &topic.partitions {
+            if partition >= 0 && p.hi_offset >= 0 {
+                s.high_watermarks.insert(partition, p.hi_offset);
+            }
+        }
+    }
+}
 
 impl ConsumerContext for Context {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -578,7 +608,8 @@ pub async fn run<H: Handler>(
     let topic = config.kafka.topic.clone();
     let state = Arc::new(State::default());
     let consumer: Arc<StreamConsumer<Context>> = Arc::new(
-        broker::consumer_config(&config.kafka, &config.kafka.group_id).create_with_context(
+        with_statistics(broker::consumer_config(&config.kafka, &config.kafka.group_id))
+            .create_with_context(
             Context {
                 state: Arc::clone(&state),
                 topic: topic.clone(),
@@ -611,7 +642,6 @@ pub async fn run<H: Handler>(
     // parked ahead of what came after it).
     let mut pausing: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut lag_check = tokio::time::interval(LAG_INTERVAL);
-    let lag_busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
     // Which partition a tenant's records land on: a backlog is replayed by the instance that
     // owns the tenant's partition, never by two.
@@ -929,21 +959,9 @@ pub async fn run<H: Handler>(
                 }
             }
             _ = tick.tick() => {}
-            _ = lag_check.tick(), if !lag_busy.load(Relaxed) => {
-                let owned: Vec<(i32, Option<i64>, usize)> = state
-                    .lock()
-                    .partitions
-                    .iter()
-                    .map(|(&p, o)| (p, o.offsets.as_ref().map(PartitionOffsets::commit_point), o.in_flight))
-                    .collect();
-                lag_busy.store(true, Relaxed);
-                let (consumer, topic, stats, busy) = (Arc::clone(&consumer), topic.clone(), Arc::clone(&stats), Arc::clone(&lag_busy));
-                // Blocking broker round trips: off the loop.
-                tokio::task::spawn_blocking(move || {
-                    let view = read_partitions(&consumer, &topic, owned);
-                    *stats.partition_view.lock().expect("partition view") = view;
-                    busy.store(false, Relaxed);
-                });
+            _ = lag_check.tick() => {
+                let view = partition_view(&consumer, &state, &topic);
+                *stats.partition_view.lock().expect("partition view") = view;
             }
             _ = commit_check.tick() => {
                 let unconfirmed: Vec<i32> = state
@@ -1328,7 +1346,9 @@ fn event_span(item: &Item) -> tracing::Span {
         event_type = item.event.event_type().as_str(),
         attempt = tracing::field::Empty,
     );
-    if let Some(traceparent) = &item.event.traceparent {
+    if let Some(traceparent) = &item.event.traceparent
+        && !span.is_disabled()
+    {
         crate::telemetry::continue_trace(&span, traceparent);
     }
     span
@@ -1411,23 +1431,33 @@ fn obey_pauses(
     }
 }
 
-/// This instance's partitions as the broker sees them: the group's committed offset and the
-/// log's watermarks, read with blocking round trips (run off the loop). `owned` is each
-/// partition with the commit point settled here and its work in flight.
-fn read_partitions(
+/// This instance's partitions from what it knows already, without a broker round trip (a
+/// watermark or offset request shares the connection with the fetches, and a slow broker would
+/// make every fetch wait behind it): the committed offset the broker last confirmed (checked
+/// every couple of seconds, see `commit_check`), or for a partition nothing was read from yet
+/// its fetch position; and the high watermark librdkafka learns from the fetch responses (its
+/// statistics, [`Context::stats`]).
+fn partition_view(
     consumer: &StreamConsumer<Context>,
+    state: &State,
     topic: &str,
-    owned: Vec<(i32, Option<i64>, usize)>,
 ) -> Vec<PartitionView> {
-    let timeout = Duration::from_secs(5);
-    let mut list = TopicPartitionList::new();
-    for (partition, ..) in &owned {
-        list.add_partition(topic, *partition);
-    }
-    let committed: HashMap<i32, i64> = consumer
-        .committed_offsets(list, timeout)
-        .map(|got| {
-            got.elements_for_topic(topic)
+    let (owned, highs): (Vec<(i32, Option<(i64, i64)>, usize)>, HashMap<i32, i64>) = {
+        let s = state.lock();
+        let owned = s
+            .partitions
+            .iter()
+            .map(|(&p, o)| {
+                let offsets = o.offsets.as_ref().map(|t| (t.acked(), t.commit_point()));
+                (p, offsets, o.in_flight)
+            })
+            .collect();
+        (owned, s.high_watermarks.clone())
+    };
+    let positions: HashMap<i32, i64> = consumer
+        .position()
+        .map(|list| {
+            list.elements_for_topic(topic)
                 .iter()
                 .filter_map(|e| {
                     e.offset()
@@ -1440,17 +1470,21 @@ fn read_partitions(
         .unwrap_or_default();
     let mut view: Vec<PartitionView> = owned
         .into_iter()
-        .map(|(partition, settled, in_flight)| {
-            let marks = consumer.fetch_watermarks(topic, partition, timeout).ok();
-            let committed_offset = committed.get(&partition).copied();
+        .map(|(partition, offsets, in_flight)| {
+            let committed_offset = match offsets {
+                Some((acked, _)) => Some(acked),
+                None => positions.get(&partition).copied(),
+            };
+            let high_watermark = highs.get(&partition).copied();
             PartitionView {
                 topic: topic.to_owned(),
                 partition,
                 committed_offset,
-                settled_offset: settled,
-                high_watermark: marks.map(|(_, high)| high),
-                lag: marks
-                    .map(|(low, high)| (high - committed_offset.unwrap_or(low).max(low)).max(0)),
+                settled_offset: offsets.map(|(_, settled)| settled),
+                high_watermark,
+                lag: high_watermark
+                    .zip(committed_offset)
+                    .map(|(high, committed)| (high - committed).max(0)),
                 in_flight,
             }
         })
