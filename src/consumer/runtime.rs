@@ -795,7 +795,10 @@ pub async fn run<H: Handler>(
             _ = shutdown.cancelled() => break,
             // Intake takes what is ready (up to INTAKE_BATCH records) and sends it to a dedupe
             // lookup, one query per batch; lookups run concurrently and are admitted in order.
-            message = consumer.recv(), if scheduler.queued() + in_lookup < options.max_queued && lookups.len() < MAX_LOOKUPS => {
+            // Everything held in memory counts against `max_queued`, the records waiting to be
+            // parked too: a paused tenant's stream arriving faster than Postgres parks it must
+            // slow intake down, not grow the process.
+            message = consumer.recv(), if scheduler.queued() + in_lookup + pending.len() < options.max_queued && lookups.len() < MAX_LOOKUPS => {
                 let mut next = Some(message);
                 let mut arrivals: Vec<Arrival> = Vec::new();
                 // Records come a fetch at a time: linger briefly for a fuller batch.
