@@ -233,12 +233,22 @@ pub async fn park(
         // Not settled: it stays parked until replayed or skipped.
         if let Some(event_id) = p.event_id {
             let at = records.iter().find(|r| r.event_id == Some(event_id));
+            // Its type as the record's header names it (readable even when the payload is not).
+            let event_type = at.and_then(|r| {
+                r.headers
+                    .iter()
+                    .find(|(name, _)| name == crate::outbox::header::EVENT_TYPE)
+                    .and_then(|(_, v)| v.as_deref())
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .map(|v| v.trim_matches('"').to_owned())
+            });
             sqlx::query(
                 "INSERT INTO deliveries (event_id, tenant_id, outcome, attempts, last_error, last_response, \
-                                         topic, partition, \"offset\") \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                                         topic, partition, \"offset\", event_type) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
                  ON CONFLICT (event_id) DO UPDATE SET outcome = $3, attempts = deliveries.attempts + $4, \
-                     last_error = $5, last_response = $6, updated_at = now() \
+                     last_error = $5, last_response = $6, \
+                     event_type = coalesce(deliveries.event_type, EXCLUDED.event_type), updated_at = now() \
                  WHERE deliveries.settled_at IS NULL",
             )
             .bind(event_id)
@@ -250,6 +260,7 @@ pub async fn park(
             .bind(at.map(|r| r.topic.as_str()))
             .bind(at.map(|r| r.partition))
             .bind(at.map(|r| r.offset))
+            .bind(event_type)
             .execute(&mut *tx)
             .await?;
         }

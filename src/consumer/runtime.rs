@@ -608,15 +608,16 @@ pub async fn run<H: Handler>(
     let topic = config.kafka.topic.clone();
     let state = Arc::new(State::default());
     let consumer: Arc<StreamConsumer<Context>> = Arc::new(
-        with_statistics(broker::consumer_config(&config.kafka, &config.kafka.group_id))
-            .create_with_context(
-            Context {
-                state: Arc::clone(&state),
-                topic: topic.clone(),
-                revoke_drain: options.revoke_drain,
-                stats: Arc::clone(&stats),
-            },
-        )?,
+        with_statistics(broker::consumer_config(
+            &config.kafka,
+            &config.kafka.group_id,
+        ))
+        .create_with_context(Context {
+            state: Arc::clone(&state),
+            topic: topic.clone(),
+            revoke_drain: options.revoke_drain,
+            stats: Arc::clone(&stats),
+        })?,
     );
     let window = Arc::new(Mutex::new(FailureWindow::new(
         options.breaker_window,
@@ -1445,7 +1446,9 @@ fn partition_view(
     state: &State,
     topic: &str,
 ) -> Vec<PartitionView> {
-    let (owned, highs): (Vec<(i32, Option<(i64, i64)>, usize)>, HashMap<i32, i64>) = {
+    // Per owned partition: (acked, settled) offsets if anything was read, and work in flight.
+    type Partitions = Vec<(i32, Option<(i64, i64)>, usize)>;
+    let (owned, highs): (Partitions, HashMap<i32, i64>) = {
         let s = state.lock();
         let owned = s
             .partitions
