@@ -280,3 +280,59 @@ async fn a_failing_events_every_attempt_is_on_record() {
     task.await.unwrap().unwrap();
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_is_delivered_again_in_order_through_the_relay() {
+    let db = TestDb::migrated().await;
+    let kafka = fresh_topic(1).await;
+    let cfg = config(&db, &kafka);
+    let (relay_stop, relay_task, _) = crate::relay::start_relay(&cfg).await;
+    let handler = Arc::new(Recorder::default());
+    let (stop, task, stats) = start_with(&cfg, &db.pool, &handler, options());
+    let (url, admin_stop) = admin(&db, &stats).await;
+    // The database's clock: the outbox's `created_at` is its `now()`.
+    let since: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    for seq in 1..=3 {
+        let mut tx = db.pool.begin().await.unwrap();
+        ferry::outbox::writer::append(&mut tx, &crate::relay::event("again", seq, ""))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    wait_for(
+        "the three events delivered",
+        Duration::from_secs(60),
+        || async { (calls_of(&handler, "again").len() == 3).then_some(()) },
+    )
+    .await;
+
+    let body = json!({"actor": "ops", "reason": "partner restored a backup", "since": since});
+    let (status, answer) = post(&format!("{url}/v1/tenants/again/replay"), body).await;
+    assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{answer}");
+    assert_eq!(answer["events"], 3, "{answer}");
+    wait_for(
+        "the replayed events delivered",
+        Duration::from_secs(60),
+        || async { (calls_of(&handler, "again").len() == 6).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        calls_of(&handler, "again"),
+        [1, 2, 3, 1, 2, 3],
+        "replayed after the originals, in their order"
+    );
+    assert_eq!(
+        stats.duplicates.load(Ordering::Relaxed),
+        0,
+        "the copies are new events, not deduped away"
+    );
+    admin_stop.cancel();
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    relay_stop.cancel();
+    relay_task.await.unwrap().unwrap();
+    db.drop().await;
+}

@@ -21,7 +21,7 @@ use crate::support::{TestDb, config, fresh_topic, read_all, topic_size, wait_for
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
-fn event(tenant: &str, seq: i64, description: &str) -> NewEvent {
+pub(crate) fn event(tenant: &str, seq: i64, description: &str) -> NewEvent {
     let mut e = NewEvent::new(
         TenantId::new(tenant).unwrap(),
         seq.to_string(),
