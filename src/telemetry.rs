@@ -108,6 +108,10 @@ pub fn current_traceparent() -> Option<String> {
 pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
     use opentelemetry::propagation::TextMapPropagator as _;
     use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    // No subscriber wants the span: nothing to join, and parsing would cost every event.
+    if span.is_disabled() {
+        return;
+    }
     let carrier =
         std::collections::HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
     let parent = TraceContextPropagator::new().extract(&carrier);

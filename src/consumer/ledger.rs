@@ -142,7 +142,11 @@ pub async fn record_settled(
                                      $10::timestamptz[], $11::timestamptz[]) \
          ON CONFLICT (event_id) DO UPDATE SET outcome = EXCLUDED.outcome, \
              attempts = deliveries.attempts + EXCLUDED.attempts, written_at = EXCLUDED.written_at, \
-             acked_at = EXCLUDED.acked_at, settled_at = now(), updated_at = now() \
+             acked_at = EXCLUDED.acked_at, settled_at = now(), updated_at = now(), \
+             event_type = coalesce(deliveries.event_type, EXCLUDED.event_type), \
+             topic = coalesce(deliveries.topic, EXCLUDED.topic), \
+             partition = coalesce(deliveries.partition, EXCLUDED.partition), \
+             \"offset\" = coalesce(deliveries.\"offset\", EXCLUDED.\"offset\") \
          WHERE deliveries.settled_at IS NULL",
     )
     .bind(&ids)
@@ -206,7 +210,9 @@ const PARK_CHUNK: usize = 500;
 
 /// Pauses `tenant` (if `pause` is given) and parks `records` in order, in one transaction: once
 /// it commits, the records are settled and the partition's commit point may pass them. A record
-/// parked before (a redelivery) is parked once.
+/// parked before (a redelivery) is parked once. A tenant an operator paused stays paused by the
+/// operator (no automatic retry) when the event in flight then fails: the failure is added to
+/// the reason and becomes the failing event.
 pub async fn park(
     pool: &PgPool,
     tenant: &str,
@@ -219,8 +225,15 @@ pub async fn park(
         sqlx::query(
             "INSERT INTO tenants (tenant_id, state, pause_cause, pause_reason, paused_event_id, paused_at, next_retry_at, updated_at) \
              VALUES ($1, 'paused', $2, $3, $4, now(), $5, now()) \
-             ON CONFLICT (tenant_id) DO UPDATE SET state = 'paused', pause_cause = $2, pause_reason = $3, \
-                 paused_event_id = $4, paused_at = now(), next_retry_at = $5, updated_at = now()",
+             ON CONFLICT (tenant_id) DO UPDATE SET state = 'paused', paused_event_id = $4, updated_at = now(), \
+                 pause_cause = CASE WHEN tenants.state = 'paused' AND tenants.pause_cause = 'operator' \
+                                    THEN 'operator' ELSE $2 END, \
+                 pause_reason = CASE WHEN tenants.state = 'paused' AND tenants.pause_cause = 'operator' \
+                                     THEN tenants.pause_reason || '; then ' || $3 ELSE $3 END, \
+                 paused_at = CASE WHEN tenants.state = 'paused' AND tenants.pause_cause = 'operator' \
+                                  THEN tenants.paused_at ELSE now() END, \
+                 next_retry_at = CASE WHEN tenants.state = 'paused' AND tenants.pause_cause = 'operator' \
+                                      THEN NULL ELSE $5 END",
         )
         .bind(tenant)
         .bind(p.cause)

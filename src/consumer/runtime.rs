@@ -514,6 +514,8 @@ struct Item {
     settled: bool,
     /// Its attempts, once one failed: the operator's history of it.
     log: Vec<AttemptLog>,
+    /// Log every attempt, the first too (a replayed backlog: it failed before).
+    log_every: bool,
 }
 
 /// Records taken from Kafka in one turn of the loop, at most: one dedupe query for them all.
@@ -584,8 +586,9 @@ enum Done {
 
 /// What a drain task reports to the loop.
 enum Drained {
-    /// The backlog read came back empty: flip the tenant live if still empty.
-    Empty(String),
+    /// The backlog read came back empty: flip the tenant live if still empty, and if the
+    /// partition is still this instance's in the drain's generation (`Position` names it).
+    Empty(String, Position),
     /// Replaying failed again: the tenant stays paused with this reason.
     Failed(String, Failure, Option<uuid::Uuid>, u32),
     /// The database failed; try again on the next poll.
@@ -635,6 +638,8 @@ pub async fn run<H: Handler>(
     let mut last_flush = Instant::now();
     // The batch being written, if any: one at a time, marked in the order written.
     let mut writing: Option<Writing> = None;
+    // How many records that batch holds (they count against `max_queued` until written).
+    let mut writing_len = 0usize;
     let mut tick = tokio::time::interval(options.settle_interval);
     // Tenants paused while this instance runs: their new records are parked, in order.
     let mut paused = paused_tenants(&pool).await?;
@@ -642,6 +647,8 @@ pub async fn run<H: Handler>(
     // flight here: held, their queue parked once that event has ended (a failure of it must be
     // parked ahead of what came after it).
     let mut pausing: std::collections::HashSet<String> = std::collections::HashSet::new();
+    // The same set, for the handler tasks: they stop retrying a tenant being paused.
+    let pausing_shared: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
     let mut lag_check = tokio::time::interval(LAG_INTERVAL);
 
     // Which partition a tenant's records land on: a backlog is replayed by the instance that
@@ -684,6 +691,12 @@ pub async fn run<H: Handler>(
                 })
                 .cloned()
                 .collect();
+            if !ready.is_empty() {
+                let mut shared = pausing_shared.lock().expect("pausing tenants");
+                for tenant in &ready {
+                    shared.remove(tenant);
+                }
+            }
             for tenant in ready {
                 pausing.remove(&tenant);
                 if paused.insert(tenant.clone()) {
@@ -698,6 +711,10 @@ pub async fn run<H: Handler>(
         if !std::mem::take(&mut state.lock().lost).is_empty() {
             let dropped = scheduler.drop_where(|queued| !is_current(&state, queued.position()));
             held_by_breaker.retain(|(_, item)| is_current(&state, item.position));
+            // Not parked yet, so not settled: the next owner reads them again and decides.
+            pending
+                .parked
+                .retain(|(_, position)| is_current(&state, *position));
             tracing::debug!(
                 dropped = dropped.len(),
                 "queued events of revoked partitions dropped"
@@ -756,13 +773,15 @@ pub async fn run<H: Handler>(
         }
         // A task per event; whether it is a redelivery was looked up when it arrived.
         for (tenant, item, lease) in batch {
-            let (handler, done_tx, retry, window, pool, stats) = (
+            let position = item.position;
+            let (handler, done_tx, retry, window, pool, stats, pausing_shared) = (
                 Arc::clone(&handler),
                 done_tx.clone(),
                 options.retry.clone(),
                 Arc::clone(&window),
                 pool.clone(),
                 Arc::clone(&stats),
+                Arc::clone(&pausing_shared),
             );
             tokio::spawn(async move {
                 let guard = Guard {
@@ -770,6 +789,8 @@ pub async fn run<H: Handler>(
                     cancel: &lease.cancel,
                     window: &window,
                     stats: &stats,
+                    pausing: &pausing_shared,
+                    owner: position,
                 };
                 let already = item.settled;
                 let span = event_span(&item);
@@ -799,7 +820,7 @@ pub async fn run<H: Handler>(
             // Everything held in memory counts against `max_queued`, the records waiting to be
             // parked too: a paused tenant's stream arriving faster than Postgres parks it must
             // slow intake down, not grow the process.
-            message = consumer.recv(), if scheduler.queued() + in_lookup + pending.len() < options.max_queued && lookups.len() < MAX_LOOKUPS => {
+            message = consumer.recv(), if scheduler.queued() + in_lookup + pending.len() + writing_len < options.max_queued && lookups.len() < MAX_LOOKUPS => {
                 let mut next = Some(message);
                 let mut arrivals: Vec<Arrival> = Vec::new();
                 // Records come a fetch at a time: linger briefly for a fuller batch.
@@ -829,6 +850,7 @@ pub async fn run<H: Handler>(
                         if std::mem::take(&mut state.lock().reload_paused) {
                             let now = paused_tenants(&pool).await?;
                             obey_pauses(now, &mut paused, &mut pausing, &mut scheduler);
+                            pausing_shared.lock().expect("pausing tenants").clone_from(&pausing);
                         }
                         let position = {
                             let mut s = state.lock();
@@ -848,7 +870,7 @@ pub async fn run<H: Handler>(
                             Ok(event) => {
                                 raw.event_id = Some(event.id);
                                 raw.tenant_id = event.tenant_id.to_string();
-                                let item = Item { event, raw, position, settled: false, log: Vec::new() };
+                                let item = Item { event, raw, position, settled: false, log: Vec::new(), log_every: false };
                                 arrivals.push(Arrival::Event(item));
                             }
                             Err(bad) => {
@@ -964,6 +986,14 @@ pub async fn run<H: Handler>(
             }
             _ = tick.tick() => {}
             _ = lag_check.tick() => {
+                // The paused set holds every paused tenant; count those whose partition is ours.
+                let owned: std::collections::HashSet<i32> = state.lock().partitions.keys().copied().collect();
+                let held = paused
+                    .iter()
+                    .chain(pausing.iter())
+                    .filter(|t| owned.contains(&broker::partition_for_key(t.as_bytes(), partitions)))
+                    .count();
+                stats.tenants_held.store(held as u64, Relaxed);
                 let view = partition_view(&consumer, &state, &topic);
                 *stats.partition_view.lock().expect("partition view") = view;
             }
@@ -1017,6 +1047,7 @@ pub async fn run<H: Handler>(
                 // rebalance) reach this instance here.
                 let now = paused_tenants(&pool).await?;
                 obey_pauses(now, &mut paused, &mut pausing, &mut scheduler);
+                pausing_shared.lock().expect("pausing tenants").clone_from(&pausing);
                 // Resumed tenants (by an operator, or retryable ones whose time came) that this
                 // instance holds: replay their backlogs. New events keep being parked meanwhile.
                 if !killed {
@@ -1027,9 +1058,10 @@ pub async fn run<H: Handler>(
                             && let Some(lease) = Lease::take(&state, partition, None)
                         {
                             draining.insert(tenant.clone());
-                            let (handler, pool, tx, retry, window, stats) = (Arc::clone(&handler), pool.clone(), drain_tx.clone(), options.retry.clone(), Arc::clone(&window), Arc::clone(&stats));
+                            let (handler, pool, tx, retry, window, stats, pausing_shared) = (Arc::clone(&handler), pool.clone(), drain_tx.clone(), options.retry.clone(), Arc::clone(&window), Arc::clone(&stats), Arc::clone(&pausing_shared));
+                            let owner = Position { partition, offset: 0, generation: lease.generation };
                             tokio::spawn(async move {
-                                let guard = Guard { retry: &retry, cancel: &lease.cancel, window: &window, stats: &stats };
+                                let guard = Guard { retry: &retry, cancel: &lease.cancel, window: &window, stats: &stats, pausing: &pausing_shared, owner };
                                 let report = drain(&*handler, &pool, &tenant, &guard).await;
                                 let _ = tx.send(report);
                                 drop(lease);
@@ -1040,19 +1072,39 @@ pub async fn run<H: Handler>(
             }
             _ = probe_tick.tick(), if !held_by_breaker.is_empty() && !probing => {
                 // Probe with the first held event: its success proves the partner is back.
-                let (tenant, item) = held_by_breaker.remove(0);
+                let (tenant, mut item) = held_by_breaker.remove(0);
                 let Some(lease) = Lease::take(&state, item.position.partition, Some(item.position.generation)) else {
                     continue; // lost meanwhile: the next owner has it
                 };
                 probing = true;
                 let (handler, tx) = (Arc::clone(&handler), probe_tx.clone());
+                let span = event_span(&item);
                 tokio::spawn(async move {
-                    let outcome = handler.handle(&item.event, &attempt_at(&item, 1)).await;
+                    let number = item.log.len() as u32 + 1;
+                    let started = chrono::Utc::now();
+                    let outcome = tracing::Instrument::instrument(
+                        handler.handle(&item.event, &attempt_at(&item, number)),
+                        span,
+                    )
+                    .await;
                     drop(lease);
+                    let ended = |item: &mut Item, outcome: &'static str, failure: Option<&Failure>| {
+                        let log = attempt_log(item, number, started, outcome, failure);
+                        item.log.push(log);
+                    };
                     let done = match outcome {
-                        Outcome::Done => Done::Settled(item, SettledAs::Delivered, 1),
-                        Outcome::Ignored => Done::Settled(item, SettledAs::Ignored, 1),
-                        Outcome::Failed(f) => Done::Breaker(item, f),
+                        Outcome::Done => {
+                            ended(&mut item, "delivered", None);
+                            Done::Settled(item, SettledAs::Delivered, number)
+                        }
+                        Outcome::Ignored => {
+                            ended(&mut item, "ignored", None);
+                            Done::Settled(item, SettledAs::Ignored, number)
+                        }
+                        Outcome::Failed(f) => {
+                            ended(&mut item, "failed", Some(&f));
+                            Done::Breaker(item, f)
+                        }
                         Outcome::Deferred(_) => Done::Breaker(item, Failure {
                             class: crate::delivery::FailureClass::PartnerWide,
                             message: "deferred during a probe".into(),
@@ -1065,9 +1117,10 @@ pub async fn run<H: Handler>(
             Some((tenant, done)) = probe_rx.recv() => {
                 probing = false;
                 match done {
-                    Done::Settled(item, outcome, attempts) => {
-                        stats.delivered.fetch_add(1, Relaxed);
+                    Done::Settled(mut item, outcome, attempts) => {
+                        stats.count(outcome);
                         pending.settlements.push((settlement(&item, outcome, attempts), item.position));
+                        pending.attempts.append(&mut item.log);
                         // Closed: the held events run first, each ahead of its tenant's queue.
                         for (t, held) in held_by_breaker.drain(..) {
                             scheduler.retry_first(t, Queued::Event(held));
@@ -1084,16 +1137,21 @@ pub async fn run<H: Handler>(
             }
             Some(written) = async { Some(writing.as_mut()?.await) }, if writing.is_some() => {
                 writing = None;
+                writing_len = 0;
                 let positions = written.expect("settle task panicked")?;
                 mark_and_commit(&consumer, &state, &topic, positions, &stats, CommitMode::Async)?;
             }
             Some(report) = drain_rx.recv() => match report {
-                Drained::Empty(tenant) => {
+                Drained::Empty(tenant, owner) if !is_current(&state, owner) => {
+                    draining.remove(&tenant);
+                }
+                Drained::Empty(tenant, _) => {
                     draining.remove(&tenant);
                     // Only this loop parks, and it parks what it buffered first: once the batch
                     // being written and what is pending are durable, nothing can be parked for
                     // the tenant between then and the flip.
                     finish_writing(&mut writing, &consumer, &state, &topic, &stats).await?;
+                    writing_len = 0;
                     if pending.parked.iter().any(|(r, _)| r.tenant_id == tenant) {
                         flush(&pool, &consumer, &state, &topic, &mut pending, &stats, CommitMode::Async).await?;
                         last_flush = Instant::now();
@@ -1106,6 +1164,7 @@ pub async fn run<H: Handler>(
                 }
                 Drained::Failed(tenant, failure, event_id, attempts) => {
                     draining.remove(&tenant);
+                    stats.failed.fetch_add(1, Relaxed);
                     let pause = pause_for(&failure, event_id, attempts, options.auto_resume_after);
                     ledger::park(&pool, &tenant, Some(&pause), &[]).await?;
                 }
@@ -1120,7 +1179,6 @@ pub async fn run<H: Handler>(
         }
         stats.in_flight.store(scheduler.in_flight() as u64, Relaxed);
         stats.queued.store(scheduler.queued() as u64, Relaxed);
-        stats.tenants_held.store(paused.len() as u64, Relaxed);
         // Everything the breaker held went to other instances: nothing left to probe with.
         if held_by_breaker.is_empty() && !probing && stats.breaker_open.load(Relaxed) == 1 {
             stats.breaker_open.store(0, Relaxed);
@@ -1142,6 +1200,7 @@ pub async fn run<H: Handler>(
             && (pending.len() >= options.settle_batch
                 || (pending.len() > 0 && last_flush.elapsed() >= options.settle_interval))
         {
+            writing_len = pending.len();
             writing = Some(tokio::spawn(write_pending(
                 pool.clone(),
                 std::mem::take(&mut pending),
@@ -1184,6 +1243,11 @@ struct Guard<'a> {
     cancel: &'a CancellationToken,
     window: &'a Mutex<FailureWindow<String>>,
     stats: &'a ConsumeStats,
+    /// Tenants an operator (or another instance) paused while their event is in flight here:
+    /// a failing attempt of theirs is not retried but parked at once.
+    pausing: &'a Mutex<std::collections::HashSet<String>>,
+    /// The partition (and generation) the work belongs to.
+    owner: Position,
 }
 
 impl Guard<'_> {
@@ -1201,6 +1265,13 @@ impl Guard<'_> {
             failed,
             Instant::now(),
         );
+    }
+
+    fn is_pausing(&self, tenant: &str) -> bool {
+        self.pausing
+            .lock()
+            .expect("pausing tenants")
+            .contains(tenant)
     }
 
     fn most_failing(&self) -> bool {
@@ -1233,7 +1304,8 @@ async fn handle<H: Handler>(
     }
     let tenant = item.event.tenant_id.to_string();
     let first_failure = Instant::now();
-    let mut attempt = 1;
+    // After a breaker's hold the event was attempted before: number on from there.
+    let mut attempt = item.log.len() as u32 + 1;
     loop {
         if guard.cancel.is_cancelled() {
             return Done::Revoked(item);
@@ -1244,7 +1316,7 @@ async fn handle<H: Handler>(
             .handle(&item.event, &attempt_at(&item, attempt))
             .await;
         let ended = |item: &mut Item, outcome: &'static str| {
-            if !item.log.is_empty() {
+            if item.log_every || !item.log.is_empty() {
                 item.log
                     .push(attempt_log(item, attempt, started, outcome, None));
             }
@@ -1278,6 +1350,10 @@ async fn handle<H: Handler>(
                     .retry
                     .decide(&failure, attempt, first_failure.elapsed(), jitter)
                 {
+                    // Paused while this event was failing: park it now, ahead of the rest.
+                    Decision::RetryIn(_) if guard.is_pausing(&tenant) => {
+                        return Done::Pause(item, failure, attempt);
+                    }
                     Decision::RetryIn(wait) => {
                         guard.stats.retries.add(failure.cause());
                         if !guard.sleep(wait).await {
@@ -1350,9 +1426,7 @@ fn event_span(item: &Item) -> tracing::Span {
         event_type = item.event.event_type().as_str(),
         attempt = tracing::field::Empty,
     );
-    if let Some(traceparent) = &item.event.traceparent
-        && !span.is_disabled()
-    {
+    if let Some(traceparent) = &item.event.traceparent {
         crate::telemetry::continue_trace(&span, traceparent);
     }
     span
@@ -1520,7 +1594,12 @@ async fn drain<H: Handler>(handler: &H, pool: &PgPool, tenant: &str, guard: &Gua
             Err(e) => return Drained::Error(tenant.to_owned(), e),
         };
         if page.is_empty() {
-            return Drained::Empty(tenant.to_owned());
+            // Revoked meanwhile: the new owner parks this tenant's records now, and only it may
+            // flip the tenant live.
+            if guard.cancel.is_cancelled() {
+                return Drained::Revoked(tenant.to_owned());
+            }
+            return Drained::Empty(tenant.to_owned(), guard.owner);
         }
         let mut settlements = Vec::new();
         let mut attempts = Vec::new();
@@ -1567,6 +1646,7 @@ async fn drain<H: Handler>(handler: &H, pool: &PgPool, tenant: &str, guard: &Gua
                 position,
                 settled: already,
                 log: Vec::new(),
+                log_every: true,
             };
             let span = event_span(&item);
             match tracing::Instrument::instrument(handle(handler, item, guard, already), span).await

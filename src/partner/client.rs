@@ -106,6 +106,11 @@ impl PartnerClient {
             url.path = path,
             http.response.status_code = tracing::field::Empty,
         );
+        // The call names its parent (the event's span, else the writer's): explicit, so a call
+        // made outside any span (a breaker's probe, say) still joins the event's trace.
+        if let Some(parent) = &call.traceparent {
+            crate::telemetry::continue_trace(&span, parent);
+        }
         let traceparent = span
             .in_scope(crate::telemetry::current_traceparent)
             .or_else(|| call.traceparent.clone());

@@ -168,6 +168,12 @@ async fn an_operators_pause_reaches_the_owner_and_resume_replays_in_order() {
     .await;
     assert_eq!(calls_of(&handler, "held"), (1..=10).collect::<Vec<_>>());
     assert_eq!(calls_of(&handler, "busy"), (1..=10).collect::<Vec<_>>());
+    wait_for(
+        "the instance holds no tenant any more",
+        Duration::from_secs(10),
+        || async { (stats.tenants_held.load(Ordering::Relaxed) == 0).then_some(()) },
+    )
+    .await;
 
     let text = get(&format!("{url}/metrics")).await;
     for series in [
@@ -334,5 +340,88 @@ async fn a_replay_is_delivered_again_in_order_through_the_relay() {
     task.await.unwrap().unwrap();
     relay_stop.cancel();
     relay_task.await.unwrap().unwrap();
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operators_pause_stops_the_retries_and_stays_the_operators() {
+    let db = TestDb::migrated().await;
+    let kafka = fresh_topic(1).await;
+    let cfg = config(&db, &kafka);
+    sqlx::query("INSERT INTO tenants (tenant_id, integration_enabled) VALUES ('stuck', true)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // The partner answers 503 for ever; the retry policy would go on for 50 attempts.
+    let handler = Arc::new(Recorder {
+        flaky: Mutex::new(["stuck".to_owned()].into_iter().collect()),
+        ..Default::default()
+    });
+    let (stop, task, stats) = start_with(&cfg, &db.pool, &handler, options());
+    let (url, admin_stop) = admin(&db, &stats).await;
+    let rows: Vec<_> = (1..=3).map(|seq| row("stuck", seq)).collect();
+    let failing = rows[0].id;
+    produce_rows(&kafka, &rows).await;
+    wait_for(
+        "the first event retried",
+        Duration::from_secs(30),
+        || async { (calls_of(&handler, "stuck").len() >= 2).then_some(()) },
+    )
+    .await;
+
+    let why = json!({"actor": "ops", "reason": "partner asked us to stop"});
+    let (status, body) = post(&format!("{url}/v1/tenants/stuck/pause"), why).await;
+    assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{body}");
+    // The failing event is parked first, then the two behind it, well before 50 attempts.
+    let parked: Vec<i64> = wait_for(
+        "the tenant's three events parked",
+        Duration::from_secs(30),
+        || async {
+            let offsets: Vec<i64> = sqlx::query_scalar(
+                "SELECT \"offset\" FROM parked_events WHERE tenant_id = 'stuck' ORDER BY seq",
+            )
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+            (offsets.len() == 3).then_some(offsets)
+        },
+    )
+    .await;
+    let mut sorted = parked.clone();
+    sorted.sort_unstable();
+    assert_eq!(parked, sorted, "parked in offset order: {parked:?}");
+    let calls = calls_of(&handler, "stuck");
+    assert!(
+        calls.iter().all(|seq| *seq == 1),
+        "only the first event was tried: {calls:?}"
+    );
+    assert!(
+        calls.len() < 50,
+        "retries stopped at the pause: {} calls",
+        calls.len()
+    );
+    let (cause, next_retry, failed_event): (
+        String,
+        Option<chrono::DateTime<chrono::Utc>>,
+        Option<uuid::Uuid>,
+    ) = sqlx::query_as(
+        "SELECT pause_cause, next_retry_at, paused_event_id FROM tenants WHERE tenant_id = 'stuck'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        cause, "operator",
+        "the operator's pause is not turned into an automatic retry"
+    );
+    assert_eq!(next_retry, None);
+    assert_eq!(
+        failed_event,
+        Some(failing),
+        "the failing event is on record"
+    );
+    admin_stop.cancel();
+    stop.cancel();
+    task.await.unwrap().unwrap();
     db.drop().await;
 }
