@@ -210,9 +210,12 @@ const PARK_CHUNK: usize = 500;
 
 /// Pauses `tenant` (if `pause` is given) and parks `records` in order, in one transaction: once
 /// it commits, the records are settled and the partition's commit point may pass them. A record
-/// parked before (a redelivery) is parked once. A tenant an operator paused stays paused by the
-/// operator (no automatic retry) when the event in flight then fails: the failure is added to
-/// the reason and becomes the failing event.
+/// parked before (a redelivery) is parked once. Only records of a tenant that is paused or
+/// draining are parked: a batch written late by an instance that lost the partition, after the
+/// new owner replayed the backlog and flipped the tenant live, parks nothing (the new owner read
+/// those records again itself, since they were never settled). A tenant an operator paused
+/// stays paused by the operator (no automatic retry) when the event in flight then fails: the
+/// failure is added to the reason and becomes the failing event.
 pub async fn park(
     pool: &PgPool,
     tenant: &str,
@@ -299,6 +302,7 @@ pub async fn park(
              SELECT t, e, tp, p, o, k, h, v, ts FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::int[], $5::bigint[], \
                                                    $6::bytea[], $7::jsonb[], $8::bytea[], $9::timestamptz[]) \
                   WITH ORDINALITY AS r(t, e, tp, p, o, k, h, v, ts, n) \
+             WHERE EXISTS (SELECT 1 FROM tenants x WHERE x.tenant_id = r.t AND x.state IN ('paused', 'draining')) \
              ORDER BY n \
              ON CONFLICT (topic, partition, \"offset\") DO NOTHING",
         )

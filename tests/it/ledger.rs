@@ -187,3 +187,27 @@ async fn parking_pauses_the_tenant_keeps_order_and_parks_a_record_once() {
     );
     db.drop().await;
 }
+
+#[tokio::test]
+async fn records_of_a_tenant_live_again_are_not_parked() {
+    let db = TestDb::migrated().await;
+    let records: Vec<ParkedRecord> = [20, 21].into_iter().map(record).collect();
+    // The tenant is active (no pause): a late batch of an instance that lost the partition.
+    sqlx::query("INSERT INTO tenants (tenant_id, integration_enabled) VALUES ('acme', true)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        ledger::park(&db.pool, "acme", None, &records)
+            .await
+            .unwrap(),
+        0,
+        "nothing parked for an active tenant"
+    );
+    let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM parked_events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(parked, 0);
+    db.drop().await;
+}
