@@ -29,18 +29,40 @@ fn ids(traceparent: &str) -> (String, String) {
     (parts[1].to_owned(), parts[2].to_owned())
 }
 
-// A current-thread runtime: every task the test starts (relay, consumer, simulator) runs on this
-// thread, under the subscriber the test installs for it alone.
-#[tokio::test]
-async fn one_trace_runs_from_the_writers_span_to_the_partners_request() {
+// A runtime of the test's own, multi-threaded like `ferry consume`'s (the consumer blocks in
+// place during a rebalance), with the test's subscriber installed on each of its threads: the
+// spans of every task the test starts (relay, consumer, simulator) reach this test's exporter
+// alone, not the other tests'.
+#[test]
+fn one_trace_runs_from_the_writers_span_to_the_partners_request() {
     let exporter = InMemorySpanExporter::default();
     let provider = SdkTracerProvider::builder()
         .with_simple_exporter(exporter.clone())
         .build();
     let subscriber = tracing_subscriber::registry()
         .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("ferry-test")));
-    let _default = tracing::subscriber::set_default(subscriber);
+    let dispatch = tracing::Dispatch::new(subscriber);
+    // tracing-core takes a lone registered dispatcher for the global default and then asks the
+    // *registering thread's* default whether a new callsite is wanted: a callsite first reached
+    // by another test's consumer (a thread with no subscriber) would be switched off for good.
+    // With a second dispatcher registered it asks them all.
+    let _second = tracing::Dispatch::new(tracing_subscriber::registry());
+    tracing::callsite::rebuild_interest_cache();
+    let _default = tracing::dispatcher::set_default(&dispatch);
+    let on_threads = dispatch.clone();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .on_thread_start(move || {
+            // Kept for the thread's life: the thread is the runtime's, and ends with it.
+            std::mem::forget(tracing::dispatcher::set_default(&on_threads));
+        })
+        .build()
+        .unwrap();
+    runtime.block_on(trace_chain(exporter));
+}
 
+async fn trace_chain(exporter: InMemorySpanExporter) {
     let (db, cfg, sim, sim_stop) = crate::partner::setup_sim(Duration::from_secs(10)).await;
     let tenant = TenantId::new("traced").unwrap();
     ferry::tenant::enable(&db.pool, &tenant, |_| {})
@@ -97,23 +119,56 @@ async fn one_trace_runs_from_the_writers_span_to_the_partners_request() {
         "one trace id from the writer to the partner: wrote {written}, received {received}"
     );
 
-    let spans = wait_for(
-        "the consumer's spans exported",
-        Duration::from_secs(30),
-        || async {
-            let spans = exporter.get_finished_spans().unwrap();
-            let done = spans.iter().any(|s| s.name == "deliver event")
-                && spans
-                    .iter()
-                    .any(|s| s.span_context.span_id().to_string() == request_span);
-            done.then_some(spans)
-        },
-    )
-    .await;
-    let deliver = spans
-        .iter()
-        .find(|s| s.name == "deliver event")
-        .expect("a span for the event");
+    // The request's span, and the event's span it hangs off (the one that made this request:
+    // after a rebalance the event may be handled, and spanned, more than once).
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    let (partner_request, deliver) = loop {
+        let spans = exporter.get_finished_spans().unwrap();
+        let request = spans
+            .iter()
+            .find(|s| s.span_context.span_id().to_string() == request_span);
+        let parent = request.and_then(|r| {
+            spans
+                .iter()
+                .find(|s| s.span_context.span_id() == r.parent_span_id)
+        });
+        if let (Some(request), Some(parent)) = (request, parent) {
+            break (request.clone(), parent.clone());
+        }
+        if tokio::time::Instant::now() > until {
+            let seen: Vec<String> = spans
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{} {} parent {}",
+                        s.name,
+                        s.span_context.span_id(),
+                        s.parent_span_id
+                    )
+                })
+                .collect();
+            let requests: Vec<_> = sim
+                .requests()
+                .into_iter()
+                .filter(|r| r.account == "traced")
+                .map(|r| (r.method, r.path, r.traceparent, r.status))
+                .collect();
+            panic!(
+                "no span {request_span} with its parent exported within 60 s; spans: {seen:#?}; \
+                 the partner's requests: {requests:#?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(partner_request.name, "partner request");
+    assert_eq!(
+        partner_request.span_kind,
+        opentelemetry::trace::SpanKind::Client
+    );
+    assert_eq!(
+        deliver.name, "deliver event",
+        "the partner request is a child of the event's span"
+    );
     assert_eq!(deliver.span_context.trace_id().to_string(), trace_id);
     assert_eq!(
         deliver.parent_span_id.to_string(),
@@ -121,30 +176,16 @@ async fn one_trace_runs_from_the_writers_span_to_the_partners_request() {
         "the consumer's span is a child of the writer's"
     );
     assert_eq!(deliver.span_kind, opentelemetry::trace::SpanKind::Consumer);
-    assert_eq!(attribute(deliver, "tenant").as_deref(), Some("traced"));
+    assert_eq!(attribute(&deliver, "tenant").as_deref(), Some("traced"));
     assert_eq!(
-        attribute(deliver, "event_id"),
+        attribute(&deliver, "event_id"),
         Some(event.id.to_string()),
         "{:?}",
         deliver.attributes
     );
-    assert_eq!(attribute(deliver, "attempt").as_deref(), Some("1"));
-    assert!(attribute(deliver, "partition").is_some());
-    assert!(attribute(deliver, "offset").is_some());
-    let partner_request = spans
-        .iter()
-        .find(|s| s.span_context.span_id().to_string() == request_span)
-        .unwrap();
-    assert_eq!(partner_request.name, "partner request");
-    assert_eq!(
-        partner_request.parent_span_id,
-        deliver.span_context.span_id(),
-        "the partner request is a child of the event's span"
-    );
-    assert_eq!(
-        partner_request.span_kind,
-        opentelemetry::trace::SpanKind::Client
-    );
+    assert!(attribute(&deliver, "attempt").is_some());
+    assert!(attribute(&deliver, "partition").is_some());
+    assert!(attribute(&deliver, "offset").is_some());
 
     running.stop().await;
     relay_stop.cancel();
