@@ -270,15 +270,20 @@ pub struct Action {
 
 impl Action {
     fn check(&self) -> Result<(), ApiError> {
-        if self.actor.trim().is_empty() || self.reason.trim().is_empty() {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "missing_actor_or_reason",
-                "actor and reason must not be empty: every operator action is audited",
-            ));
-        }
-        Ok(())
+        audited(&self.actor, &self.reason)
     }
+}
+
+/// Refuses an action without who and why: every operator action is audited.
+fn audited(actor: &str, reason: &str) -> Result<(), ApiError> {
+    if actor.trim().is_empty() || reason.trim().is_empty() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "missing_actor_or_reason",
+            "actor and reason must not be empty: every operator action is audited",
+        ));
+    }
+    Ok(())
 }
 
 /// `POST /v1/tenants/{tenant}/resume` `{"actor", "reason"}`: the owning instance replays the
@@ -290,10 +295,8 @@ async fn resume(
 ) -> Result<Response, ApiError> {
     let axum::Json(action) = body?;
     action.check()?;
-    if ledger::request_resume(&admin.pool, &tenant, &action.actor, &action.reason).await? {
-        return Ok(accepted(json!({"tenant_id": tenant, "state": "draining"})));
-    }
-    Err(not_paused(&admin.pool, &tenant, "not paused: nothing to resume").await?)
+    ledger::resume(&admin.pool, &tenant, &action.actor, &action.reason).await?;
+    Ok(accepted(json!({"tenant_id": tenant, "state": "draining"})))
 }
 
 /// Why an action on a paused tenant did nothing: the tenant is unknown, or in another state.
@@ -352,11 +355,7 @@ async fn replay(
     body: Result<axum::Json<Replay>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let axum::Json(replay) = body?;
-    Action {
-        actor: replay.actor.clone(),
-        reason: replay.reason.clone(),
-    }
-    .check()?;
+    audited(&replay.actor, &replay.reason)?;
     let since = chrono::DateTime::parse_from_rfc3339(replay.since.trim())
         .map_err(|e| {
             ApiError::new(
@@ -584,11 +583,7 @@ async fn put_kill_switch(
     body: Result<axum::Json<KillSwitch>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let axum::Json(switch) = body?;
-    Action {
-        actor: switch.actor.clone(),
-        reason: switch.reason.clone(),
-    }
-    .check()?;
+    audited(&switch.actor, &switch.reason)?;
     let mut tx = admin.pool.begin().await?;
     sqlx::query("UPDATE control SET kill_switch = $1")
         .bind(switch.on)

@@ -400,33 +400,24 @@ pub struct TenantRow {
     /// The tenant.
     pub tenant_id: String,
     /// Whether the integration is on.
-    #[serde(default)]
     pub integration_enabled: Option<bool>,
     /// `active`, `paused`, `draining` or `disabled`.
     pub state: String,
     /// `retryable`, `permanent`, `bad_event` or `operator`.
-    #[serde(default)]
     pub pause_cause: Option<String>,
     /// Why.
-    #[serde(default)]
     pub pause_reason: Option<String>,
     /// The event that failed.
-    #[serde(default)]
     pub paused_event_id: Option<String>,
     /// Since when.
-    #[serde(default)]
     pub paused_at: Option<DateTime<Utc>>,
     /// When it is retried automatically.
-    #[serde(default)]
     pub next_retry_at: Option<DateTime<Utc>>,
     /// Events parked.
-    #[serde(default)]
     pub backlog: Option<i64>,
     /// Attempts at the failing event.
-    #[serde(default)]
     pub failed_attempts: Option<i64>,
     /// The partner's answer to it: `{"status", "body"}`.
-    #[serde(default)]
     pub partner_response: Option<Value>,
 }
 
@@ -438,20 +429,15 @@ pub struct PartitionRow {
     /// The partition.
     pub partition: i64,
     /// The committed offset (none before the first commit).
-    #[serde(default)]
     pub committed_offset: Option<i64>,
     /// The commit point this instance has settled through (ahead of the committed offset
     /// until the next commit lands).
-    #[serde(default)]
     pub settled_offset: Option<i64>,
     /// The partition's end.
-    #[serde(default)]
     pub high_watermark: Option<i64>,
     /// Records not yet committed.
-    #[serde(default)]
     pub lag: Option<i64>,
     /// Events of it in flight.
-    #[serde(default)]
     pub in_flight: Option<i64>,
 }
 
@@ -461,31 +447,22 @@ pub struct FailureRow {
     /// The event.
     pub event_id: String,
     /// Its tenant.
-    #[serde(default)]
     pub tenant_id: Option<String>,
     /// Its type.
-    #[serde(default)]
     pub event_type: Option<String>,
     /// Where it stands.
-    #[serde(default)]
     pub outcome: Option<String>,
     /// Attempts made.
-    #[serde(default)]
     pub attempts: Option<i64>,
     /// The last error.
-    #[serde(default)]
     pub last_error: Option<String>,
     /// The partner's last answer: `{"status", "body"}`.
-    #[serde(default)]
     pub last_response: Option<Value>,
     /// Its partition.
-    #[serde(default)]
     pub partition: Option<i64>,
     /// Its offset.
-    #[serde(default)]
     pub offset: Option<i64>,
     /// Last change.
-    #[serde(default)]
     pub updated_at: Option<DateTime<Utc>>,
 }
 
@@ -495,19 +472,14 @@ pub struct AttemptRow {
     /// 1, 2, ...
     pub attempt: i64,
     /// When it started.
-    #[serde(default)]
     pub started_at: Option<DateTime<Utc>>,
     /// When it ended (none while in flight).
-    #[serde(default)]
     pub finished_at: Option<DateTime<Utc>>,
     /// How it ended.
-    #[serde(default)]
     pub outcome: Option<String>,
     /// The error, if it failed.
-    #[serde(default)]
     pub error: Option<String>,
     /// The partner's answer: `{"status", "body"}`.
-    #[serde(default)]
     pub response: Option<Value>,
 }
 
@@ -515,16 +487,12 @@ pub struct AttemptRow {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct ActionRow {
     /// When.
-    #[serde(default)]
     pub at: Option<DateTime<Utc>>,
     /// Who.
-    #[serde(default)]
     pub actor: Option<String>,
     /// What (`resume`, `skip`, ...).
-    #[serde(default)]
     pub action: Option<String>,
     /// Why.
-    #[serde(default)]
     pub reason: Option<String>,
 }
 
@@ -534,13 +502,11 @@ pub struct EventHistory {
     /// The event.
     pub event_id: String,
     /// Its delivery record, if it got that far.
-    #[serde(default)]
     pub delivery: Option<Value>,
     /// Its attempts, oldest first.
     #[serde(default)]
     pub attempts: Vec<AttemptRow>,
     /// Its parked record, while its tenant is paused.
-    #[serde(default)]
     pub parked: Option<Value>,
     /// Operator actions on it.
     #[serde(default)]

@@ -420,11 +420,22 @@ pub async fn request_resume(
     actor: &str,
     reason: &str,
 ) -> Result<bool, sqlx::Error> {
-    match drain_by_operator(pool, tenant, actor, reason, "resume").await {
+    match resume(pool, tenant, actor, reason).await {
         Ok(()) => Ok(true),
         Err(ActionError::Postgres(e)) => Err(e),
         Err(_) => Ok(false),
     }
+}
+
+/// [`request_resume`], saying why nothing was done.
+pub async fn resume(
+    pool: &PgPool,
+    tenant: &str,
+    actor: &str,
+    reason: &str,
+) -> Result<(), ActionError> {
+    let what = "not paused: nothing to resume";
+    drain_by_operator(pool, tenant, actor, reason, "resume", what).await
 }
 
 /// Retries a paused tenant now (audited): its owner replays the backlog at once instead of at
@@ -436,7 +447,8 @@ pub async fn retry_now(
     actor: &str,
     reason: &str,
 ) -> Result<(), ActionError> {
-    drain_by_operator(pool, tenant, actor, reason, "retry").await
+    let what = "not paused: nothing to retry";
+    drain_by_operator(pool, tenant, actor, reason, "retry", what).await
 }
 
 /// Moves a paused tenant to `draining` and audits it as `action`, in one transaction.
@@ -446,10 +458,10 @@ async fn drain_by_operator(
     actor: &str,
     reason: &str,
     action: &str,
+    what: &'static str,
 ) -> Result<(), ActionError> {
     let mut tx = pool.begin().await?;
     if !start_drain(&mut tx, tenant).await? {
-        let what = "not paused: nothing to resume or retry";
         return Err(wrong_state(&mut tx, tenant, "not_paused", what).await?);
     }
     audit(&mut tx, actor, action, tenant, reason, json!({})).await?;

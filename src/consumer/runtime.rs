@@ -646,9 +646,8 @@ pub async fn run<H: Handler>(
     // Tenants paused elsewhere (an operator, another instance) while one of their events is in
     // flight here: held, their queue parked once that event has ended (a failure of it must be
     // parked ahead of what came after it).
-    let mut pausing: std::collections::HashSet<String> = std::collections::HashSet::new();
-    // The same set, for the handler tasks: they stop retrying a tenant being paused.
-    let pausing_shared: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
+    // Shared with the handler tasks: they stop retrying a tenant being paused.
+    let pausing: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
     let mut lag_check = tokio::time::interval(LAG_INTERVAL);
 
     // Which partition a tenant's records land on: a backlog is replayed by the instance that
@@ -683,22 +682,17 @@ pub async fn run<H: Handler>(
     loop {
         // A pause noticed while the tenant had an event in flight takes effect once that event
         // has ended: its queue is parked, in order, and its later records follow.
-        if !pausing.is_empty() {
-            let ready: Vec<String> = pausing
+        {
+            let mut held = pausing.lock().expect("pausing tenants");
+            let ready: Vec<String> = held
                 .iter()
                 .filter(|t| {
                     !scheduler.is_in_flight(*t) && !held_by_breaker.iter().any(|(h, _)| h == *t)
                 })
                 .cloned()
                 .collect();
-            if !ready.is_empty() {
-                let mut shared = pausing_shared.lock().expect("pausing tenants");
-                for tenant in &ready {
-                    shared.remove(tenant);
-                }
-            }
             for tenant in ready {
-                pausing.remove(&tenant);
+                held.remove(&tenant);
                 if paused.insert(tenant.clone()) {
                     for queued in scheduler.take_queue(&tenant) {
                         pending.parked.push(queued.into_parked());
@@ -774,14 +768,14 @@ pub async fn run<H: Handler>(
         // A task per event; whether it is a redelivery was looked up when it arrived.
         for (tenant, item, lease) in batch {
             let position = item.position;
-            let (handler, done_tx, retry, window, pool, stats, pausing_shared) = (
+            let (handler, done_tx, retry, window, pool, stats, pausing) = (
                 Arc::clone(&handler),
                 done_tx.clone(),
                 options.retry.clone(),
                 Arc::clone(&window),
                 pool.clone(),
                 Arc::clone(&stats),
-                Arc::clone(&pausing_shared),
+                Arc::clone(&pausing),
             );
             tokio::spawn(async move {
                 let guard = Guard {
@@ -789,7 +783,7 @@ pub async fn run<H: Handler>(
                     cancel: &lease.cancel,
                     window: &window,
                     stats: &stats,
-                    pausing: &pausing_shared,
+                    pausing: &pausing,
                     owner: position,
                 };
                 let already = item.settled;
@@ -849,8 +843,7 @@ pub async fn run<H: Handler>(
                         // any record of theirs is admitted (the callback ran inside this poll).
                         if std::mem::take(&mut state.lock().reload_paused) {
                             let now = paused_tenants(&pool).await?;
-                            obey_pauses(now, &mut paused, &mut pausing, &mut scheduler);
-                            pausing_shared.lock().expect("pausing tenants").clone_from(&pausing);
+                            obey_pauses(now, &mut paused, &pausing, &mut scheduler);
                         }
                         let position = {
                             let mut s = state.lock();
@@ -946,10 +939,9 @@ pub async fn run<H: Handler>(
                     // A failure of a partition lost meanwhile is the next owner's to meet:
                     // parking it here could race the owner's own intake.
                     Done::Breaker(item, _) | Done::Pause(item, _, _) if !is_current(&state, item.position) => {}
-                    Done::Settled(mut item, outcome, attempts) => {
+                    Done::Settled(item, outcome, attempts) => {
                         stats.count(outcome);
-                        pending.settlements.push((settlement(&item, outcome, attempts), item.position));
-                        pending.attempts.append(&mut item.log);
+                        pending.settle(item, outcome, attempts);
                     }
                     Done::Duplicate(item) => {
                         stats.duplicates.fetch_add(1, Relaxed);
@@ -990,7 +982,7 @@ pub async fn run<H: Handler>(
                 let owned: std::collections::HashSet<i32> = state.lock().partitions.keys().copied().collect();
                 let held = paused
                     .iter()
-                    .chain(pausing.iter())
+                    .chain(pausing.lock().expect("pausing tenants").iter())
                     .filter(|t| owned.contains(&broker::partition_for_key(t.as_bytes(), partitions)))
                     .count();
                 stats.tenants_held.store(held as u64, Relaxed);
@@ -1046,8 +1038,7 @@ pub async fn run<H: Handler>(
                 // Pauses recorded elsewhere (an operator's, or another instance's before a
                 // rebalance) reach this instance here.
                 let now = paused_tenants(&pool).await?;
-                obey_pauses(now, &mut paused, &mut pausing, &mut scheduler);
-                pausing_shared.lock().expect("pausing tenants").clone_from(&pausing);
+                obey_pauses(now, &mut paused, &pausing, &mut scheduler);
                 // Resumed tenants (by an operator, or retryable ones whose time came) that this
                 // instance holds: replay their backlogs. New events keep being parked meanwhile.
                 if !killed {
@@ -1058,10 +1049,10 @@ pub async fn run<H: Handler>(
                             && let Some(lease) = Lease::take(&state, partition, None)
                         {
                             draining.insert(tenant.clone());
-                            let (handler, pool, tx, retry, window, stats, pausing_shared) = (Arc::clone(&handler), pool.clone(), drain_tx.clone(), options.retry.clone(), Arc::clone(&window), Arc::clone(&stats), Arc::clone(&pausing_shared));
+                            let (handler, pool, tx, retry, window, stats, pausing) = (Arc::clone(&handler), pool.clone(), drain_tx.clone(), options.retry.clone(), Arc::clone(&window), Arc::clone(&stats), Arc::clone(&pausing));
                             let owner = Position { partition, offset: 0, generation: lease.generation };
                             tokio::spawn(async move {
-                                let guard = Guard { retry: &retry, cancel: &lease.cancel, window: &window, stats: &stats, pausing: &pausing_shared, owner };
+                                let guard = Guard { retry: &retry, cancel: &lease.cancel, window: &window, stats: &stats, pausing: &pausing, owner };
                                 let report = drain(&*handler, &pool, &tenant, &guard).await;
                                 let _ = tx.send(report);
                                 drop(lease);
@@ -1117,10 +1108,9 @@ pub async fn run<H: Handler>(
             Some((tenant, done)) = probe_rx.recv() => {
                 probing = false;
                 match done {
-                    Done::Settled(mut item, outcome, attempts) => {
+                    Done::Settled(item, outcome, attempts) => {
                         stats.count(outcome);
-                        pending.settlements.push((settlement(&item, outcome, attempts), item.position));
-                        pending.attempts.append(&mut item.log);
+                        pending.settle(item, outcome, attempts);
                         // Closed: the held events run first, each ahead of its tenant's queue.
                         for (t, held) in held_by_breaker.drain(..) {
                             scheduler.retry_first(t, Queued::Event(held));
@@ -1216,11 +1206,8 @@ pub async fn run<H: Handler>(
     let deadline = Instant::now() + options.revoke_drain;
     blocking(|| state.cancel_and_wait(&owned, deadline));
     while let Ok((_, done)) = done_rx.try_recv() {
-        if let Done::Settled(mut item, outcome, attempts) = done {
-            pending
-                .settlements
-                .push((settlement(&item, outcome, attempts), item.position));
-            pending.attempts.append(&mut item.log);
+        if let Done::Settled(item, outcome, attempts) = done {
+            pending.settle(item, outcome, attempts);
         }
     }
     flush(
@@ -1492,9 +1479,10 @@ fn is_current(state: &State, position: Position) -> bool {
 fn obey_pauses(
     now: std::collections::HashSet<String>,
     paused: &mut std::collections::HashSet<String>,
-    pausing: &mut std::collections::HashSet<String>,
+    pausing: &Mutex<std::collections::HashSet<String>>,
     scheduler: &mut Scheduler<String, Queued>,
 ) {
+    let mut pausing = pausing.lock().expect("pausing tenants");
     for tenant in paused.iter().chain(pausing.iter()) {
         if !now.contains(tenant) {
             scheduler.release(tenant);
@@ -1757,6 +1745,13 @@ struct Pending {
 impl Pending {
     fn len(&self) -> usize {
         self.settlements.len() + self.positions.len() + self.parked.len()
+    }
+
+    /// `item` settled as `outcome` after `attempts`: its record and its attempt history.
+    fn settle(&mut self, mut item: Item, outcome: SettledAs, attempts: u32) {
+        self.settlements
+            .push((settlement(&item, outcome, attempts), item.position));
+        self.attempts.append(&mut item.log);
     }
 }
 

@@ -404,20 +404,13 @@ async fn pause_and_retry_now_are_audited_and_refused_in_the_wrong_state() {
     db.drop().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_replay_writes_the_tenants_history_again_in_order() {
-    let db = TestDb::migrated().await;
-    let (url, stop) = start(&db).await;
-    let cutoff = chrono::Utc::now() - chrono::Duration::hours(1);
-    // Two old events (before the cut-off), three since, and another tenant's event.
-    let mut rows = Vec::new();
-    for (seq, age_min) in [(1, 120), (2, 90), (3, 30), (4, 20), (5, 10)] {
-        let mut row = crate::consume::row("acme", seq);
-        row.created_at = chrono::Utc::now() - chrono::Duration::minutes(age_min);
-        rows.push(row);
-    }
-    rows.push(crate::consume::row("other", 1));
-    for row in &rows {
+/// Writes `tenant`'s outbox rows, one per age (minutes ago), oldest first (their aggregate ids
+/// count from 1); returns their ids.
+pub(crate) async fn outbox_history(db: &TestDb, tenant: &str, ages_min: &[i64]) -> Vec<uuid::Uuid> {
+    let mut ids = Vec::new();
+    for (seq, age) in ages_min.iter().enumerate() {
+        let mut row = crate::consume::row(tenant, seq as i64 + 1);
+        row.created_at = chrono::Utc::now() - chrono::Duration::minutes(*age);
         sqlx::query(
             "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, tenant_id, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -432,7 +425,19 @@ async fn a_replay_writes_the_tenants_history_again_in_order() {
         .execute(&db.pool)
         .await
         .unwrap();
+        ids.push(row.id);
     }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_writes_the_tenants_history_again_in_order() {
+    let db = TestDb::migrated().await;
+    let (url, stop) = start(&db).await;
+    let cutoff = chrono::Utc::now() - chrono::Duration::hours(1);
+    // Two old events (before the cut-off), three since, and another tenant's event.
+    let mut ids = outbox_history(&db, "acme", &[120, 90, 30, 20, 10]).await;
+    ids.extend(outbox_history(&db, "other", &[0]).await);
     let replay = format!("{url}/v1/tenants/acme/replay");
     let post = reqwest::Method::POST;
     // Bad times, each named, and nothing written.
@@ -485,9 +490,7 @@ async fn a_replay_writes_the_tenants_history_again_in_order() {
     let seqs: Vec<&str> = copies.iter().map(|(_, seq)| seq.as_str()).collect();
     assert_eq!(seqs, ["3", "4", "5"]);
     assert!(
-        copies
-            .iter()
-            .all(|(id, _)| rows.iter().all(|r| r.id != *id)),
+        copies.iter().all(|(id, _)| !ids.contains(id)),
         "every copy is a new event"
     );
     let details: serde_json::Value = sqlx::query_scalar(

@@ -330,28 +330,6 @@ async fn the_kill_switch_goes_on_and_off() {
     db.drop().await;
 }
 
-/// Writes `tenant`'s outbox rows, one per age (minutes ago), oldest first.
-async fn outbox_history(db: &TestDb, tenant: &str, ages_min: &[i64]) {
-    for (seq, age) in ages_min.iter().enumerate() {
-        let mut row = crate::consume::row(tenant, seq as i64 + 1);
-        row.created_at = chrono::Utc::now() - chrono::Duration::minutes(*age);
-        sqlx::query(
-            "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, tenant_id, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(row.id)
-        .bind(&row.aggregate_type)
-        .bind(&row.aggregate_id)
-        .bind(&row.event_type)
-        .bind(&row.payload)
-        .bind(&row.tenant_id)
-        .bind(row.created_at)
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn an_operator_pauses_retries_and_replays_a_tenant() {
     let db = TestDb::migrated().await;
@@ -360,7 +338,7 @@ async fn an_operator_pauses_retries_and_replays_a_tenant() {
         .execute(&db.pool)
         .await
         .unwrap();
-    outbox_history(&db, "acme", &[120, 90, 30, 20, 10]).await;
+    crate::admin::outbox_history(&db, "acme", &[120, 90, 30, 20, 10]).await;
 
     let run = ctl(
         &url,
