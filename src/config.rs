@@ -23,6 +23,7 @@
 //! | relay slot | `relay.slot` | `FERRY_RELAY_SLOT` |
 //! | relay publication | `relay.publication` | `FERRY_RELAY_PUBLICATION` |
 //! | outbox table | `relay.table` | `FERRY_RELAY_TABLE` |
+//! | how the relay reads the slot (`stream`, `peek`) | `relay.mode` | `FERRY_RELAY_MODE` |
 //! | changes per peek | `relay.batch_changes` | `FERRY_RELAY_BATCH_CHANGES` |
 //! | idle poll interval | `relay.poll_interval_ms` | `FERRY_RELAY_POLL_INTERVAL_MS` |
 //! | largest record | `relay.max_message_bytes` | `FERRY_RELAY_MAX_MESSAGE_BYTES` |
@@ -125,6 +126,8 @@ pub struct RelayConfig {
     pub schema: String,
     /// The outbox table.
     pub table: String,
+    /// How the relay reads the slot.
+    pub mode: RelayMode,
     /// Changes decoded per peek: a batch, produced and acknowledged before the slot advances.
     pub batch_changes: u32,
     /// How long to wait before peeking again when the outbox was idle.
@@ -139,6 +142,30 @@ pub struct RelayConfig {
     pub topic_partitions: i32,
 }
 
+/// How the relay reads its replication slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RelayMode {
+    /// The streaming replication protocol: the server pushes each transaction as it commits
+    /// and decodes each WAL record once. Plain TCP or a Unix socket, no TLS.
+    #[default]
+    Stream,
+    /// SQL functions over an ordinary connection (TLS works), polled: each peek decodes again
+    /// from the slot's restart position, so latency grows with the write rate.
+    Peek,
+}
+
+impl std::str::FromStr for RelayMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "stream" => Ok(RelayMode::Stream),
+            "peek" => Ok(RelayMode::Peek),
+            _ => Err("must be stream or peek".to_owned()),
+        }
+    }
+}
+
 impl Default for RelayConfig {
     fn default() -> Self {
         RelayConfig {
@@ -146,6 +173,7 @@ impl Default for RelayConfig {
             publication: "ferry_outbox".to_owned(),
             schema: "public".to_owned(),
             table: "outbox".to_owned(),
+            mode: RelayMode::Stream,
             batch_changes: 300_000,
             poll_interval: Duration::from_millis(20),
             status_interval: Duration::from_secs(10),
@@ -267,6 +295,7 @@ struct FileRelay {
     slot: Option<String>,
     publication: Option<String>,
     table: Option<String>,
+    mode: Option<String>,
     batch_changes: Option<u32>,
     poll_interval_ms: Option<u64>,
     max_message_bytes: Option<usize>,
@@ -397,6 +426,14 @@ impl Config {
                 .unwrap_or(defaults.publication),
             schema,
             table,
+            mode: match env(&["FERRY_RELAY_MODE"]).or(file.relay.mode) {
+                Some(m) => m.parse().map_err(|reason| ConfigError::Invalid {
+                    key: "relay.mode",
+                    value: m.clone(),
+                    reason,
+                })?,
+                None => defaults.mode,
+            },
             batch_changes: number("relay.batch_changes", "FERRY_RELAY_BATCH_CHANGES")?
                 .map(|n| n.min(u64::from(u32::MAX)) as u32)
                 .or(file.relay.batch_changes)
@@ -758,6 +795,14 @@ mod tests {
                     ("FERRY_DATABASE_MAX_CONNECTIONS", "many"),
                 ],
                 "database.max_connections",
+            ),
+            (
+                &[
+                    ("DATABASE_URL", "postgres://x/y"),
+                    ("KAFKA_BROKERS", "h:1"),
+                    ("FERRY_RELAY_MODE", "poll"),
+                ],
+                "relay.mode",
             ),
             (
                 &[

@@ -320,6 +320,25 @@ enum Bench {
         #[arg(long, default_value = "configured", value_parser = ["configured", "mock"])]
         broker: String,
     },
+    /// Commit-to-reader latency of the outbox at a steady write rate: the relay streaming
+    /// the slot against the same relay peeking it.
+    RelayLatency {
+        /// Changes written per second.
+        #[arg(long, default_value_t = 1_000.0)]
+        rate: f64,
+        /// For how many seconds.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Distinct tenants.
+        #[arg(long, default_value_t = 50)]
+        tenants: usize,
+        /// Partitions of each mode's topic.
+        #[arg(long, default_value_t = 12)]
+        partitions: i32,
+        /// `configured` (the stack's broker) or `mock` (librdkafka's in-process mock cluster).
+        #[arg(long, default_value = "configured", value_parser = ["configured", "mock"])]
+        broker: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -815,6 +834,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 partitions,
             };
             let report = ferry::bench::relay::run(&config, &options).await?;
+            print!("{}", report.render());
+        }
+        Command::Bench {
+            which:
+                Bench::RelayLatency {
+                    rate,
+                    seconds,
+                    tenants,
+                    partitions,
+                    broker,
+                },
+        } => {
+            if !(rate.is_finite() && rate > 0.0 && seconds.is_finite() && seconds > 0.0) {
+                anyhow::bail!("--rate and --seconds must be positive numbers");
+            }
+            let options = ferry::bench::relay_latency::LatencyBenchOptions {
+                broker: bench_broker(&broker)?,
+                rate,
+                seconds,
+                tenants,
+                partitions,
+            };
+            let report = ferry::bench::relay_latency::run(&config, &options).await?;
             print!("{}", report.render());
         }
     }

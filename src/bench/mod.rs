@@ -4,6 +4,7 @@
 
 pub mod consume;
 pub mod relay;
+pub mod relay_latency;
 
 use std::collections::HashMap;
 use std::time::Duration;

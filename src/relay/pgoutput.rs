@@ -281,6 +281,12 @@ impl Assembler {
         }
     }
 
+    /// Whether a transaction has begun and not yet committed: a position the server reports
+    /// now is not safe to confirm.
+    pub fn in_transaction(&self) -> bool {
+        self.open.is_some()
+    }
+
     /// Feeds one message; returns the transaction it completes, if any. Transactions without
     /// outbox rows are returned too: their end LSN is progress.
     pub fn push(&mut self, message: Message) -> Result<Option<Transaction>, ProtocolError> {

@@ -494,3 +494,148 @@ async fn a_second_relay_stands_by_and_takes_over() {
     task_b.await.unwrap().unwrap();
     db.drop().await;
 }
+
+/// The streaming relay logs in as a role of its own with a password: SCRAM-SHA-256 and MD5
+/// (`scripts/stack` makes the server ask these two roles for one), and a wrong or missing
+/// password is an error an operator must fix, not one to retry.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_streaming_relay_logs_in_with_scram_or_md5_and_refuses_a_wrong_password() {
+    use ferry::relay::replication::{ReplicationConnection, ReplicationError, Target};
+    let db = TestDb::migrated().await;
+    let kafka = fresh_topic(1).await;
+    let cfg = config(&db, &kafka);
+    // The superuser creates the slot and the publication; the relay's roles only stream them.
+    Relay::connect(&cfg).await.unwrap().setup().await.unwrap();
+    let methods: Vec<(String, String)> = sqlx::query_as(
+        "SELECT user_name[1], auth_method FROM pg_hba_file_rules \
+         WHERE user_name[1] IN ('ferry_scram_relay', 'ferry_md5_relay') ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        methods,
+        [
+            ("ferry_md5_relay".to_owned(), "md5".to_owned()),
+            ("ferry_scram_relay".to_owned(), "scram-sha-256".to_owned())
+        ],
+        "the server asks these roles for a password (scripts/stack writes pg_hba.conf)"
+    );
+    let url = reqwest::Url::parse(&db.url).unwrap();
+    let url_as = |user: &str, password: Option<&str>| {
+        let mut u = url.clone();
+        u.set_username(user).unwrap();
+        u.set_password(password).unwrap();
+        u.to_string()
+    };
+
+    let mut sent = Vec::new();
+    for (role, encryption, password) in [
+        ("ferry_scram_relay", "scram-sha-256", "p@ss wörd"),
+        ("ferry_md5_relay", "md5", "md5 secret"),
+    ] {
+        let mut conn = db.pool.acquire().await.unwrap();
+        sqlx::query(&format!("DROP ROLE IF EXISTS {role}"))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        sqlx::query(&format!("SET password_encryption = '{encryption}'"))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        sqlx::query(&format!(
+            "CREATE ROLE {role} LOGIN REPLICATION PASSWORD '{password}'"
+        ))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        drop(conn);
+
+        // Inputs tried: the wrong password, then none at all.
+        let wrong = Target::from_url(&url_as(role, Some("wrong"))).unwrap();
+        match ReplicationConnection::connect(&wrong, "test").await {
+            Err(e @ ReplicationError::Server { .. }) => {
+                assert!(e.to_string().contains("28P01"), "{role}: {e}");
+                assert!(!e.is_retryable(), "{role}: {e}");
+            }
+            Err(e) => panic!("{role}: a wrong password gave {e}"),
+            Ok(_) => panic!("{role}: a wrong password was accepted"),
+        }
+        let none = Target {
+            password: None,
+            ..Target::from_url(&url_as(role, None)).unwrap()
+        };
+        match ReplicationConnection::connect(&none, "test").await {
+            Err(ReplicationError::NoPassword) => {}
+            Err(e) => panic!("{role}: no password gave {e}"),
+            Ok(_) => panic!("{role}: logged in without a password"),
+        }
+
+        // The right one: the relay streams as this role.
+        let mut as_role = cfg.clone();
+        as_role.database.url = url_as(role, Some(password));
+        let (stop, task, stats) = start_relay(&as_role).await;
+        let e = event(role, 1, "");
+        let mut tx = db.pool.begin().await.unwrap();
+        writer::append(&mut tx, &e).await.unwrap();
+        tx.commit().await.unwrap();
+        sent.push(e.id);
+        wait_acked(&stats, 1).await;
+        let streaming: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_replication WHERE usename = $1")
+                .bind(role)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(streaming, 1, "{role} holds a replication stream");
+        stop.cancel();
+        task.await.unwrap().unwrap();
+        sqlx::query(&format!("DROP ROLE {role}"))
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+    assert_eq!(ids(&read_all(&kafka).await), sent, "each once, in order");
+    db.drop().await;
+}
+
+/// `relay.mode = "peek"` (the SQL functions, for a server reachable only over TLS) keeps the
+/// same guarantees: commit order, rollbacks never, and the heartbeat over unrelated WAL.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_peek_mode_relays_in_commit_order_and_advances_over_unrelated_wal() {
+    let db = TestDb::migrated().await;
+    let kafka = fresh_topic(1).await;
+    let mut cfg = config(&db, &kafka);
+    cfg.relay.mode = ferry::config::RelayMode::Peek;
+    let (stop, task, stats) = start_relay(&cfg).await;
+    let (a1, b1, c1) = (event("ta", 1, ""), event("tb", 1, ""), event("tc", 1, ""));
+    let mut a = db.pool.begin().await.unwrap();
+    let mut b = db.pool.begin().await.unwrap();
+    let mut c = db.pool.begin().await.unwrap();
+    writer::append(&mut a, &a1).await.unwrap();
+    writer::append(&mut b, &b1).await.unwrap();
+    writer::append(&mut c, &c1).await.unwrap();
+    b.commit().await.unwrap();
+    c.rollback().await.unwrap();
+    a.commit().await.unwrap();
+    wait_acked(&stats, 2).await;
+    assert_eq!(ids(&read_all(&kafka).await), vec![b1.id, a1.id]);
+
+    sqlx::query("CREATE TABLE noise AS SELECT n FROM generate_series(1, 20000) n")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let after_noise = current_lsn(&db.pool).await;
+    wait_slot_past(
+        &db.pool,
+        &cfg.relay.slot,
+        after_noise,
+        "the slot to pass the unrelated WAL",
+        DEADLINE,
+    )
+    .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    assert_eq!(stats.records_acked.load(Ordering::Relaxed), 2);
+    db.drop().await;
+}
