@@ -485,13 +485,32 @@ impl Relay {
             }
         };
         // Finish what is in hand: every acknowledgement, then the position they make durable.
-        while let Some(delivery) = progress.oldest() {
-            let acked = delivery.await;
-            self.acknowledged(acked, &mut progress)?;
+        // The server is answered meanwhile (it drops a receiver that stays silent past its
+        // `wal_sender_timeout`); what it still sends is not produced, and not confirmed, so the
+        // next session gets it again.
+        let mut answering = true;
+        while progress.in_flight() > 0 {
+            tokio::select! {
+                acked = async { progress.oldest().expect("guarded by in_flight").await } => {
+                    self.acknowledged(acked, &mut progress)?;
+                }
+                message = conn.next(), if answering => match message {
+                    Ok(StreamMessage::Keepalive { reply_requested: true, .. }) => {
+                        answering = conn.send_status(progress.durable()).await.is_ok();
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the replication stream ended while the last records were acknowledged");
+                        answering = false;
+                    }
+                },
+            }
         }
-        conn.send_status(progress.durable()).await?;
-        self.set_confirmed(progress.durable());
-        conn.close().await?;
+        if answering {
+            conn.send_status(progress.durable()).await?;
+            self.set_confirmed(progress.durable());
+            conn.close().await?;
+        }
         Ok(ended)
     }
 

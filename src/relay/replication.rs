@@ -113,16 +113,28 @@ pub fn query_message(sql: &str) -> Vec<u8> {
 }
 
 /// Takes one whole backend message (type byte and body) off the front of `buf`, if one is
-/// there; `None` until enough bytes have arrived.
-pub fn take_message(buf: &mut Vec<u8>, start: &mut usize) -> Option<(u8, Vec<u8>)> {
+/// there; `None` until enough bytes have arrived. A length below the header's own is an error:
+/// waiting for more bytes would never end.
+pub fn take_message(
+    buf: &mut Vec<u8>,
+    start: &mut usize,
+) -> Result<Option<(u8, Vec<u8>)>, ReplicationError> {
     let available = &buf[*start..];
     if available.len() < 5 {
-        return None;
+        return Ok(None);
     }
     let len = i32::from_be_bytes([available[1], available[2], available[3], available[4]]);
-    let len = usize::try_from(len).ok()?.max(4);
+    let len = match usize::try_from(len) {
+        Ok(len) if len >= 4 => len,
+        _ => {
+            return Err(ReplicationError::Unexpected(format!(
+                "a message of type {:?} with length {len}",
+                available[0] as char
+            )));
+        }
+    };
     if available.len() < 1 + len {
-        return None;
+        return Ok(None);
     }
     let tag = available[0];
     let body = available[5..1 + len].to_vec();
@@ -132,7 +144,7 @@ pub fn take_message(buf: &mut Vec<u8>, start: &mut usize) -> Option<(u8, Vec<u8>
         buf.drain(..*start);
         *start = 0;
     }
-    Some((tag, body))
+    Ok(Some((tag, body)))
 }
 
 /// An `ErrorResponse` (or `NoticeResponse`) body as its SQLSTATE and message.
@@ -521,6 +533,7 @@ impl ReplicationConnection {
 
     async fn authenticate(&mut self, target: &Target) -> Result<(), ReplicationError> {
         let mut scram: Option<Scram> = None;
+        let mut server_verified = false;
         loop {
             let (tag, body) = self.read_message().await?;
             match tag {
@@ -540,6 +553,11 @@ impl ReplicationConnection {
                 .ok_or_else(|| ReplicationError::Unexpected("a short authentication".into()))?;
             let password = || target.password.clone().ok_or(ReplicationError::NoPassword);
             match code {
+                // A server that began SCRAM must prove it knows the password before it may
+                // say "ok" (libpq insists on the same).
+                0 if scram.is_some() && !server_verified => {
+                    return Err(ReplicationError::ServerSignature);
+                }
                 0 => return Ok(()),
                 3 => {
                     let mut body = password()?.into_bytes();
@@ -592,6 +610,7 @@ impl ReplicationConnection {
                         ReplicationError::Unexpected("SASL final before SASL".into())
                     })?;
                     s.verify_server(&String::from_utf8_lossy(&body[4..]))?;
+                    server_verified = true;
                 }
                 other => {
                     return Err(ReplicationError::UnsupportedAuth(format!("code {other}")));
@@ -665,7 +684,7 @@ impl ReplicationConnection {
 
     async fn read_message(&mut self) -> Result<(u8, Vec<u8>), ReplicationError> {
         loop {
-            if let Some(message) = take_message(&mut self.buf, &mut self.start) {
+            if let Some(message) = take_message(&mut self.buf, &mut self.start)? {
                 return Ok(message);
             }
             if self.buf.len() == self.buf.capacity() {
@@ -751,23 +770,33 @@ mod tests {
         let msg = frontend_message(b'd', b"hello");
         buf.extend_from_slice(&msg[..4]);
         assert_eq!(
-            take_message(&mut buf, &mut start),
+            take_message(&mut buf, &mut start).unwrap(),
             None,
             "header incomplete"
         );
         buf.extend_from_slice(&msg[4..8]);
-        assert_eq!(take_message(&mut buf, &mut start), None, "body incomplete");
+        assert_eq!(
+            take_message(&mut buf, &mut start).unwrap(),
+            None,
+            "body incomplete"
+        );
         buf.extend_from_slice(&msg[8..]);
         buf.extend_from_slice(&frontend_message(b'Z', b"I"));
         assert_eq!(
-            take_message(&mut buf, &mut start),
+            take_message(&mut buf, &mut start).unwrap(),
             Some((b'd', b"hello".to_vec()))
         );
         assert_eq!(
-            take_message(&mut buf, &mut start),
+            take_message(&mut buf, &mut start).unwrap(),
             Some((b'Z', b"I".to_vec()))
         );
-        assert_eq!(take_message(&mut buf, &mut start), None);
+        assert_eq!(take_message(&mut buf, &mut start).unwrap(), None);
+        // Inputs tried: lengths below the four bytes of the length itself, and negative.
+        for len in [3i32, 0, -1] {
+            let mut bad = vec![b'd'];
+            bad.extend_from_slice(&len.to_be_bytes());
+            assert!(take_message(&mut bad, &mut 0).is_err(), "length {len}");
+        }
     }
 
     #[test]
