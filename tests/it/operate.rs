@@ -357,7 +357,12 @@ async fn an_operators_pause_stops_the_retries_and_stays_the_operators() {
         flaky: Mutex::new(["stuck".to_owned()].into_iter().collect()),
         ..Default::default()
     });
-    let (stop, task, stats) = start_with(&cfg, &db.pool, &handler, options());
+    // Backoff up to 400 ms: 50 attempts take about 10 s, so the pause (noticed within
+    // `kill_switch_interval`) lands long before them even on a loaded machine; at 100 ms the
+    // whole budget was 2.5 s, and a CI run under the full suite's load spent it.
+    let mut opts = options();
+    opts.retry.max = Duration::from_millis(400);
+    let (stop, task, stats) = start_with(&cfg, &db.pool, &handler, opts);
     let (url, admin_stop) = admin(&db, &stats).await;
     let rows: Vec<_> = (1..=3).map(|seq| row("stuck", seq)).collect();
     let failing = rows[0].id;
