@@ -771,6 +771,12 @@ async fn metrics(State(admin): State<Admin>) -> Result<Response, ApiError> {
         "From the outbox commit (the record's timestamp) to Ferry receiving the record.",
         &s.intake_latency,
     );
+    histogram(
+        &mut out,
+        "ferry_handling_seconds",
+        "From an event's dispatch to its handler's last outcome, retries included.",
+        &s.handling_latency,
+    );
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }
 

@@ -155,6 +155,10 @@ pub struct ConsumeStats {
     /// From the record's timestamp to the partner's acknowledgement (the handler returned done):
     /// the end-to-end latency of delivered events.
     pub ack_latency: super::latency::Histogram,
+    /// From an event's dispatch to its handler's last outcome, retries included: the time
+    /// its tenant is busy with it. Beside `intake_latency` and `ack_latency` it tells the
+    /// partner's share of the latency from the wait in the tenant's queue.
+    pub handling_latency: super::latency::Histogram,
     /// Events settled as ignored (their tenant has the integration off).
     pub ignored: std::sync::atomic::AtomicU64,
     /// Events whose failure paused their tenant.
@@ -788,9 +792,11 @@ pub async fn run<H: Handler>(
                 };
                 let already = item.settled;
                 let span = event_span(&item);
+                let dispatched = std::time::Instant::now();
                 let done =
                     tracing::Instrument::instrument(handle(&*handler, item, &guard, already), span)
                         .await;
+                stats.handling_latency.record(dispatched.elapsed());
                 if let Done::Settled(item, SettledAs::Delivered, _) = &done
                     && let Some(written) = item.event.occurred_at
                 {

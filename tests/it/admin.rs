@@ -300,6 +300,7 @@ async fn the_kill_switch_is_set_audited_and_metrics_are_scraped() {
         "ferry_delivery_latency_seconds_bucket{le=\"+Inf\"} 0",
         "ferry_delivery_latency_seconds_count 0",
         "ferry_intake_latency_seconds_count 0",
+        "ferry_handling_seconds_count 0",
     ] {
         assert!(text.lines().any(|l| l == series), "{series} in:\n{text}");
     }
