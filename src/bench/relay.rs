@@ -140,10 +140,7 @@ impl RelayBenchReport {
                 ratio
             )
         };
-        let broker = match o.broker {
-            BenchBroker::Configured => "the configured broker",
-            BenchBroker::Mock => "librdkafka's in-process mock cluster",
-        };
+        let broker = o.broker.describe();
         let mut s = format!(
             "relay benchmark: {} rows per relay, {} tenants, {} concurrent writers, {} partitions, on {broker}\n\n",
             o.rows, o.tenants, o.writers, o.partitions
@@ -196,6 +193,14 @@ pub async fn run(
 pub type Mock = rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
 
 impl BenchBroker {
+    /// What the benchmark's table header says it ran on.
+    pub fn describe(self) -> &'static str {
+        match self {
+            BenchBroker::Configured => "the configured broker",
+            BenchBroker::Mock => "librdkafka's in-process mock cluster",
+        }
+    }
+
     /// Points `config` at this broker. For the mock cluster, starts it: keep what is returned
     /// alive for the whole run (dropping it stops its brokers).
     pub fn start(self, config: &mut Config) -> Result<Option<Mock>, BenchError> {

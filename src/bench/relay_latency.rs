@@ -94,10 +94,7 @@ impl LatencyBenchReport {
     /// The table and the machine-readable last line.
     pub fn render(&self) -> String {
         let o = &self.options;
-        let broker = match o.broker {
-            BenchBroker::Configured => "the configured broker",
-            BenchBroker::Mock => "librdkafka's in-process mock cluster",
-        };
+        let broker = o.broker.describe();
         let mut s = format!(
             "relay latency, commit to a reader of the topic: {} changes/s for {} s, {} tenants, {} partitions, on {broker}\n\n",
             o.rate, o.seconds, o.tenants, o.partitions

@@ -95,6 +95,28 @@ async fn wait_slot_past(
     .await;
 }
 
+/// Writes 20,000 rows to a table outside the publication and waits until the slot has moved past
+/// them: the heartbeat, without an outbox row to carry it.
+async fn slot_passes_unrelated_wal(db: &TestDb, cfg: &Config) {
+    sqlx::query("CREATE TABLE noise (n int, filler text)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO noise SELECT n, repeat('x', 200) FROM generate_series(1, 20000) n")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let after_noise = current_lsn(&db.pool).await;
+    wait_slot_past(
+        &db.pool,
+        &cfg.relay.slot,
+        after_noise,
+        "the slot to pass the unrelated WAL",
+        DEADLINE,
+    )
+    .await;
+}
+
 fn ids(messages: &[rdkafka::message::OwnedMessage]) -> Vec<Uuid> {
     messages
         .iter()
@@ -202,23 +224,7 @@ async fn an_idle_outbox_on_a_busy_server_still_advances_the_slot() {
     let cfg = config(&db, &kafka);
     let (stop, task, stats) = start_relay(&cfg).await;
 
-    sqlx::query("CREATE TABLE noise (n int, filler text)")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    sqlx::query("INSERT INTO noise SELECT n, repeat('x', 200) FROM generate_series(1, 20000) n")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    let after_noise = current_lsn(&db.pool).await;
-    wait_slot_past(
-        &db.pool,
-        &cfg.relay.slot,
-        after_noise,
-        "the slot to pass the unrelated WAL",
-        DEADLINE,
-    )
-    .await;
+    slot_passes_unrelated_wal(&db, &cfg).await;
     assert_eq!(
         stats.records_acked.load(Ordering::Relaxed),
         0,
@@ -621,19 +627,7 @@ async fn the_peek_mode_relays_in_commit_order_and_advances_over_unrelated_wal() 
     wait_acked(&stats, 2).await;
     assert_eq!(ids(&read_all(&kafka).await), vec![b1.id, a1.id]);
 
-    sqlx::query("CREATE TABLE noise AS SELECT n FROM generate_series(1, 20000) n")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    let after_noise = current_lsn(&db.pool).await;
-    wait_slot_past(
-        &db.pool,
-        &cfg.relay.slot,
-        after_noise,
-        "the slot to pass the unrelated WAL",
-        DEADLINE,
-    )
-    .await;
+    slot_passes_unrelated_wal(&db, &cfg).await;
     stop.cancel();
     task.await.unwrap().unwrap();
     assert_eq!(stats.records_acked.load(Ordering::Relaxed), 2);
