@@ -429,7 +429,6 @@ impl Relay {
         tracing::info!(slot = %self.options.slot, from = %self.confirmed, "streaming the slot");
         let mut assembler = Assembler::new(&self.options.schema, &self.options.table);
         let mut progress: Progress<DeliveryFuture> = Progress::new(self.confirmed);
-        let mut reported = self.confirmed;
         let mut last_report = tokio::time::Instant::now();
         let mut last_status = tokio::time::Instant::now();
         let mut tick = tokio::time::interval(REPORT_EVERY);
@@ -469,11 +468,10 @@ impl Relay {
             }
             let durable = progress.durable();
             if reply_now
-                || (durable > reported && last_report.elapsed() >= REPORT_EVERY)
+                || (durable > self.confirmed && last_report.elapsed() >= REPORT_EVERY)
                 || last_report.elapsed() >= REPORT_AT_LEAST_EVERY
             {
                 conn.send_status(durable).await?;
-                reported = durable;
                 last_report = tokio::time::Instant::now();
                 self.set_confirmed(durable);
             }
@@ -613,32 +611,25 @@ impl Relay {
         let mut assembler = Assembler::new(&self.options.schema, &self.options.table);
         let mut progress: Progress<DeliveryFuture> = Progress::new(self.confirmed);
         let (mut seen, mut records, mut transactions) = (0usize, 0usize, 0u64);
-        let mut last_end = Lsn(0);
         while let Some((_, data)) = changes.try_next().await? {
             seen += 1;
             if let Some(tx) = assembler.push(pgoutput::parse(&data)?)? {
                 records += self.produce(&tx, &mut progress).await?;
                 progress.received(tx.end_lsn);
-                last_end = tx.end_lsn;
                 transactions += 1;
             }
         }
         drop(changes);
         let decoded = started.elapsed();
-        while let Some(delivery) = progress.oldest() {
-            let acked = delivery.await;
-            self.acknowledged(acked, &mut progress)?;
-        }
+        while self.ack_oldest(&mut progress).await? {}
         let acked = started.elapsed();
         let cut_short = seen >= self.options.batch_changes as usize;
-
-        // Everything up to `last_end` is acknowledged; when the peek was not cut short, nothing
-        // else committed before `upto`, so the slot may pass it (the heartbeat).
-        let target = if cut_short {
-            last_end
-        } else {
-            last_end.max(upto)
-        };
+        // When the peek was not cut short, nothing else committed before `upto`, so the slot
+        // may pass it (the heartbeat), as it passes a keepalive's position when streaming.
+        if !cut_short {
+            progress.caught_up(upto);
+        }
+        let target = progress.durable();
         if target > self.confirmed {
             sqlx::query("SELECT pg_replication_slot_advance($1, $2::pg_lsn)")
                 .bind(&self.options.slot)
@@ -714,12 +705,8 @@ impl Relay {
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                         // Back-pressure: wait for the oldest record in flight.
                         future_record = r;
-                        match progress.oldest() {
-                            Some(oldest) => {
-                                let acked = oldest.await;
-                                self.acknowledged(acked, progress)?;
-                            }
-                            None => tokio::time::sleep(Duration::from_millis(1)).await,
+                        if !self.ack_oldest(progress).await? {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
                         }
                     }
                     Err((e, _)) => return Err(RelayError::Delivery(e)),
@@ -728,6 +715,19 @@ impl Relay {
             count += 1;
         }
         Ok(count)
+    }
+
+    /// Waits for the oldest record's acknowledgement; `false` when nothing is in flight.
+    async fn ack_oldest(
+        &self,
+        progress: &mut Progress<DeliveryFuture>,
+    ) -> Result<bool, RelayError> {
+        let Some(delivery) = progress.oldest() else {
+            return Ok(false);
+        };
+        let report = delivery.await;
+        self.acknowledged(report, progress)?;
+        Ok(true)
     }
 
     /// The oldest record's delivery report: on success it is acknowledged (and counted).
