@@ -285,9 +285,10 @@ enum Bench {
         /// Events parked for the paused tenant in the memory run.
         #[arg(long, default_value_t = 100_000)]
         parked_events: usize,
-        /// `configured` (the stack's broker) or `mock` (librdkafka's in-process mock cluster,
-        /// where the broker's storage is not the bottleneck).
-        #[arg(long, default_value = "configured")]
+        /// `configured` (the stack's broker), `memory` (a tansu with in-memory storage started
+        /// for the run) or `mock` (librdkafka's in-process mock cluster): the last two keep the
+        /// broker's storage from being the bottleneck.
+        #[arg(long, default_value = "configured", value_parser = ["configured", "memory", "mock"])]
         broker: String,
     },
     /// The memory scenario of `bench consume`, started by it as a process of its own: consumes
@@ -315,9 +316,10 @@ enum Bench {
         /// Partitions of each relay's topic.
         #[arg(long, default_value_t = 4)]
         partitions: i32,
-        /// `configured` (the stack's broker) or `mock` (librdkafka's in-process mock cluster,
-        /// where the broker's storage is not the bottleneck).
-        #[arg(long, default_value = "configured", value_parser = ["configured", "mock"])]
+        /// `configured` (the stack's broker), `memory` (a tansu with in-memory storage started
+        /// for the run) or `mock` (librdkafka's in-process mock cluster): the last two keep the
+        /// broker's storage from being the bottleneck.
+        #[arg(long, default_value = "configured", value_parser = ["configured", "memory", "mock"])]
         broker: String,
     },
     /// Commit-to-reader latency of the outbox at a steady write rate: the relay streaming
@@ -335,8 +337,10 @@ enum Bench {
         /// Partitions of each mode's topic.
         #[arg(long, default_value_t = 12)]
         partitions: i32,
-        /// `configured` (the stack's broker) or `mock` (librdkafka's in-process mock cluster).
-        #[arg(long, default_value = "configured", value_parser = ["configured", "mock"])]
+        /// `configured` (the stack's broker), `memory` (a tansu with in-memory storage started
+        /// for the run) or `mock` (librdkafka's in-process mock cluster): the last two keep the
+        /// broker's storage from being the bottleneck.
+        #[arg(long, default_value = "configured", value_parser = ["configured", "memory", "mock"])]
         broker: String,
     },
 }
@@ -863,11 +867,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `--broker` of a benchmark: a clear error for anything but the two it knows.
+/// The `--broker` of a benchmark: a clear error for anything but the three it knows.
 fn bench_broker(name: &str) -> anyhow::Result<ferry::bench::relay::BenchBroker> {
     match name {
         "configured" => Ok(ferry::bench::relay::BenchBroker::Configured),
+        "memory" => Ok(ferry::bench::relay::BenchBroker::Memory),
         "mock" => Ok(ferry::bench::relay::BenchBroker::Mock),
-        other => anyhow::bail!("--broker {other:?}: expected `configured` or `mock`"),
+        other => anyhow::bail!("--broker {other:?}: expected `configured`, `memory` or `mock`"),
     }
 }

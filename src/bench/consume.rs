@@ -83,6 +83,8 @@ pub struct ConsumeBenchReport {
     pub classic: Duration,
     /// The overhead run.
     pub overhead: Duration,
+    /// The overhead run's records read by the broker's client alone (the ceiling).
+    pub overhead_broker: Duration,
     /// Isolation: the healthy tenants' events, all tenants healthy.
     pub isolation_healthy: Duration,
     /// Isolation: the same events with one tenant failing every event.
@@ -110,6 +112,16 @@ impl ConsumeBenchReport {
         self.options.overhead_events as f64 / self.overhead.as_secs_f64().max(1e-9)
     }
 
+    /// Records per second the broker serves a plain consumer on the overhead run's topic.
+    pub fn broker_events_per_s(&self) -> f64 {
+        self.options.overhead_events as f64 / self.overhead_broker.as_secs_f64().max(1e-9)
+    }
+
+    /// The overhead run's rate against the broker's alone.
+    pub fn overhead_ratio(&self) -> f64 {
+        self.overhead_broker.as_secs_f64() / self.overhead.as_secs_f64().max(1e-9)
+    }
+
     /// The healthy tenants' throughput with a failing tenant, against the all-healthy run.
     pub fn isolation_ratio(&self) -> f64 {
         self.isolation_healthy.as_secs_f64() / self.isolation_failing.as_secs_f64().max(1e-9)
@@ -129,10 +141,7 @@ impl ConsumeBenchReport {
             "consume benchmark on {}\n\n\
              | run | events | tenants | handler | in flight | elapsed | events/s | ratio |\n\
              |---|---|---|---|---|---|---|---|\n",
-            match o.broker {
-                BenchBroker::Configured => "the configured broker",
-                BenchBroker::Mock => "librdkafka's in-process mock cluster",
-            }
+            o.broker.describe()
         );
         s.push_str(&format!(
             "| 1. key-ordered (ferry) | {} | {} | {} ms | 256 | {:.2} s | {:.0} | {:.1}x |\n",
@@ -152,11 +161,19 @@ impl ConsumeBenchReport {
             per_s(o.events, self.classic)
         ));
         s.push_str(&format!(
-            "| 2. overhead (immediate handler) | {} | {} | 0 ms | 256 | {:.2} s | {:.0} | |\n",
+            "| 2. overhead, the broker's client alone (ceiling) | {} | {} | | | {:.2} s | {:.0} | 1.0x |\n",
+            o.overhead_events,
+            o.tenants,
+            self.overhead_broker.as_secs_f64(),
+            self.broker_events_per_s()
+        ));
+        s.push_str(&format!(
+            "| 2. overhead (immediate handler) | {} | {} | 0 ms | 256 | {:.2} s | {:.0} | {:.2}x |\n",
             o.overhead_events,
             o.tenants,
             self.overhead.as_secs_f64(),
-            self.overhead_events_per_s()
+            self.overhead_events_per_s(),
+            self.overhead_ratio()
         ));
         s.push_str(&format!(
             "| 3. isolation, all healthy (baseline) | {healthy} healthy | {ISOLATION_TENANTS} | {} ms | 256 | {:.2} s | {:.0} | 1.0x |\n",
@@ -261,7 +278,7 @@ pub async fn run(
     let any = |_: &ConsumeStats, _: &Scripted| true;
     let mut config = config.clone();
     let mock = options.broker.start(&mut config)?;
-    let (config, mock) = (&config, mock.as_ref());
+    let (config, mock) = (&config, mock.mock());
 
     // 1. Key-ordered parallelism against one in flight.
     let topic = fill(config, mock, options.events, options.tenants, 1).await?;
@@ -289,8 +306,9 @@ pub async fn run(
     .await?
     .elapsed;
 
-    // 2. Overhead.
+    // 2. Overhead, against what the broker serves a consumer that does nothing with the records.
     let big = fill(config, mock, options.overhead_events, options.tenants, 4).await?;
+    let overhead_broker = read_alone(config, &big, options.overhead_events).await?;
     let overhead = consume(
         config,
         &big,
@@ -334,6 +352,7 @@ pub async fn run(
         ferry,
         classic,
         overhead,
+        overhead_broker,
         isolation_healthy: isolation_healthy.elapsed,
         isolation_failing: isolation_failing.elapsed,
         isolation_parked: isolation_failing.stats.parked.load(Ordering::Relaxed),
@@ -516,6 +535,39 @@ async fn fill(
         }
     }
     Ok(topic)
+}
+
+/// Reads `events` records of `topic` from the start with the consumer's own settings and a
+/// group of its own, and nothing else (no decoding, no database, no commit): how fast the broker
+/// serves them, timed from the first record as Ferry's runs are.
+async fn read_alone(config: &Config, topic: &str, events: usize) -> Result<Duration, BenchError> {
+    use rdkafka::Message as _;
+    use rdkafka::consumer::{Consumer as _, StreamConsumer};
+    let group = format!("ferry-bench-alone-{}", Uuid::new_v4().simple());
+    let consumer: StreamConsumer = broker::consumer_config(&config.kafka, &group).create()?;
+    consumer.subscribe(&[topic])?;
+    let until = tokio::time::Instant::now() + Duration::from_secs(1_800);
+    let (mut first, mut seen, mut bytes) = (None, 0usize, 0usize);
+    while seen < events {
+        let message = tokio::time::timeout_at(until, consumer.recv())
+            .await
+            .map_err(|_| {
+                BenchError::Stalled(format!("the broker served {seen} of {events} records"))
+            })?;
+        match message {
+            Ok(m) => {
+                first.get_or_insert_with(Instant::now);
+                // Touch the record, so it is read as Ferry reads it.
+                bytes += m.payload().map_or(0, <[u8]>::len) + m.key().map_or(0, <[u8]>::len);
+                seen += 1;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "kafka error while reading alone; librdkafka retries")
+            }
+        }
+    }
+    tracing::debug!(bytes, "read alone");
+    Ok(first.map_or(Duration::ZERO, |t| t.elapsed()))
 }
 
 /// One run's result.

@@ -5,6 +5,7 @@
 pub mod consume;
 pub mod relay;
 pub mod relay_latency;
+pub mod tansu;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -35,6 +36,9 @@ pub enum BenchError {
     /// The relay failed.
     #[error(transparent)]
     Relay(#[from] crate::relay::RelayError),
+    /// The benchmark's own broker (`--broker memory`) did not start.
+    #[error("the in-memory tansu: {0}")]
+    Tansu(String),
     /// The run did not finish in time.
     #[error("{0}")]
     Stalled(String),

@@ -45,6 +45,9 @@ use crate::relay::Relay;
 pub enum BenchBroker {
     /// The configured cluster (the local stack's tansu, or `KAFKA_BROKERS`).
     Configured,
+    /// A tansu with in-memory storage that the benchmark starts on a free loopback port: a
+    /// real broker whose storage is not the bottleneck ([`super::tansu`]).
+    Memory,
     /// librdkafka's in-process mock cluster: a real Kafka protocol peer held in memory, to
     /// measure the relays where the broker's storage is not the bottleneck.
     Mock,
@@ -180,8 +183,8 @@ pub async fn run(
     let mut config = config.clone();
     // Kept alive for the whole run; dropped (and its brokers stopped) at the end.
     let mock = options.broker.start(&mut config)?;
-    let ferry = run_ferry(&config, options, mock.as_ref()).await?;
-    let polling = run_polling(&config, options, mock.as_ref()).await?;
+    let ferry = run_ferry(&config, options, mock.mock()).await?;
+    let polling = run_polling(&config, options, mock.mock()).await?;
     Ok(RelayBenchReport {
         options: options.clone(),
         ferry,
@@ -192,24 +195,50 @@ pub async fn run(
 /// librdkafka's in-process mock cluster, as the benchmarks hold it.
 pub type Mock = rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
 
+/// The broker a benchmark started for its run, if any: keep it alive for the whole run
+/// (dropping it stops it).
+pub enum Started {
+    /// The configured cluster: nothing started.
+    Nothing,
+    /// librdkafka's mock cluster.
+    Mock(Mock),
+    /// A tansu with in-memory storage.
+    Tansu(super::tansu::MemoryTansu),
+}
+
+impl Started {
+    /// The mock cluster, where topics are created through its own API (it has no CreateTopics).
+    pub fn mock(&self) -> Option<&Mock> {
+        match self {
+            Started::Mock(mock) => Some(mock),
+            _ => None,
+        }
+    }
+}
+
 impl BenchBroker {
     /// What the benchmark's table header says it ran on.
     pub fn describe(self) -> &'static str {
         match self {
             BenchBroker::Configured => "the configured broker",
+            BenchBroker::Memory => "a tansu with in-memory storage, started for the run",
             BenchBroker::Mock => "librdkafka's in-process mock cluster",
         }
     }
 
-    /// Points `config` at this broker. For the mock cluster, starts it: keep what is returned
-    /// alive for the whole run (dropping it stops its brokers).
-    pub fn start(self, config: &mut Config) -> Result<Option<Mock>, BenchError> {
+    /// Points `config` at this broker, starting it unless it is the configured one.
+    pub fn start(self, config: &mut Config) -> Result<Started, BenchError> {
         match self {
-            BenchBroker::Configured => Ok(None),
+            BenchBroker::Configured => Ok(Started::Nothing),
+            BenchBroker::Memory => {
+                let tansu = super::tansu::MemoryTansu::start()?;
+                config.kafka.brokers = tansu.brokers().to_owned();
+                Ok(Started::Tansu(tansu))
+            }
             BenchBroker::Mock => {
                 let mock = rdkafka::mocking::MockCluster::new(1)?;
                 config.kafka.brokers = mock.bootstrap_servers();
-                Ok(Some(mock))
+                Ok(Started::Mock(mock))
             }
         }
     }

@@ -135,8 +135,8 @@ pub async fn run(
 ) -> Result<LatencyBenchReport, BenchError> {
     let mut config = config.clone();
     let mock = options.broker.start(&mut config)?;
-    let stream = run_mode(&config, options, RelayMode::Stream, mock.as_ref()).await?;
-    let peek = run_mode(&config, options, RelayMode::Peek, mock.as_ref()).await?;
+    let stream = run_mode(&config, options, RelayMode::Stream, mock.mock()).await?;
+    let peek = run_mode(&config, options, RelayMode::Peek, mock.mock()).await?;
     Ok(LatencyBenchReport {
         options: options.clone(),
         stream,

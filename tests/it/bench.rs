@@ -87,6 +87,12 @@ async fn a_small_consume_benchmark_runs_and_reports() {
         text.contains("| 4. memory, one tenant paused | 201 parked |"),
         "{text}"
     );
+    // The overhead run beside what the broker serves a consumer that does nothing.
+    assert!(
+        text.contains("| 2. overhead, the broker's client alone (ceiling) | 300 |"),
+        "{text}"
+    );
+    assert!(report.overhead_broker > std::time::Duration::ZERO);
     let last = text.lines().last().unwrap();
     let keys: Vec<&str> = last
         .split(' ')
@@ -108,4 +114,33 @@ async fn a_small_consume_benchmark_runs_and_reports() {
     assert_eq!(report.isolation_parked, 4);
     assert_eq!(report.parked, 201);
     assert!(report.parked_peak_rss_kb > 0, "VmHWM is read on Linux");
+}
+
+/// `--broker memory`: a tansu with in-memory storage on a free port, serving the run, gone when
+/// the benchmark lets go of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_in_memory_broker_serves_a_consume_benchmark_and_stops_after() {
+    let tansu = ferry::bench::tansu::MemoryTansu::start().expect("tansu starts");
+    let address = tansu.brokers().to_owned();
+    let mut config = stack_config();
+    config.kafka.brokers = address.clone();
+    let options = ferry::bench::consume::ConsumeBenchOptions {
+        broker: ferry::bench::relay::BenchBroker::Configured,
+        events: 50,
+        tenants: 10,
+        handler_ms: 1,
+        overhead_events: 200,
+        isolation_events: 200,
+        parked_events: 50,
+        child: None,
+    };
+    let report = ferry::bench::consume::run(&config, &options)
+        .await
+        .expect("the benchmark runs on the in-memory broker");
+    assert_eq!(report.parked, 51);
+    drop(tansu);
+    assert!(
+        std::net::TcpStream::connect(&address).is_err(),
+        "the broker on {address} was stopped with its handle"
+    );
 }
