@@ -182,7 +182,7 @@ pub async fn run(
 ) -> Result<RelayBenchReport, BenchError> {
     let mut config = config.clone();
     // Kept alive for the whole run; dropped (and its brokers stopped) at the end.
-    let mock = options.broker.start(&mut config)?;
+    let mock = options.broker.start_for_read_back(&mut config)?;
     let ferry = run_ferry(&config, options, mock.mock()).await?;
     let polling = run_polling(&config, options, mock.mock()).await?;
     Ok(RelayBenchReport {
@@ -224,6 +224,20 @@ impl BenchBroker {
             BenchBroker::Memory => "a tansu with in-memory storage, started for the run",
             BenchBroker::Mock => "librdkafka's in-process mock cluster",
         }
+    }
+
+    /// [`start`](Self::start) for a benchmark that reads its topics back: refuses the in-memory
+    /// tansu, whose `ListOffsets` answers a high watermark of 1 on every partition, so a read-back
+    /// would stop early and report rows as lost.
+    pub fn start_for_read_back(self, config: &mut Config) -> Result<Started, BenchError> {
+        if self == BenchBroker::Memory {
+            return Err(BenchError::Tansu(
+                "the relay benchmarks read their topics back to the high watermarks, which the \
+                 in-memory tansu misreports: use the configured broker or the mock cluster"
+                    .into(),
+            ));
+        }
+        self.start(config)
     }
 
     /// Points `config` at this broker, starting it unless it is the configured one.

@@ -134,7 +134,7 @@ pub async fn run(
     options: &LatencyBenchOptions,
 ) -> Result<LatencyBenchReport, BenchError> {
     let mut config = config.clone();
-    let mock = options.broker.start(&mut config)?;
+    let mock = options.broker.start_for_read_back(&mut config)?;
     let stream = run_mode(&config, options, RelayMode::Stream, mock.mock()).await?;
     let peek = run_mode(&config, options, RelayMode::Peek, mock.mock()).await?;
     Ok(LatencyBenchReport {

@@ -144,3 +144,24 @@ async fn the_in_memory_broker_serves_a_consume_benchmark_and_stops_after() {
         "the broker on {address} was stopped with its handle"
     );
 }
+
+/// The relay benchmark on the in-memory tansu (input tried: `BenchBroker::Memory`) is refused
+/// with a reason before anything runs, rather than reporting rows lost that the broker's wrong
+/// watermarks hid from the read-back.
+#[tokio::test]
+async fn the_relay_benchmark_refuses_the_in_memory_broker() {
+    let options = RelayBenchOptions {
+        broker: BenchBroker::Memory,
+        rows: 10,
+        tenants: 1,
+        writers: 1,
+        partitions: 1,
+    };
+    let err = ferry::bench::relay::run(&stack_config(), &options)
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(&err, ferry::bench::BenchError::Tansu(why) if why.contains("watermarks")),
+        "{err}"
+    );
+}
