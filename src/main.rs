@@ -317,8 +317,8 @@ enum Bench {
         #[arg(long, default_value_t = 4)]
         partitions: i32,
         /// `configured` (the stack's broker) or `mock` (librdkafka's in-process mock cluster,
-        /// where the broker's storage is not the bottleneck). Not `memory`: reading the topic
-        /// back asks for its watermarks, which the in-memory tansu reports wrongly.
+        /// where the broker's storage is not the bottleneck). Not `memory`: the in-memory tansu
+        /// reports wrong watermarks, and reading the topic back loses rows on it.
         #[arg(long, default_value = "configured", value_parser = ["configured", "mock"])]
         broker: String,
     },
@@ -338,8 +338,8 @@ enum Bench {
         #[arg(long, default_value_t = 12)]
         partitions: i32,
         /// `configured` (the stack's broker) or `mock` (librdkafka's in-process mock cluster,
-        /// where the broker's storage is not the bottleneck). Not `memory`: reading the topic
-        /// back asks for its watermarks, which the in-memory tansu reports wrongly.
+        /// where the broker's storage is not the bottleneck). Not `memory`: the in-memory tansu
+        /// reports wrong watermarks, and reading the topic back loses rows on it.
         #[arg(long, default_value = "configured", value_parser = ["configured", "mock"])]
         broker: String,
     },

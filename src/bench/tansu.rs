@@ -21,9 +21,16 @@ const START_DEADLINE: Duration = Duration::from_secs(30);
 pub struct MemoryTansu {
     child: Child,
     brokers: String,
+    /// Where its output goes: a failed start reports the end of it.
+    log: PathBuf,
 }
 
 impl MemoryTansu {
+    /// Whether a tansu binary can be found (see [`MemoryTansu::start`]).
+    pub fn available() -> bool {
+        binary().is_some()
+    }
+
     /// Starts `tansu broker` on a free loopback port with `memory://` storage and waits until it
     /// answers a metadata request. The binary is `FERRY_TANSU_BIN`, else `tansu` on `PATH`, else
     /// cargo's bin folder (where `scripts/stack up` installs it).
@@ -33,11 +40,16 @@ impl MemoryTansu {
                 "no tansu binary: `scripts/stack up` installs it, or set FERRY_TANSU_BIN".into(),
             )
         })?;
+        // Free now; taken by tansu a moment later (another process could take it in between,
+        // and the start then fails with tansu's reason).
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(|e| BenchError::Tansu(format!("finding a free port: {e}")))?
             .port();
         let url = format!("tcp://127.0.0.1:{port}");
+        let log = std::env::temp_dir().join(format!("ferry-bench-tansu-{port}.log"));
+        let output = std::fs::File::create(&log)
+            .map_err(|e| BenchError::Tansu(format!("creating {}: {e}", log.display())))?;
         let child = Command::new(&bin)
             .args([
                 "broker",
@@ -47,17 +59,28 @@ impl MemoryTansu {
                 &url,
             ])
             .args(["--storage-engine", "memory://tansu/"])
+            // Its own telemetry would go wherever Ferry's is configured to.
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(output)
             .spawn()
             .map_err(|e| BenchError::Tansu(format!("starting {}: {e}", bin.display())))?;
         let mut tansu = MemoryTansu {
             child,
             brokers: format!("127.0.0.1:{port}"),
+            log,
         };
         tansu.wait_until_it_answers()?;
         Ok(tansu)
+    }
+
+    /// The last lines tansu wrote, for an error.
+    fn tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(10)..].join("\n")
     }
 
     /// The bootstrap servers to give a client.
@@ -84,8 +107,9 @@ impl MemoryTansu {
             }
             if Instant::now() > until {
                 return Err(BenchError::Tansu(format!(
-                    "tansu on {} did not answer within {START_DEADLINE:?}",
-                    self.brokers
+                    "tansu on {} did not answer within {START_DEADLINE:?}: {}",
+                    self.brokers,
+                    self.tail()
                 )));
             }
         }
@@ -96,6 +120,7 @@ impl Drop for MemoryTansu {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 

@@ -89,18 +89,13 @@ impl Settlement {
 }
 
 /// The event ids among `ids` already settled: a redelivered event is skipped, not handled again.
-///
-/// Planned afresh on every call (an unnamed statement), never from a cached generic plan: a
-/// generic plan made while `deliveries` was small is a sequential scan comparing every row with
-/// every id, and it stays cached as the table grows (one lookup of 500 ids took a second at
-/// 200,000 rows). Planned with the ids in hand, it fits the table's size at the time: an index
-/// scan once the table is large.
+/// (Planned afresh on every call, as every statement on a pool from [`crate::store::connect`]: a
+/// plan cached while `deliveries` was nearly empty scans it.)
 pub async fn settled_ids(pool: &PgPool, ids: &[Uuid]) -> Result<HashSet<Uuid>, sqlx::Error> {
     let found: Vec<Uuid> = sqlx::query_scalar(
         "SELECT event_id FROM deliveries WHERE event_id = ANY($1) AND settled_at IS NOT NULL",
     )
     .bind(ids)
-    .persistent(false)
     .fetch_all(pool)
     .await?;
     Ok(found.into_iter().collect())
