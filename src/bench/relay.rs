@@ -182,9 +182,9 @@ pub async fn run(
 ) -> Result<RelayBenchReport, BenchError> {
     let mut config = config.clone();
     // Kept alive for the whole run; dropped (and its brokers stopped) at the end.
-    let mock = options.broker.start_for_read_back(&mut config)?;
-    let ferry = run_ferry(&config, options, mock.mock()).await?;
-    let polling = run_polling(&config, options, mock.mock()).await?;
+    let started = options.broker.start_for_read_back(&mut config)?;
+    let ferry = run_ferry(&config, options, started.mock()).await?;
+    let polling = run_polling(&config, options, started.mock()).await?;
     Ok(RelayBenchReport {
         options: options.clone(),
         ferry,

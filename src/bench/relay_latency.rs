@@ -134,9 +134,9 @@ pub async fn run(
     options: &LatencyBenchOptions,
 ) -> Result<LatencyBenchReport, BenchError> {
     let mut config = config.clone();
-    let mock = options.broker.start_for_read_back(&mut config)?;
-    let stream = run_mode(&config, options, RelayMode::Stream, mock.mock()).await?;
-    let peek = run_mode(&config, options, RelayMode::Peek, mock.mock()).await?;
+    let started = options.broker.start_for_read_back(&mut config)?;
+    let stream = run_mode(&config, options, RelayMode::Stream, started.mock()).await?;
+    let peek = run_mode(&config, options, RelayMode::Peek, started.mock()).await?;
     Ok(LatencyBenchReport {
         options: options.clone(),
         stream,
