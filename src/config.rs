@@ -16,6 +16,7 @@
 //! | longest backoff | `consume.retry_max_ms` | `FERRY_CONSUME_RETRY_MAX_MS` |
 //! | pause a tenant after this many attempts | `consume.pause_after_attempts` | `FERRY_CONSUME_PAUSE_AFTER_ATTEMPTS` |
 //! | ...or after failing this long | `consume.pause_after_ms` | `FERRY_CONSUME_PAUSE_AFTER_MS` |
+//! | longest `Retry-After` honoured | `consume.retry_after_max_ms` | `FERRY_CONSUME_RETRY_AFTER_MAX_MS` |
 //! | resume a retryable pause after | `consume.auto_resume_after_ms` | `FERRY_CONSUME_AUTO_RESUME_AFTER_MS` |
 //! | admin API address | `admin.addr` | `FERRY_ADMIN_ADDR` |
 //! | admin API bearer token | `admin.token` | `FERRY_ADMIN_TOKEN` |
@@ -90,6 +91,8 @@ pub struct ConsumeConfig {
     pub pause_after_attempts: Option<u32>,
     /// ...or after failing this long.
     pub pause_after: Option<Duration>,
+    /// The longest `Retry-After` honoured.
+    pub retry_after_max: Option<Duration>,
     /// A tenant paused for a retryable cause is resumed automatically after this long.
     pub auto_resume_after: Option<Duration>,
 }
@@ -278,6 +281,7 @@ struct FileConsume {
     retry_max_ms: Option<u64>,
     pause_after_attempts: Option<u64>,
     pause_after_ms: Option<u64>,
+    retry_after_max_ms: Option<u64>,
     auto_resume_after_ms: Option<u64>,
 }
 
@@ -490,6 +494,11 @@ impl Config {
                 "consume.pause_after_ms",
                 "FERRY_CONSUME_PAUSE_AFTER_MS",
                 c.pause_after_ms,
+            )?,
+            retry_after_max: ms(
+                "consume.retry_after_max_ms",
+                "FERRY_CONSUME_RETRY_AFTER_MAX_MS",
+                c.retry_after_max_ms,
             )?,
             auto_resume_after: ms(
                 "consume.auto_resume_after_ms",

@@ -126,6 +126,9 @@ pub struct RetryPolicy {
     pub pause_after_attempts: u32,
     /// ...or once the first failure is this old, whichever comes first.
     pub pause_after: Duration,
+    /// The longest `Retry-After` honoured: a partner asking for an hour does not hold its
+    /// tenant (and its partition's commit point) for an hour.
+    pub retry_after_max: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -135,6 +138,7 @@ impl Default for RetryPolicy {
             max: Duration::from_secs(30),
             pause_after_attempts: 8,
             pause_after: Duration::from_secs(120),
+            retry_after_max: Duration::from_secs(60),
         }
     }
 }
@@ -153,7 +157,9 @@ pub enum Decision {
 impl RetryPolicy {
     /// Decides after attempt number `attempt` (from 1) failed with `failure`, `failing_for`
     /// after the event's first failure. `jitter` in [0, 1) spreads retries (full jitter); the
-    /// partner's `Retry-After` is a floor.
+    /// partner's `Retry-After`, capped at `retry_after_max`, is a floor. A retry that could not
+    /// start before `pause_after` has passed pauses the tenant now: waiting would hold the
+    /// tenant's partition for nothing.
     pub fn decide(
         &self,
         failure: &Failure,
@@ -172,8 +178,15 @@ impl RetryPolicy {
                     .base
                     .saturating_mul(1u32 << (attempt.saturating_sub(1)).min(20))
                     .min(self.max);
-                let wait = ceiling.mul_f64(jitter.clamp(0.0, 1.0));
-                Decision::RetryIn(wait.max(failure.retry_after.unwrap_or(Duration::ZERO)))
+                let asked = failure
+                    .retry_after
+                    .unwrap_or(Duration::ZERO)
+                    .min(self.retry_after_max);
+                let wait = ceiling.mul_f64(jitter.clamp(0.0, 1.0)).max(asked);
+                if failing_for.saturating_add(wait) >= self.pause_after {
+                    return Decision::PauseTenant;
+                }
+                Decision::RetryIn(wait)
             }
         }
     }
@@ -254,6 +267,7 @@ mod tests {
             max: Duration::from_secs(2),
             pause_after_attempts: 6,
             pause_after: Duration::from_secs(60),
+            retry_after_max: Duration::from_secs(60),
         };
         let f = failure(FailureClass::Retryable, None);
         // With the jitter at its top, the wait is the ceiling: 100, 200, 400, 800, 1600 ms.
@@ -301,6 +315,36 @@ mod tests {
         assert_eq!(
             p.decide(&f, 1, Duration::ZERO, 0.1),
             Decision::RetryIn(Duration::from_secs(7))
+        );
+    }
+
+    #[test]
+    fn retry_after_is_capped_and_never_holds_a_tenant_past_pause_after() {
+        // The fault seen: 429 with Retry-After: 3600 under a 5 s pause_after.
+        let p = RetryPolicy {
+            pause_after: Duration::from_secs(5),
+            retry_after_max: Duration::from_secs(2),
+            ..RetryPolicy::default()
+        };
+        let hour = failure(FailureClass::Retryable, Some(Duration::from_secs(3600)));
+        assert_eq!(
+            p.decide(&hour, 1, Duration::ZERO, 0.0),
+            Decision::RetryIn(Duration::from_secs(2)),
+            "capped"
+        );
+        assert_eq!(
+            p.decide(&hour, 2, Duration::from_secs(3), 0.0),
+            Decision::PauseTenant,
+            "a retry at 5 s or later would pass pause_after: pause now"
+        );
+        let long = RetryPolicy {
+            retry_after_max: Duration::from_secs(3600),
+            ..p
+        };
+        assert_eq!(
+            long.decide(&hour, 1, Duration::ZERO, 0.0),
+            Decision::PauseTenant,
+            "honouring an hour would hold the tenant past pause_after"
         );
     }
 }

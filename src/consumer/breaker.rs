@@ -55,6 +55,127 @@ impl<K: Hash + Eq> FailureWindow<K> {
     }
 }
 
+/// The partner-wide circuit breaker as a pure machine: closed (events flow), open (consumption
+/// paused, the events that met the refusal held in tenant order), probing (the first held event
+/// is being tried). Each transition returns what the coordinator must do to Kafka.
+#[derive(Debug, Default)]
+pub enum Breaker<T> {
+    /// Events flow.
+    #[default]
+    Closed,
+    /// Consumption is paused; these events wait, the first is the next probe.
+    Open {
+        /// Held events, in the order they met the refusal.
+        held: Vec<T>,
+    },
+    /// The first held event is being tried; these wait behind it.
+    Probing {
+        /// The rest of the held events.
+        held: Vec<T>,
+    },
+}
+
+/// What a breaker transition asks of the consumer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BreakerEffect<T> {
+    /// Nothing to do.
+    None,
+    /// Pause every assigned partition: the partner refuses everyone.
+    PauseConsumption,
+    /// Resume consumption; these held events run first, each ahead of its tenant's queue.
+    Resume(Vec<T>),
+}
+
+impl<T> Breaker<T> {
+    /// Whether events may be dispatched.
+    pub fn is_closed(&self) -> bool {
+        matches!(self, Breaker::Closed)
+    }
+
+    /// Whether a probe may start now.
+    pub fn may_probe(&self) -> bool {
+        matches!(self, Breaker::Open { held } if !held.is_empty())
+    }
+
+    /// An event met a partner-wide failure: hold it; the first one opens the breaker.
+    pub fn trip(&mut self, event: T) -> BreakerEffect<T> {
+        match self {
+            Breaker::Closed => {
+                *self = Breaker::Open { held: vec![event] };
+                BreakerEffect::PauseConsumption
+            }
+            Breaker::Open { held } | Breaker::Probing { held } => {
+                held.push(event);
+                BreakerEffect::None
+            }
+        }
+    }
+
+    /// Takes the first held event as the probe.
+    pub fn probe(&mut self) -> Option<T> {
+        let Breaker::Open { held } = self else {
+            return None;
+        };
+        if held.is_empty() {
+            return None;
+        }
+        let first = held.remove(0);
+        *self = Breaker::Probing {
+            held: std::mem::take(held),
+        };
+        Some(first)
+    }
+
+    /// The probe ended and the partner answered it (delivered, or refused the event itself):
+    /// close, and run what was held.
+    pub fn probe_answered(&mut self) -> BreakerEffect<T> {
+        match std::mem::take(self) {
+            Breaker::Probing { held } | Breaker::Open { held } => BreakerEffect::Resume(held),
+            Breaker::Closed => BreakerEffect::None,
+        }
+    }
+
+    /// The probe met the partner-wide failure again: hold it first, stay open.
+    pub fn probe_failed(&mut self, probe: T) {
+        if let Breaker::Probing { held } = self {
+            let mut all = vec![probe];
+            all.append(held);
+            *self = Breaker::Open { held: all };
+        }
+    }
+
+    /// The probe ended without an answer (its partition was lost): stay open with the rest.
+    pub fn probe_lost(&mut self) -> BreakerEffect<T> {
+        if let Breaker::Probing { held } = self {
+            *self = Breaker::Open {
+                held: std::mem::take(held),
+            };
+        }
+        self.forget(|_| false)
+    }
+
+    /// Drops the held events `lost` says are no longer ours (their partition was revoked);
+    /// with nothing left to probe with and no probe under way, the breaker closes.
+    pub fn forget(&mut self, mut lost: impl FnMut(&T) -> bool) -> BreakerEffect<T> {
+        match self {
+            Breaker::Closed => BreakerEffect::None,
+            Breaker::Probing { held } => {
+                held.retain(|t| !lost(t));
+                BreakerEffect::None
+            }
+            Breaker::Open { held } => {
+                held.retain(|t| !lost(t));
+                if held.is_empty() {
+                    *self = Breaker::Closed;
+                    BreakerEffect::Resume(Vec::new())
+                } else {
+                    BreakerEffect::None
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,5 +249,68 @@ mod tests {
         assert!(!w.most_failing(t0));
         w.record(1, false, t0);
         assert_eq!(w.counts(), (0, 5));
+    }
+    #[test]
+    fn the_breaker_opens_on_the_first_trip_and_probes_with_the_first_held() {
+        let mut b = Breaker::default();
+        assert!(b.is_closed() && !b.may_probe());
+        assert_eq!(b.trip(1), BreakerEffect::PauseConsumption);
+        assert_eq!(b.trip(2), BreakerEffect::None);
+        assert!(!b.is_closed() && b.may_probe());
+        assert_eq!(b.probe(), Some(1));
+        assert!(!b.may_probe(), "one probe at a time");
+        assert_eq!(
+            b.trip(3),
+            BreakerEffect::None,
+            "a late failure joins the held"
+        );
+        b.probe_failed(1);
+        assert_eq!(b.probe(), Some(1), "the failed probe is tried first again");
+        assert_eq!(b.probe_answered(), BreakerEffect::Resume(vec![2, 3]));
+        assert!(b.is_closed());
+    }
+
+    #[test]
+    fn a_breaker_whose_held_events_all_went_elsewhere_closes() {
+        let mut b = Breaker::default();
+        b.trip(1);
+        b.trip(2);
+        assert_eq!(b.forget(|t| *t == 1), BreakerEffect::None);
+        assert_eq!(b.forget(|_| true), BreakerEffect::Resume(vec![]));
+        assert!(b.is_closed());
+        // A probe whose partition was lost leaves the rest held.
+        b.trip(1);
+        b.trip(2);
+        assert_eq!(b.probe(), Some(1));
+        assert_eq!(b.probe_lost(), BreakerEffect::None);
+        assert_eq!(b.probe(), Some(2));
+        assert_eq!(b.probe_lost(), BreakerEffect::Resume(vec![]));
+        assert!(b.is_closed());
+    }
+
+    proptest::proptest! {
+        /// Whatever happens, an event held by the breaker is never lost by it: each is probed,
+        /// released by a resume, or dropped only by `forget`'s own predicate.
+        #[test]
+        fn the_breaker_never_loses_a_held_event(ops in proptest::collection::vec(0u8..6, 1..100)) {
+            let mut b = Breaker::default();
+            let (mut next, mut out, mut probing) = (0u32, Vec::new(), None);
+            let mut dropped = Vec::new();
+            for op in ops {
+                let effect = match op {
+                    0 | 1 => { next += 1; b.trip(next) }
+                    2 => { if let Some(p) = b.probe() { probing = Some(p); } BreakerEffect::None }
+                    3 => match probing.take() { Some(p) => { out.push(p); b.probe_answered() } None => BreakerEffect::None },
+                    4 => { if let Some(p) = probing.take() { b.probe_failed(p); } BreakerEffect::None }
+                    _ => b.forget(|t| { let lost = t % 3 == 0; if lost { dropped.push(*t); } lost }),
+                };
+                if let BreakerEffect::Resume(held) = effect { out.extend(held); }
+                proptest::prop_assert_eq!(b.is_closed(), matches!(b, Breaker::Closed));
+            }
+            let mut all: Vec<u32> = out.into_iter().chain(dropped).chain(probing).collect();
+            match &b { Breaker::Open { held } | Breaker::Probing { held } => all.extend(held.iter().copied()), Breaker::Closed => {} }
+            all.sort();
+            proptest::prop_assert_eq!(all, (1..=next).collect::<Vec<_>>());
+        }
     }
 }

@@ -32,6 +32,12 @@ pub(crate) struct Recorder {
     pub spans: Mutex<Vec<(String, std::time::Instant, std::time::Instant)>>,
     /// Calls of these tenants wait until the tenant is taken out.
     pub stalled: Mutex<HashSet<String>>,
+    /// These tenants have the integration off: their events are ignored, nothing sent.
+    pub ignoring: Mutex<HashSet<String>>,
+    /// The partner answers these tenants 429 with `Retry-After: 3600`.
+    pub rate_limited: Mutex<HashSet<String>>,
+    /// When each call started, by the wall clock: (tenant, seq, start).
+    pub started_at: Mutex<Vec<(String, i64, chrono::DateTime<Utc>)>>,
 }
 
 impl Recorder {
@@ -61,6 +67,10 @@ impl Handler for Recorder {
             .lock()
             .unwrap()
             .push((event.tenant_id.to_string(), seq));
+        self.started_at
+            .lock()
+            .unwrap()
+            .push((event.tenant_id.to_string(), seq, Utc::now()));
         let started = std::time::Instant::now();
         while self
             .stalled
@@ -84,6 +94,19 @@ impl Handler for Recorder {
                 response: None,
                 retry_after: None,
             });
+        }
+        let tenant = event.tenant_id.as_str();
+        if self.rate_limited.lock().unwrap().contains(tenant) {
+            return Outcome::Failed(Failure {
+                class: FailureClass::Retryable,
+                message: "partner answered 429: slow down".into(),
+                status: Some(429),
+                response: None,
+                retry_after: Some(Duration::from_secs(3600)),
+            });
+        }
+        if self.ignoring.lock().unwrap().contains(tenant) {
+            return Outcome::Ignored;
         }
         if self
             .flaky
@@ -497,6 +520,7 @@ async fn a_tenant_paused_for_a_retryable_cause_resumes_on_its_own() {
             max: Duration::from_millis(5),
             pause_after_attempts: 3,
             pause_after: Duration::from_secs(60),
+            ..ferry::delivery::RetryPolicy::default()
         },
         ..ConsumeOptions::default()
     };
@@ -1003,6 +1027,7 @@ async fn when_most_tenants_fail_the_breaker_holds_consumption_instead_of_parking
             max: Duration::from_millis(50),
             pause_after_attempts: 3,
             pause_after: Duration::from_secs(60),
+            ..ferry::delivery::RetryPolicy::default()
         },
         breaker_probe_interval: Duration::from_millis(200),
         ..ConsumeOptions::default()

@@ -63,6 +63,7 @@ fn options() -> ConsumeOptions {
             max: Duration::from_millis(100),
             pause_after_attempts: 50,
             pause_after: Duration::from_secs(60),
+            ..ferry::delivery::RetryPolicy::default()
         },
         ..ConsumeOptions::default()
     }

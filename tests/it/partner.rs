@@ -73,6 +73,7 @@ pub(crate) fn fast_retries() -> ConsumeOptions {
             max: Duration::from_millis(500),
             pause_after_attempts: 6,
             pause_after: Duration::from_secs(30),
+            ..ferry::delivery::RetryPolicy::default()
         },
         kill_switch_interval: Duration::from_millis(100),
         ..ConsumeOptions::default()

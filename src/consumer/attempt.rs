@@ -1,0 +1,421 @@
+//! One event's attempts: the loop that calls the handler, retries in memory and decides, through
+//! [`RetryPolicy::decide`] and the breaker's failure window, what a failure means; and the
+//! breaker's probe. Before every attempt the event's partition must still be this instance's,
+//! the kill switch off, and the event's `deliver_before` not passed.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::breaker::FailureWindow;
+use super::ledger::{self, AttemptLog, ParkedRecord, Pause, SettledAs};
+use super::rebalance::{Lease, Position};
+use super::runtime::{ConsumeOptions, ConsumeStats};
+use super::settlement::settlement;
+use crate::delivery::{Attempt, Decision, Failure, FailureClass, Handler, Outcome, RetryPolicy};
+use crate::outbox::OutboxEvent;
+
+/// An event on its way through the consumer.
+pub(super) struct Item {
+    /// The decoded event.
+    pub(super) event: OutboxEvent,
+    /// The record as read, to park should its tenant be paused.
+    pub(super) raw: ParkedRecord,
+    /// Where it was read.
+    pub(super) position: Position,
+    /// Settled already (a redelivery, or a copy of an event close by): not handled again.
+    pub(super) settled: bool,
+    /// Its attempts, once one failed: the operator's history of it.
+    pub(super) log: Vec<AttemptLog>,
+    /// Log every attempt, the first too (a replayed backlog: it failed before).
+    pub(super) log_every: bool,
+}
+
+/// How an event's attempts ended.
+pub(super) enum Done {
+    /// Settled as this after this many attempts: record it.
+    Settled(Item, SettledAs, u32),
+    /// Settled before: nothing to record, its offset may pass.
+    Duplicate(Item),
+    /// Failed after this many attempts: pause the tenant.
+    Pause(Item, Failure, u32),
+    /// The partner refuses everyone (401/403), or most tenants are failing: hold this event,
+    /// open the breaker.
+    Breaker(Item, Failure),
+    /// Its partition was revoked (or the consumer is stopping) before it settled: nothing is
+    /// recorded; whoever owns the partition next reads it again.
+    Revoked(Item),
+    /// Its partition was revoked (or the consumer is stopping) as it settled: the task recorded
+    /// the settlement itself and marked the offset, so the revoke's commit can pass it.
+    SettledOnRevoke(Item, SettledAs),
+}
+
+/// What bounds an event's handling: the retry policy, the partition's cancellation (revoke,
+/// shutdown), the kill switch, and the failure window that tells a tenant's failure from the
+/// partner's.
+pub(super) struct Guard<'a> {
+    pub(super) retry: &'a RetryPolicy,
+    pub(super) cancel: &'a CancellationToken,
+    pub(super) window: &'a Mutex<FailureWindow<String>>,
+    pub(super) stats: &'a ConsumeStats,
+    /// Tenants an operator (or another instance) paused while their event is in flight here:
+    /// a failing attempt of theirs is not retried but parked at once.
+    pub(super) pausing: &'a Mutex<std::collections::HashSet<String>>,
+    /// The persisted kill switch, as the coordinator last read it: no attempt starts while on.
+    pub(super) killed: watch::Receiver<bool>,
+    /// The partition (and generation) the work belongs to.
+    pub(super) owner: Position,
+}
+
+impl Guard<'_> {
+    /// Sleeps `wait`; false if cancelled first.
+    async fn sleep(&self, wait: Duration) -> bool {
+        tokio::select! {
+            _ = self.cancel.cancelled() => false,
+            _ = tokio::time::sleep(wait) => true,
+        }
+    }
+
+    /// Waits while the kill switch is on; false if the work was cancelled (or the coordinator
+    /// stopped) first.
+    async fn clear_to_send(&self) -> bool {
+        if self.cancel.is_cancelled() {
+            return false;
+        }
+        let mut killed = self.killed.clone();
+        tokio::select! {
+            _ = self.cancel.cancelled() => false,
+            off = killed.wait_for(|on| !*on) => off.is_ok(),
+        }
+    }
+
+    fn record(&self, tenant: &str, failed: bool) {
+        self.window.lock().expect("failure window").record(
+            tenant.to_owned(),
+            failed,
+            Instant::now(),
+        );
+    }
+
+    fn is_pausing(&self, tenant: &str) -> bool {
+        self.pausing
+            .lock()
+            .expect("pausing tenants")
+            .contains(tenant)
+    }
+
+    fn most_failing(&self) -> bool {
+        self.window
+            .lock()
+            .expect("failure window")
+            .most_failing(Instant::now())
+    }
+
+    /// What a failed attempt means, in one place: retry after a wait, or end with a pause or
+    /// the breaker. A permanent failure is about this event, not the partner's health.
+    fn verdict(
+        &self,
+        item: &Item,
+        failure: &Failure,
+        attempt: u32,
+        failing_for: Duration,
+    ) -> Verdict {
+        let tenant = item.event.tenant_id.as_str();
+        if failure.class != FailureClass::Permanent {
+            self.record(tenant, true);
+        }
+        let jitter = f64::from(item.event.id.as_u128() as u32 ^ attempt) / f64::from(u32::MAX);
+        match self.retry.decide(failure, attempt, failing_for, jitter) {
+            // Paused while this event was failing: park it now, ahead of the rest.
+            Decision::RetryIn(_) if self.is_pausing(tenant) => Verdict::Pause,
+            Decision::RetryIn(wait) => Verdict::RetryIn(wait),
+            // Most tenants are failing too: the partner is down, not this tenant.
+            Decision::PauseTenant
+                if failure.class == FailureClass::Retryable && self.most_failing() =>
+            {
+                Verdict::Breaker
+            }
+            Decision::PauseTenant => Verdict::Pause,
+            Decision::TripBreaker => Verdict::Breaker,
+        }
+    }
+}
+
+/// What a failed attempt leads to.
+enum Verdict {
+    RetryIn(Duration),
+    Pause,
+    Breaker,
+}
+
+/// Runs one event to an end in an attempt task, counting its handling time and, if delivered,
+/// its latency from the outbox.
+pub(super) async fn run<H: Handler>(handler: &H, item: Item, guard: &Guard<'_>) -> Done {
+    let dispatched = Instant::now();
+    let done = handle(handler, item, guard).await;
+    guard.stats.handling_latency.record(dispatched.elapsed());
+    if let Done::Settled(item, SettledAs::Delivered, _) = &done
+        && let Some(written) = item.event.occurred_at
+    {
+        let behind = (chrono::Utc::now() - written).to_std().unwrap_or_default();
+        guard.stats.ack_latency.record(behind);
+    }
+    done
+}
+
+/// Runs one event to an end, in its span: a duplicate (already settled), expired, delivered, a
+/// failure that pauses its tenant or trips the breaker, or revoked.
+pub(super) async fn handle<H: Handler>(handler: &H, item: Item, guard: &Guard<'_>) -> Done {
+    let span = event_span(&item);
+    tracing::Instrument::instrument(attempts(handler, item, guard), span).await
+}
+
+/// Whether `item` is past its `deliver_before`: settled as expired, never sent late.
+fn expired(item: &Item) -> bool {
+    item.event
+        .deliver_before
+        .is_some_and(|deadline| deadline <= chrono::Utc::now())
+}
+
+/// The attempts themselves. Retries happen here, holding only this tenant; no attempt starts
+/// once the partition's work is cancelled, while the kill switch is on, or past the event's
+/// deadline. Once an attempt fails, every attempt of the event is logged on it for the
+/// operator's history.
+async fn attempts<H: Handler>(handler: &H, mut item: Item, guard: &Guard<'_>) -> Done {
+    if item.settled {
+        return Done::Duplicate(item);
+    }
+    let first_failure = Instant::now();
+    // After a breaker's hold the event was attempted before: number on from there.
+    let mut attempt = item.log.len() as u32 + 1;
+    loop {
+        if !guard.clear_to_send().await {
+            return Done::Revoked(item);
+        }
+        if expired(&item) {
+            return Done::Settled(item, SettledAs::Expired, attempt - 1);
+        }
+        tracing::Span::current().record("attempt", attempt);
+        let started = chrono::Utc::now();
+        let outcome = handler
+            .handle(&item.event, &attempt_at(&item, attempt))
+            .await;
+        let settled_as = match outcome {
+            Outcome::Done => {
+                guard.record(item.event.tenant_id.as_str(), false);
+                Some((SettledAs::Delivered, "delivered"))
+            }
+            Outcome::Ignored => Some((SettledAs::Ignored, "ignored")),
+            Outcome::Deferred(until) => {
+                let wait = (until - chrono::Utc::now()).to_std().unwrap_or_default();
+                if !guard.sleep(wait).await {
+                    return Done::Revoked(item);
+                }
+                continue;
+            }
+            Outcome::Failed(failure) => {
+                let log = attempt_log(&item, attempt, started, "failed", Some(&failure));
+                item.log.push(log);
+                match guard.verdict(&item, &failure, attempt, first_failure.elapsed()) {
+                    Verdict::RetryIn(wait) => {
+                        guard.stats.retries.add(failure.cause());
+                        if !guard.sleep(wait).await {
+                            return Done::Revoked(item);
+                        }
+                    }
+                    Verdict::Pause => return Done::Pause(item, failure, attempt),
+                    Verdict::Breaker => return Done::Breaker(item, failure),
+                }
+                None
+            }
+        };
+        if let Some((outcome, label)) = settled_as {
+            if item.log_every || !item.log.is_empty() {
+                let log = attempt_log(&item, attempt, started, label, None);
+                item.log.push(log);
+            }
+            return Done::Settled(item, outcome, attempt);
+        }
+        attempt += 1;
+    }
+}
+
+/// One attempt at the breaker's first held event. Delivered (or ignored) proves the partner is
+/// back; a permanent failure is the event's own (its tenant is paused and the breaker closes);
+/// anything else keeps the breaker open.
+pub(super) async fn probe<H: Handler>(handler: &H, mut item: Item) -> Done {
+    if expired(&item) {
+        let attempts = item.log.len() as u32;
+        return Done::Settled(item, SettledAs::Expired, attempts);
+    }
+    let number = item.log.len() as u32 + 1;
+    let started = chrono::Utc::now();
+    let span = event_span(&item);
+    let at = attempt_at(&item, number);
+    let outcome = tracing::Instrument::instrument(handler.handle(&item.event, &at), span).await;
+    let (label, failure) = match &outcome {
+        Outcome::Done => ("delivered", None),
+        Outcome::Ignored => ("ignored", None),
+        Outcome::Failed(f) => ("failed", Some(f)),
+        Outcome::Deferred(_) => return Done::Breaker(item, deferred_during_probe()),
+    };
+    let log = attempt_log(&item, number, started, label, failure);
+    item.log.push(log);
+    match outcome {
+        Outcome::Done => Done::Settled(item, SettledAs::Delivered, number),
+        Outcome::Ignored => Done::Settled(item, SettledAs::Ignored, number),
+        Outcome::Failed(f) if f.class == FailureClass::Permanent => Done::Pause(item, f, number),
+        Outcome::Failed(f) => Done::Breaker(item, f),
+        Outcome::Deferred(_) => Done::Breaker(item, deferred_during_probe()),
+    }
+}
+
+/// A probe the handler deferred proves nothing: the breaker stays open.
+fn deferred_during_probe() -> Failure {
+    Failure {
+        class: FailureClass::PartnerWide,
+        message: "deferred during a probe".into(),
+        status: None,
+        response: None,
+        retry_after: None,
+    }
+}
+
+/// Who this consumer is, in the attempt history: host and process.
+pub(super) fn instance() -> &'static str {
+    static INSTANCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    INSTANCE.get_or_init(|| {
+        let host = std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "ferry".to_owned());
+        format!("{host}:{}", std::process::id())
+    })
+}
+
+/// The history entry of attempt `number` at `item`, started at `started` and ending now.
+pub(super) fn attempt_log(
+    item: &Item,
+    number: u32,
+    started: chrono::DateTime<chrono::Utc>,
+    outcome: &'static str,
+    failure: Option<&Failure>,
+) -> AttemptLog {
+    AttemptLog {
+        event_id: item.event.id,
+        attempt: number as i32,
+        started_at: started,
+        finished_at: chrono::Utc::now(),
+        outcome,
+        error: failure.map(|f| format!("{}: {}", f.cause(), f.message)),
+        response: failure.and_then(|f| {
+            f.status
+                .map(|status| serde_json::json!({"status": status, "body": f.response}))
+        }),
+        instance: instance().to_owned(),
+    }
+}
+
+/// The span of one event's handling: a child of the writer's span when the record carried its
+/// `traceparent`, with the event's coordinates as attributes. At debug level, so it costs
+/// nothing unless a trace exporter (which takes every level) or `RUST_LOG=debug` wants it.
+pub(super) fn event_span(item: &Item) -> tracing::Span {
+    let span = tracing::debug_span!(
+        "deliver event",
+        otel.kind = "consumer",
+        tenant = %item.event.tenant_id,
+        partition = item.position.partition,
+        offset = item.position.offset,
+        event_id = %item.event.id,
+        event_type = item.event.event_type().as_str(),
+        attempt = tracing::field::Empty,
+    );
+    if let Some(traceparent) = &item.event.traceparent {
+        crate::telemetry::continue_trace(&span, traceparent);
+    }
+    span
+}
+
+/// Attempt `number` at the record that carried `item`.
+pub(super) fn attempt_at(item: &Item, number: u32) -> Attempt {
+    Attempt {
+        number,
+        topic: item.raw.topic.clone(),
+        partition: item.raw.partition,
+        offset: item.raw.offset,
+    }
+}
+
+/// A task whose partition was revoked (or the consumer is stopping) as it ended: a settled event
+/// is recorded now and its offset marked, so the revoke's commit passes it and the next owner
+/// does not send it again; anything else is left to the next owner.
+pub(super) async fn settle_on_revoke(done: Done, pool: &PgPool, lease: &Lease) -> Done {
+    match done {
+        Done::Settled(item, outcome, attempts) => {
+            let record = settlement(&item, outcome, attempts);
+            let written = async {
+                let mut tx = pool.begin().await?;
+                ledger::record_settled(&mut tx, std::slice::from_ref(&record)).await?;
+                tx.commit().await
+            }
+            .await;
+            match written {
+                Ok(()) => {
+                    lease.settled(item.position.offset);
+                    Done::SettledOnRevoke(item, outcome)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, event = %item.event.id, "settling on revoke failed; the next owner sends it again");
+                    Done::Revoked(item)
+                }
+            }
+        }
+        Done::Duplicate(item) => {
+            lease.settled(item.position.offset);
+            Done::Revoked(item)
+        }
+        Done::Pause(item, _, _)
+        | Done::Breaker(item, _)
+        | Done::Revoked(item)
+        | Done::SettledOnRevoke(item, _) => Done::Revoked(item),
+    }
+}
+
+/// The pause a failure calls for: a retryable cause is retried automatically later.
+pub(super) fn pause_for(
+    failure: &Failure,
+    event_id: Option<uuid::Uuid>,
+    attempts: u32,
+    options: &ConsumeOptions,
+) -> Pause {
+    // Not before the partner said it would answer again (within the cap).
+    let resume_after = options.auto_resume_after.max(
+        failure
+            .retry_after
+            .unwrap_or_default()
+            .min(options.retry.retry_after_max),
+    );
+    // A partner-wide refusal met while replaying a backlog is retried later, like a timeout.
+    let retryable = failure.class != crate::delivery::FailureClass::Permanent;
+    Pause {
+        cause: if retryable { "retryable" } else { "permanent" },
+        reason: match failure.status {
+            Some(status) => format!("{} (HTTP {status})", failure.message),
+            None => failure.message.clone(),
+        },
+        event_id,
+        next_retry_at: retryable.then(|| {
+            chrono::Utc::now() + chrono::Duration::from_std(resume_after).unwrap_or_default()
+        }),
+        attempts,
+        // What the partner answered, kept for the operator.
+        response: failure
+            .status
+            .map(|status| serde_json::json!({"status": status, "body": failure.response})),
+    }
+}

@@ -1,0 +1,1011 @@
+//! The coordinator: the one owner of the consumer's state. Its loop takes records in, admits
+//! them to their tenants' queues, dispatches what may run, and reacts to what the tasks it
+//! spawned report; each arm of its `select!` calls one `handle_*` method.
+//!
+//! One event's path: [`intake`](super::intake) decodes a record and a dedupe lookup runs for its
+//! batch; [`Coordinator::handle_looked_up`] admits it (parked if its tenant is paused, a
+//! duplicate if a copy of it is close by, see [`super::copies`]); the [`Scheduler`] dispatches
+//! it when its tenant has nothing in flight; a task runs it through
+//! [`attempt::handle`](super::attempt::handle) (retries, expiry, kill switch); its
+//! [`Done`] comes back to [`Coordinator::handle_done`], which settles it into the pending batch,
+//! pauses its tenant, or trips the [`Breaker`]; [`settlement`](super::settlement) writes the
+//! batch and only then marks the offsets, and the commit point moves.
+//!
+//! Why order and dedupe hold with batched settlement: a tenant's next event may start as soon
+//! as the previous one's handler returned, before its dedupe record is durable. If the process
+//! dies before the batch commits, Kafka redelivers from the last committed offset, which is at
+//! or before both events (the commit point only passes durably settled records), so both are
+//! handled again in their original order; the partner sees a repeat carrying the same
+//! `Idempotency-Key`, never a reordering.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::stream::FuturesOrdered;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::BorrowedMessage;
+use rdkafka::{Message, TopicPartitionList};
+use sqlx::PgPool;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::attempt::{self, Done, Guard, Item};
+use super::breaker::{Breaker, BreakerEffect, FailureWindow};
+use super::copies::{Admission, Copies};
+use super::drain::{self, Drained};
+use super::intake::{self, Arrival, INTAKE_BATCH, INTAKE_LINGER, MAX_LOOKUPS, Queued, Refused};
+use super::ledger;
+use super::offsets::PartitionOffsets;
+use super::rebalance::{self, Context, LAG_INTERVAL, Lease, Position, State, is_current};
+use super::runtime::{ConsumeError, ConsumeOptions, ConsumeStats, is_fatal};
+use super::settlement::{self, Pending, Writing};
+use crate::broker;
+use crate::config::Config;
+use crate::delivery::{Failure, Handler};
+use crate::scheduler::Scheduler;
+
+/// A batch of arrivals with its dedupe lookup under way.
+type Lookup = JoinHandle<(Vec<Arrival>, HashSet<Uuid>)>;
+
+/// The consumer's state and the channels of the tasks it spawns. Only the coordinator's loop
+/// touches it; the rebalance callback shares [`State`] (partition ownership), nothing else.
+pub(super) struct Coordinator<H: Handler> {
+    // What it works with, fixed for its life.
+    consumer: Arc<StreamConsumer<Context>>,
+    state: Arc<State>,
+    topic: String,
+    /// How many partitions the topic has: a tenant's partition is found by its key's hash.
+    partition_count: i32,
+    pool: PgPool,
+    handler: Arc<H>,
+    options: ConsumeOptions,
+    stats: Arc<ConsumeStats>,
+    shutdown: CancellationToken,
+    /// Each tenant's last outcome: tells a tenant's failure from the partner's.
+    window: Arc<Mutex<FailureWindow<String>>>,
+
+    // Tenants.
+    /// Per-tenant FIFO, one event in flight per tenant.
+    scheduler: Scheduler<String, Queued>,
+    /// Tenants whose records this instance parks rather than delivers (paused or draining).
+    paused: HashSet<String>,
+    /// Tenants paused elsewhere (an operator, another instance) while one of their events is
+    /// in flight here: their queue is parked once that event has ended (a failure of it must be
+    /// parked ahead of what came after it). Shared with the attempt tasks: they stop retrying.
+    pausing: Arc<Mutex<HashSet<String>>>,
+    /// Tenants whose backlog a drain task is replaying.
+    draining: HashSet<String>,
+    /// The partner-wide breaker, holding the events that met the refusal.
+    breaker: Breaker<(String, Item)>,
+    /// The persisted kill switch, as last read; attempt tasks watch it too.
+    killed: watch::Sender<bool>,
+
+    // Intake and settlement.
+    /// Arrivals whose dedupe lookup is under way, admitted in order.
+    lookups: FuturesOrdered<Lookup>,
+    /// The durable count each of those lookups started at, oldest first.
+    lookup_epochs: std::collections::VecDeque<u64>,
+    /// How many records those hold (they count against `max_queued`).
+    in_lookup: usize,
+    /// Ids of events close by, so a copy of one is not handled twice.
+    copies: Copies<Uuid>,
+    /// What settled since the last batch was started.
+    pending: Pending,
+    /// The batch being written, one at a time, and how many records it holds.
+    writing: Option<(Writing, usize)>,
+    last_flush: Instant,
+    /// A commit the broker did not confirm: offer it again after this turn.
+    commit_again: bool,
+
+    // What the spawned tasks report.
+    done: Channel<(String, Done)>,
+    probe: Channel<(String, Done)>,
+    drained: Channel<Drained>,
+    checked: Channel<Vec<(i32, i64)>>,
+
+    // Clocks.
+    timers: Timers,
+}
+
+/// Both ends of a channel from spawned tasks to the coordinator.
+struct Channel<T> {
+    tx: mpsc::UnboundedSender<T>,
+    rx: mpsc::UnboundedReceiver<T>,
+}
+
+impl<T> Channel<T> {
+    fn new() -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Channel { tx, rx }
+    }
+}
+
+/// The coordinator's periodic work.
+struct Timers {
+    /// Starts a settle batch when `settle_interval` has passed.
+    settle: tokio::time::Interval,
+    /// Reads the kill switch, pauses recorded elsewhere and tenants to drain.
+    control: tokio::time::Interval,
+    /// Tries the breaker's first held event.
+    probe: tokio::time::Interval,
+    /// Checks unconfirmed commits against the broker.
+    commits: tokio::time::Interval,
+    /// Brings the operator's partition view up to date.
+    lag: tokio::time::Interval,
+}
+
+impl<H: Handler> Coordinator<H> {
+    /// Subscribes to the topic and reads what the database says (pauses, the kill switch).
+    pub(super) async fn start(
+        config: &Config,
+        pool: PgPool,
+        handler: Arc<H>,
+        options: ConsumeOptions,
+        stats: Arc<ConsumeStats>,
+        shutdown: CancellationToken,
+    ) -> Result<Self, ConsumeError> {
+        let topic = config.kafka.topic.clone();
+        let state = Arc::new(State::default());
+        let consumer: Arc<StreamConsumer<Context>> = Arc::new(
+            rebalance::with_statistics(broker::consumer_config(
+                &config.kafka,
+                &config.kafka.group_id,
+            ))
+            .create_with_context(Context {
+                state: Arc::clone(&state),
+                topic: topic.clone(),
+                revoke_drain: options.revoke_drain,
+                stats: Arc::clone(&stats),
+            })?,
+        );
+        let paused = paused_tenants(&pool).await?;
+        let killed: bool = sqlx::query_scalar("SELECT kill_switch FROM control")
+            .fetch_one(&pool)
+            .await?;
+        stats.kill_switch.store(u64::from(killed), Relaxed);
+        consumer.subscribe(&[&topic])?;
+        let partition_count = {
+            let kafka = config.kafka.clone();
+            tokio::task::spawn_blocking(move || broker::partition_count(&kafka, &kafka.topic))
+                .await
+                .expect("metadata task panicked")
+                .ok()
+                .flatten()
+                .unwrap_or(1) as i32
+        };
+        Ok(Coordinator {
+            consumer,
+            state,
+            topic,
+            partition_count,
+            window: Arc::new(Mutex::new(FailureWindow::new(
+                options.breaker_window,
+                options.breaker_min_tenants,
+                options.breaker_failure_ratio,
+            ))),
+            scheduler: Scheduler::new(options.max_in_flight),
+            paused,
+            pausing: Arc::default(),
+            draining: HashSet::new(),
+            breaker: Breaker::default(),
+            killed: watch::Sender::new(killed),
+            lookups: FuturesOrdered::new(),
+            lookup_epochs: std::collections::VecDeque::new(),
+            in_lookup: 0,
+            copies: Copies::default(),
+            pending: Pending::default(),
+            writing: None,
+            last_flush: Instant::now(),
+            commit_again: false,
+            done: Channel::new(),
+            probe: Channel::new(),
+            drained: Channel::new(),
+            checked: Channel::new(),
+            timers: Timers {
+                settle: tokio::time::interval(options.settle_interval),
+                control: tokio::time::interval(options.kill_switch_interval),
+                probe: tokio::time::interval(options.breaker_probe_interval),
+                commits: tokio::time::interval(Duration::from_secs(2)),
+                lag: tokio::time::interval(LAG_INTERVAL),
+            },
+            pool,
+            handler,
+            options,
+            stats,
+            shutdown,
+        })
+    }
+
+    /// Runs until shutdown or an error, then stops: attempts under way end (bounded by
+    /// `revoke_drain`), and on a clean stop what settled is written and committed.
+    pub(super) async fn run(mut self) -> Result<(), ConsumeError> {
+        let result = self.consume().await;
+        self.stop(result).await
+    }
+
+    async fn consume(&mut self) -> Result<(), ConsumeError> {
+        // A record borrows the consumer it came from: a handle of the loop's own, not `self`'s.
+        let consumer = Arc::clone(&self.consumer);
+        loop {
+            self.apply_pauses_noticed();
+            self.forget_revoked()?;
+            self.dispatch().await?;
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return Ok(()),
+                Some(written) = async { Some((&mut self.writing.as_mut()?.0).await) }, if self.writing.is_some() => {
+                    self.handle_written(written.expect("settle task panicked"))?;
+                }
+                Some((tenant, done)) = self.done.rx.recv() => self.handle_done(tenant, done).await?,
+                Some((tenant, done)) = self.probe.rx.recv() => self.handle_probe_result(tenant, done).await?,
+                Some(report) = self.drained.rx.recv() => self.handle_drained(report).await?,
+                Some(looked_up) = futures::StreamExt::next(&mut self.lookups), if !self.lookups.is_empty() => {
+                    self.handle_looked_up(looked_up.expect("dedupe lookup task panicked"));
+                }
+                _ = self.timers.control.tick() => self.handle_control().await?,
+                _ = self.timers.probe.tick(), if self.breaker.may_probe() && !*self.killed.borrow() => self.handle_probe_tick(),
+                _ = self.timers.commits.tick() => self.handle_commit_check(),
+                Some(found) = self.checked.rx.recv() => self.handle_commit_checked(found),
+                _ = self.timers.lag.tick() => self.handle_lag_check(),
+                message = consumer.recv(), if self.may_take_in() => self.handle_records(message).await?,
+                _ = self.timers.settle.tick() => {}
+            }
+            self.after_turn()?;
+        }
+    }
+
+    /// Everything held in memory counts against `max_queued`, the records waiting to be parked
+    /// too: a paused tenant's stream arriving faster than Postgres parks it must slow intake
+    /// down, not grow the process.
+    fn may_take_in(&self) -> bool {
+        let writing = self.writing.as_ref().map_or(0, |(_, n)| *n);
+        self.scheduler.queued() + self.in_lookup + self.pending.len() + writing
+            < self.options.max_queued
+            && self.lookups.len() < MAX_LOOKUPS
+    }
+
+    /// A pause noticed while the tenant had an event in flight takes effect once that event
+    /// has ended: its queue is parked, in order, and its later records follow.
+    fn apply_pauses_noticed(&mut self) {
+        let mut held = self.pausing.lock().expect("pausing tenants");
+        let ready: Vec<String> = held
+            .iter()
+            .filter(|t| !self.scheduler.is_in_flight(*t) && !self.breaker_holds(t))
+            .cloned()
+            .collect();
+        for tenant in ready {
+            held.remove(&tenant);
+            if self.paused.insert(tenant.clone()) {
+                for queued in self.scheduler.take_queue(&tenant) {
+                    self.pending.parked.push(queued.into_parked());
+                }
+            }
+        }
+    }
+
+    fn breaker_holds(&self, tenant: &str) -> bool {
+        match &self.breaker {
+            Breaker::Open { held } | Breaker::Probing { held } => {
+                held.iter().any(|(t, _)| t == tenant)
+            }
+            Breaker::Closed => false,
+        }
+    }
+
+    /// Partitions revoked since the last turn: their queued and held events are the next
+    /// owner's now; not parked yet, so not settled, the next owner reads them again.
+    fn forget_revoked(&mut self) -> Result<(), ConsumeError> {
+        if std::mem::take(&mut self.state.lock().lost).is_empty() {
+            return Ok(());
+        }
+        let state = Arc::clone(&self.state);
+        let dropped = self
+            .scheduler
+            .drop_where(|queued| !is_current(&state, queued.position()));
+        self.copies
+            .dropped(dropped.iter().filter_map(Queued::event_id));
+        let effect = self
+            .breaker
+            .forget(|(_, item)| !is_current(&state, item.position));
+        self.apply_breaker(effect)?;
+        self.pending
+            .parked
+            .retain(|(_, position)| is_current(&state, *position));
+        tracing::debug!(
+            dropped = dropped.len(),
+            "queued events of revoked partitions dropped"
+        );
+        Ok(())
+    }
+
+    /// Dispatches what may run. The kill switch and an open breaker stop dispatching; intake
+    /// goes on up to `max_queued`, and nothing is committed past undelivered events.
+    async fn dispatch(&mut self) -> Result<(), ConsumeError> {
+        let mut refused = Vec::new();
+        while !*self.killed.borrow()
+            && self.breaker.is_closed()
+            && let Some((tenant, queued)) = self.scheduler.dispatch()
+        {
+            match queued {
+                Queued::Event(item) => self.start_attempts(tenant, item),
+                Queued::Refused(r) => refused.push((tenant, r)),
+            }
+        }
+        for (tenant, r) in refused {
+            self.pause_for_refused(tenant, r).await?;
+        }
+        Ok(())
+    }
+
+    /// A task for one event, holding a lease on its partition.
+    fn start_attempts(&mut self, tenant: String, item: Item) {
+        let position = item.position;
+        let Some(lease) = Lease::take_for(
+            &self.state,
+            position.partition,
+            Some(position.generation),
+            Some(position.offset),
+        ) else {
+            // Lost between intake and now: the next owner has it.
+            self.scheduler.complete(&tenant);
+            return;
+        };
+        let (handler, tx, pool) = (
+            Arc::clone(&self.handler),
+            self.done.tx.clone(),
+            self.pool.clone(),
+        );
+        let (retry, window, stats, pausing, killed) = (
+            self.options.retry.clone(),
+            Arc::clone(&self.window),
+            Arc::clone(&self.stats),
+            Arc::clone(&self.pausing),
+            self.killed.subscribe(),
+        );
+        tokio::spawn(async move {
+            let guard = Guard {
+                retry: &retry,
+                cancel: &lease.cancel,
+                window: &window,
+                stats: &stats,
+                pausing: &pausing,
+                killed,
+                owner: position,
+            };
+            let done = attempt::run(&*handler, item, &guard).await;
+            let done = if lease.cancel.is_cancelled() {
+                attempt::settle_on_revoke(done, &pool, &lease).await
+            } else {
+                done
+            };
+            let _ = tx.send((tenant, done));
+            drop(lease);
+        });
+    }
+
+    /// A refused record's turn: everything of its tenant before it has settled; it and the
+    /// tenant's queue are parked, in order, and the tenant paused with the decoder's reason.
+    async fn pause_for_refused(&mut self, tenant: String, r: Refused) -> Result<(), ConsumeError> {
+        if is_current(&self.state, r.position) {
+            let mut records = vec![r.raw];
+            self.pending.positions.push(r.position);
+            for queued in self.scheduler.take_queue(&tenant) {
+                let (raw, position) = queued.into_parked();
+                records.push(raw);
+                self.pending.positions.push(position);
+            }
+            let parked = ledger::park(&self.pool, &tenant, Some(&r.pause), &records).await?;
+            self.stats.parked.fetch_add(parked, Relaxed);
+            self.copies
+                .written(records.iter().filter_map(|r| r.event_id));
+            self.scheduler.hold(&tenant);
+            self.paused.insert(tenant.clone());
+        }
+        self.scheduler.complete(&tenant);
+        Ok(())
+    }
+
+    /// Intake: takes what is ready (up to `INTAKE_BATCH` records, lingering briefly for a
+    /// fuller batch) and starts one dedupe lookup for them all; lookups run concurrently and
+    /// are admitted in order.
+    async fn handle_records(
+        &mut self,
+        first: KafkaResult<BorrowedMessage<'_>>,
+    ) -> Result<(), ConsumeError> {
+        let consumer = Arc::clone(&self.consumer);
+        let mut next = Some(first);
+        let mut arrivals: Vec<Arrival> = Vec::new();
+        let linger = tokio::time::Instant::now() + INTAKE_LINGER;
+        while let Some(message) = next.take() {
+            if let Some(arrival) = self.take_in(message).await? {
+                arrivals.push(arrival);
+            }
+            if arrivals.len() < INTAKE_BATCH {
+                next = tokio::time::timeout_at(linger, consumer.recv()).await.ok();
+            }
+        }
+        self.in_lookup += arrivals.len();
+        let pool = self.pool.clone();
+        self.lookup_epochs.push_back(self.copies.epoch());
+        // A task of its own: it must progress (and give its connection back) while the loop
+        // awaits something else.
+        self.lookups.push_back(tokio::spawn(async move {
+            let ids: Vec<Uuid> = arrivals.iter().filter_map(Arrival::event_id).collect();
+            // A failed lookup counts as "not settled": the event is handled again, which the
+            // partner's Idempotency-Key absorbs.
+            let settled = if ids.is_empty() {
+                HashSet::new()
+            } else {
+                ledger::settled_ids(&pool, &ids).await.unwrap_or_default()
+            };
+            (arrivals, settled)
+        }));
+        Ok(())
+    }
+
+    /// One record from Kafka: tracked in its partition's offsets and decoded, or `None` when
+    /// it is not ours to handle (a transient error, a partition no longer ours, a re-fetch).
+    async fn take_in(
+        &mut self,
+        message: KafkaResult<BorrowedMessage<'_>>,
+    ) -> Result<Option<Arrival>, ConsumeError> {
+        let m = match message {
+            Ok(m) => m,
+            // librdkafka reports broker trouble (down, unreachable, request errors) as consume
+            // errors and recovers on its own; only a fatal error ends us.
+            Err(e) if is_fatal(&e) => return Err(e.into()),
+            Err(e) => {
+                if self
+                    .stats
+                    .kafka_errors
+                    .fetch_add(1, Relaxed)
+                    .is_multiple_of(100)
+                {
+                    tracing::warn!(error = %e, "kafka error; librdkafka retries");
+                }
+                return Ok(None);
+            }
+        };
+        self.stats.received.fetch_add(1, Relaxed);
+        if let Some(written) = m.timestamp().to_millis() {
+            let now = chrono::Utc::now().timestamp_millis();
+            let behind = now.saturating_sub(written).max(0) as u64;
+            self.stats
+                .intake_latency
+                .record(Duration::from_millis(behind));
+        }
+        // Assigned partitions: obey the pauses other instances recorded before any record of
+        // theirs is admitted (the callback ran inside this poll).
+        if std::mem::take(&mut self.state.lock().reload_paused) {
+            let now = paused_tenants(&self.pool).await?;
+            self.obey_pauses(now);
+        }
+        let position = {
+            let mut s = self.state.lock();
+            let Some(owned) = s.partitions.get_mut(&m.partition()) else {
+                return Ok(None); // a record of a partition no longer ours
+            };
+            let offsets = owned
+                .offsets
+                .get_or_insert_with(|| PartitionOffsets::new(m.offset()));
+            if offsets.received(m.offset()).is_err() {
+                return Ok(None); // a re-fetch after a seek: already tracked
+            }
+            Position {
+                partition: m.partition(),
+                offset: m.offset(),
+                generation: owned.generation,
+            }
+        };
+        let arrival = intake::arrival(&m, &self.topic, position);
+        if matches!(arrival, Arrival::Bad(_)) {
+            self.stats.bad_events.fetch_add(1, Relaxed);
+        }
+        Ok(Some(arrival))
+    }
+
+    /// Admission, in arrival order: paused tenants' records are parked, the rest join their
+    /// tenant's queue (a refused record too: it pauses its tenant when its turn comes); a copy
+    /// of an event close by settles as a duplicate when its turn comes.
+    fn handle_looked_up(&mut self, (arrivals, settled): (Vec<Arrival>, HashSet<Uuid>)) {
+        self.in_lookup -= arrivals.len();
+        self.lookup_epochs.pop_front();
+        for arrival in arrivals {
+            let position = arrival.position();
+            if !is_current(&self.state, position) {
+                continue; // revoked meanwhile: the next owner reads it
+            }
+            let tenant = arrival.tenant().to_owned();
+            if self.paused.contains(&tenant) {
+                // Already paused: it joins the backlog in order; the first cause stays.
+                self.pending.parked.push(arrival.into_parked());
+                continue;
+            }
+            match arrival {
+                Arrival::Event(mut item) => {
+                    item.settled = settled.contains(&item.event.id)
+                        || self.copies.admit(item.event.id) == Admission::Copy;
+                    self.scheduler.arrive(tenant, Queued::Event(item));
+                }
+                Arrival::Bad(r) => self.scheduler.arrive(tenant, Queued::Refused(r)),
+            }
+        }
+        self.forget_copies();
+    }
+
+    /// Copies written before the oldest lookup under way began are the database's to find.
+    fn forget_copies(&mut self) {
+        let oldest = match self.lookup_epochs.front() {
+            Some(&started) => started,
+            None => self.copies.epoch(),
+        };
+        self.copies.forget_before(oldest);
+    }
+
+    /// An event's task ended.
+    async fn handle_done(&mut self, tenant: String, done: Done) -> Result<(), ConsumeError> {
+        self.scheduler.complete(&tenant);
+        match done {
+            Done::Revoked(item) => self.copies.dropped([item.event.id]),
+            Done::SettledOnRevoke(item, outcome) => {
+                self.stats.count(outcome);
+                self.copies.dropped([item.event.id]);
+            }
+            // A failure of a partition lost meanwhile is the next owner's to meet: parking it
+            // here could race the owner's own intake.
+            Done::Breaker(item, _) | Done::Pause(item, _, _)
+                if !is_current(&self.state, item.position) =>
+            {
+                self.copies.dropped([item.event.id]);
+            }
+            Done::Settled(item, outcome, attempts) => {
+                self.stats.count(outcome);
+                self.pending.settle(item, outcome, attempts);
+            }
+            Done::Duplicate(item) => {
+                self.stats.duplicates.fetch_add(1, Relaxed);
+                self.pending.positions.push(item.position);
+            }
+            Done::Breaker(item, failure) => {
+                if self.breaker.is_closed() {
+                    self.stats.breaker_trips.fetch_add(1, Relaxed);
+                    tracing::error!(error = %failure.message, status = ?failure.status, "the partner is failing for everyone: breaker open, consumption paused");
+                }
+                let effect = self.breaker.trip((tenant, item));
+                self.apply_breaker(effect)?;
+            }
+            Done::Pause(item, failure, attempts) => {
+                self.pause_tenant(tenant, item, &failure, attempts).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Pauses `tenant` for `failure` of `item`: the event, then the tenant's queue, parked in
+    /// order; the tenant's later records are parked as they arrive.
+    async fn pause_tenant(
+        &mut self,
+        tenant: String,
+        item: Item,
+        failure: &Failure,
+        attempts: u32,
+    ) -> Result<(), ConsumeError> {
+        self.stats.failed.fetch_add(1, Relaxed);
+        let pause = attempt::pause_for(failure, Some(item.event.id), attempts, &self.options);
+        let mut conn = self.pool.acquire().await?;
+        ledger::record_attempts(&mut conn, &item.log).await?;
+        drop(conn);
+        let mut records = vec![item.raw];
+        let mut positions = vec![item.position];
+        for queued in self.scheduler.take_queue(&tenant) {
+            let (raw, position) = queued.into_parked();
+            records.push(raw);
+            positions.push(position);
+        }
+        let parked = ledger::park(&self.pool, &tenant, Some(&pause), &records).await?;
+        self.stats.parked.fetch_add(parked, Relaxed);
+        self.copies
+            .written(records.iter().filter_map(|r| r.event_id));
+        self.scheduler.hold(&tenant);
+        self.paused.insert(tenant);
+        self.pending.positions.extend(positions);
+        Ok(())
+    }
+
+    /// Applies what a breaker transition asks of Kafka.
+    fn apply_breaker(&mut self, effect: BreakerEffect<(String, Item)>) -> Result<(), ConsumeError> {
+        match effect {
+            BreakerEffect::None => {}
+            BreakerEffect::PauseConsumption => {
+                self.stats.breaker_open.store(1, Relaxed);
+                self.consumer.pause(&self.consumer.assignment()?)?;
+            }
+            BreakerEffect::Resume(held) => {
+                // The held events run first, each ahead of its tenant's queue.
+                for (tenant, item) in held {
+                    self.scheduler.retry_first(tenant, Queued::Event(item));
+                }
+                self.stats.breaker_open.store(0, Relaxed);
+                self.consumer.resume(&self.consumer.assignment()?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Probes with the first held event: an answer from the partner proves it is back.
+    fn handle_probe_tick(&mut self) {
+        let Some((tenant, item)) = self.breaker.probe() else {
+            return;
+        };
+        let position = item.position;
+        let Some(lease) = Lease::take(&self.state, position.partition, Some(position.generation))
+        else {
+            // Lost meanwhile: the next owner has it.
+            let effect = self.breaker.probe_lost();
+            if let Err(e) = self.apply_breaker(effect) {
+                tracing::warn!(error = %e, "resuming consumption failed");
+            }
+            return;
+        };
+        let (handler, tx) = (Arc::clone(&self.handler), self.probe.tx.clone());
+        tokio::spawn(async move {
+            let done = attempt::probe(&*handler, item).await;
+            drop(lease);
+            let _ = tx.send((tenant, done));
+        });
+    }
+
+    /// The probe ended: delivered closes the breaker; refused for its own reason (a permanent
+    /// failure of that event) pauses its tenant alone and closes the breaker too, since the
+    /// partner answered; the partner-wide failure again keeps it open.
+    async fn handle_probe_result(
+        &mut self,
+        tenant: String,
+        done: Done,
+    ) -> Result<(), ConsumeError> {
+        match done {
+            Done::Settled(item, outcome, attempts) => {
+                self.stats.count(outcome);
+                self.pending.settle(item, outcome, attempts);
+                let effect = self.breaker.probe_answered();
+                self.apply_breaker(effect)?;
+                tracing::info!(%tenant, "the partner answers again: breaker closed");
+            }
+            Done::Pause(item, failure, attempts) if is_current(&self.state, item.position) => {
+                self.pause_tenant(tenant.clone(), item, &failure, attempts)
+                    .await?;
+                let effect = self.breaker.probe_answered();
+                self.apply_breaker(effect)?;
+                tracing::info!(%tenant, "the probe was refused for its own reason: tenant paused, breaker closed");
+            }
+            Done::Breaker(item, _) if is_current(&self.state, item.position) => {
+                self.breaker.probe_failed((tenant, item));
+            }
+            _ => {
+                let effect = self.breaker.probe_lost();
+                self.apply_breaker(effect)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A batch became durable: mark its positions and commit what moved.
+    fn handle_written(&mut self, written: settlement::Written) -> Result<(), ConsumeError> {
+        self.writing = None;
+        let written = written?;
+        self.copies.written(written.ids);
+        self.forget_copies();
+        settlement::mark_and_commit(
+            &self.consumer,
+            &self.state,
+            &self.topic,
+            written.positions,
+            &self.stats,
+            CommitMode::Async,
+        )
+    }
+
+    /// Waits for the batch being written, if any, and marks it.
+    async fn finish_writing(&mut self) -> Result<(), ConsumeError> {
+        if let Some((batch, _)) = self.writing.take() {
+            let written = batch.await.expect("settle task panicked");
+            self.handle_written(written)?;
+        }
+        Ok(())
+    }
+
+    /// Writes what is pending and marks it, in this task: for the drain's flip and for
+    /// shutdown.
+    async fn flush(&mut self, mode: CommitMode) -> Result<(), ConsumeError> {
+        let pending = std::mem::take(&mut self.pending);
+        let written =
+            settlement::write_pending(self.pool.clone(), pending, Arc::clone(&self.stats)).await?;
+        self.copies.written(written.ids);
+        self.last_flush = Instant::now();
+        settlement::mark_and_commit(
+            &self.consumer,
+            &self.state,
+            &self.topic,
+            written.positions,
+            &self.stats,
+            mode,
+        )
+    }
+
+    /// A backlog drain reported.
+    async fn handle_drained(&mut self, report: Drained) -> Result<(), ConsumeError> {
+        match report {
+            Drained::Empty(tenant, owner) if !is_current(&self.state, owner) => {
+                self.draining.remove(&tenant);
+            }
+            Drained::Empty(tenant, _) => {
+                self.draining.remove(&tenant);
+                // Only this loop parks, and it parks what it buffered first: once the batch
+                // being written and what is pending are durable, nothing can be parked for the
+                // tenant between then and the flip.
+                self.finish_writing().await?;
+                if self
+                    .pending
+                    .parked
+                    .iter()
+                    .any(|(r, _)| r.tenant_id == tenant)
+                {
+                    self.flush(CommitMode::Async).await?;
+                }
+                if ledger::finish_drain(&self.pool, &tenant).await? {
+                    self.paused.remove(&tenant);
+                    self.scheduler.release(&tenant);
+                    tracing::info!(%tenant, "backlog replayed; tenant live again");
+                }
+            }
+            Drained::Failed(tenant, failure, event_id, attempts) => {
+                self.draining.remove(&tenant);
+                self.stats.failed.fetch_add(1, Relaxed);
+                let pause = attempt::pause_for(&failure, event_id, attempts, &self.options);
+                ledger::park(&self.pool, &tenant, Some(&pause), &[]).await?;
+            }
+            Drained::Error(tenant, e) => {
+                self.draining.remove(&tenant);
+                tracing::warn!(%tenant, error = %e, "replaying the backlog failed; will try again");
+            }
+            Drained::Revoked(tenant) => {
+                self.draining.remove(&tenant);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the kill switch, the pauses recorded elsewhere (an operator's, or another
+    /// instance's before a rebalance), and the resumed tenants whose backlog to replay.
+    async fn handle_control(&mut self) -> Result<(), ConsumeError> {
+        let on: bool = sqlx::query_scalar("SELECT kill_switch FROM control")
+            .fetch_one(&self.pool)
+            .await?;
+        if on != *self.killed.borrow() {
+            tracing::warn!(kill_switch = on, "kill switch changed");
+        }
+        self.killed.send_replace(on);
+        self.stats.kill_switch.store(u64::from(on), Relaxed);
+        let now = paused_tenants(&self.pool).await?;
+        self.obey_pauses(now);
+        if !on {
+            for tenant in ledger::tenants_to_drain(&self.pool).await? {
+                self.start_drain(tenant);
+            }
+        }
+        Ok(())
+    }
+
+    /// Replays a resumed tenant's backlog, if this instance owns its partition. New events
+    /// keep being parked meanwhile.
+    fn start_drain(&mut self, tenant: String) {
+        let partition = broker::partition_for_key(tenant.as_bytes(), self.partition_count);
+        if !self.paused.contains(&tenant) || self.draining.contains(&tenant) {
+            return;
+        }
+        let Some(lease) = Lease::take(&self.state, partition, None) else {
+            return;
+        };
+        self.draining.insert(tenant.clone());
+        let (handler, pool, tx) = (
+            Arc::clone(&self.handler),
+            self.pool.clone(),
+            self.drained.tx.clone(),
+        );
+        let (retry, window, stats, pausing, killed) = (
+            self.options.retry.clone(),
+            Arc::clone(&self.window),
+            Arc::clone(&self.stats),
+            Arc::clone(&self.pausing),
+            self.killed.subscribe(),
+        );
+        let owner = Position {
+            partition,
+            offset: 0,
+            generation: lease.generation,
+        };
+        tokio::spawn(async move {
+            let guard = Guard {
+                retry: &retry,
+                cancel: &lease.cancel,
+                window: &window,
+                stats: &stats,
+                pausing: &pausing,
+                killed,
+                owner,
+            };
+            let report = drain::drain(&*handler, &pool, &tenant, &guard).await;
+            let _ = tx.send(report);
+            drop(lease);
+        });
+    }
+
+    /// Brings the view of paused tenants in line with `now` (the database's): a tenant newly
+    /// paused is held at once and parked when nothing of it is in flight (`pausing`); one no
+    /// longer paused (flipped live by the instance that owned it before a rebalance) is
+    /// released.
+    fn obey_pauses(&mut self, now: HashSet<String>) {
+        let mut pausing = self.pausing.lock().expect("pausing tenants");
+        for tenant in self.paused.iter().chain(pausing.iter()) {
+            if !now.contains(tenant) {
+                self.scheduler.release(tenant);
+            }
+        }
+        self.paused.retain(|t| now.contains(t));
+        pausing.retain(|t| now.contains(t));
+        for tenant in now {
+            if !self.paused.contains(&tenant) && pausing.insert(tenant.clone()) {
+                self.scheduler.hold(&tenant);
+            }
+        }
+    }
+
+    /// Async commit results never reach us (librdkafka reports them only to a C callback that
+    /// rust-rdkafka does not install), so unconfirmed commits are checked against the broker.
+    fn handle_commit_check(&mut self) {
+        let unconfirmed: Vec<i32> = self
+            .state
+            .lock()
+            .partitions
+            .iter()
+            .filter(|(_, o)| {
+                o.offsets
+                    .as_ref()
+                    .is_some_and(|o| o.committed() > o.acked())
+            })
+            .map(|(&p, _)| p)
+            .collect();
+        if unconfirmed.is_empty() {
+            return;
+        }
+        let (consumer, topic, tx) = (
+            Arc::clone(&self.consumer),
+            self.topic.clone(),
+            self.checked.tx.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let mut list = TopicPartitionList::new();
+            for p in unconfirmed {
+                list.add_partition(&topic, p);
+            }
+            if let Ok(got) = consumer.committed_offsets(list, Duration::from_secs(5)) {
+                let found = got
+                    .elements_for_topic(&topic)
+                    .iter()
+                    .map(|e| (e.partition(), e.offset().to_raw().unwrap_or(-1)))
+                    .collect();
+                let _ = tx.send(found);
+            }
+        });
+    }
+
+    /// What the broker holds: a commit not there (failed, or still on its way) is offered
+    /// again.
+    fn handle_commit_checked(&mut self, found: Vec<(i32, i64)>) {
+        let mut s = self.state.lock();
+        for (partition, on_broker) in found {
+            if let Some(offsets) = s
+                .partitions
+                .get_mut(&partition)
+                .and_then(|o| o.offsets.as_mut())
+            {
+                offsets.commit_succeeded(on_broker);
+                if offsets.committed() > offsets.acked() {
+                    offsets.commit_failed(offsets.committed());
+                    self.commit_again = true;
+                }
+            }
+        }
+    }
+
+    /// The operator's view: tenants held here and this instance's partitions.
+    fn handle_lag_check(&mut self) {
+        // The paused set holds every paused tenant; count those whose partition is ours.
+        let owned: HashSet<i32> = self.state.lock().partitions.keys().copied().collect();
+        let held = self
+            .paused
+            .iter()
+            .chain(self.pausing.lock().expect("pausing tenants").iter())
+            .filter(|t| {
+                owned.contains(&broker::partition_for_key(
+                    t.as_bytes(),
+                    self.partition_count,
+                ))
+            })
+            .count();
+        self.stats.tenants_held.store(held as u64, Relaxed);
+        let view = rebalance::partition_view(&self.consumer, &self.state, &self.topic);
+        *self.stats.partition_view.lock().expect("partition view") = view;
+    }
+
+    /// After each turn: the gauges, a commit to offer again, and a settle batch to start (a
+    /// task writing while the loop goes on; what settles meanwhile waits for the next batch).
+    fn after_turn(&mut self) -> Result<(), ConsumeError> {
+        self.stats
+            .in_flight
+            .store(self.scheduler.in_flight() as u64, Relaxed);
+        self.stats
+            .queued
+            .store(self.scheduler.queued() as u64, Relaxed);
+        if std::mem::take(&mut self.commit_again) {
+            settlement::mark_and_commit(
+                &self.consumer,
+                &self.state,
+                &self.topic,
+                Vec::new(),
+                &self.stats,
+                CommitMode::Async,
+            )?;
+        }
+        let due = self.pending.len() >= self.options.settle_batch
+            || (self.pending.len() > 0
+                && self.last_flush.elapsed() >= self.options.settle_interval);
+        if self.writing.is_none() && due {
+            let len = self.pending.len();
+            let task = tokio::spawn(settlement::write_pending(
+                self.pool.clone(),
+                std::mem::take(&mut self.pending),
+                Arc::clone(&self.stats),
+            ));
+            self.writing = Some((task, len));
+            self.last_flush = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Stops: no new attempt starts; attempts under way end (bounded by `revoke_drain`) and
+    /// settle themselves. After a clean run what settled before is written, then one
+    /// synchronous commit; after an error nothing more is written (the database may be what
+    /// failed), and what was not committed is read again by whoever owns the partition next.
+    async fn stop(mut self, result: Result<(), ConsumeError>) -> Result<(), ConsumeError> {
+        if result.is_ok() {
+            self.finish_writing().await?;
+        }
+        let owned: Vec<i32> = self.state.lock().partitions.keys().copied().collect();
+        let deadline = Instant::now() + self.options.revoke_drain;
+        let state = Arc::clone(&self.state);
+        rebalance::blocking(|| state.cancel_and_wait(&owned, deadline));
+        result?;
+        while let Ok((_, done)) = self.done.rx.try_recv() {
+            if let Done::Settled(item, outcome, attempts) = done {
+                self.pending.settle(item, outcome, attempts);
+            }
+        }
+        self.flush(CommitMode::Sync).await
+    }
+}
+
+/// The tenants whose records are parked rather than delivered: paused, or replaying a backlog.
+async fn paused_tenants(pool: &PgPool) -> Result<HashSet<String>, sqlx::Error> {
+    Ok(ledger::inactive_tenants(pool)
+        .await?
+        .into_iter()
+        .filter(|(_, state)| state == "paused" || state == "draining")
+        .map(|(t, _)| t)
+        .collect())
+}

@@ -1,0 +1,188 @@
+//! Replaying a resumed tenant's parked backlog, in order, a page at a time, through the same
+//! attempts as live events (dedupe, expiry, kill switch, retries); each page's settlements and
+//! the removal of what was replayed commit together.
+
+use sqlx::PgPool;
+
+use super::attempt::{self, Done, Guard, Item};
+use super::ledger;
+use super::rebalance::Position;
+use super::settlement::settlement;
+use crate::delivery::{Failure, Handler};
+use crate::outbox;
+
+/// What a drain task reports to the loop.
+pub(super) enum Drained {
+    /// The backlog read came back empty: flip the tenant live if still empty, and if the
+    /// partition is still this instance's in the drain's generation (`Position` names it).
+    Empty(String, Position),
+    /// Replaying failed again: the tenant stays paused with this reason.
+    Failed(String, Failure, Option<uuid::Uuid>, u32),
+    /// The database failed; try again on the next poll.
+    Error(String, sqlx::Error),
+    /// The tenant's partition was revoked or the consumer is stopping: the replayed part is
+    /// recorded, the rest stays parked for the owner to replay.
+    Revoked(String),
+}
+
+/// Replays a tenant's parked backlog in order, a page at a time, through the same path as live
+/// events (dedupe, expiry, handler with retries); each page's settlements and removal commit
+/// together.
+pub(super) async fn drain<H: Handler>(
+    handler: &H,
+    pool: &PgPool,
+    tenant: &str,
+    guard: &Guard<'_>,
+) -> Drained {
+    let mut after = 0;
+    loop {
+        let page = match ledger::parked_backlog(pool, tenant, after, 500).await {
+            Ok(page) => page,
+            Err(e) => return Drained::Error(tenant.to_owned(), e),
+        };
+        if page.is_empty() {
+            // Revoked meanwhile: the new owner parks this tenant's records now, and only it may
+            // flip the tenant live.
+            if guard.cancel.is_cancelled() {
+                return Drained::Revoked(tenant.to_owned());
+            }
+            return Drained::Empty(tenant.to_owned(), guard.owner);
+        }
+        let replay = Replay {
+            pool,
+            tenant,
+            settlements: Vec::new(),
+            attempts: Vec::new(),
+            through: after,
+        };
+        match replay.page(handler, guard, page).await {
+            Ok(through) => after = through,
+            Err(report) => return report,
+        }
+    }
+}
+
+/// One page's replay: what settled, their attempts, and the last sequence number replayed.
+struct Replay<'a> {
+    pool: &'a PgPool,
+    tenant: &'a str,
+    settlements: Vec<ledger::Settlement>,
+    attempts: Vec<ledger::AttemptLog>,
+    through: i64,
+}
+
+impl Replay<'_> {
+    /// Replays `page`; the last sequence replayed, or how the drain ends.
+    async fn page<H: Handler>(
+        mut self,
+        handler: &H,
+        guard: &Guard<'_>,
+        page: Vec<(i64, ledger::ParkedRecord)>,
+    ) -> Result<i64, Drained> {
+        let tenant = self.tenant.to_owned();
+        let ids: Vec<uuid::Uuid> = page.iter().filter_map(|(_, r)| r.event_id).collect();
+        // Ids settled in this page are added as it goes: a copy parked behind its original
+        // settles as a duplicate.
+        let mut settled = ledger::settled_ids(self.pool, &ids)
+            .await
+            .map_err(|e| Drained::Error(tenant.clone(), e))?;
+        for (seq, raw) in page {
+            let item = match replayed_item(raw, &settled) {
+                Ok(item) => item,
+                Err((failure, id)) => {
+                    return Err(self.stop(Drained::Failed(tenant, failure, id, 0)).await);
+                }
+            };
+            match attempt::handle(handler, item, guard).await {
+                Done::Settled(mut item, outcome, tries) => {
+                    settled.insert(item.event.id);
+                    guard.stats.count(outcome);
+                    self.settlements.push(settlement(&item, outcome, tries));
+                    self.attempts.append(&mut item.log);
+                }
+                Done::Duplicate(_) | Done::SettledOnRevoke(..) => {}
+                Done::Revoked(_) => {
+                    // Keep what was replayed; the rest stays parked for the partition's owner.
+                    return Err(match self.keep().await {
+                        Ok(()) => Drained::Revoked(tenant),
+                        Err(e) => Drained::Error(tenant, e),
+                    });
+                }
+                Done::Pause(mut item, failure, tries) => {
+                    self.attempts.append(&mut item.log);
+                    let id = Some(item.event.id);
+                    return Err(self.stop(Drained::Failed(tenant, failure, id, tries)).await);
+                }
+                Done::Breaker(mut item, failure) => {
+                    self.attempts.append(&mut item.log);
+                    let id = Some(item.event.id);
+                    return Err(self.stop(Drained::Failed(tenant, failure, id, 1)).await);
+                }
+            }
+            self.through = seq;
+        }
+        self.keep()
+            .await
+            .map_err(|e| Drained::Error(tenant.clone(), e))?;
+        Ok(self.through)
+    }
+
+    /// Records what settled and removes what was replayed, in one transaction.
+    async fn keep(&self) -> Result<(), sqlx::Error> {
+        ledger::unpark(
+            self.pool,
+            self.tenant,
+            self.through,
+            &self.settlements,
+            &self.attempts,
+        )
+        .await
+    }
+
+    /// Keeps what was replayed (if that fails it stays parked and is replayed again, deduped)
+    /// and ends the drain with `report`.
+    async fn stop(&self, report: Drained) -> Drained {
+        let _ = self.keep().await;
+        report
+    }
+}
+
+/// A parked record as an event to replay, or why it cannot be (the decoder refuses it).
+fn replayed_item(
+    raw: ledger::ParkedRecord,
+    settled: &std::collections::HashSet<uuid::Uuid>,
+) -> Result<Item, (Failure, Option<uuid::Uuid>)> {
+    let record = outbox::RawRecord {
+        key: raw.key.as_deref(),
+        headers: raw
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_deref()))
+            .collect(),
+        value: raw.value.as_deref(),
+        timestamp_ms: raw.timestamp.map(|t| t.timestamp_millis()),
+    };
+    let event = outbox::decode(&record).map_err(|bad| {
+        let failure = Failure {
+            class: crate::delivery::FailureClass::Permanent,
+            message: bad.to_string(),
+            status: None,
+            response: None,
+            retry_after: None,
+        };
+        (failure, bad.event_id)
+    })?;
+    let position = Position {
+        partition: raw.partition,
+        offset: raw.offset,
+        generation: 0,
+    };
+    Ok(Item {
+        settled: settled.contains(&event.id),
+        event,
+        raw,
+        position,
+        log: Vec::new(),
+        log_every: true,
+    })
+}

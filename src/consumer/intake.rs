@@ -1,0 +1,170 @@
+//! Intake: a Kafka record becomes an [`Arrival`], a decoded event or a record the decoder
+//! refused, each with the copy to park should its tenant be paused. What waits in a tenant's
+//! queue is a [`Queued`].
+
+use std::time::Duration;
+
+use rdkafka::message::{Headers, Message};
+use uuid::Uuid;
+
+use super::attempt::Item;
+use super::ledger::{ParkedRecord, Pause};
+use super::rebalance::Position;
+use crate::{broker, outbox};
+
+/// Records taken from Kafka in one turn of the loop, at most: one dedupe query for them all.
+pub(super) const INTAKE_BATCH: usize = 500;
+
+/// How long intake waits for more records to fill a batch.
+pub(super) const INTAKE_LINGER: Duration = Duration::from_millis(2);
+
+/// Dedupe lookups under way at once, at most (each holds a connection while it runs; the rest
+/// of the pool is for settling).
+pub(super) const MAX_LOOKUPS: usize = 4;
+
+/// A record on its way from intake to admission.
+pub(super) enum Arrival {
+    /// A decoded event.
+    Event(Item),
+    /// A record the decoder refused.
+    Bad(Refused),
+}
+
+/// A record the decoder refused: when its turn comes it pauses its tenant with the decoder's
+/// reason and is parked first in the backlog.
+pub(super) struct Refused {
+    pub(super) raw: ParkedRecord,
+    pub(super) position: Position,
+    pub(super) pause: Pause,
+}
+
+/// What waits in a tenant's queue. A refused record waits its turn like an event: if the
+/// tenant's event in flight fails too, that event must be parked ahead of it.
+pub(super) enum Queued {
+    Event(Item),
+    Refused(Refused),
+}
+
+impl Queued {
+    /// The id of the event waiting, if decoded.
+    pub(super) fn event_id(&self) -> Option<Uuid> {
+        match self {
+            Queued::Event(item) => Some(item.event.id),
+            Queued::Refused(_) => None,
+        }
+    }
+
+    /// Where it was read.
+    pub(super) fn position(&self) -> Position {
+        match self {
+            Queued::Event(item) => item.position,
+            Queued::Refused(r) => r.position,
+        }
+    }
+
+    /// The record to park, and where it came from.
+    pub(super) fn into_parked(self) -> (ParkedRecord, Position) {
+        match self {
+            Queued::Event(item) => (item.raw, item.position),
+            Queued::Refused(r) => (r.raw, r.position),
+        }
+    }
+}
+
+pub(super) fn parked_record<M: Message>(m: &M, topic: &str) -> ParkedRecord {
+    ParkedRecord {
+        tenant_id: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+        event_id: None,
+        topic: topic.to_owned(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key().map(<[u8]>::to_vec),
+        headers: m
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        value: m.payload().map(<[u8]>::to_vec),
+        timestamp: m
+            .timestamp()
+            .to_millis()
+            .and_then(chrono::DateTime::from_timestamp_millis),
+    }
+}
+
+/// Decodes the record `m` read at `position`. The parked copy names the event and its tenant as
+/// decoded, so a replay can dedupe it and the backlog is filed under the right tenant.
+pub(super) fn arrival<M: Message>(m: &M, topic: &str, position: Position) -> Arrival {
+    let mut raw = parked_record(m, topic);
+    match outbox::decode(&broker::raw_record(m)) {
+        Ok(event) => {
+            raw.event_id = Some(event.id);
+            raw.tenant_id = event.tenant_id.to_string();
+            Arrival::Event(Item {
+                event,
+                raw,
+                position,
+                settled: false,
+                log: Vec::new(),
+                log_every: false,
+            })
+        }
+        Err(bad) => {
+            raw.event_id = bad.event_id;
+            raw.tenant_id = bad
+                .tenant_id
+                .as_ref()
+                .map_or_else(|| "unknown".to_owned(), |t| t.to_string());
+            let pause = Pause {
+                cause: "bad_event",
+                reason: bad.reason.to_string(),
+                event_id: bad.event_id,
+                next_retry_at: None,
+                attempts: 0,
+                response: None,
+            };
+            Arrival::Bad(Refused {
+                raw,
+                position,
+                pause,
+            })
+        }
+    }
+}
+
+impl Arrival {
+    /// The event's id, for the dedupe lookup (a refused record has none to look up).
+    pub(super) fn event_id(&self) -> Option<Uuid> {
+        match self {
+            Arrival::Event(item) => Some(item.event.id),
+            Arrival::Bad(_) => None,
+        }
+    }
+
+    /// Where it was read.
+    pub(super) fn position(&self) -> Position {
+        match self {
+            Arrival::Event(item) => item.position,
+            Arrival::Bad(r) => r.position,
+        }
+    }
+
+    /// Its tenant, as decoded (or `unknown`).
+    pub(super) fn tenant(&self) -> &str {
+        match self {
+            Arrival::Event(item) => &item.raw.tenant_id,
+            Arrival::Bad(r) => &r.raw.tenant_id,
+        }
+    }
+
+    /// The record to park, and where it came from.
+    pub(super) fn into_parked(self) -> (ParkedRecord, Position) {
+        match self {
+            Arrival::Event(item) => (item.raw, item.position),
+            Arrival::Bad(r) => (r.raw, r.position),
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! The settlement stage: what settled since the last batch ([`Pending`]), one transaction that
+//! parks paused tenants' records and records settled events ([`write_pending`]), and only once
+//! that is durable, the positions marked in their partitions' trackers and the commit points
+//! that moved committed ([`mark_and_commit`]). The commit point therefore never passes a record
+//! whose settlement could still be lost.
+
+use std::sync::Arc;
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::{Offset, TopicPartitionList};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::attempt::{Item, attempt_at};
+use super::ledger::{self, AttemptLog, ParkedRecord, SettledAs, Settlement};
+use super::rebalance::{Context, Position, State, blocking};
+use super::runtime::{ConsumeError, ConsumeStats};
+
+pub(super) fn settlement(item: &Item, outcome: SettledAs, attempts: u32) -> Settlement {
+    Settlement::new(&item.event, &attempt_at(item, attempts), outcome)
+}
+
+/// What settled since the last flush.
+#[derive(Default)]
+pub(super) struct Pending {
+    /// Handled events, recorded in `deliveries`.
+    pub(super) settlements: Vec<(Settlement, Position)>,
+    /// Records settled with nothing left to record (parked already, duplicates, bad records).
+    pub(super) positions: Vec<Position>,
+    /// Records of paused tenants, parked at the flush, in arrival order.
+    pub(super) parked: Vec<(ParkedRecord, Position)>,
+    /// The attempt history of settled events that failed before they settled.
+    pub(super) attempts: Vec<AttemptLog>,
+}
+
+impl Pending {
+    /// Records waiting for the next batch.
+    pub(super) fn len(&self) -> usize {
+        self.settlements.len() + self.positions.len() + self.parked.len()
+    }
+
+    /// `item` settled as `outcome` after `attempts`: its record and its attempt history.
+    pub(super) fn settle(&mut self, mut item: Item, outcome: SettledAs, attempts: u32) {
+        self.settlements
+            .push((settlement(&item, outcome, attempts), item.position));
+        self.attempts.append(&mut item.log);
+    }
+}
+
+/// What a batch made durable: the positions it settles, and the ids of the events it recorded
+/// or parked.
+pub(super) struct Durable {
+    /// Every position the batch settles.
+    pub(super) positions: Vec<Position>,
+    /// The event ids it recorded in `deliveries` or parked.
+    pub(super) ids: Vec<Uuid>,
+}
+
+/// A batch's result.
+pub(super) type Written = Result<Durable, sqlx::Error>;
+
+/// Parks the pending records of paused tenants and records the settlements in one
+/// transaction; returns every position they settle. Runs as a task of its own, one at a time,
+/// so the loop takes in and dispatches while a batch is written; the positions are marked only
+/// once it is durable ([`mark_and_commit`]).
+pub(super) async fn write_pending(
+    pool: PgPool,
+    pending: Pending,
+    stats: Arc<ConsumeStats>,
+) -> Written {
+    let Pending {
+        settlements,
+        positions: mut settled,
+        parked,
+        attempts,
+    } = pending;
+    let mut ids = Vec::new();
+    if !parked.is_empty() {
+        let (records, positions): (Vec<ParkedRecord>, Vec<Position>) = parked.into_iter().unzip();
+        ids.extend(records.iter().filter_map(|r| r.event_id));
+        let n = ledger::park(&pool, "", None, &records).await?;
+        stats
+            .parked
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        settled.extend(positions);
+    }
+    if !settlements.is_empty() {
+        let (batch, positions): (Vec<Settlement>, Vec<Position>) = settlements.into_iter().unzip();
+        ids.extend(batch.iter().map(|s| s.event_id));
+        let mut tx = pool.begin().await?;
+        ledger::record_settled(&mut tx, &batch).await?;
+        ledger::record_attempts(&mut tx, &attempts).await?;
+        tx.commit().await?;
+        settled.extend(positions);
+    }
+    Ok(Durable {
+        positions: settled,
+        ids,
+    })
+}
+
+/// A settle batch being written.
+pub(super) type Writing = tokio::task::JoinHandle<Written>;
+
+/// Marks durable positions settled in their partitions' trackers (if still owned, same
+/// generation) and commits the points that moved.
+pub(super) fn mark_and_commit(
+    consumer: &StreamConsumer<Context>,
+    state: &State,
+    topic: &str,
+    positions: Vec<Position>,
+    stats: &ConsumeStats,
+    mode: CommitMode,
+) -> Result<(), ConsumeError> {
+    let mut commit = TopicPartitionList::new();
+    {
+        let mut s = state.lock();
+        for p in positions {
+            if let Some(owned) = s.partitions.get_mut(&p.partition)
+                && owned.generation == p.generation
+                && let Some(offsets) = owned.offsets.as_mut()
+            {
+                let _ = offsets.settled(p.offset);
+                owned.started.remove(&p.offset);
+            }
+        }
+        for (&partition, owned) in s.partitions.iter_mut() {
+            let Some(offsets) = owned.offsets.as_mut() else {
+                continue;
+            };
+            // The last, synchronous commit covers whatever the broker has not confirmed.
+            let point = match mode {
+                CommitMode::Sync => {
+                    (offsets.commit_point() > offsets.acked()).then(|| offsets.commit_point())
+                }
+                CommitMode::Async => offsets.take_commit(),
+            };
+            if let Some(point) = point {
+                commit.add_partition_offset(topic, partition, Offset::Offset(point))?;
+            }
+            let point = offsets.commit_point();
+            // Records whose handling ended without a settlement here (revoked) are forgotten
+            // once the point passes them.
+            while owned
+                .started
+                .first_key_value()
+                .is_some_and(|(o, _)| *o < point)
+            {
+                owned.started.pop_first();
+            }
+            if let Some(started) = owned.started.get(&point) {
+                let behind = started.elapsed().as_millis() as u64;
+                stats
+                    .commit_lag_max_ms
+                    .fetch_max(behind, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+    if commit.count() > 0 {
+        match mode {
+            CommitMode::Sync => {
+                // At shutdown: a failure costs a redelivery (deduped), not an error exit.
+                if let Err(e) = blocking(|| consumer.commit(&commit, mode)) {
+                    tracing::warn!(error = %e, "final commit failed; the next start replays from the previous one");
+                }
+            }
+            CommitMode::Async => consumer.commit(&commit, mode)?,
+        }
+        stats
+            .commits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(())
+}
