@@ -307,15 +307,23 @@ impl<H: Handler> Coordinator<H> {
         let dropped = self
             .scheduler
             .drop_where(|queued| !is_current(&state, queued.position()));
-        self.copies
-            .dropped(dropped.iter().filter_map(Queued::event_id));
-        let effect = self
-            .breaker
-            .forget(|(_, item)| !is_current(&state, item.position));
+        let mut gone: Vec<Uuid> = dropped.iter().filter_map(Queued::event_id).collect();
+        let effect = self.breaker.forget(|(_, item)| {
+            let lost = !is_current(&state, item.position);
+            if lost {
+                gone.push(item.event.id);
+            }
+            lost
+        });
         self.apply_breaker(effect)?;
-        self.pending
-            .parked
-            .retain(|(_, position)| is_current(&state, *position));
+        self.pending.parked.retain(|(record, position)| {
+            let current = is_current(&state, *position);
+            if !current {
+                gone.extend(record.event_id);
+            }
+            current
+        });
+        self.copies.dropped(gone);
         tracing::debug!(
             dropped = dropped.len(),
             "queued events of revoked partitions dropped"
@@ -353,6 +361,7 @@ impl<H: Handler> Coordinator<H> {
         ) else {
             // Lost between intake and now: the next owner has it.
             self.scheduler.complete(&tenant);
+            self.copies.dropped([item.event.id]);
             return;
         };
         let (handler, tx, pool) = (

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 /// How an event was settled.
@@ -224,105 +224,128 @@ pub async fn park(
     pause: Option<&Pause>,
     records: &[ParkedRecord],
 ) -> Result<u64, sqlx::Error> {
-    use base64::Engine as _;
     let mut tx = pool.begin().await?;
     if let Some(p) = pause {
-        sqlx::query(
-            "INSERT INTO tenants (tenant_id, state, pause_cause, pause_reason, paused_event_id, paused_at, next_retry_at, updated_at) \
-             VALUES ($1, 'paused', $2, $3, $4, now(), $5, now()) \
-             ON CONFLICT (tenant_id) DO UPDATE SET state = 'paused', paused_event_id = $4, updated_at = now(), \
-                 pause_cause = CASE WHEN tenants.state = 'paused' AND tenants.pause_cause = 'operator' \
-                                    THEN 'operator' ELSE $2 END, \
-                 pause_reason = CASE WHEN tenants.state = 'paused' AND tenants.pause_cause = 'operator' \
-                                     THEN tenants.pause_reason || '; then ' || $3 ELSE $3 END, \
-                 paused_at = CASE WHEN tenants.state = 'paused' AND tenants.pause_cause = 'operator' \
-                                  THEN tenants.paused_at ELSE now() END, \
-                 next_retry_at = CASE WHEN tenants.state = 'paused' AND tenants.pause_cause = 'operator' \
-                                      THEN NULL ELSE $5 END",
-        )
-        .bind(tenant)
-        .bind(p.cause)
-        .bind(&p.reason)
-        .bind(p.event_id)
-        .bind(p.next_retry_at)
-        .execute(&mut *tx)
-        .await?;
-        // The failing event's record: why, after how many attempts, what the partner said.
-        // Not settled: it stays parked until replayed or skipped.
+        pause_tenant(&mut tx, tenant, p).await?;
         if let Some(event_id) = p.event_id {
-            let at = records.iter().find(|r| r.event_id == Some(event_id));
-            // Its type as the record's header names it (readable even when the payload is not).
-            let event_type = at.and_then(|r| {
-                r.headers
-                    .iter()
-                    .find(|(name, _)| name == crate::outbox::header::EVENT_TYPE)
-                    .and_then(|(_, v)| v.as_deref())
-                    .and_then(|v| std::str::from_utf8(v).ok())
-                    .map(|v| v.trim_matches('"').to_owned())
-            });
-            sqlx::query(
-                "INSERT INTO deliveries (event_id, tenant_id, outcome, attempts, last_error, last_response, \
-                                         topic, partition, \"offset\", event_type) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-                 ON CONFLICT (event_id) DO UPDATE SET outcome = $3, attempts = deliveries.attempts + $4, \
-                     last_error = $5, last_response = $6, \
-                     event_type = coalesce(deliveries.event_type, EXCLUDED.event_type), updated_at = now() \
-                 WHERE deliveries.settled_at IS NULL",
-            )
-            .bind(event_id)
-            .bind(tenant)
-            .bind(if p.cause == "bad_event" { "bad_event" } else { "failed" })
-            .bind(p.attempts as i32)
-            .bind(&p.reason)
-            .bind(&p.response)
-            .bind(at.map(|r| r.topic.as_str()))
-            .bind(at.map(|r| r.partition))
-            .bind(at.map(|r| r.offset))
-            .bind(event_type)
-            .execute(&mut *tx)
-            .await?;
+            record_failing_event(&mut tx, tenant, p, event_id, records).await?;
         }
     }
     let mut parked = 0;
     // A statement per chunk: a paused tenant's whole queue (thousands of records) would
     // otherwise be encoded into one statement, and the process's peak memory with it.
     for records in records.chunks(PARK_CHUNK) {
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let headers: Vec<serde_json::Value> =
-            records
-                .iter()
-                .map(|r| {
-                    json!(r
-                    .headers
-                    .iter()
-                    .map(|(n, v)| json!({"name": n, "value": v.as_ref().map(|v| b64.encode(v))}))
-                    .collect::<Vec<_>>())
-                })
-                .collect();
-        let result = sqlx::query(
-            "INSERT INTO parked_events (tenant_id, event_id, topic, partition, \"offset\", record_key, headers, value, record_timestamp) \
-             SELECT t, e, tp, p, o, k, h, v, ts FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::int[], $5::bigint[], \
-                                                   $6::bytea[], $7::jsonb[], $8::bytea[], $9::timestamptz[]) \
-                  WITH ORDINALITY AS r(t, e, tp, p, o, k, h, v, ts, n) \
-             WHERE EXISTS (SELECT 1 FROM tenants x WHERE x.tenant_id = r.t AND x.state IN ('paused', 'draining')) \
-             ORDER BY n \
-             ON CONFLICT (topic, partition, \"offset\") DO NOTHING",
-        )
-        .bind(records.iter().map(|r| r.tenant_id.as_str()).collect::<Vec<_>>())
-        .bind(records.iter().map(|r| r.event_id).collect::<Vec<_>>())
-        .bind(records.iter().map(|r| r.topic.as_str()).collect::<Vec<_>>())
-        .bind(records.iter().map(|r| r.partition).collect::<Vec<_>>())
-        .bind(records.iter().map(|r| r.offset).collect::<Vec<_>>())
-        .bind(records.iter().map(|r| r.key.as_deref()).collect::<Vec<_>>())
-        .bind(headers)
-        .bind(records.iter().map(|r| r.value.as_deref()).collect::<Vec<_>>())
-        .bind(records.iter().map(|r| r.timestamp).collect::<Vec<_>>())
-        .execute(&mut *tx)
-        .await?;
-        parked += result.rows_affected();
+        parked += park_chunk(&mut tx, records).await?;
     }
     tx.commit().await?;
     Ok(parked)
+}
+
+/// Marks `tenant` paused for `p` (an operator's pause stays the operator's, the failure added to
+/// its reason).
+async fn pause_tenant(conn: &mut PgConnection, tenant: &str, p: &Pause) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO tenants (tenant_id, state, pause_cause, pause_reason, paused_event_id, paused_at, next_retry_at, updated_at) \
+         VALUES ($1, 'paused', $2, $3, $4, now(), $5, now()) \
+         ON CONFLICT (tenant_id) DO UPDATE SET state = 'paused', paused_event_id = $4, updated_at = now(), \
+             pause_cause = CASE WHEN tenants.state = 'paused' AND tenants.pause_cause = 'operator' \
+                                THEN 'operator' ELSE $2 END, \
+             pause_reason = CASE WHEN tenants.state = 'paused' AND tenants.pause_cause = 'operator' \
+                                 THEN tenants.pause_reason || '; then ' || $3 ELSE $3 END, \
+             paused_at = CASE WHEN tenants.state = 'paused' AND tenants.pause_cause = 'operator' \
+                              THEN tenants.paused_at ELSE now() END, \
+             next_retry_at = CASE WHEN tenants.state = 'paused' AND tenants.pause_cause = 'operator' \
+                                  THEN NULL ELSE $5 END",
+    )
+    .bind(tenant)
+    .bind(p.cause)
+    .bind(&p.reason)
+    .bind(p.event_id)
+    .bind(p.next_retry_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The failing event's record: why, after how many attempts, what the partner said. Not
+/// settled: it stays parked until replayed or skipped.
+async fn record_failing_event(
+    conn: &mut PgConnection,
+    tenant: &str,
+    p: &Pause,
+    event_id: Uuid,
+    records: &[ParkedRecord],
+) -> Result<(), sqlx::Error> {
+    let at = records.iter().find(|r| r.event_id == Some(event_id));
+    // Its type as the record's header names it (readable even when the payload is not).
+    let event_type = at.and_then(|r| {
+        r.headers
+            .iter()
+            .find(|(name, _)| name == crate::outbox::header::EVENT_TYPE)
+            .and_then(|(_, v)| v.as_deref())
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(|v| v.trim_matches('"').to_owned())
+    });
+    sqlx::query(
+        "INSERT INTO deliveries (event_id, tenant_id, outcome, attempts, last_error, last_response, \
+                                 topic, partition, \"offset\", event_type) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+         ON CONFLICT (event_id) DO UPDATE SET outcome = $3, attempts = deliveries.attempts + $4, \
+             last_error = $5, last_response = $6, \
+             event_type = coalesce(deliveries.event_type, EXCLUDED.event_type), updated_at = now() \
+         WHERE deliveries.settled_at IS NULL",
+    )
+    .bind(event_id)
+    .bind(tenant)
+    .bind(if p.cause == "bad_event" { "bad_event" } else { "failed" })
+    .bind(p.attempts as i32)
+    .bind(&p.reason)
+    .bind(&p.response)
+    .bind(at.map(|r| r.topic.as_str()))
+    .bind(at.map(|r| r.partition))
+    .bind(at.map(|r| r.offset))
+    .bind(event_type)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Parks one chunk of records, in order; how many were new.
+async fn park_chunk(conn: &mut PgConnection, records: &[ParkedRecord]) -> Result<u64, sqlx::Error> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let headers: Vec<serde_json::Value> = records
+        .iter()
+        .map(|r| {
+            json!(
+                r.headers
+                    .iter()
+                    .map(|(n, v)| json!({"name": n, "value": v.as_ref().map(|v| b64.encode(v))}))
+                    .collect::<Vec<_>>()
+            )
+        })
+        .collect();
+    let result = sqlx::query(
+        "INSERT INTO parked_events (tenant_id, event_id, topic, partition, \"offset\", record_key, headers, value, record_timestamp) \
+         SELECT t, e, tp, p, o, k, h, v, ts FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::int[], $5::bigint[], \
+                                               $6::bytea[], $7::jsonb[], $8::bytea[], $9::timestamptz[]) \
+              WITH ORDINALITY AS r(t, e, tp, p, o, k, h, v, ts, n) \
+         WHERE EXISTS (SELECT 1 FROM tenants x WHERE x.tenant_id = r.t AND x.state IN ('paused', 'draining')) \
+         ORDER BY n \
+         ON CONFLICT (topic, partition, \"offset\") DO NOTHING",
+    )
+    .bind(records.iter().map(|r| r.tenant_id.as_str()).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.event_id).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.topic.as_str()).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.partition).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.offset).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.key.as_deref()).collect::<Vec<_>>())
+    .bind(headers)
+    .bind(records.iter().map(|r| r.value.as_deref()).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.timestamp).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(result.rows_affected())
 }
 
 /// Tenants not active (paused, draining, disabled): loaded on every partition assignment so

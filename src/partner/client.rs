@@ -86,7 +86,11 @@ impl PartnerClient {
         path: &str,
         body: Option<&B>,
     ) -> Result<Option<T>, Failure> {
-        let url = format!("{}/v1/accounts/{}{path}", self.base, call.account);
+        let url = format!(
+            "{}/v1/accounts/{}{path}",
+            self.base,
+            segment(&call.account)?
+        );
         let mut request = self
             .http
             .request(method.clone(), &url)
@@ -189,7 +193,7 @@ impl PartnerClient {
         id: &str,
         update: &ShopItemUpdate,
     ) -> Result<ShopItem, Failure> {
-        let path = format!("/shop-items/{}", encode(id));
+        let path = format!("/shop-items/{}", segment(id)?);
         self.send(call, Method::PUT, &path, Some(update))
             .await?
             .ok_or_else(|| empty("PUT /shop-items"))
@@ -197,7 +201,7 @@ impl PartnerClient {
 
     /// Deletes an item (and its prices).
     pub async fn delete_item(&self, call: &Call, id: &str) -> Result<(), Failure> {
-        let path = format!("/shop-items/{}", encode(id));
+        let path = format!("/shop-items/{}", segment(id)?);
         self.send::<(), serde_json::Value>(call, Method::DELETE, &path, None)
             .await
             .map(|_| ())
@@ -233,7 +237,7 @@ impl PartnerClient {
         id: &str,
         update: &ShopPriceUpdate,
     ) -> Result<ShopPrice, Failure> {
-        let path = format!("/shop-prices/{}", encode(id));
+        let path = format!("/shop-prices/{}", segment(id)?);
         self.send(call, Method::PUT, &path, Some(update))
             .await?
             .ok_or_else(|| empty("PUT /shop-prices"))
@@ -241,7 +245,7 @@ impl PartnerClient {
 
     /// Deletes a price.
     pub async fn delete_price(&self, call: &Call, id: &str) -> Result<(), Failure> {
-        let path = format!("/shop-prices/{}", encode(id));
+        let path = format!("/shop-prices/{}", segment(id)?);
         self.send::<(), serde_json::Value>(call, Method::DELETE, &path, None)
             .await
             .map(|_| ())
@@ -324,6 +328,23 @@ fn empty(what: &str) -> Failure {
     }
 }
 
+/// A path segment: percent-encoded, and never one a URL resolves as a step (`.`, `..`) or an
+/// empty one: a tenant id such as `..` would otherwise reach another account's URL.
+fn segment(s: &str) -> Result<String, Failure> {
+    if matches!(s, "" | "." | "..") {
+        return Err(Failure {
+            class: crate::delivery::FailureClass::Permanent,
+            message: format!(
+                "{s:?} cannot name a URL path segment: refused, so that it cannot reach another account's URL"
+            ),
+            status: None,
+            response: None,
+            retry_after: None,
+        });
+    }
+    Ok(encode(s))
+}
+
 /// Percent-encodes a path segment or query value (ids are ours or the partner's: keep it safe).
 fn encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -346,5 +367,21 @@ mod tests {
         assert_eq!(encode("item_00000001"), "item_00000001");
         assert_eq!(encode("a/b c?d=e&f"), "a%2Fb%20c%3Fd%3De%26f");
         assert_eq!(encode("ü"), "%C3%BC");
+    }
+
+    #[test]
+    fn a_segment_cannot_step_out_of_its_account() {
+        // Tried: tenant ids with a slash, a query, a fragment, spaces, and the dot steps.
+        assert_eq!(segment("a/../b").unwrap(), "a%2F..%2Fb");
+        assert_eq!(segment("t?x=1#f").unwrap(), "t%3Fx%3D1%23f");
+        assert_eq!(segment("acme corp").unwrap(), "acme%20corp");
+        for step in ["", ".", ".."] {
+            let refused = segment(step).unwrap_err();
+            assert_eq!(
+                refused.class,
+                crate::delivery::FailureClass::Permanent,
+                "{step:?}"
+            );
+        }
     }
 }

@@ -102,9 +102,9 @@ impl Integration {
         let (enabled, item, price): (bool, Option<String>, Option<String>) = sqlx::query_as(
             "SELECT coalesce((SELECT integration_enabled FROM tenants WHERE tenant_id = $1), false), \
                     (SELECT foreign_id FROM integration_mappings \
-                      WHERE integration = $2 AND object_type = $3 AND local_id = $5), \
+                      WHERE integration = $2 AND object_type = $3 AND tenant_id = $1 AND local_id = $5), \
                     (SELECT foreign_id FROM integration_mappings \
-                      WHERE integration = $2 AND object_type = $4 AND local_id = $5)",
+                      WHERE integration = $2 AND object_type = $4 AND tenant_id = $1 AND local_id = $5)",
         )
         .bind(tenant)
         .bind(INTEGRATION)
@@ -152,12 +152,14 @@ impl Integration {
                     .await?;
                 sqlx::query(
                     "DELETE FROM integration_mappings \
-                     WHERE integration = $1 AND object_type = $2 AND local_id = $3 AND foreign_id = $4",
+                     WHERE integration = $1 AND object_type = $2 AND local_id = $3 AND foreign_id = $4 \
+                       AND tenant_id = $5",
                 )
                 .bind(INTEGRATION)
                 .bind(&object_type)
                 .bind(&local_id)
                 .bind(&foreign_id)
+                .bind(event.tenant_id.as_str())
                 .execute(&self.pool)
                 .await
                 .map_err(db)?;
@@ -338,12 +340,14 @@ impl Integration {
         }
         let mut tx = self.pool.begin().await.map_err(db)?;
         sqlx::query(
-            "DELETE FROM integration_mappings WHERE integration = $1 AND local_id = $2 AND object_type IN ($3, $4)",
+            "DELETE FROM integration_mappings \
+             WHERE integration = $1 AND local_id = $2 AND object_type IN ($3, $4) AND tenant_id = $5",
         )
         .bind(INTEGRATION)
         .bind(product_id)
         .bind(ITEM)
         .bind(PRICE)
+        .bind(event.tenant_id.as_str())
         .execute(&mut *tx)
         .await
         .map_err(db)?;
@@ -403,7 +407,7 @@ async fn upsert_mappings(
     sqlx::query(
         "INSERT INTO integration_mappings (integration, object_type, local_id, foreign_id, tenant_id) \
          SELECT $1, t, l, f, $5 FROM UNNEST($2::text[], $3::text[], $4::text[]) AS m(t, l, f) \
-         ON CONFLICT (integration, object_type, local_id) \
+         ON CONFLICT (integration, object_type, tenant_id, local_id) \
          DO UPDATE SET foreign_id = EXCLUDED.foreign_id, updated_at = now() \
          WHERE integration_mappings.foreign_id <> EXCLUDED.foreign_id",
     )

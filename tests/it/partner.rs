@@ -398,3 +398,61 @@ async fn drift_is_healed_an_update_without_mapping_finds_or_creates_and_a_delete
     sim_stop.cancel();
     db.drop().await;
 }
+
+/// Guarantee: isolation between tenants' partner accounts. Hostile input tried: a tenant id
+/// that climbs out of its account's URL (`tenant-b/../tenant-a`), one with a query, a fragment
+/// and spaces, and two tenants using the same product id.
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_tenant_ids_and_reused_product_ids_never_reach_another_account() {
+    let (db, cfg, sim, sim_stop) = setup(Duration::from_secs(5)).await;
+    let climber = "tenant-b/../tenant-a";
+    let odd = "acme corp?x=1#top";
+    for tenant in ["tenant-b", climber, odd] {
+        let tenant = ferry::tenant::tenant_id(tenant).unwrap();
+        ferry::tenant::enable(&db.pool, &tenant, |_| {})
+            .await
+            .unwrap();
+    }
+    let rows = [
+        product("tenant-a", "p-1", "Tea", 350, true),
+        product("tenant-b", "p-1", "Coffee", 420, true),
+        product(climber, "p-2", "Climber", 100, true),
+        product(odd, "p-3", "Odd", 200, true),
+        product("tenant-b", "p-1", "Coffee, larger", 480, false),
+    ];
+    produce_rows(&cfg.kafka, &rows).await;
+    let running = consume(&cfg, &db.pool, fast_retries());
+    wait_for("every event delivered", Duration::from_secs(30), || async {
+        (delivered(&db.pool).await == rows.len() as i64).then_some(())
+    })
+    .await;
+    let a = sim.account("tenant-a");
+    assert_eq!(a.items.len(), 1, "only tenant-a's own item: {a:?}");
+    assert_eq!(
+        a.items[0].name, "Tea",
+        "tenant-b's update of its p-1 never reached tenant-a's"
+    );
+    let b = sim.account("tenant-b");
+    assert_eq!(b.items.len(), 1, "{b:?}");
+    assert_eq!(b.items[0].name, "Coffee, larger");
+    assert_eq!(
+        sim.account(climber).items.len(),
+        1,
+        "filed under its own account"
+    );
+    assert_eq!(
+        sim.account(odd).items.len(),
+        1,
+        "filed under its own account"
+    );
+    let mapped: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT foreign_id) FROM integration_mappings WHERE local_id = 'p-1' AND object_type = 'shop_item'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(mapped, 2, "p-1 maps to one item per tenant");
+    running.stop().await;
+    sim_stop.cancel();
+    db.drop().await;
+}
