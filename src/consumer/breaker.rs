@@ -11,10 +11,16 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
+/// The smallest size at which [`FailureWindow`] looks for outcomes to forget.
+const MIN_PRUNE_AT: usize = 1024;
+
 /// The recent outcome per tenant and the rule that reads "most tenants are failing".
 #[derive(Debug)]
 pub struct FailureWindow<K> {
     last: HashMap<K, (bool, Instant)>,
+    /// When `last` reaches this size, outcomes older than the window are dropped: memory stays
+    /// within twice the tenants active in a window, however many tenants pass through.
+    prune_at: usize,
     window: Duration,
     min_tenants: usize,
     ratio: f64,
@@ -26,6 +32,7 @@ impl<K: Hash + Eq> FailureWindow<K> {
     pub fn new(window: Duration, min_tenants: usize, ratio: f64) -> Self {
         FailureWindow {
             last: HashMap::new(),
+            prune_at: MIN_PRUNE_AT,
             window,
             min_tenants: min_tenants.max(1),
             ratio: ratio.clamp(0.0, 1.0),
@@ -35,14 +42,32 @@ impl<K: Hash + Eq> FailureWindow<K> {
     /// A tenant's attempt ended at `now`, failed or not.
     pub fn record(&mut self, tenant: K, failed: bool, now: Instant) {
         self.last.insert(tenant, (failed, now));
+        if self.last.len() >= self.prune_at {
+            self.forget_old(now);
+            self.prune_at = (self.last.len() * 2).max(MIN_PRUNE_AT);
+        }
+    }
+
+    fn forget_old(&mut self, now: Instant) {
+        let window = self.window;
+        self.last
+            .retain(|_, (_, at)| now.saturating_duration_since(*at) <= window);
+    }
+
+    /// Tenants remembered now: the memory this costs.
+    pub fn len(&self) -> usize {
+        self.last.len()
+    }
+
+    /// Whether no tenant is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.last.is_empty()
     }
 
     /// Whether most tenants active within the window are failing at `now`. Forgets tenants
     /// older than the window.
     pub fn most_failing(&mut self, now: Instant) -> bool {
-        let window = self.window;
-        self.last
-            .retain(|_, (_, at)| now.saturating_duration_since(*at) <= window);
+        self.forget_old(now);
         let active = self.last.len();
         let failing = self.last.values().filter(|(failed, _)| *failed).count();
         active >= self.min_tenants && failing as f64 >= self.ratio * active as f64
@@ -234,6 +259,17 @@ mod tests {
             "the failures are older than the window"
         );
         assert_eq!(w.counts(), (0, 5));
+    }
+
+    #[test]
+    fn memory_is_bounded_by_the_tenants_active_in_a_window() {
+        // Tried: a million distinct tenant keys, each seen once, a millisecond apart (30,000 in any 30 s window).
+        let (mut w, t0) = (window(), Instant::now());
+        for t in 0..1_000_000u32 {
+            let now = t0 + Duration::from_millis(u64::from(t));
+            w.record(t, false, now);
+            assert!(w.len() <= 2 * 30_001 + MIN_PRUNE_AT, "{} at {t}", w.len());
+        }
     }
 
     #[test]
