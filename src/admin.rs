@@ -388,10 +388,22 @@ fn accepted(body: serde_json::Value) -> Response {
 
 /// `GET /ready`: 200 when this instance can do its work (its database answers), else 503.
 async fn ready(State(admin): State<Admin>) -> Response {
-    match sqlx::query_scalar::<_, bool>("SELECT kill_switch FROM control")
-        .fetch_one(&admin.pool)
-        .await
-    {
+    if admin.stats.recovering.load(Relaxed) == 1 {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the consumer stopped on a retryable error and waits for Postgres to answer",
+        )
+        .into_response();
+    }
+    // A probe answers within its own timeout, not the pool's (10 s while Postgres is down).
+    let asked = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        sqlx::query_scalar::<_, bool>("SELECT kill_switch FROM control").fetch_one(&admin.pool),
+    )
+    .await
+    .unwrap_or(Err(sqlx::Error::PoolTimedOut));
+    match asked {
         Ok(kill_switch) => axum::Json(json!({
             "status": "ready",
             "database": "ok",
@@ -645,6 +657,18 @@ async fn metrics(State(admin): State<Admin>) -> Result<Response, ApiError> {
         "counter",
         "Transient Kafka errors (librdkafka recovers).",
         s.kafka_errors.load(Relaxed),
+    );
+    metric(
+        "ferry_consumer_restarts_total",
+        "counter",
+        "Times the consumer started again after a retryable error (Postgres or Kafka down).",
+        s.restarts.load(Relaxed),
+    );
+    metric(
+        "ferry_consumer_recovering",
+        "gauge",
+        "1 while the consumer is stopped by a retryable error, waiting for Postgres.",
+        s.recovering.load(Relaxed),
     );
     metric(
         "ferry_consumer_breaker_trips_total",
