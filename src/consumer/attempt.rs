@@ -59,6 +59,8 @@ pub(super) enum Done {
 pub(super) struct Guard<'a> {
     pub(super) retry: &'a RetryPolicy,
     pub(super) cancel: &'a CancellationToken,
+    /// Cut the call under way: the partition's drain deadline passed.
+    pub(super) abort: &'a CancellationToken,
     pub(super) window: &'a Mutex<FailureWindow<String>>,
     pub(super) stats: &'a ConsumeStats,
     /// Tenants an operator (or another instance) paused while their event is in flight here:
@@ -89,6 +91,15 @@ impl Guard<'_> {
         tokio::select! {
             _ = self.cancel.cancelled() => false,
             off = killed.wait_for(|on| !*on) => off.is_ok(),
+        }
+    }
+
+    /// Runs a call to its end, or `None` if the drain deadline cut it.
+    async fn call(&self, call: impl std::future::Future<Output = Outcome>) -> Option<Outcome> {
+        tokio::select! {
+            biased;
+            _ = self.abort.cancelled() => None,
+            outcome = call => Some(outcome),
         }
     }
 
@@ -200,9 +211,10 @@ async fn attempts<H: Handler>(handler: &H, mut item: Item, guard: &Guard<'_>) ->
         }
         tracing::Span::current().record("attempt", attempt);
         let started = chrono::Utc::now();
-        let outcome = handler
-            .handle(&item.event, &attempt_at(&item, attempt))
-            .await;
+        let at = attempt_at(&item, attempt);
+        let Some(outcome) = guard.call(handler.handle(&item.event, &at)).await else {
+            return Done::Revoked(item);
+        };
         let settled_as = match outcome {
             Outcome::Done => {
                 guard.record(item.event.tenant_id.as_str(), false);
@@ -246,7 +258,11 @@ async fn attempts<H: Handler>(handler: &H, mut item: Item, guard: &Guard<'_>) ->
 /// One attempt at the breaker's first held event. Delivered (or ignored) proves the partner is
 /// back; a permanent failure is the event's own (its tenant is paused and the breaker closes);
 /// anything else keeps the breaker open.
-pub(super) async fn probe<H: Handler>(handler: &H, mut item: Item) -> Done {
+pub(super) async fn probe<H: Handler>(
+    handler: &H,
+    mut item: Item,
+    abort: &CancellationToken,
+) -> Done {
     if expired(&item) {
         let attempts = item.log.len() as u32;
         return Done::Settled(item, SettledAs::Expired, attempts);
@@ -255,7 +271,12 @@ pub(super) async fn probe<H: Handler>(handler: &H, mut item: Item) -> Done {
     let started = chrono::Utc::now();
     let span = event_span(&item);
     let at = attempt_at(&item, number);
-    let outcome = tracing::Instrument::instrument(handler.handle(&item.event, &at), span).await;
+    let call = tracing::Instrument::instrument(handler.handle(&item.event, &at), span);
+    let outcome = tokio::select! {
+        biased;
+        _ = abort.cancelled() => return Done::Revoked(item),
+        outcome = call => outcome,
+    };
     let (label, failure) = match &outcome {
         Outcome::Done => ("delivered", None),
         Outcome::Ignored => ("ignored", None),

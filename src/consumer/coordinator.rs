@@ -380,6 +380,7 @@ impl<H: Handler> Coordinator<H> {
             let guard = Guard {
                 retry: &retry,
                 cancel: &lease.cancel,
+                abort: &lease.abort,
                 window: &window,
                 stats: &stats,
                 pausing: &pausing,
@@ -663,7 +664,7 @@ impl<H: Handler> Coordinator<H> {
         };
         let (handler, tx) = (Arc::clone(&self.handler), self.probe.tx.clone());
         tokio::spawn(async move {
-            let done = attempt::probe(&*handler, item).await;
+            let done = attempt::probe(&*handler, item, &lease.abort).await;
             drop(lease);
             let _ = tx.send((tenant, done));
         });
@@ -842,6 +843,7 @@ impl<H: Handler> Coordinator<H> {
             let guard = Guard {
                 retry: &retry,
                 cancel: &lease.cancel,
+                abort: &lease.abort,
                 window: &window,
                 stats: &stats,
                 pausing: &pausing,

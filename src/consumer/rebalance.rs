@@ -62,6 +62,8 @@ pub(super) struct Owned {
     pub(super) offsets: Option<PartitionOffsets>,
     /// Cancelled on revoke and shutdown: no new attempt starts for this partition's work.
     pub(super) cancel: CancellationToken,
+    /// Cancelled at the drain deadline: calls still under way are cut.
+    pub(super) abort: CancellationToken,
     /// Handler tasks and backlog drains under way for this partition.
     pub(super) in_flight: usize,
     /// When the handling of each record in flight started (kept across a breaker's hold): a
@@ -81,15 +83,42 @@ impl State {
         self.shared.lock().expect("consumer state")
     }
 
-    /// Cancels the work of `partitions` and waits until none is under way or `deadline`.
+    /// Cancels the work of `partitions` and waits until none is under way or `deadline`; at
+    /// the deadline, cuts the calls still under way (their futures are dropped) and waits for
+    /// them to end, so that no request of this instance for these partitions starts after the
+    /// revoke completes: the next owner's requests are never followed by this one's.
     /// Blocking: called from the rebalance callback and at shutdown, off the async world.
     pub(super) fn cancel_and_wait(&self, partitions: &[i32], deadline: Instant) -> bool {
-        let mut s = self.lock();
+        let s = self.lock();
         for p in partitions {
             if let Some(owned) = s.partitions.get(p) {
                 owned.cancel.cancel();
             }
         }
+        let (s, ended) = self.wait_idle(s, partitions, deadline);
+        if ended {
+            return true;
+        }
+        for p in partitions {
+            if let Some(owned) = s.partitions.get(p) {
+                owned.abort.cancel();
+            }
+        }
+        let (s, ended) = self.wait_idle(s, partitions, Instant::now() + ABORT_GRACE);
+        drop(s);
+        if !ended {
+            tracing::warn!("work still under way after its calls were cut; fenced");
+        }
+        ended
+    }
+
+    /// Waits until no work of `partitions` is under way (true) or `deadline` (false).
+    fn wait_idle<'a>(
+        &self,
+        mut s: std::sync::MutexGuard<'a, Shared>,
+        partitions: &[i32],
+        deadline: Instant,
+    ) -> (std::sync::MutexGuard<'a, Shared>, bool) {
         loop {
             let busy: usize = partitions
                 .iter()
@@ -97,20 +126,20 @@ impl State {
                 .map(|o| o.in_flight)
                 .sum();
             if busy == 0 {
-                return true;
+                return (s, true);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                tracing::warn!(
-                    busy,
-                    "attempts still under way at the drain deadline; fenced"
-                );
-                return false;
+                tracing::warn!(busy, "attempts still under way at the drain deadline");
+                return (s, false);
             }
             s = self.idle.wait_timeout(s, left).expect("consumer state").0;
         }
     }
 }
+
+/// How long work whose calls were cut at the drain deadline may take to end.
+const ABORT_GRACE: Duration = Duration::from_secs(1);
 
 /// Runs blocking work from inside the runtime without starving the tasks it waits for.
 pub(super) fn blocking<T>(f: impl FnOnce() -> T) -> T {
@@ -127,6 +156,8 @@ pub(super) struct Lease {
     pub(super) partition: i32,
     pub(super) generation: u64,
     pub(super) cancel: CancellationToken,
+    /// Cut the call under way: the drain deadline passed.
+    pub(super) abort: CancellationToken,
 }
 
 impl Lease {
@@ -161,6 +192,7 @@ impl Lease {
             partition,
             generation: owned.generation,
             cancel: owned.cancel.clone(),
+            abort: owned.abort.clone(),
         })
     }
 
@@ -265,6 +297,7 @@ impl ConsumerContext for Context {
                         generation,
                         offsets: None,
                         cancel: CancellationToken::new(),
+                        abort: CancellationToken::new(),
                         in_flight: 0,
                         started: std::collections::BTreeMap::new(),
                     },

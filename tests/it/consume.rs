@@ -71,7 +71,13 @@ impl Handler for Recorder {
             .lock()
             .unwrap()
             .push((event.tenant_id.to_string(), seq, Utc::now()));
-        let started = std::time::Instant::now();
+        // Recorded when the call ends, or when its future is dropped (a call cut at a drain
+        // deadline ends there too).
+        let _span = CallSpan {
+            spans: &self.spans,
+            tenant: event.tenant_id.to_string(),
+            started: std::time::Instant::now(),
+        };
         while self
             .stalled
             .lock()
@@ -81,11 +87,6 @@ impl Handler for Recorder {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         tokio::time::sleep(Duration::from_millis((seq % 3) as u64)).await;
-        self.spans.lock().unwrap().push((
-            event.tenant_id.to_string(),
-            started,
-            std::time::Instant::now(),
-        ));
         if self.outage.load(Ordering::SeqCst) {
             return Outcome::Failed(Failure {
                 class: FailureClass::PartnerWide,
@@ -137,6 +138,24 @@ impl Handler for Recorder {
             });
         }
         Outcome::Done
+    }
+}
+
+/// One call's span, pushed when the call ends or is dropped.
+struct CallSpan<'a> {
+    spans: &'a Mutex<Vec<(String, std::time::Instant, std::time::Instant)>>,
+    tenant: String,
+    started: std::time::Instant,
+}
+
+impl Drop for CallSpan<'_> {
+    fn drop(&mut self) {
+        let span = (
+            std::mem::take(&mut self.tenant),
+            self.started,
+            std::time::Instant::now(),
+        );
+        self.spans.lock().unwrap().push(span);
     }
 }
 

@@ -435,3 +435,60 @@ async fn the_consumer_rides_out_postgres_stopped_for_thirty_seconds() {
     pool.close().await;
     db.drop().await;
 }
+
+/// Guarantee: per-tenant order across a rebalance. The fault: the partner is slow (calls
+/// outlast the revoke's drain deadline) when a second instance joins; the first instance's
+/// calls for the partitions it gives up are cut at the deadline, so the new owner's call of a
+/// tenant never overlaps (or is followed by) the old owner's.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_partner_during_a_rebalance_never_sees_the_old_owner_after_the_new() {
+    const TENANTS: usize = 8;
+    let db = TestDb::migrated().await;
+    let kafka = fresh_topic(2).await;
+    let cfg = config(&db, &kafka);
+    let handler = Arc::new(Recorder::default());
+    let tenants: Vec<String> = (0..TENANTS).map(|t| format!("tenant-{t}")).collect();
+    handler.stalled.lock().unwrap().extend(tenants.clone());
+    let options = ConsumeOptions {
+        revoke_drain: Duration::from_secs(1),
+        ..options()
+    };
+    let (stop_a, task_a, stats_a) = start_with(&cfg, &db.pool, &handler, options.clone());
+    produce(&kafka, TENANTS, 2).await;
+    wait_for(
+        "every tenant's first call under way",
+        Duration::from_secs(60),
+        || async { (handler.calls.lock().unwrap().len() == TENANTS).then_some(()) },
+    )
+    .await;
+    let (stop_b, task_b, stats_b) = start_with(&cfg, &db.pool, &handler, options);
+    wait_for(
+        "the second instance calling the tenants it took over",
+        Duration::from_secs(60),
+        || async {
+            let moved = stats_b.partitions.load(Ordering::Relaxed) > 0
+                && stats_a.partitions.load(Ordering::Relaxed) < 2;
+            (moved && handler.calls.lock().unwrap().len() > TENANTS).then_some(())
+        },
+    )
+    .await;
+    handler.stalled.lock().unwrap().clear();
+    wait_for("every event delivered", Duration::from_secs(60), || async {
+        let delivered = count(
+            &db.pool,
+            "SELECT count(*) FROM deliveries WHERE outcome = 'delivered'",
+        )
+        .await;
+        (delivered == 2 * TENANTS as i64).then_some(())
+    })
+    .await;
+    handler.assert_one_in_flight_per_tenant();
+    for (tenant, seqs) in firsts_by_tenant(&handler) {
+        assert_eq!(seqs, [1, 2], "{tenant}");
+    }
+    stop_a.cancel();
+    stop_b.cancel();
+    task_a.await.unwrap().unwrap();
+    task_b.await.unwrap().unwrap();
+    db.drop().await;
+}
