@@ -39,11 +39,11 @@ use super::breaker::{Breaker, BreakerEffect, FailureWindow};
 use super::copies::{Admission, Copies};
 use super::drain::{self, Drained};
 use super::intake::{self, Arrival, INTAKE_BATCH, INTAKE_LINGER, MAX_LOOKUPS, Queued, Refused};
-use super::ledger;
+use super::ledger::{self, ParkedRecord};
 use super::offsets::PartitionOffsets;
 use super::rebalance::{self, Context, LAG_INTERVAL, Lease, Position, State, is_current};
 use super::runtime::{ConsumeError, ConsumeOptions, ConsumeStats, is_fatal};
-use super::settlement::{self, Pending, Writing};
+use super::settlement::{self, Durable, Pending, Writing};
 use crate::broker;
 use crate::config::Config;
 use crate::delivery::{Failure, Handler};
@@ -239,7 +239,7 @@ impl<H: Handler> Coordinator<H> {
                 biased;
                 _ = self.shutdown.cancelled() => return Ok(()),
                 Some(written) = async { Some((&mut self.writing.as_mut()?.0).await) }, if self.writing.is_some() => {
-                    self.handle_written(written.expect("settle task panicked"))?;
+                    self.handle_written(written.expect("settle task panicked")).await?;
                 }
                 Some((tenant, done)) = self.done.rx.recv() => self.handle_done(tenant, done).await?,
                 Some((tenant, done)) = self.probe.rx.recv() => self.handle_probe_result(tenant, done).await?,
@@ -525,6 +525,12 @@ impl<H: Handler> Coordinator<H> {
     fn handle_looked_up(&mut self, (arrivals, settled): (Vec<Arrival>, HashSet<Uuid>)) {
         self.in_lookup -= arrivals.len();
         self.lookup_epochs.pop_front();
+        self.admit(arrivals, &settled);
+        self.forget_copies();
+    }
+
+    /// Admits `arrivals` in order; `settled` names the events found settled already.
+    fn admit(&mut self, arrivals: Vec<Arrival>, settled: &HashSet<Uuid>) {
         for arrival in arrivals {
             let position = arrival.position();
             if !is_current(&self.state, position) {
@@ -545,7 +551,6 @@ impl<H: Handler> Coordinator<H> {
                 Arrival::Bad(r) => self.scheduler.arrive(tenant, Queued::Refused(r)),
             }
         }
-        self.forget_copies();
     }
 
     /// Copies written before the oldest lookup under way began are the database's to find.
@@ -704,27 +709,67 @@ impl<H: Handler> Coordinator<H> {
         Ok(())
     }
 
-    /// A batch became durable: mark its positions and commit what moved.
-    fn handle_written(&mut self, written: settlement::Written) -> Result<(), ConsumeError> {
+    /// The batch being written ended.
+    async fn handle_written(&mut self, written: settlement::Written) -> Result<(), ConsumeError> {
         self.writing = None;
-        let written = written?;
-        self.copies.written(written.ids);
+        self.durable(written?, CommitMode::Async).await
+    }
+
+    /// A batch became durable: mark its positions, commit what moved, and deliver what could
+    /// not be parked.
+    async fn durable(&mut self, durable: Durable, mode: CommitMode) -> Result<(), ConsumeError> {
+        self.copies.written(durable.ids);
         self.forget_copies();
         settlement::mark_and_commit(
             &self.consumer,
             &self.state,
             &self.topic,
-            written.positions,
+            durable.positions,
             &self.stats,
-            CommitMode::Async,
-        )
+            mode,
+        )?;
+        self.readmit(durable.live).await
+    }
+
+    /// Records set aside for parking whose tenant the database says is live: this instance's
+    /// view was stale (another instance's drain, or an operator, flipped the tenant). Parking
+    /// refused them and nothing settled them, so the tenant is released and they are admitted
+    /// again, in order, with its later records that were waiting to be parked behind them.
+    async fn readmit(&mut self, live: Vec<(ParkedRecord, Position)>) -> Result<(), ConsumeError> {
+        if live.is_empty() {
+            return Ok(());
+        }
+        let tenants: HashSet<String> = live.iter().map(|(r, _)| r.tenant_id.clone()).collect();
+        let mut records = live;
+        for (record, position) in std::mem::take(&mut self.pending.parked) {
+            if tenants.contains(&record.tenant_id) {
+                records.push((record, position));
+            } else {
+                self.pending.parked.push((record, position));
+            }
+        }
+        for tenant in &tenants {
+            tracing::warn!(%tenant, "parking refused: the tenant is live in the database; delivering its records");
+            self.paused.remove(tenant);
+            self.pausing.lock().expect("pausing tenants").remove(tenant);
+            self.scheduler.release(tenant);
+        }
+        let arrivals: Vec<Arrival> = records
+            .into_iter()
+            .filter(|(_, position)| is_current(&self.state, *position))
+            .map(|(record, position)| intake::arrival_again(record, position))
+            .collect();
+        let ids: Vec<Uuid> = arrivals.iter().filter_map(Arrival::event_id).collect();
+        let settled = ledger::settled_ids(&self.pool, &ids).await?;
+        self.admit(arrivals, &settled);
+        Ok(())
     }
 
     /// Waits for the batch being written, if any, and marks it.
     async fn finish_writing(&mut self) -> Result<(), ConsumeError> {
         if let Some((batch, _)) = self.writing.take() {
             let written = batch.await.expect("settle task panicked");
-            self.handle_written(written)?;
+            self.handle_written(written).await?;
         }
         Ok(())
     }
@@ -735,16 +780,8 @@ impl<H: Handler> Coordinator<H> {
         let pending = std::mem::take(&mut self.pending);
         let written =
             settlement::write_pending(self.pool.clone(), pending, Arc::clone(&self.stats)).await?;
-        self.copies.written(written.ids);
         self.last_flush = Instant::now();
-        settlement::mark_and_commit(
-            &self.consumer,
-            &self.state,
-            &self.topic,
-            written.positions,
-            &self.stats,
-            mode,
-        )
+        self.durable(written, mode).await
     }
 
     /// A backlog drain reported.

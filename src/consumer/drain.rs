@@ -5,9 +5,9 @@
 use sqlx::PgPool;
 
 use super::attempt::{self, Done, Guard, Item};
-use super::ledger;
 use super::rebalance::Position;
 use super::settlement::settlement;
+use super::{intake, ledger};
 use crate::delivery::{Failure, Handler};
 use crate::outbox;
 
@@ -152,17 +152,7 @@ fn replayed_item(
     raw: ledger::ParkedRecord,
     settled: &std::collections::HashSet<uuid::Uuid>,
 ) -> Result<Item, (Failure, Option<uuid::Uuid>)> {
-    let record = outbox::RawRecord {
-        key: raw.key.as_deref(),
-        headers: raw
-            .headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_deref()))
-            .collect(),
-        value: raw.value.as_deref(),
-        timestamp_ms: raw.timestamp.map(|t| t.timestamp_millis()),
-    };
-    let event = outbox::decode(&record).map_err(|bad| {
+    let event = outbox::decode(&intake::raw_of(&raw)).map_err(|bad| {
         let failure = Failure {
             class: crate::delivery::FailureClass::Permanent,
             message: bad.to_string(),

@@ -118,20 +118,54 @@ pub(super) fn arrival<M: Message>(m: &M, topic: &str, position: Position) -> Arr
                 .tenant_id
                 .as_ref()
                 .map_or_else(|| "unknown".to_owned(), |t| t.to_string());
-            let pause = Pause {
-                cause: "bad_event",
-                reason: bad.reason.to_string(),
-                event_id: bad.event_id,
-                next_retry_at: None,
-                attempts: 0,
-                response: None,
-            };
-            Arrival::Bad(Refused {
-                raw,
-                position,
-                pause,
-            })
+            refused(raw, position, &bad)
         }
+    }
+}
+
+/// A record set aside for parking, as an arrival again: its tenant turned out to be live.
+pub(super) fn arrival_again(raw: ParkedRecord, position: Position) -> Arrival {
+    match outbox::decode(&raw_of(&raw)) {
+        Ok(event) => Arrival::Event(Item {
+            event,
+            raw,
+            position,
+            settled: false,
+            log: Vec::new(),
+            log_every: false,
+        }),
+        Err(bad) => refused(raw, position, &bad),
+    }
+}
+
+/// A record the decoder refused: it pauses its tenant with the decoder's reason.
+fn refused(raw: ParkedRecord, position: Position, bad: &outbox::BadEvent) -> Arrival {
+    let pause = Pause {
+        cause: "bad_event",
+        reason: bad.reason.to_string(),
+        event_id: bad.event_id,
+        next_retry_at: None,
+        attempts: 0,
+        response: None,
+    };
+    Arrival::Bad(Refused {
+        raw,
+        position,
+        pause,
+    })
+}
+
+/// The decoder's view of a parked record.
+pub(super) fn raw_of(raw: &ParkedRecord) -> outbox::RawRecord<'_> {
+    outbox::RawRecord {
+        key: raw.key.as_deref(),
+        headers: raw
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_deref()))
+            .collect(),
+        value: raw.value.as_deref(),
+        timestamp_ms: raw.timestamp.map(|t| t.timestamp_millis()),
     }
 }
 

@@ -241,6 +241,52 @@ pub async fn park(
     Ok(parked)
 }
 
+/// Parks `records` whose tenant is paused or draining, in order, in one transaction that holds
+/// those tenants' rows (`FOR SHARE`), so none is flipped live (`finish_drain`) before its
+/// records are in. Returns how many were stored and the tenants found live: their records are
+/// not parked, and the caller must deliver them (its view of the tenant was stale), never
+/// count them settled.
+pub async fn park_held(
+    pool: &PgPool,
+    records: &[ParkedRecord],
+) -> Result<(u64, HashSet<String>), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let mut tenants: Vec<&str> = records.iter().map(|r| r.tenant_id.as_str()).collect();
+    tenants.sort_unstable();
+    tenants.dedup();
+    let held: HashSet<String> = sqlx::query_scalar(
+        "SELECT tenant_id FROM tenants WHERE tenant_id = ANY($1) AND state IN ('paused', 'draining') \
+         ORDER BY tenant_id FOR SHARE",
+    )
+    .bind(&tenants)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
+    let live: HashSet<String> = tenants
+        .into_iter()
+        .filter(|t| !held.contains(*t))
+        .map(str::to_owned)
+        .collect();
+    let mut parked = 0;
+    if live.is_empty() {
+        for chunk in records.chunks(PARK_CHUNK) {
+            parked += park_chunk(&mut tx, chunk).await?;
+        }
+    } else {
+        let kept: Vec<ParkedRecord> = records
+            .iter()
+            .filter(|r| held.contains(&r.tenant_id))
+            .cloned()
+            .collect();
+        for chunk in kept.chunks(PARK_CHUNK) {
+            parked += park_chunk(&mut tx, chunk).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok((parked, live))
+}
+
 /// Marks `tenant` paused for `p` (an operator's pause stays the operator's, the failure added to
 /// its reason).
 async fn pause_tenant(conn: &mut PgConnection, tenant: &str, p: &Pause) -> Result<(), sqlx::Error> {

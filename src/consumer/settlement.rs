@@ -54,6 +54,9 @@ pub(super) struct Durable {
     pub(super) positions: Vec<Position>,
     /// The event ids it recorded in `deliveries` or parked.
     pub(super) ids: Vec<Uuid>,
+    /// Records set aside for parking whose tenant the database says is live: not parked, not
+    /// settled; the coordinator delivers them.
+    pub(super) live: Vec<(ParkedRecord, Position)>,
 }
 
 /// A batch's result.
@@ -74,15 +77,21 @@ pub(super) async fn write_pending(
         parked,
         attempts,
     } = pending;
-    let mut ids = Vec::new();
+    let (mut ids, mut live) = (Vec::new(), Vec::new());
     if !parked.is_empty() {
         let (records, positions): (Vec<ParkedRecord>, Vec<Position>) = parked.into_iter().unzip();
-        ids.extend(records.iter().filter_map(|r| r.event_id));
-        let n = ledger::park(&pool, "", None, &records).await?;
+        let (n, live_tenants) = ledger::park_held(&pool, &records).await?;
         stats
             .parked
             .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-        settled.extend(positions);
+        for (record, position) in records.into_iter().zip(positions) {
+            if live_tenants.contains(&record.tenant_id) {
+                live.push((record, position));
+            } else {
+                ids.extend(record.event_id);
+                settled.push(position);
+            }
+        }
     }
     if !settlements.is_empty() {
         let (batch, positions): (Vec<Settlement>, Vec<Position>) = settlements.into_iter().unzip();
@@ -96,6 +105,7 @@ pub(super) async fn write_pending(
     Ok(Durable {
         positions: settled,
         ids,
+        live,
     })
 }
 

@@ -492,3 +492,54 @@ async fn a_slow_partner_during_a_rebalance_never_sees_the_old_owner_after_the_ne
     task_b.await.unwrap().unwrap();
     db.drop().await;
 }
+
+/// Guarantee: nothing lost. The fault: two views of a tenant's state. This instance holds
+/// tenant-t paused (its records set aside for parking) while the database says it is live
+/// (another instance's drain, or an operator, flipped it): the records are neither settled nor
+/// parked, so no offset may pass them; they are delivered.
+#[tokio::test(flavor = "multi_thread")]
+async fn records_of_a_tenant_live_in_the_database_are_delivered_not_dropped() {
+    let db = TestDb::migrated().await;
+    let kafka = fresh_topic(1).await;
+    let cfg = config(&db, &kafka);
+    let handler = Arc::new(Recorder::default());
+    handler.failing.lock().unwrap().insert("tenant-t".into());
+    // The instance reads tenant states rarely: its view stays stale for the whole test.
+    let options = ConsumeOptions {
+        kill_switch_interval: Duration::from_secs(120),
+        ..options()
+    };
+    let (stop, task, stats) = start_with(&cfg, &db.pool, &handler, options);
+    produce_rows(&kafka, &[row("tenant-t", 1)]).await;
+    wait_for("tenant-t paused here", Duration::from_secs(30), || async {
+        (tenant_state(&db.pool, "tenant-t").await.as_deref() == Some("paused")).then_some(())
+    })
+    .await;
+    // Behind this instance's back, the tenant goes live (as another instance's drain flips it).
+    sqlx::query(
+        "UPDATE tenants SET state = 'active', pause_cause = NULL, pause_reason = NULL, \
+         paused_at = NULL, next_retry_at = NULL WHERE tenant_id = 'tenant-t'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    handler.failing.lock().unwrap().clear();
+    let mut rows: Vec<_> = (2..=5).map(|seq| row("tenant-t", seq)).collect();
+    rows.push(row("tenant-u", 1));
+    let last = produce_rows(&kafka, &rows).await;
+    wait_for("the commit at the end", Duration::from_secs(30), || async {
+        (committed(&kafka).await == Some(last + 1)).then_some(())
+    })
+    .await;
+    let delivered = count(
+        &db.pool,
+        "SELECT count(*) FROM deliveries WHERE tenant_id = 'tenant-t' AND outcome = 'delivered'",
+    )
+    .await;
+    assert_eq!(delivered, 4, "tenant-t's later events delivered, none lost");
+    assert_eq!(firsts_by_tenant(&handler)["tenant-t"], [1, 2, 3, 4, 5]);
+    assert_eq!(stats.delivered.load(Ordering::Relaxed), 5);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    db.drop().await;
+}
