@@ -841,17 +841,20 @@ impl<H: Handler> Coordinator<H> {
         let now = paused_tenants(&self.pool).await?;
         self.obey_pauses(now);
         if !on {
-            for tenant in ledger::tenants_to_drain(&self.pool).await? {
-                self.start_drain(tenant);
+            for (tenant, partition) in ledger::tenants_to_drain(&self.pool).await? {
+                let partition = partition.unwrap_or_else(|| {
+                    broker::partition_for_key(tenant.as_bytes(), self.partition_count)
+                });
+                self.start_drain(tenant, partition);
             }
         }
         Ok(())
     }
 
-    /// Replays a resumed tenant's backlog, if this instance owns its partition. New events
+    /// Replays a resumed tenant's backlog, if this instance owns `partition`, the one its
+    /// backlog was read from. New events
     /// keep being parked meanwhile.
-    fn start_drain(&mut self, tenant: String) {
-        let partition = broker::partition_for_key(tenant.as_bytes(), self.partition_count);
+    fn start_drain(&mut self, tenant: String, partition: i32) {
         if !self.paused.contains(&tenant) || self.draining.contains(&tenant) {
             return;
         }

@@ -628,13 +628,18 @@ pub async fn skip_failed(
 }
 
 /// Tenants to drain now: resumed by an operator, or paused for a retryable cause whose retry
-/// time has come (these are moved to `draining` here).
-pub async fn tenants_to_drain(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar(
+/// time has come (these are moved to `draining` here); each with the partition its backlog's
+/// first record was read from, if it has a backlog. The instance owning that partition drains
+/// it: the tenant id's own hash may name another partition (a record without a key, filed under
+/// `unknown`; a key written as a JSON string, hashed with its quotes).
+pub async fn tenants_to_drain(pool: &PgPool) -> Result<Vec<(String, Option<i32>)>, sqlx::Error> {
+    sqlx::query_as(
         "UPDATE tenants SET state = 'draining', updated_at = now() \
          WHERE state = 'draining' \
             OR (state = 'paused' AND pause_cause = 'retryable' AND next_retry_at <= now()) \
-         RETURNING tenant_id",
+         RETURNING tenant_id, \
+                   (SELECT p.partition FROM parked_events p WHERE p.tenant_id = tenants.tenant_id \
+                     ORDER BY p.seq LIMIT 1)",
     )
     .fetch_all(pool)
     .await

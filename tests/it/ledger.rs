@@ -283,3 +283,33 @@ async fn records_of_a_tenant_live_again_are_not_parked() {
     assert_eq!(parked, 0);
     db.drop().await;
 }
+
+/// A resumed backlog is drained by the owner of the partition its records came from, which
+/// the tenant id's hash may not name: a record without a key is filed under `unknown` (tried:
+/// a keyless record read from partition 5 of 8).
+#[tokio::test]
+async fn a_backlog_names_the_partition_its_records_came_from() {
+    let db = TestDb::migrated().await;
+    let mut keyless = record(7);
+    keyless.tenant_id = "unknown".into();
+    keyless.partition = 5;
+    let pause = Pause {
+        cause: "bad_event",
+        reason: "the record has no key".into(),
+        event_id: None,
+        next_retry_at: None,
+        attempts: 0,
+        response: None,
+    };
+    ledger::park(&db.pool, "unknown", Some(&pause), &[keyless])
+        .await
+        .unwrap();
+    sqlx::query("UPDATE tenants SET state = 'draining' WHERE tenant_id = 'unknown'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let drain = ledger::tenants_to_drain(&db.pool).await.unwrap();
+    assert_eq!(drain, [("unknown".to_owned(), Some(5))]);
+    assert_ne!(ferry::broker::partition_for_key(b"unknown", 8), 5);
+    db.drop().await;
+}
