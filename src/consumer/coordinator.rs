@@ -44,6 +44,7 @@ use super::offsets::PartitionOffsets;
 use super::rebalance::{self, Context, LAG_INTERVAL, Lease, Position, State, is_current};
 use super::runtime::{ConsumeError, ConsumeOptions, ConsumeStats, is_fatal};
 use super::settlement::{self, Durable, Pending, Writing};
+use super::tenants::{Lifecycle, TenantEffect, Tenants};
 use crate::broker;
 use crate::config::Config;
 use crate::delivery::{Failure, Handler};
@@ -72,14 +73,10 @@ pub(super) struct Coordinator<H: Handler> {
     // Tenants.
     /// Per-tenant FIFO, one event in flight per tenant.
     scheduler: Scheduler<String, Queued>,
-    /// Tenants whose records this instance parks rather than delivers (paused or draining).
-    paused: HashSet<String>,
-    /// Tenants paused elsewhere (an operator, another instance) while one of their events is
-    /// in flight here: their queue is parked once that event has ended (a failure of it must be
-    /// parked ahead of what came after it). Shared with the attempt tasks: they stop retrying.
+    /// Each tenant's lifecycle here (paused, being paused, draining; active when absent).
+    tenants: Tenants,
+    /// The tenants being paused, as the attempt tasks see them: they stop retrying those.
     pausing: Arc<Mutex<HashSet<String>>>,
-    /// Tenants whose backlog a drain task is replaying.
-    draining: HashSet<String>,
     /// The partner-wide breaker, holding the events that met the refusal.
     breaker: Breaker<(String, Item)>,
     /// The persisted kill switch, as last read; attempt tasks watch it too.
@@ -188,10 +185,15 @@ impl<H: Handler> Coordinator<H> {
                 options.breaker_min_tenants,
                 options.breaker_failure_ratio,
             ))),
-            scheduler: Scheduler::new(options.max_in_flight),
-            paused,
+            scheduler: {
+                let mut scheduler = Scheduler::new(options.max_in_flight);
+                for tenant in &paused {
+                    scheduler.hold(tenant);
+                }
+                scheduler
+            },
+            tenants: Tenants::from_database(paused.iter().cloned()),
             pausing: Arc::default(),
-            draining: HashSet::new(),
             breaker: Breaker::default(),
             killed: watch::Sender::new(killed),
             lookups: FuturesOrdered::new(),
@@ -272,20 +274,40 @@ impl<H: Handler> Coordinator<H> {
     /// A pause noticed while the tenant had an event in flight takes effect once that event
     /// has ended: its queue is parked, in order, and its later records follow.
     fn apply_pauses_noticed(&mut self) {
-        let mut held = self.pausing.lock().expect("pausing tenants");
-        let ready: Vec<String> = held
-            .iter()
+        let idle: Vec<String> = self
+            .tenants
+            .pausing()
             .filter(|t| !self.scheduler.is_in_flight(*t) && !self.breaker_holds(t))
             .cloned()
             .collect();
-        for tenant in ready {
-            held.remove(&tenant);
-            if self.paused.insert(tenant.clone()) {
-                for queued in self.scheduler.take_queue(&tenant) {
-                    self.pending.parked.push(queued.into_parked());
+        if idle.is_empty() {
+            return;
+        }
+        for tenant in idle {
+            let effects = self.tenants.idle(&tenant);
+            self.apply_tenant(effects);
+        }
+        self.sync_pausing();
+    }
+
+    /// Does what a tenant transition asks of the scheduler.
+    fn apply_tenant(&mut self, effects: Vec<TenantEffect>) {
+        for effect in effects {
+            match effect {
+                TenantEffect::Hold(tenant) => self.scheduler.hold(&tenant),
+                TenantEffect::Release(tenant) => self.scheduler.release(&tenant),
+                TenantEffect::ParkQueue(tenant) => {
+                    for queued in self.scheduler.take_queue(&tenant) {
+                        self.pending.parked.push(queued.into_parked());
+                    }
                 }
             }
         }
+    }
+
+    /// The attempt tasks' view of the tenants being paused.
+    fn sync_pausing(&self) {
+        *self.pausing.lock().expect("pausing tenants") = self.tenants.pausing().cloned().collect();
     }
 
     fn breaker_holds(&self, tenant: &str) -> bool {
@@ -413,8 +435,8 @@ impl<H: Handler> Coordinator<H> {
             self.stats.parked.fetch_add(parked, Relaxed);
             self.copies
                 .written(records.iter().filter_map(|r| r.event_id));
-            self.scheduler.hold(&tenant);
-            self.paused.insert(tenant.clone());
+            let effects = self.tenants.paused_here(&tenant);
+            self.apply_tenant(effects);
         }
         self.scheduler.complete(&tenant);
         Ok(())
@@ -537,7 +559,7 @@ impl<H: Handler> Coordinator<H> {
                 continue; // revoked meanwhile: the next owner reads it
             }
             let tenant = arrival.tenant().to_owned();
-            if self.paused.contains(&tenant) {
+            if self.tenants.parks_arrivals(&tenant) {
                 // Already paused: it joins the backlog in order; the first cause stays.
                 self.pending.parked.push(arrival.into_parked());
                 continue;
@@ -626,8 +648,8 @@ impl<H: Handler> Coordinator<H> {
         self.stats.parked.fetch_add(parked, Relaxed);
         self.copies
             .written(records.iter().filter_map(|r| r.event_id));
-        self.scheduler.hold(&tenant);
-        self.paused.insert(tenant);
+        let effects = self.tenants.paused_here(&tenant);
+        self.apply_tenant(effects);
         self.pending.positions.extend(positions);
         Ok(())
     }
@@ -750,10 +772,10 @@ impl<H: Handler> Coordinator<H> {
         }
         for tenant in &tenants {
             tracing::warn!(%tenant, "parking refused: the tenant is live in the database; delivering its records");
-            self.paused.remove(tenant);
-            self.pausing.lock().expect("pausing tenants").remove(tenant);
-            self.scheduler.release(tenant);
+            let effects = self.tenants.live(tenant);
+            self.apply_tenant(effects);
         }
+        self.sync_pausing();
         let arrivals: Vec<Arrival> = records
             .into_iter()
             .filter(|(_, position)| is_current(&self.state, *position))
@@ -787,11 +809,11 @@ impl<H: Handler> Coordinator<H> {
     /// A backlog drain reported.
     async fn handle_drained(&mut self, report: Drained) -> Result<(), ConsumeError> {
         match report {
+            // Its partition went to another instance meanwhile: only the owner may flip it.
             Drained::Empty(tenant, owner) if !is_current(&self.state, owner) => {
-                self.draining.remove(&tenant);
+                self.tenants.drain_ended(&tenant, false);
             }
             Drained::Empty(tenant, _) => {
-                self.draining.remove(&tenant);
                 // Only this loop parks, and it parks what it buffered first: once the batch
                 // being written and what is pending are durable, nothing can be parked for the
                 // tenant between then and the flip.
@@ -804,24 +826,25 @@ impl<H: Handler> Coordinator<H> {
                 {
                     self.flush(CommitMode::Async).await?;
                 }
-                if ledger::finish_drain(&self.pool, &tenant).await? {
-                    self.paused.remove(&tenant);
-                    self.scheduler.release(&tenant);
+                let flipped = ledger::finish_drain(&self.pool, &tenant).await?;
+                if flipped {
                     tracing::info!(%tenant, "backlog replayed; tenant live again");
                 }
+                let effects = self.tenants.drain_ended(&tenant, flipped);
+                self.apply_tenant(effects);
             }
             Drained::Failed(tenant, failure, event_id, attempts) => {
-                self.draining.remove(&tenant);
+                self.tenants.drain_ended(&tenant, false);
                 self.stats.failed.fetch_add(1, Relaxed);
                 let pause = attempt::pause_for(&failure, event_id, attempts, &self.options);
                 ledger::park(&self.pool, &tenant, Some(&pause), &[]).await?;
             }
             Drained::Error(tenant, e) => {
-                self.draining.remove(&tenant);
+                self.tenants.drain_ended(&tenant, false);
                 tracing::warn!(%tenant, error = %e, "replaying the backlog failed; will try again");
             }
             Drained::Revoked(tenant) => {
-                self.draining.remove(&tenant);
+                self.tenants.drain_ended(&tenant, false);
             }
         }
         Ok(())
@@ -855,13 +878,13 @@ impl<H: Handler> Coordinator<H> {
     /// backlog was read from. New events
     /// keep being parked meanwhile.
     fn start_drain(&mut self, tenant: String, partition: i32) {
-        if !self.paused.contains(&tenant) || self.draining.contains(&tenant) {
+        if self.tenants.state(&tenant) != Some(Lifecycle::Paused) {
             return;
         }
         let Some(lease) = Lease::take(&self.state, partition, None) else {
             return;
         };
-        self.draining.insert(tenant.clone());
+        self.tenants.start_drain(&tenant);
         let (handler, pool, tx) = (
             Arc::clone(&self.handler),
             self.pool.clone(),
@@ -901,19 +924,9 @@ impl<H: Handler> Coordinator<H> {
     /// longer paused (flipped live by the instance that owned it before a rebalance) is
     /// released.
     fn obey_pauses(&mut self, now: HashSet<String>) {
-        let mut pausing = self.pausing.lock().expect("pausing tenants");
-        for tenant in self.paused.iter().chain(pausing.iter()) {
-            if !now.contains(tenant) {
-                self.scheduler.release(tenant);
-            }
-        }
-        self.paused.retain(|t| now.contains(t));
-        pausing.retain(|t| now.contains(t));
-        for tenant in now {
-            if !self.paused.contains(&tenant) && pausing.insert(tenant.clone()) {
-                self.scheduler.hold(&tenant);
-            }
-        }
+        let effects = self.tenants.observe(&now);
+        self.apply_tenant(effects);
+        self.sync_pausing();
     }
 
     /// Async commit results never reach us (librdkafka reports them only to a C callback that
@@ -979,9 +992,8 @@ impl<H: Handler> Coordinator<H> {
         // The paused set holds every paused tenant; count those whose partition is ours.
         let owned: HashSet<i32> = self.state.lock().partitions.keys().copied().collect();
         let held = self
-            .paused
-            .iter()
-            .chain(self.pausing.lock().expect("pausing tenants").iter())
+            .tenants
+            .not_active()
             .filter(|t| {
                 owned.contains(&broker::partition_for_key(
                     t.as_bytes(),

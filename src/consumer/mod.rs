@@ -19,3 +19,4 @@ pub mod offsets;
 mod rebalance;
 pub mod runtime;
 mod settlement;
+pub mod tenants;
