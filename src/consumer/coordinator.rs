@@ -148,18 +148,7 @@ impl<H: Handler> Coordinator<H> {
     ) -> Result<Self, ConsumeError> {
         let topic = config.kafka.topic.clone();
         let state = Arc::new(State::default());
-        let consumer: Arc<StreamConsumer<Context>> = Arc::new(
-            rebalance::with_statistics(broker::consumer_config(
-                &config.kafka,
-                &config.kafka.group_id,
-            ))
-            .create_with_context(Context {
-                state: Arc::clone(&state),
-                topic: topic.clone(),
-                revoke_drain: options.revoke_drain,
-                stats: Arc::clone(&stats),
-            })?,
-        );
+        let consumer = rebalance::consumer(config, &state, options.revoke_drain, &stats)?;
         let paused = paused_tenants(&pool).await?;
         let killed: bool = sqlx::query_scalar("SELECT kill_switch FROM control")
             .fetch_one(&pool)

@@ -316,6 +316,24 @@ impl ConsumerContext for Context {
     }
 }
 
+/// The group member: a consumer of the configured topic whose rebalance callbacks follow
+/// partition ownership in `state`.
+pub(super) fn consumer(
+    config: &crate::config::Config,
+    state: &Arc<State>,
+    revoke_drain: Duration,
+    stats: &Arc<ConsumeStats>,
+) -> Result<Arc<StreamConsumer<Context>>, rdkafka::error::KafkaError> {
+    let settings = crate::broker::consumer_config(&config.kafka, &config.kafka.group_id);
+    let consumer = with_statistics(settings).create_with_context(Context {
+        state: Arc::clone(state),
+        topic: config.kafka.topic.clone(),
+        revoke_drain,
+        stats: Arc::clone(stats),
+    })?;
+    Ok(Arc::new(consumer))
+}
+
 /// Where a record came from, with the generation of the partition's ownership.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Position {
