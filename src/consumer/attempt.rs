@@ -87,6 +87,10 @@ impl Guard<'_> {
         if self.cancel.is_cancelled() {
             return false;
         }
+        // The common case costs no waiter on the partition's shared token.
+        if !*self.killed.borrow() {
+            return true;
+        }
         let mut killed = self.killed.clone();
         tokio::select! {
             _ = self.cancel.cancelled() => false,
@@ -96,10 +100,15 @@ impl Guard<'_> {
 
     /// Runs a call to its end, or `None` if the drain deadline cut it.
     async fn call(&self, call: impl std::future::Future<Output = Outcome>) -> Option<Outcome> {
+        if self.abort.is_cancelled() {
+            return None;
+        }
+        // The call first: one that answers at once never registers a waiter on the
+        // partition's shared token.
         tokio::select! {
             biased;
-            _ = self.abort.cancelled() => None,
             outcome = call => Some(outcome),
+            _ = self.abort.cancelled() => None,
         }
     }
 

@@ -232,7 +232,10 @@ impl<H: Handler> Coordinator<H> {
                 Some(written) = async { Some((&mut self.writing.as_mut()?.0).await) }, if self.writing.is_some() => {
                     self.handle_written(written.expect("settle task panicked")).await?;
                 }
-                Some((tenant, done)) = self.done.rx.recv() => self.handle_done(tenant, done).await?,
+                // Intake is bounded by back-pressure (`may_take_in`), so serving it first never
+                // starves the arms below; it keeps the broker's fetches overlapping the work.
+                message = consumer.recv(), if self.may_take_in() => self.handle_records(message).await?,
+                Some((tenant, done)) = self.done.rx.recv() => self.handle_dones(tenant, done).await?,
                 Some((tenant, done)) = self.probe.rx.recv() => self.handle_probe_result(tenant, done).await?,
                 Some(report) = self.drained.rx.recv() => self.handle_drained(report).await?,
                 Some(looked_up) = futures::StreamExt::next(&mut self.lookups), if !self.lookups.is_empty() => {
@@ -243,7 +246,6 @@ impl<H: Handler> Coordinator<H> {
                 _ = self.timers.commits.tick() => self.handle_commit_check(),
                 Some(found) = self.checked.rx.recv() => self.handle_commit_checked(found),
                 _ = self.timers.lag.tick() => self.handle_lag_check(),
-                message = consumer.recv(), if self.may_take_in() => self.handle_records(message).await?,
                 _ = self.timers.settle.tick() => {}
             }
             self.after_turn()?;
@@ -571,6 +573,19 @@ impl<H: Handler> Coordinator<H> {
             None => self.copies.epoch(),
         };
         self.copies.forget_before(oldest);
+    }
+
+    /// Events' tasks ended: this one and those ready behind it (up to `max_in_flight`), so a
+    /// burst of completions costs one turn of the loop, not one each.
+    async fn handle_dones(&mut self, tenant: String, done: Done) -> Result<(), ConsumeError> {
+        self.handle_done(tenant, done).await?;
+        for _ in 1..self.options.max_in_flight {
+            match self.done.rx.try_recv() {
+                Ok((tenant, done)) => self.handle_done(tenant, done).await?,
+                Err(_) => break,
+            }
+        }
+        Ok(())
     }
 
     /// An event's task ended.
