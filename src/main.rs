@@ -611,13 +611,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 client,
                 pool.clone(),
             ));
-            // Whoever starts first, relay or consumer, creates the topic (idempotent).
-            ferry::broker::ensure_topic(
-                &config.kafka,
-                &config.kafka.topic,
-                config.relay.topic_partitions,
-            )
-            .await?;
+            // Whoever starts first, relay or consumer, creates the topic (idempotent). A broker
+            // that does not answer yet (starting, or restarting, with us) is waited for.
+            let mut wait = std::time::Duration::from_millis(500);
+            loop {
+                match ferry::broker::ensure_topic(
+                    &config.kafka,
+                    &config.kafka.topic,
+                    config.relay.topic_partitions,
+                )
+                .await
+                {
+                    Ok(()) => break,
+                    Err(e @ ferry::broker::BrokerError::Unreachable { .. }) => {
+                        tracing::warn!(error = %e, retry_in = ?wait, "the broker does not answer yet");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Ok(()),
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                        wait = (wait * 2).min(std::time::Duration::from_secs(10));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
             let stats = std::sync::Arc::new(ferry::consumer::runtime::ConsumeStats::default());
             let listener = tokio::net::TcpListener::bind(config.admin.addr)
                 .await

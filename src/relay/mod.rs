@@ -352,7 +352,9 @@ impl Relay {
     /// exponential backoff; the slot does not move past anything the broker has not
     /// acknowledged.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<Arc<RelayStats>, RelayError> {
-        self.setup().await?;
+        if !self.set_up(&shutdown).await? {
+            return Ok(self.stats);
+        }
         let Some(mut lease) = self.acquire_lease(&shutdown).await? else {
             return Ok(self.stats);
         };
@@ -395,6 +397,26 @@ impl Relay {
             "relay stopped"
         );
         Ok(self.stats)
+    }
+
+    /// [`Relay::setup`], tried again with backoff while the broker or Postgres does not answer
+    /// (both may be starting, or restarting, with the relay); false if shut down first.
+    async fn set_up(&mut self, shutdown: &CancellationToken) -> Result<bool, RelayError> {
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
+        loop {
+            match self.setup().await {
+                Ok(()) => return Ok(true),
+                Err(e) if e.is_retryable() => {
+                    let wait = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?wait, "relay setup failed; trying again");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(false),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// The periodic check: whether the lease is still held (a lost lease connection means
@@ -442,9 +464,11 @@ impl Relay {
                     if progress.in_flight() > 0 =>
                 {
                     self.acknowledged(acked, &mut progress)?;
+                    // Only what the broker took counts as recovery: a stream that flows while
+                    // every send fails must not reset the backoff into a tight loop.
+                    backoff.reset();
                 }
                 message = conn.next() => {
-                    backoff.reset();
                     match message? {
                         StreamMessage::XLogData { data, .. } => {
                             if let Some(tx) = assembler.push(pgoutput::parse(&data)?)? {
