@@ -51,7 +51,7 @@ use crate::delivery::{Failure, Handler};
 use crate::scheduler::Scheduler;
 
 /// A batch of arrivals with its dedupe lookup under way.
-type Lookup = JoinHandle<(Vec<Arrival>, HashSet<Uuid>)>;
+type Lookup = JoinHandle<(Vec<Arrival>, Result<HashSet<Uuid>, sqlx::Error>)>;
 
 /// The consumer's state and the channels of the tasks it spawns. Only the coordinator's loop
 /// touches it; the rebalance callback shares [`State`] (partition ownership), nothing else.
@@ -239,7 +239,7 @@ impl<H: Handler> Coordinator<H> {
                 Some((tenant, done)) = self.probe.rx.recv() => self.handle_probe_result(tenant, done).await?,
                 Some(report) = self.drained.rx.recv() => self.handle_drained(report).await?,
                 Some(looked_up) = futures::StreamExt::next(&mut self.lookups), if !self.lookups.is_empty() => {
-                    self.handle_looked_up(looked_up.expect("dedupe lookup task panicked"));
+                    self.handle_looked_up(looked_up.expect("dedupe lookup task panicked"))?;
                 }
                 _ = self.timers.control.tick() => self.handle_control().await?,
                 _ = self.timers.probe.tick(), if self.breaker.may_probe() && !*self.killed.borrow() => self.handle_probe_tick(),
@@ -459,12 +459,15 @@ impl<H: Handler> Coordinator<H> {
         // awaits something else.
         self.lookups.push_back(tokio::spawn(async move {
             let ids: Vec<Uuid> = arrivals.iter().filter_map(Arrival::event_id).collect();
-            // A failed lookup counts as "not settled": the event is handled again, which the
-            // partner's Idempotency-Key absorbs.
+            // A failed lookup is an error, never "not settled": handling a settled event again
+            // is not always absorbed by the partner's Idempotency-Key (an update replayed after
+            // its object's delete heals it back with a create under a key of its own). The
+            // coordinator stops, the supervisor starts it again once Postgres answers, and the
+            // records are read again.
             let settled = if ids.is_empty() {
-                HashSet::new()
+                Ok(HashSet::new())
             } else {
-                ledger::settled_ids(&pool, &ids).await.unwrap_or_default()
+                ledger::settled_ids(&pool, &ids).await
             };
             (arrivals, settled)
         }));
@@ -535,11 +538,15 @@ impl<H: Handler> Coordinator<H> {
     /// Admission, in arrival order: paused tenants' records are parked, the rest join their
     /// tenant's queue (a refused record too: it pauses its tenant when its turn comes); a copy
     /// of an event close by settles as a duplicate when its turn comes.
-    fn handle_looked_up(&mut self, (arrivals, settled): (Vec<Arrival>, HashSet<Uuid>)) {
+    fn handle_looked_up(
+        &mut self,
+        (arrivals, settled): (Vec<Arrival>, Result<HashSet<Uuid>, sqlx::Error>),
+    ) -> Result<(), ConsumeError> {
         self.in_lookup -= arrivals.len();
         self.lookup_epochs.pop_front();
-        self.admit(arrivals, &settled);
+        self.admit(arrivals, &settled?);
         self.forget_copies();
+        Ok(())
     }
 
     /// Admits `arrivals` in order; `settled` names the events found settled already.
@@ -786,6 +793,9 @@ impl<H: Handler> Coordinator<H> {
             .map(|(record, position)| intake::arrival_again(record, position))
             .collect();
         let ids: Vec<Uuid> = arrivals.iter().filter_map(Arrival::event_id).collect();
+        // Those taken from the tenant's queue were admitted before: they are not copies of
+        // themselves.
+        self.copies.dropped(ids.iter().copied());
         let settled = ledger::settled_ids(&self.pool, &ids).await?;
         self.admit(arrivals, &settled);
         Ok(())
