@@ -72,6 +72,31 @@ pub(super) struct Guard<'a> {
     pub(super) owner: Position,
 }
 
+/// What a [`Guard`] borrows, owned by the task that runs the attempts.
+pub(super) struct Limits {
+    pub(super) retry: RetryPolicy,
+    pub(super) window: std::sync::Arc<Mutex<FailureWindow<String>>>,
+    pub(super) stats: std::sync::Arc<ConsumeStats>,
+    pub(super) pausing: std::sync::Arc<Mutex<std::collections::HashSet<String>>>,
+    pub(super) killed: watch::Receiver<bool>,
+}
+
+impl Limits {
+    /// The guard of work under `lease`, for the partition (and generation) `owner` names.
+    pub(super) fn guard<'a>(&'a self, lease: &'a Lease, owner: Position) -> Guard<'a> {
+        Guard {
+            retry: &self.retry,
+            cancel: &lease.cancel,
+            abort: &lease.abort,
+            window: &self.window,
+            stats: &self.stats,
+            pausing: &self.pausing,
+            killed: self.killed.clone(),
+            owner,
+        }
+    }
+}
+
 impl Guard<'_> {
     /// Sleeps `wait`; false if cancelled first.
     async fn sleep(&self, wait: Duration) -> bool {

@@ -34,7 +34,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::attempt::{self, Done, Guard, Item};
+use super::attempt::{self, Done, Item, Limits};
 use super::breaker::{Breaker, BreakerEffect, FailureWindow};
 use super::copies::{Admission, Copies};
 use super::drain::{self, Drained};
@@ -382,24 +382,9 @@ impl<H: Handler> Coordinator<H> {
             self.done.tx.clone(),
             self.pool.clone(),
         );
-        let (retry, window, stats, pausing, killed) = (
-            self.options.retry.clone(),
-            Arc::clone(&self.window),
-            Arc::clone(&self.stats),
-            Arc::clone(&self.pausing),
-            self.killed.subscribe(),
-        );
+        let limits = self.limits();
         tokio::spawn(async move {
-            let guard = Guard {
-                retry: &retry,
-                cancel: &lease.cancel,
-                abort: &lease.abort,
-                window: &window,
-                stats: &stats,
-                pausing: &pausing,
-                killed,
-                owner: position,
-            };
+            let guard = limits.guard(&lease, position);
             let done = attempt::run(&*handler, item, &guard).await;
             let done = if lease.cancel.is_cancelled() {
                 attempt::settle_on_revoke(done, &pool, &lease).await
@@ -409,6 +394,17 @@ impl<H: Handler> Coordinator<H> {
             let _ = tx.send((tenant, done));
             drop(lease);
         });
+    }
+
+    /// What an attempt task's [`Guard`] is made of, for the task to own.
+    fn limits(&self) -> Limits {
+        Limits {
+            retry: self.options.retry.clone(),
+            window: Arc::clone(&self.window),
+            stats: Arc::clone(&self.stats),
+            pausing: Arc::clone(&self.pausing),
+            killed: self.killed.subscribe(),
+        }
     }
 
     /// A refused record's turn: everything of its tenant before it has settled; it and the
@@ -904,29 +900,14 @@ impl<H: Handler> Coordinator<H> {
             self.pool.clone(),
             self.drained.tx.clone(),
         );
-        let (retry, window, stats, pausing, killed) = (
-            self.options.retry.clone(),
-            Arc::clone(&self.window),
-            Arc::clone(&self.stats),
-            Arc::clone(&self.pausing),
-            self.killed.subscribe(),
-        );
+        let limits = self.limits();
         let owner = Position {
             partition,
             offset: 0,
             generation: lease.generation,
         };
         tokio::spawn(async move {
-            let guard = Guard {
-                retry: &retry,
-                cancel: &lease.cancel,
-                abort: &lease.abort,
-                window: &window,
-                stats: &stats,
-                pausing: &pausing,
-                killed,
-                owner,
-            };
+            let guard = limits.guard(&lease, owner);
             let report = drain::drain(&*handler, &pool, &tenant, &guard).await;
             let _ = tx.send(report);
             drop(lease);

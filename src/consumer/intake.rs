@@ -103,14 +103,7 @@ pub(super) fn arrival<M: Message>(m: &M, topic: &str, position: Position) -> Arr
         Ok(event) => {
             raw.event_id = Some(event.id);
             raw.tenant_id = event.tenant_id.to_string();
-            Arrival::Event(Item {
-                event,
-                raw,
-                position,
-                settled: false,
-                log: Vec::new(),
-                log_every: false,
-            })
+            event_arrival(event, raw, position)
         }
         Err(bad) => {
             raw.event_id = bad.event_id;
@@ -126,16 +119,21 @@ pub(super) fn arrival<M: Message>(m: &M, topic: &str, position: Position) -> Arr
 /// A record set aside for parking, as an arrival again: its tenant turned out to be live.
 pub(super) fn arrival_again(raw: ParkedRecord, position: Position) -> Arrival {
     match outbox::decode(&raw_of(&raw)) {
-        Ok(event) => Arrival::Event(Item {
-            event,
-            raw,
-            position,
-            settled: false,
-            log: Vec::new(),
-            log_every: false,
-        }),
+        Ok(event) => event_arrival(event, raw, position),
         Err(bad) => refused(raw, position, &bad),
     }
+}
+
+/// A decoded event on its way in, not yet looked up.
+fn event_arrival(event: outbox::OutboxEvent, raw: ParkedRecord, position: Position) -> Arrival {
+    Arrival::Event(Item {
+        event,
+        raw,
+        position,
+        settled: false,
+        log: Vec::new(),
+        log_every: false,
+    })
 }
 
 /// A record the decoder refused: it pauses its tenant with the decoder's reason.
