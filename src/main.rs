@@ -590,188 +590,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let _telemetry = ferry::telemetry::init("ferry")?;
     // The simulator is the partner, not Ferry: it needs none of Ferry's settings.
     if let Command::PartnerSim { addr, token } = &cli.command {
-        let shutdown = ferry::shutdown::on_signals()?;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
-        tracing::info!(%addr, "partner simulator listening");
-        let sim = ferry::partner::sim::Sim::new(token.clone());
-        ferry::partner::sim::serve(listener, sim, shutdown).await?;
-        return Ok(());
+        return partner_sim(*addr, token.clone()).await;
     }
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
         Command::PartnerSim { .. } => unreachable!("handled above"),
         Command::Ctl(_) => unreachable!("handled in main"),
-        Command::Consume => {
-            let shutdown = ferry::shutdown::on_signals()?;
-            let pool = ferry::store::connect(&config.database).await?;
-            let client = ferry::partner::client::PartnerClient::new(&config.partner)?;
-            let handler = std::sync::Arc::new(ferry::partner::integration::Integration::new(
-                client,
-                pool.clone(),
-            ));
-            // Whoever starts first, relay or consumer, creates the topic (idempotent). A broker
-            // that does not answer yet (starting, or restarting, with us) is waited for.
-            let mut wait = std::time::Duration::from_millis(500);
-            loop {
-                match ferry::broker::ensure_topic(
-                    &config.kafka,
-                    &config.kafka.topic,
-                    config.relay.topic_partitions,
-                )
-                .await
-                {
-                    Ok(()) => break,
-                    Err(e @ ferry::broker::BrokerError::Unreachable { .. }) => {
-                        tracing::warn!(error = %e, retry_in = ?wait, "the broker does not answer yet");
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return Ok(()),
-                            _ = tokio::time::sleep(wait) => {}
-                        }
-                        wait = (wait * 2).min(std::time::Duration::from_secs(10));
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            let stats = std::sync::Arc::new(ferry::consumer::runtime::ConsumeStats::default());
-            let listener = tokio::net::TcpListener::bind(config.admin.addr)
-                .await
-                .with_context(|| format!("the admin API cannot listen on {}", config.admin.addr))?;
-            tracing::info!(addr = %config.admin.addr, "admin API listening");
-            tokio::spawn(ferry::admin::serve(
-                listener,
-                ferry::admin::Admin {
-                    pool: pool.clone(),
-                    stats: std::sync::Arc::clone(&stats),
-                    token: config.admin.token.clone(),
-                },
-                shutdown.clone(),
-            ));
-            tracing::info!(topic = %config.kafka.topic, group = %config.kafka.group_id, "consuming");
-            ferry::consumer::runtime::run(
-                &config,
-                pool,
-                handler,
-                ferry::consumer::runtime::ConsumeOptions::configured(&config.consume),
-                std::sync::Arc::clone(&stats),
-                shutdown,
-            )
-            .await?;
-            let bound = |h: &ferry::consumer::latency::Histogram, q| {
-                h.quantile_bound_ms(q)
-                    .map_or_else(|| "-".to_owned(), |ms| format!("<={ms}ms"))
-            };
-            tracing::info!(
-                delivered = stats.delivered.load(std::sync::atomic::Ordering::Relaxed),
-                received = stats.received.load(std::sync::atomic::Ordering::Relaxed),
-                intake_p50 = %bound(&stats.intake_latency, 0.5),
-                intake_p99 = %bound(&stats.intake_latency, 0.99),
-                ack_p50 = %bound(&stats.ack_latency, 0.5),
-                ack_p99 = %bound(&stats.ack_latency, 0.99),
-                "consumer stopped"
-            );
-        }
+        Command::Consume => consume(&config).await,
         Command::Verify {
             tenants,
             simulator,
             latency_since,
-        } => {
-            use ferry::partner::verify;
-            let pool = ferry::store::connect(&config.database).await?;
-            let client = ferry::partner::client::PartnerClient::new(&config.partner)?;
-            let order_violations = if simulator {
-                let report = client
-                    .simulator_report()
-                    .await
-                    .map_err(|f| anyhow::anyhow!(f.message))?;
-                Some(report.values().map(|a| a.order_violations).sum())
-            } else {
-                None
-            };
-            let found = verify::Verification {
-                tenants: verify::verify(&pool, &client, &tenants).await?,
-                latency: verify::latency(&pool, None).await?,
-                window: match latency_since {
-                    Some(since) => Some((since, verify::latency(&pool, Some(since)).await?)),
-                    None => None,
-                },
-                order_violations,
-            };
-            print!("{}", found.render());
-            let bad = found.failures();
-            if bad > 0 {
-                anyhow::bail!(
-                    "{bad} differences: drifted or duplicate objects, or events out of order"
-                );
-            }
-        }
-        Command::Tenant { action } => tenant_command(&config, action).await?,
+        } => verify(&config, tenants, simulator, latency_since).await,
+        Command::Tenant { action } => tenant_command(&config, action).await,
         Command::Migrate => {
             let pool = ferry::store::connect(&config.database).await?;
             ferry::store::migrate(&pool).await?;
             let version = ferry::store::schema_version(&pool).await?.unwrap_or(0);
             println!("schema at version {version}");
+            Ok(())
         }
-        Command::Smoke { timeout } => {
-            let report = ferry::smoke::run(&config, timeout)
-                .await
-                .context("smoke round trip failed")?;
-            println!(
-                "smoke ok: schema version {}, {} broker(s), event {} at {}[{}]@{} back in {:?}, group {} committed {}",
-                report.schema_version,
-                report.brokers,
-                report.event_id,
-                ferry::smoke::SMOKE_TOPIC,
-                report.partition,
-                report.offset,
-                report.round_trip,
-                ferry::smoke::SMOKE_GROUP,
-                report.committed,
-            );
-        }
-        Command::Relay { metrics_addr } => {
-            let shutdown = ferry::shutdown::on_signals()?;
-            let relay = ferry::relay::Relay::connect(&config).await?;
-            if let Some(addr) = metrics_addr {
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("cannot listen on {addr} for metrics"))?;
-                let stats = relay.stats();
-                let render = move || stats.render_prometheus();
-                tokio::spawn(ferry::telemetry::serve_metrics(
-                    listener,
-                    render,
-                    shutdown.clone(),
-                ));
-                tracing::info!(%addr, "serving relay metrics on /metrics");
-            }
-            let stats = relay.run(shutdown).await?;
-            println!(
-                "relay stopped: {} records acknowledged, {} rejected",
-                stats
-                    .records_acked
-                    .load(std::sync::atomic::Ordering::Relaxed),
-                stats
-                    .rows_rejected
-                    .load(std::sync::atomic::Ordering::Relaxed)
-            );
-        }
-        Command::RelayStatus => {
-            let mut relay = ferry::relay::Relay::connect(&config).await?;
-            relay.setup().await?;
-            let lag = relay.slot_lag().await?;
-            let confirmed = relay
-                .stats()
-                .confirmed_lsn
-                .load(std::sync::atomic::Ordering::Relaxed);
-            println!(
-                "slot {} confirmed at {}, lag {} bytes",
-                config.relay.slot,
-                ferry::relay::lsn::Lsn(confirmed),
-                lag
-            );
-        }
+        Command::Smoke { timeout } => smoke(&config, timeout).await,
+        Command::Relay { metrics_addr } => relay(&config, metrics_addr).await,
+        Command::RelayStatus => relay_status(&config).await,
         Command::Load {
             tenants,
             events,
@@ -780,7 +621,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             rate,
         } => {
-            let pool = ferry::store::connect(&config.database).await?;
             let options = ferry::load::LoadOptions {
                 tenants,
                 events,
@@ -789,29 +629,238 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 seed,
                 rate,
             };
-            let report = ferry::load::run(&pool, &options).await?;
-            println!(
-                "wrote {} events ({} created, {} updated, {} deleted) across {} tenants in {:.2} s ({:.0} events/s)",
-                report.events(),
-                report.created,
-                report.updated,
-                report.deleted,
-                tenants,
-                report.elapsed.as_secs_f64(),
-                report.events() as f64 / report.elapsed.as_secs_f64().max(1e-9)
-            );
+            load(&config, &options).await
         }
-        Command::Bench {
-            which:
-                Bench::Consume {
-                    events,
-                    tenants,
-                    handler_ms,
-                    overhead_events,
-                    isolation_events,
-                    parked_events,
-                    broker,
-                },
+        Command::Bench { which } => bench(&config, which).await,
+    }
+}
+
+/// `ferry partner-sim`: the partner's simulator, until a signal.
+async fn partner_sim(addr: std::net::SocketAddr, token: String) -> anyhow::Result<()> {
+    let shutdown = ferry::shutdown::on_signals()?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    tracing::info!(%addr, "partner simulator listening");
+    let sim = ferry::partner::sim::Sim::new(token);
+    ferry::partner::sim::serve(listener, sim, shutdown).await?;
+    Ok(())
+}
+
+/// Whoever starts first, relay or consumer, creates the topic (idempotent). A broker that does
+/// not answer yet (starting, or restarting, with us) is waited for; false if a signal came
+/// first.
+async fn topic_ready(
+    config: &Config,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<bool> {
+    let mut wait = std::time::Duration::from_millis(500);
+    loop {
+        match ferry::broker::ensure_topic(
+            &config.kafka,
+            &config.kafka.topic,
+            config.relay.topic_partitions,
+        )
+        .await
+        {
+            Ok(()) => return Ok(true),
+            Err(e @ ferry::broker::BrokerError::Unreachable { .. }) => {
+                tracing::warn!(error = %e, retry_in = ?wait, "the broker does not answer yet");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(false),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                wait = (wait * 2).min(std::time::Duration::from_secs(10));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// `ferry consume`: the admin API and the consumer, until a signal.
+async fn consume(config: &Config) -> anyhow::Result<()> {
+    let shutdown = ferry::shutdown::on_signals()?;
+    let pool = ferry::store::connect(&config.database).await?;
+    let client = ferry::partner::client::PartnerClient::new(&config.partner)?;
+    let handler = std::sync::Arc::new(ferry::partner::integration::Integration::new(
+        client,
+        pool.clone(),
+    ));
+    if !topic_ready(config, &shutdown).await? {
+        return Ok(());
+    }
+    let stats = std::sync::Arc::new(ferry::consumer::runtime::ConsumeStats::default());
+    let listener = tokio::net::TcpListener::bind(config.admin.addr)
+        .await
+        .with_context(|| format!("the admin API cannot listen on {}", config.admin.addr))?;
+    tracing::info!(addr = %config.admin.addr, "admin API listening");
+    tokio::spawn(ferry::admin::serve(
+        listener,
+        ferry::admin::Admin {
+            pool: pool.clone(),
+            stats: std::sync::Arc::clone(&stats),
+            token: config.admin.token.clone(),
+        },
+        shutdown.clone(),
+    ));
+    tracing::info!(topic = %config.kafka.topic, group = %config.kafka.group_id, "consuming");
+    ferry::consumer::runtime::run(
+        config,
+        pool,
+        handler,
+        ferry::consumer::runtime::ConsumeOptions::configured(&config.consume),
+        std::sync::Arc::clone(&stats),
+        shutdown,
+    )
+    .await?;
+    let bound = |h: &ferry::consumer::latency::Histogram, q| {
+        h.quantile_bound_ms(q)
+            .map_or_else(|| "-".to_owned(), |ms| format!("<={ms}ms"))
+    };
+    tracing::info!(
+        delivered = stats.delivered.load(std::sync::atomic::Ordering::Relaxed),
+        received = stats.received.load(std::sync::atomic::Ordering::Relaxed),
+        intake_p50 = %bound(&stats.intake_latency, 0.5),
+        intake_p99 = %bound(&stats.intake_latency, 0.99),
+        ack_p50 = %bound(&stats.ack_latency, 0.5),
+        ack_p99 = %bound(&stats.ack_latency, 0.99),
+        "consumer stopped"
+    );
+    Ok(())
+}
+
+/// `ferry verify`: the partner's objects against ours, and the latencies.
+async fn verify(
+    config: &Config,
+    tenants: Vec<String>,
+    simulator: bool,
+    latency_since: Option<chrono::DateTime<chrono::Utc>>,
+) -> anyhow::Result<()> {
+    use ferry::partner::verify;
+    let pool = ferry::store::connect(&config.database).await?;
+    let client = ferry::partner::client::PartnerClient::new(&config.partner)?;
+    let order_violations = if simulator {
+        let report = client
+            .simulator_report()
+            .await
+            .map_err(|f| anyhow::anyhow!(f.message))?;
+        Some(report.values().map(|a| a.order_violations).sum())
+    } else {
+        None
+    };
+    let found = verify::Verification {
+        tenants: verify::verify(&pool, &client, &tenants).await?,
+        latency: verify::latency(&pool, None).await?,
+        window: match latency_since {
+            Some(since) => Some((since, verify::latency(&pool, Some(since)).await?)),
+            None => None,
+        },
+        order_violations,
+    };
+    print!("{}", found.render());
+    let bad = found.failures();
+    if bad > 0 {
+        anyhow::bail!("{bad} differences: drifted or duplicate objects, or events out of order");
+    }
+    Ok(())
+}
+
+/// `ferry smoke`: one round trip through Postgres and Kafka.
+async fn smoke(config: &Config, timeout: std::time::Duration) -> anyhow::Result<()> {
+    let report = ferry::smoke::run(config, timeout)
+        .await
+        .context("smoke round trip failed")?;
+    println!(
+        "smoke ok: schema version {}, {} broker(s), event {} at {}[{}]@{} back in {:?}, group {} committed {}",
+        report.schema_version,
+        report.brokers,
+        report.event_id,
+        ferry::smoke::SMOKE_TOPIC,
+        report.partition,
+        report.offset,
+        report.round_trip,
+        ferry::smoke::SMOKE_GROUP,
+        report.committed,
+    );
+    Ok(())
+}
+
+/// `ferry relay`: the outbox's WAL into Kafka, until a signal.
+async fn relay(config: &Config, metrics_addr: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+    let shutdown = ferry::shutdown::on_signals()?;
+    let relay = ferry::relay::Relay::connect(config).await?;
+    if let Some(addr) = metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for metrics"))?;
+        let stats = relay.stats();
+        let render = move || stats.render_prometheus();
+        tokio::spawn(ferry::telemetry::serve_metrics(
+            listener,
+            render,
+            shutdown.clone(),
+        ));
+        tracing::info!(%addr, "serving relay metrics on /metrics");
+    }
+    let stats = relay.run(shutdown).await?;
+    println!(
+        "relay stopped: {} records acknowledged, {} rejected",
+        stats
+            .records_acked
+            .load(std::sync::atomic::Ordering::Relaxed),
+        stats
+            .rows_rejected
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+/// `ferry relay-status`: the slot's confirmed position and lag.
+async fn relay_status(config: &Config) -> anyhow::Result<()> {
+    let mut relay = ferry::relay::Relay::connect(config).await?;
+    relay.setup().await?;
+    let lag = relay.slot_lag().await?;
+    let confirmed = relay
+        .stats()
+        .confirmed_lsn
+        .load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "slot {} confirmed at {}, lag {} bytes",
+        config.relay.slot,
+        ferry::relay::lsn::Lsn(confirmed),
+        lag
+    );
+    Ok(())
+}
+
+/// `ferry load`: writes a synthetic stream of changes through the outbox.
+async fn load(config: &Config, options: &ferry::load::LoadOptions) -> anyhow::Result<()> {
+    let pool = ferry::store::connect(&config.database).await?;
+    let report = ferry::load::run(&pool, options).await?;
+    println!(
+        "wrote {} events ({} created, {} updated, {} deleted) across {} tenants in {:.2} s ({:.0} events/s)",
+        report.events(),
+        report.created,
+        report.updated,
+        report.deleted,
+        options.tenants,
+        report.elapsed.as_secs_f64(),
+        report.events() as f64 / report.elapsed.as_secs_f64().max(1e-9)
+    );
+    Ok(())
+}
+
+/// `ferry bench ...`: the benchmarks, printed as tables.
+async fn bench(config: &Config, which: Bench) -> anyhow::Result<()> {
+    match which {
+        Bench::Consume {
+            events,
+            tenants,
+            handler_ms,
+            overhead_events,
+            isolation_events,
+            parked_events,
+            broker,
         } => {
             let options = ferry::bench::consume::ConsumeBenchOptions {
                 broker: bench_broker(&broker)?,
@@ -823,28 +872,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 parked_events,
                 child: std::env::current_exe().ok(),
             };
-            let report = ferry::bench::consume::run(&config, &options).await?;
+            let report = ferry::bench::consume::run(config, &options).await?;
             print!("{}", report.render());
         }
-        Command::Bench {
-            which:
-                Bench::ConsumeParked {
-                    topic,
-                    parked_events,
-                },
+        Bench::ConsumeParked {
+            topic,
+            parked_events,
         } => {
-            let run = ferry::bench::consume::parked(&config, &topic, parked_events).await?;
+            let run = ferry::bench::consume::parked(config, &topic, parked_events).await?;
             println!("{}", run.to_line());
         }
-        Command::Bench {
-            which:
-                Bench::Relay {
-                    rows,
-                    tenants,
-                    writers,
-                    partitions,
-                    broker,
-                },
+        Bench::Relay {
+            rows,
+            tenants,
+            writers,
+            partitions,
+            broker,
         } => {
             let options = ferry::bench::relay::RelayBenchOptions {
                 broker: bench_broker(&broker)?,
@@ -853,18 +896,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 writers,
                 partitions,
             };
-            let report = ferry::bench::relay::run(&config, &options).await?;
+            let report = ferry::bench::relay::run(config, &options).await?;
             print!("{}", report.render());
         }
-        Command::Bench {
-            which:
-                Bench::RelayLatency {
-                    rate,
-                    seconds,
-                    tenants,
-                    partitions,
-                    broker,
-                },
+        Bench::RelayLatency {
+            rate,
+            seconds,
+            tenants,
+            partitions,
+            broker,
         } => {
             if !(rate.is_finite() && rate > 0.0 && seconds.is_finite() && seconds > 0.0) {
                 anyhow::bail!("--rate and --seconds must be positive numbers");
@@ -876,7 +916,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 tenants,
                 partitions,
             };
-            let report = ferry::bench::relay_latency::run(&config, &options).await?;
+            let report = ferry::bench::relay_latency::run(config, &options).await?;
             print!("{}", report.render());
         }
     }

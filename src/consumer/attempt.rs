@@ -6,15 +6,13 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::breaker::FailureWindow;
-use super::ledger::{self, AttemptLog, ParkedRecord, Pause, SettledAs};
-use super::rebalance::{Lease, Position};
+use super::ledger::{AttemptLog, ParkedRecord, Pause, SettledAs};
+use super::rebalance::{Claim, Position};
 use super::runtime::{ConsumeOptions, ConsumeStats};
-use super::settlement::settlement;
 use crate::delivery::{Attempt, Decision, Failure, FailureClass, Handler, Outcome, RetryPolicy};
 use crate::outbox::OutboxEvent;
 
@@ -46,11 +44,9 @@ pub(super) enum Done {
     /// open the breaker.
     Breaker(Item, Failure),
     /// Its partition was revoked (or the consumer is stopping) before it settled: nothing is
-    /// recorded; whoever owns the partition next reads it again.
+    /// recorded; whoever owns the partition next reads it again. (One that settled as it was
+    /// revoked comes back `Settled`: the coordinator writes it before the revoke's commit.)
     Revoked(Item),
-    /// Its partition was revoked (or the consumer is stopping) as it settled: the task recorded
-    /// the settlement itself and marked the offset, so the revoke's commit can pass it.
-    SettledOnRevoke(Item, SettledAs),
 }
 
 /// What bounds an event's handling: the retry policy, the partition's cancellation (revoke,
@@ -82,12 +78,12 @@ pub(super) struct Limits {
 }
 
 impl Limits {
-    /// The guard of work under `lease`, for the partition (and generation) `owner` names.
-    pub(super) fn guard<'a>(&'a self, lease: &'a Lease, owner: Position) -> Guard<'a> {
+    /// The guard of work under `claim`, for the partition (and generation) `owner` names.
+    pub(super) fn guard<'a>(&'a self, claim: &'a Claim, owner: Position) -> Guard<'a> {
         Guard {
             retry: &self.retry,
-            cancel: &lease.cancel,
-            abort: &lease.abort,
+            cancel: &claim.cancel,
+            abort: &claim.abort,
             window: &self.window,
             stats: &self.stats,
             pausing: &self.pausing,
@@ -403,41 +399,6 @@ pub(super) fn attempt_at(item: &Item, number: u32) -> Attempt {
         topic: item.raw.topic.clone(),
         partition: item.raw.partition,
         offset: item.raw.offset,
-    }
-}
-
-/// A task whose partition was revoked (or the consumer is stopping) as it ended: a settled event
-/// is recorded now and its offset marked, so the revoke's commit passes it and the next owner
-/// does not send it again; anything else is left to the next owner.
-pub(super) async fn settle_on_revoke(done: Done, pool: &PgPool, lease: &Lease) -> Done {
-    match done {
-        Done::Settled(item, outcome, attempts) => {
-            let record = settlement(&item, outcome, attempts);
-            let written = async {
-                let mut tx = pool.begin().await?;
-                ledger::record_settled(&mut tx, std::slice::from_ref(&record)).await?;
-                tx.commit().await
-            }
-            .await;
-            match written {
-                Ok(()) => {
-                    lease.settled(item.position.offset);
-                    Done::SettledOnRevoke(item, outcome)
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, event = %item.event.id, "settling on revoke failed; the next owner sends it again");
-                    Done::Revoked(item)
-                }
-            }
-        }
-        Done::Duplicate(item) => {
-            lease.settled(item.position.offset);
-            Done::Revoked(item)
-        }
-        Done::Pause(item, _, _)
-        | Done::Breaker(item, _)
-        | Done::Revoked(item)
-        | Done::SettledOnRevoke(item, _) => Done::Revoked(item),
     }
 }
 

@@ -24,9 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::stream::FuturesOrdered;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::error::KafkaResult;
-use rdkafka::message::BorrowedMessage;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Message, TopicPartitionList};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
@@ -40,8 +38,8 @@ use super::copies::{Admission, Copies};
 use super::drain::{self, Drained};
 use super::intake::{self, Arrival, INTAKE_BATCH, INTAKE_LINGER, MAX_LOOKUPS, Queued, Refused};
 use super::ledger::{self, ParkedRecord};
-use super::offsets::PartitionOffsets;
-use super::rebalance::{self, Context, LAG_INTERVAL, Lease, Position, State, is_current};
+use super::poller::{self, Context, KafkaEvent, LAG_INTERVAL, Polled, Poller, RECORDS_AHEAD};
+use super::rebalance::{self, Claim, Ownership, Position, Revoke, RevokeEffect};
 use super::runtime::{ConsumeError, ConsumeOptions, ConsumeStats, is_fatal};
 use super::settlement::{self, Durable, Pending, Writing};
 use super::tenants::{Lifecycle, TenantEffect, Tenants};
@@ -54,11 +52,21 @@ use crate::scheduler::Scheduler;
 type Lookup = JoinHandle<(Vec<Arrival>, Result<HashSet<Uuid>, sqlx::Error>)>;
 
 /// The consumer's state and the channels of the tasks it spawns. Only the coordinator's loop
-/// touches it; the rebalance callback shares [`State`] (partition ownership), nothing else.
+/// touches it: the poll thread and the tasks speak to it through channels.
 pub(super) struct Coordinator<H: Handler> {
+    // Kafka. The events' receiver is dropped first: a rebalance callback run by the consumer's
+    // close (whoever lets go of it last) finds nobody to wait for.
+    /// The rebalance callbacks and librdkafka's statistics, as messages.
+    kafka: mpsc::UnboundedReceiver<KafkaEvent>,
+    /// Records the poll thread handed over.
+    records: mpsc::Receiver<Polled>,
+    /// Stops the poll thread when the coordinator ends.
+    _poller: Poller,
+    consumer: Arc<BaseConsumer<Context>>,
+    /// The partitions this instance owns, and the work under way for each.
+    ownership: Ownership,
+
     // What it works with, fixed for its life.
-    consumer: Arc<StreamConsumer<Context>>,
-    state: Arc<State>,
     topic: String,
     /// How many partitions the topic has: a tenant's partition is found by its key's hash.
     partition_count: i32,
@@ -99,10 +107,10 @@ pub(super) struct Coordinator<H: Handler> {
     /// A commit the broker did not confirm: offer it again after this turn.
     commit_again: bool,
 
-    // What the spawned tasks report.
-    done: Channel<(String, Done)>,
-    probe: Channel<(String, Done)>,
-    drained: Channel<Drained>,
+    // What the spawned tasks report, each with the claim it held on its partition.
+    done: Channel<(Claim, String, Done)>,
+    probe: Channel<(Claim, String, Done)>,
+    drained: Channel<(Claim, Drained)>,
     checked: Channel<Vec<(i32, i64)>>,
 
     // Clocks.
@@ -147,14 +155,14 @@ impl<H: Handler> Coordinator<H> {
         shutdown: CancellationToken,
     ) -> Result<Self, ConsumeError> {
         let topic = config.kafka.topic.clone();
-        let state = Arc::new(State::default());
-        let consumer = rebalance::consumer(config, &state, options.revoke_drain, &stats)?;
         let paused = paused_tenants(&pool).await?;
         let killed: bool = sqlx::query_scalar("SELECT kill_switch FROM control")
             .fetch_one(&pool)
             .await?;
         stats.kill_switch.store(u64::from(killed), Relaxed);
-        consumer.subscribe(&[&topic])?;
+        let (consumer, kafka) = poller::consumer(config)?;
+        let (handed, records) = mpsc::channel(RECORDS_AHEAD);
+        let poller = Poller::spawn(Arc::clone(&consumer), handed).map_err(ConsumeError::Poller)?;
         let partition_count = {
             let kafka = config.kafka.clone();
             tokio::task::spawn_blocking(move || broker::partition_count(&kafka, &kafka.topic))
@@ -165,8 +173,11 @@ impl<H: Handler> Coordinator<H> {
                 .unwrap_or(1) as i32
         };
         Ok(Coordinator {
+            kafka,
+            records,
+            _poller: poller,
             consumer,
-            state,
+            ownership: Ownership::default(),
             topic,
             partition_count,
             window: Arc::new(Mutex::new(FailureWindow::new(
@@ -220,24 +231,23 @@ impl<H: Handler> Coordinator<H> {
     }
 
     async fn consume(&mut self) -> Result<(), ConsumeError> {
-        // A record borrows the consumer it came from: a handle of the loop's own, not `self`'s.
-        let consumer = Arc::clone(&self.consumer);
         loop {
             self.apply_pauses_noticed();
-            self.forget_revoked()?;
             self.dispatch().await?;
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => return Ok(()),
+                // A rebalance callback is waiting for this answer, and the group with it.
+                Some(event) = self.kafka.recv() => self.handle_kafka(event).await?,
                 Some(written) = async { Some((&mut self.writing.as_mut()?.0).await) }, if self.writing.is_some() => {
                     self.handle_written(written.expect("settle task panicked")).await?;
                 }
                 // Intake is bounded by back-pressure (`may_take_in`), so serving it first never
                 // starves the arms below; it keeps the broker's fetches overlapping the work.
-                message = consumer.recv(), if self.may_take_in() => self.handle_records(message).await?,
-                Some((tenant, done)) = self.done.rx.recv() => self.handle_dones(tenant, done).await?,
-                Some((tenant, done)) = self.probe.rx.recv() => self.handle_probe_result(tenant, done).await?,
-                Some(report) = self.drained.rx.recv() => self.handle_drained(report).await?,
+                polled = self.records.recv(), if self.may_take_in() => self.handle_records(polled).await?,
+                Some((claim, tenant, done)) = self.done.rx.recv() => self.handle_dones(claim, tenant, done).await?,
+                Some((claim, tenant, done)) = self.probe.rx.recv() => self.handle_probe_result(claim, tenant, done).await?,
+                Some((claim, report)) = self.drained.rx.recv() => self.handle_drained(claim, report).await?,
                 Some(looked_up) = futures::StreamExt::next(&mut self.lookups), if !self.lookups.is_empty() => {
                     self.handle_looked_up(looked_up.expect("dedupe lookup task panicked"))?;
                 }
@@ -315,27 +325,25 @@ impl<H: Handler> Coordinator<H> {
         }
     }
 
-    /// Partitions revoked since the last turn: their queued and held events are the next
-    /// owner's now; not parked yet, so not settled, the next owner reads them again.
+    /// Partitions just revoked: their queued and held events are the next owner's now; not
+    /// parked yet, so not settled, the next owner reads them again.
     fn forget_revoked(&mut self) -> Result<(), ConsumeError> {
-        if std::mem::take(&mut self.state.lock().lost).is_empty() {
-            return Ok(());
-        }
-        let state = Arc::clone(&self.state);
+        let ownership = &self.ownership;
         let dropped = self
             .scheduler
-            .drop_where(|queued| !is_current(&state, queued.position()));
+            .drop_where(|queued| !ownership.is_current(queued.position()));
         let mut gone: Vec<Uuid> = dropped.iter().filter_map(Queued::event_id).collect();
         let effect = self.breaker.forget(|(_, item)| {
-            let lost = !is_current(&state, item.position);
+            let lost = !ownership.is_current(item.position);
             if lost {
                 gone.push(item.event.id);
             }
             lost
         });
         self.apply_breaker(effect)?;
+        let ownership = &self.ownership;
         self.pending.parked.retain(|(record, position)| {
-            let current = is_current(&state, *position);
+            let current = ownership.is_current(*position);
             if !current {
                 gone.extend(record.event_id);
             }
@@ -371,8 +379,7 @@ impl<H: Handler> Coordinator<H> {
     /// A task for one event, holding a lease on its partition.
     fn start_attempts(&mut self, tenant: String, item: Item) {
         let position = item.position;
-        let Some(lease) = Lease::take_for(
-            &self.state,
+        let Some(claim) = self.ownership.claim(
             position.partition,
             Some(position.generation),
             Some(position.offset),
@@ -382,22 +389,11 @@ impl<H: Handler> Coordinator<H> {
             self.copies.dropped([item.event.id]);
             return;
         };
-        let (handler, tx, pool) = (
-            Arc::clone(&self.handler),
-            self.done.tx.clone(),
-            self.pool.clone(),
-        );
+        let (handler, tx) = (Arc::clone(&self.handler), self.done.tx.clone());
         let limits = self.limits();
         tokio::spawn(async move {
-            let guard = limits.guard(&lease, position);
-            let done = attempt::run(&*handler, item, &guard).await;
-            let done = if lease.cancel.is_cancelled() {
-                attempt::settle_on_revoke(done, &pool, &lease).await
-            } else {
-                done
-            };
-            let _ = tx.send((tenant, done));
-            drop(lease);
+            let done = attempt::run(&*handler, item, &limits.guard(&claim, position)).await;
+            let _ = tx.send((claim, tenant, done));
         });
     }
 
@@ -415,7 +411,7 @@ impl<H: Handler> Coordinator<H> {
     /// A refused record's turn: everything of its tenant before it has settled; it and the
     /// tenant's queue are parked, in order, and the tenant paused with the decoder's reason.
     async fn pause_for_refused(&mut self, tenant: String, r: Refused) -> Result<(), ConsumeError> {
-        if is_current(&self.state, r.position) {
+        if self.ownership.is_current(r.position) {
             let mut records = vec![r.raw];
             self.pending.positions.push(r.position);
             for queued in self.scheduler.take_queue(&tenant) {
@@ -423,7 +419,7 @@ impl<H: Handler> Coordinator<H> {
                 records.push(raw);
                 self.pending.positions.push(position);
             }
-            let parked = ledger::park(&self.pool, &tenant, Some(&r.pause), &records).await?;
+            let parked = settlement::pause(&self.pool, &tenant, &r.pause, &records, &[]).await?;
             self.stats.parked.fetch_add(parked, Relaxed);
             self.copies
                 .written(records.iter().filter_map(|r| r.event_id));
@@ -437,20 +433,19 @@ impl<H: Handler> Coordinator<H> {
     /// Intake: takes what is ready (up to `INTAKE_BATCH` records, lingering briefly for a
     /// fuller batch) and starts one dedupe lookup for them all; lookups run concurrently and
     /// are admitted in order.
-    async fn handle_records(
-        &mut self,
-        first: KafkaResult<BorrowedMessage<'_>>,
-    ) -> Result<(), ConsumeError> {
-        let consumer = Arc::clone(&self.consumer);
-        let mut next = Some(first);
+    async fn handle_records(&mut self, first: Option<Polled>) -> Result<(), ConsumeError> {
+        let mut next = Some(first.ok_or(ConsumeError::PollerStopped)?);
         let mut arrivals: Vec<Arrival> = Vec::new();
         let linger = tokio::time::Instant::now() + INTAKE_LINGER;
-        while let Some(message) = next.take() {
-            if let Some(arrival) = self.take_in(message).await? {
+        while let Some(polled) = next.take() {
+            if let Some(arrival) = self.take_in(polled)? {
                 arrivals.push(arrival);
             }
             if arrivals.len() < INTAKE_BATCH {
-                next = tokio::time::timeout_at(linger, consumer.recv()).await.ok();
+                next = tokio::time::timeout_at(linger, self.records.recv())
+                    .await
+                    .ok()
+                    .flatten();
             }
         }
         self.in_lookup += arrivals.len();
@@ -477,11 +472,8 @@ impl<H: Handler> Coordinator<H> {
 
     /// One record from Kafka: tracked in its partition's offsets and decoded, or `None` when
     /// it is not ours to handle (a transient error, a partition no longer ours, a re-fetch).
-    async fn take_in(
-        &mut self,
-        message: KafkaResult<BorrowedMessage<'_>>,
-    ) -> Result<Option<Arrival>, ConsumeError> {
-        let m = match message {
+    fn take_in(&mut self, polled: Polled) -> Result<Option<Arrival>, ConsumeError> {
+        let m = match polled.message {
             Ok(m) => m,
             // librdkafka reports broker trouble (down, unreachable, request errors) as consume
             // errors and recovers on its own; only a fatal error ends us.
@@ -506,28 +498,13 @@ impl<H: Handler> Coordinator<H> {
                 .intake_latency
                 .record(Duration::from_millis(behind));
         }
-        // Assigned partitions: obey the pauses other instances recorded before any record of
-        // theirs is admitted (the callback ran inside this poll).
-        if std::mem::take(&mut self.state.lock().reload_paused) {
-            let now = paused_tenants(&self.pool).await?;
-            self.obey_pauses(now);
-        }
-        let position = {
-            let mut s = self.state.lock();
-            let Some(owned) = s.partitions.get_mut(&m.partition()) else {
-                return Ok(None); // a record of a partition no longer ours
-            };
-            let offsets = owned
-                .offsets
-                .get_or_insert_with(|| PartitionOffsets::new(m.offset()));
-            if offsets.received(m.offset()).is_err() {
-                return Ok(None); // a re-fetch after a seek: already tracked
-            }
-            Position {
-                partition: m.partition(),
-                offset: m.offset(),
-                generation: owned.generation,
-            }
+        // Not ours (a partition gone, or read before it was revoked and assigned again), or a
+        // re-fetch after a seek, already tracked.
+        let Some(position) = self
+            .ownership
+            .track(m.partition(), m.offset(), polled.generation)
+        else {
+            return Ok(None);
         };
         let arrival = intake::arrival(&m, &self.topic, position);
         if matches!(arrival, Arrival::Bad(_)) {
@@ -554,7 +531,7 @@ impl<H: Handler> Coordinator<H> {
     fn admit(&mut self, arrivals: Vec<Arrival>, settled: &HashSet<Uuid>) {
         for arrival in arrivals {
             let position = arrival.position();
-            if !is_current(&self.state, position) {
+            if !self.ownership.is_current(position) {
                 continue; // revoked meanwhile: the next owner reads it
             }
             let tenant = arrival.tenant().to_owned();
@@ -585,30 +562,38 @@ impl<H: Handler> Coordinator<H> {
 
     /// Events' tasks ended: this one and those ready behind it (up to `max_in_flight`), so a
     /// burst of completions costs one turn of the loop, not one each.
-    async fn handle_dones(&mut self, tenant: String, done: Done) -> Result<(), ConsumeError> {
-        self.handle_done(tenant, done).await?;
+    async fn handle_dones(
+        &mut self,
+        claim: Claim,
+        tenant: String,
+        done: Done,
+    ) -> Result<(), ConsumeError> {
+        self.handle_done(claim, tenant, done).await?;
         for _ in 1..self.options.max_in_flight {
             match self.done.rx.try_recv() {
-                Ok((tenant, done)) => self.handle_done(tenant, done).await?,
+                Ok((claim, tenant, done)) => self.handle_done(claim, tenant, done).await?,
                 Err(_) => break,
             }
         }
         Ok(())
     }
 
-    /// An event's task ended.
-    async fn handle_done(&mut self, tenant: String, done: Done) -> Result<(), ConsumeError> {
+    /// An event's task ended. One that settled as its partition was being revoked is settled
+    /// like any other: the revoke writes it before its commit.
+    async fn handle_done(
+        &mut self,
+        claim: Claim,
+        tenant: String,
+        done: Done,
+    ) -> Result<(), ConsumeError> {
+        self.ownership.release(&claim);
         self.scheduler.complete(&tenant);
         match done {
             Done::Revoked(item) => self.copies.dropped([item.event.id]),
-            Done::SettledOnRevoke(item, outcome) => {
-                self.stats.count(outcome);
-                self.copies.dropped([item.event.id]);
-            }
             // A failure of a partition lost meanwhile is the next owner's to meet: parking it
             // here could race the owner's own intake.
             Done::Breaker(item, _) | Done::Pause(item, _, _)
-                if !is_current(&self.state, item.position) =>
+                if !self.ownership.is_current(item.position) =>
             {
                 self.copies.dropped([item.event.id]);
             }
@@ -646,9 +631,7 @@ impl<H: Handler> Coordinator<H> {
     ) -> Result<(), ConsumeError> {
         self.stats.failed.fetch_add(1, Relaxed);
         let pause = attempt::pause_for(failure, Some(item.event.id), attempts, &self.options);
-        let mut conn = self.pool.acquire().await?;
-        ledger::record_attempts(&mut conn, &item.log).await?;
-        drop(conn);
+        let log = item.log;
         let mut records = vec![item.raw];
         let mut positions = vec![item.position];
         for queued in self.scheduler.take_queue(&tenant) {
@@ -656,7 +639,7 @@ impl<H: Handler> Coordinator<H> {
             records.push(raw);
             positions.push(position);
         }
-        let parked = ledger::park(&self.pool, &tenant, Some(&pause), &records).await?;
+        let parked = settlement::pause(&self.pool, &tenant, &pause, &records, &log).await?;
         self.stats.parked.fetch_add(parked, Relaxed);
         self.copies
             .written(records.iter().filter_map(|r| r.event_id));
@@ -692,7 +675,9 @@ impl<H: Handler> Coordinator<H> {
             return;
         };
         let position = item.position;
-        let Some(lease) = Lease::take(&self.state, position.partition, Some(position.generation))
+        let Some(claim) = self
+            .ownership
+            .claim(position.partition, Some(position.generation), None)
         else {
             // Lost meanwhile: the next owner has it.
             let effect = self.breaker.probe_lost();
@@ -703,9 +688,8 @@ impl<H: Handler> Coordinator<H> {
         };
         let (handler, tx) = (Arc::clone(&self.handler), self.probe.tx.clone());
         tokio::spawn(async move {
-            let done = attempt::probe(&*handler, item, &lease.abort).await;
-            drop(lease);
-            let _ = tx.send((tenant, done));
+            let done = attempt::probe(&*handler, item, &claim.abort).await;
+            let _ = tx.send((claim, tenant, done));
         });
     }
 
@@ -714,9 +698,11 @@ impl<H: Handler> Coordinator<H> {
     /// partner answered; the partner-wide failure again keeps it open.
     async fn handle_probe_result(
         &mut self,
+        claim: Claim,
         tenant: String,
         done: Done,
     ) -> Result<(), ConsumeError> {
+        self.ownership.release(&claim);
         match done {
             Done::Settled(item, outcome, attempts) => {
                 self.stats.count(outcome);
@@ -725,14 +711,14 @@ impl<H: Handler> Coordinator<H> {
                 self.apply_breaker(effect)?;
                 tracing::info!(%tenant, "the partner answers again: breaker closed");
             }
-            Done::Pause(item, failure, attempts) if is_current(&self.state, item.position) => {
+            Done::Pause(item, failure, attempts) if self.ownership.is_current(item.position) => {
                 self.pause_tenant(tenant.clone(), item, &failure, attempts)
                     .await?;
                 let effect = self.breaker.probe_answered();
                 self.apply_breaker(effect)?;
                 tracing::info!(%tenant, "the probe was refused for its own reason: tenant paused, breaker closed");
             }
-            Done::Breaker(item, _) if is_current(&self.state, item.position) => {
+            Done::Breaker(item, _) if self.ownership.is_current(item.position) => {
                 self.breaker.probe_failed((tenant, item));
             }
             _ => {
@@ -756,7 +742,7 @@ impl<H: Handler> Coordinator<H> {
         self.forget_copies();
         settlement::mark_and_commit(
             &self.consumer,
-            &self.state,
+            &mut self.ownership,
             &self.topic,
             durable.positions,
             &self.stats,
@@ -790,7 +776,7 @@ impl<H: Handler> Coordinator<H> {
         self.sync_pausing();
         let arrivals: Vec<Arrival> = records
             .into_iter()
-            .filter(|(_, position)| is_current(&self.state, *position))
+            .filter(|(_, position)| self.ownership.is_current(*position))
             .map(|(record, position)| intake::arrival_again(record, position))
             .collect();
         let ids: Vec<Uuid> = arrivals.iter().filter_map(Arrival::event_id).collect();
@@ -822,10 +808,11 @@ impl<H: Handler> Coordinator<H> {
     }
 
     /// A backlog drain reported.
-    async fn handle_drained(&mut self, report: Drained) -> Result<(), ConsumeError> {
+    async fn handle_drained(&mut self, claim: Claim, report: Drained) -> Result<(), ConsumeError> {
+        self.ownership.release(&claim);
         match report {
             // Its partition went to another instance meanwhile: only the owner may flip it.
-            Drained::Empty(tenant, owner) if !is_current(&self.state, owner) => {
+            Drained::Empty(tenant, owner) if !self.ownership.is_current(owner) => {
                 self.tenants.drain_ended(&tenant, false);
             }
             Drained::Empty(tenant, _) => {
@@ -841,7 +828,7 @@ impl<H: Handler> Coordinator<H> {
                 {
                     self.flush(CommitMode::Async).await?;
                 }
-                let flipped = ledger::finish_drain(&self.pool, &tenant).await?;
+                let flipped = settlement::finish_drain(&self.pool, &tenant).await?;
                 if flipped {
                     tracing::info!(%tenant, "backlog replayed; tenant live again");
                 }
@@ -852,7 +839,7 @@ impl<H: Handler> Coordinator<H> {
                 self.tenants.drain_ended(&tenant, false);
                 self.stats.failed.fetch_add(1, Relaxed);
                 let pause = attempt::pause_for(&failure, event_id, attempts, &self.options);
-                ledger::park(&self.pool, &tenant, Some(&pause), &[]).await?;
+                settlement::pause(&self.pool, &tenant, &pause, &[], &[]).await?;
             }
             Drained::Error(tenant, e) => {
                 self.tenants.drain_ended(&tenant, false);
@@ -896,7 +883,7 @@ impl<H: Handler> Coordinator<H> {
         if self.tenants.state(&tenant) != Some(Lifecycle::Paused) {
             return;
         }
-        let Some(lease) = Lease::take(&self.state, partition, None) else {
+        let Some(claim) = self.ownership.claim(partition, None, None) else {
             return;
         };
         self.tenants.start_drain(&tenant);
@@ -909,13 +896,12 @@ impl<H: Handler> Coordinator<H> {
         let owner = Position {
             partition,
             offset: 0,
-            generation: lease.generation,
+            generation: claim.generation,
         };
         tokio::spawn(async move {
-            let guard = limits.guard(&lease, owner);
-            let report = drain::drain(&*handler, &pool, &tenant, &guard).await;
-            let _ = tx.send(report);
-            drop(lease);
+            let report =
+                drain::drain(&*handler, &pool, &tenant, &limits.guard(&claim, owner)).await;
+            let _ = tx.send((claim, report));
         });
     }
 
@@ -932,18 +918,7 @@ impl<H: Handler> Coordinator<H> {
     /// Async commit results never reach us (librdkafka reports them only to a C callback that
     /// rust-rdkafka does not install), so unconfirmed commits are checked against the broker.
     fn handle_commit_check(&mut self) {
-        let unconfirmed: Vec<i32> = self
-            .state
-            .lock()
-            .partitions
-            .iter()
-            .filter(|(_, o)| {
-                o.offsets
-                    .as_ref()
-                    .is_some_and(|o| o.committed() > o.acked())
-            })
-            .map(|(&p, _)| p)
-            .collect();
+        let unconfirmed = self.ownership.unconfirmed();
         if unconfirmed.is_empty() {
             return;
         }
@@ -971,13 +946,8 @@ impl<H: Handler> Coordinator<H> {
     /// What the broker holds: a commit not there (failed, or still on its way) is offered
     /// again.
     fn handle_commit_checked(&mut self, found: Vec<(i32, i64)>) {
-        let mut s = self.state.lock();
         for (partition, on_broker) in found {
-            if let Some(offsets) = s
-                .partitions
-                .get_mut(&partition)
-                .and_then(|o| o.offsets.as_mut())
-            {
+            if let Some(offsets) = self.ownership.offsets_mut(partition) {
                 offsets.commit_succeeded(on_broker);
                 if offsets.committed() > offsets.acked() {
                     offsets.commit_failed(offsets.committed());
@@ -990,7 +960,7 @@ impl<H: Handler> Coordinator<H> {
     /// The operator's view: tenants held here and this instance's partitions.
     fn handle_lag_check(&mut self) {
         // The paused set holds every paused tenant; count those whose partition is ours.
-        let owned: HashSet<i32> = self.state.lock().partitions.keys().copied().collect();
+        let owned: HashSet<i32> = self.ownership.owned().into_iter().collect();
         let held = self
             .tenants
             .not_active()
@@ -1002,7 +972,7 @@ impl<H: Handler> Coordinator<H> {
             })
             .count();
         self.stats.tenants_held.store(held as u64, Relaxed);
-        let view = rebalance::partition_view(&self.consumer, &self.state, &self.topic);
+        let view = rebalance::partition_view(&self.consumer, &self.ownership, &self.topic);
         *self.stats.partition_view.lock().expect("partition view") = view;
     }
 
@@ -1018,7 +988,7 @@ impl<H: Handler> Coordinator<H> {
         if std::mem::take(&mut self.commit_again) {
             settlement::mark_and_commit(
                 &self.consumer,
-                &self.state,
+                &mut self.ownership,
                 &self.topic,
                 Vec::new(),
                 &self.stats,
@@ -1041,25 +1011,114 @@ impl<H: Handler> Coordinator<H> {
         Ok(())
     }
 
-    /// Stops: no new attempt starts; attempts under way end (bounded by `revoke_drain`) and
-    /// settle themselves. After a clean run what settled before is written, then one
-    /// synchronous commit; after an error nothing more is written (the database may be what
-    /// failed), and what was not committed is read again by whoever owns the partition next.
+    /// Stops: no new attempt starts; attempts under way end (bounded by `revoke_drain`).
+    /// After a clean run what settled is written, then one synchronous commit; after an error
+    /// nothing more is written (the database may be what failed), and what was not committed
+    /// is read again by whoever owns the partition next.
     async fn stop(mut self, result: Result<(), ConsumeError>) -> Result<(), ConsumeError> {
-        if result.is_ok() {
-            self.finish_writing().await?;
+        let owned = self.ownership.owned();
+        if result.is_err() {
+            // The reports are only counted off: settling them could meet the same failure.
+            self.let_go(&owned, false).await?;
+            return result;
         }
-        let owned: Vec<i32> = self.state.lock().partitions.keys().copied().collect();
-        let deadline = Instant::now() + self.options.revoke_drain;
-        let state = Arc::clone(&self.state);
-        rebalance::blocking(|| state.cancel_and_wait(&owned, deadline));
-        result?;
-        while let Ok((_, done)) = self.done.rx.try_recv() {
-            if let Done::Settled(item, outcome, attempts) = done {
-                self.pending.settle(item, outcome, attempts);
-            }
-        }
+        self.finish_writing().await?;
+        self.let_go(&owned, true).await?;
         self.flush(CommitMode::Sync).await
+    }
+
+    /// What the poll thread reports: a rebalance (its callback waits for the answer, sent
+    /// once it is handled; dropped if that fails, which lets the callback go on too), or the
+    /// high watermarks.
+    async fn handle_kafka(&mut self, event: KafkaEvent) -> Result<(), ConsumeError> {
+        match event {
+            KafkaEvent::Revoked { partitions, reply } => {
+                self.revoke(&partitions).await?;
+                let _ = reply.send(());
+            }
+            KafkaEvent::Assigned { partitions, reply } => {
+                self.ownership.assign(&partitions);
+                self.stats
+                    .partitions
+                    .store(self.ownership.len() as u64, Relaxed);
+                // Obey the pauses other instances recorded before any record of the new
+                // partitions is handed over.
+                let now = paused_tenants(&self.pool).await?;
+                self.obey_pauses(now);
+                let _ = reply.send(());
+            }
+            KafkaEvent::Watermarks(highs) => self.ownership.watermarks(highs),
+        }
+        Ok(())
+    }
+
+    /// Revokes `partitions`: their work ends (or is cut at the deadline), what settled is
+    /// written and committed synchronously, then they are forgotten with their queued events.
+    async fn revoke(&mut self, partitions: &[i32]) -> Result<(), ConsumeError> {
+        self.let_go(partitions, true).await?;
+        self.finish_writing().await?;
+        self.flush(CommitMode::Sync).await?;
+        self.ownership.remove(partitions);
+        self.stats
+            .partitions
+            .store(self.ownership.len() as u64, Relaxed);
+        self.forget_revoked()?;
+        tracing::info!(?partitions, "partitions revoked");
+        Ok(())
+    }
+
+    /// Cancels the work of `partitions` and serves the reports of the tasks under way until
+    /// none is left or the revoke's deadlines pass ([`Revoke`]); `settle` says whether the
+    /// reports are handled as usual or only counted off.
+    async fn let_go(&mut self, partitions: &[i32], settle: bool) -> Result<(), ConsumeError> {
+        self.ownership.cancel(partitions);
+        let mut revoke = Revoke::start(Instant::now(), self.options.revoke_drain);
+        loop {
+            let (next, effect) = revoke.next(self.ownership.busy(partitions), Instant::now());
+            revoke = next;
+            if effect == RevokeEffect::Abort {
+                tracing::warn!(
+                    ?partitions,
+                    "work still under way at the drain deadline: its calls are cut"
+                );
+                self.ownership.abort(partitions);
+            }
+            let Some(until) = revoke.wake_at() else {
+                break;
+            };
+            self.serve_report(until.into(), settle).await?;
+        }
+        if revoke == (Revoke::Done { fenced: true }) {
+            tracing::warn!(
+                ?partitions,
+                "work still under way after its calls were cut; fenced"
+            );
+        }
+        Ok(())
+    }
+
+    /// One report of a task, or `until`.
+    async fn serve_report(
+        &mut self,
+        until: tokio::time::Instant,
+        settle: bool,
+    ) -> Result<(), ConsumeError> {
+        tokio::select! {
+            Some((claim, tenant, done)) = self.done.rx.recv() => match settle {
+                true => self.handle_done(claim, tenant, done).await?,
+                false => self.ownership.release(&claim),
+            },
+            Some((claim, tenant, done)) = self.probe.rx.recv() => match settle {
+                true => self.handle_probe_result(claim, tenant, done).await?,
+                false => self.ownership.release(&claim),
+            },
+            Some((claim, report)) = self.drained.rx.recv() => match settle {
+                true => self.handle_drained(claim, report).await?,
+                false => self.ownership.release(&claim),
+            },
+            _ = tokio::time::sleep_until(until) => {}
+        }
+        Ok(())
     }
 }
 

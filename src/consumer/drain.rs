@@ -100,7 +100,7 @@ impl Replay<'_> {
                     self.settlements.push(settlement(&item, outcome, tries));
                     self.attempts.append(&mut item.log);
                 }
-                Done::Duplicate(_) | Done::SettledOnRevoke(..) => {}
+                Done::Duplicate(_) => {}
                 Done::Revoked(_) => {
                     // Keep what was replayed; the rest stays parked for the partition's owner.
                     return Err(match self.keep().await {

@@ -225,19 +225,30 @@ pub async fn park(
     records: &[ParkedRecord],
 ) -> Result<u64, sqlx::Error> {
     let mut tx = pool.begin().await?;
+    let parked = park_in(&mut tx, tenant, pause, records).await?;
+    tx.commit().await?;
+    Ok(parked)
+}
+
+/// [`park`], inside the caller's transaction.
+pub async fn park_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    tenant: &str,
+    pause: Option<&Pause>,
+    records: &[ParkedRecord],
+) -> Result<u64, sqlx::Error> {
     if let Some(p) = pause {
-        pause_tenant(&mut tx, tenant, p).await?;
+        pause_tenant(tx, tenant, p).await?;
         if let Some(event_id) = p.event_id {
-            record_failing_event(&mut tx, tenant, p, event_id, records).await?;
+            record_failing_event(tx, tenant, p, event_id, records).await?;
         }
     }
     let mut parked = 0;
     // A statement per chunk: a paused tenant's whole queue (thousands of records) would
     // otherwise be encoded into one statement, and the process's peak memory with it.
     for records in records.chunks(PARK_CHUNK) {
-        parked += park_chunk(&mut tx, records).await?;
+        parked += park_chunk(tx, records).await?;
     }
-    tx.commit().await?;
     Ok(parked)
 }
 

@@ -99,6 +99,12 @@ pub enum ConsumeError {
     /// Postgres failed.
     #[error("postgres: {0}")]
     Postgres(#[from] sqlx::Error),
+    /// The thread that polls Kafka could not be started.
+    #[error("kafka: starting the poll thread: {0}")]
+    Poller(std::io::Error),
+    /// The thread that polls Kafka ended while the consumer ran.
+    #[error("kafka: the poll thread stopped")]
+    PollerStopped,
 }
 
 impl ConsumeError {
@@ -110,6 +116,7 @@ impl ConsumeError {
         match self {
             ConsumeError::Kafka(e) => !is_fatal(e),
             ConsumeError::Postgres(e) => postgres_is_transient(e),
+            ConsumeError::Poller(_) | ConsumeError::PollerStopped => true,
         }
     }
 }

@@ -1,19 +1,24 @@
-//! The settlement stage: what settled since the last batch ([`Pending`]), one transaction that
-//! parks paused tenants' records and records settled events ([`write_pending`]), and only once
-//! that is durable, the positions marked in their partitions' trackers and the commit points
-//! that moved committed ([`mark_and_commit`]). The commit point therefore never passes a record
-//! whose settlement could still be lost.
+//! The settlement stage, the only writer of the coordinator's ledger rows: what settled since
+//! the last batch ([`Pending`]), one transaction that parks paused tenants' records and records
+//! settled events ([`write_pending`]), and only once that is durable, the positions marked in
+//! their partitions' trackers and the commit points that moved committed ([`mark_and_commit`]).
+//! The commit point therefore never passes a record whose settlement could still be lost. A
+//! tenant's pause ([`pause`]) and the end of its backlog's replay ([`finish_drain`]) are written
+//! here too, at once, since what the coordinator does next depends on them. (A backlog replay
+//! writes its page's settlements with the page's removal from the backlog, in one transaction
+//! of its own: see [`super::drain`].)
 
 use std::sync::Arc;
 
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::attempt::{Item, attempt_at};
-use super::ledger::{self, AttemptLog, ParkedRecord, SettledAs, Settlement};
-use super::rebalance::{Context, Position, State, blocking};
+use super::ledger::{self, AttemptLog, ParkedRecord, Pause, SettledAs, Settlement};
+use super::poller::Context;
+use super::rebalance::{Ownership, Position, blocking};
 use super::runtime::{ConsumeError, ConsumeStats};
 
 pub(super) fn settlement(item: &Item, outcome: SettledAs, attempts: u32) -> Settlement {
@@ -109,69 +114,90 @@ pub(super) async fn write_pending(
     })
 }
 
+/// Pauses `tenant` for `pause` and parks `records` (the failing event first, then the
+/// tenant's queue, in order) with the failing event's `attempts`, in one transaction; returns
+/// how many were parked. The tenant's later records are parked behind them as they arrive.
+pub(super) async fn pause(
+    pool: &PgPool,
+    tenant: &str,
+    pause: &Pause,
+    records: &[ParkedRecord],
+    attempts: &[AttemptLog],
+) -> Result<u64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    ledger::record_attempts(&mut tx, attempts).await?;
+    let parked = ledger::park_in(&mut tx, tenant, Some(pause), records).await?;
+    tx.commit().await?;
+    Ok(parked)
+}
+
+/// Flips a tenant whose backlog was replayed live, if nothing is parked for it any more;
+/// whether it flipped.
+pub(super) async fn finish_drain(pool: &PgPool, tenant: &str) -> Result<bool, sqlx::Error> {
+    ledger::finish_drain(pool, tenant).await
+}
+
 /// A settle batch being written.
 pub(super) type Writing = tokio::task::JoinHandle<Written>;
 
 /// Marks durable positions settled in their partitions' trackers (if still owned, same
 /// generation) and commits the points that moved.
 pub(super) fn mark_and_commit(
-    consumer: &StreamConsumer<Context>,
-    state: &State,
+    consumer: &BaseConsumer<Context>,
+    ownership: &mut Ownership,
     topic: &str,
     positions: Vec<Position>,
     stats: &ConsumeStats,
     mode: CommitMode,
 ) -> Result<(), ConsumeError> {
-    let mut commit = TopicPartitionList::new();
-    {
-        let mut s = state.lock();
-        for p in positions {
-            if let Some(owned) = s.partitions.get_mut(&p.partition)
-                && owned.generation == p.generation
-                && let Some(offsets) = owned.offsets.as_mut()
-            {
-                let _ = offsets.settled(p.offset);
-                owned.started.remove(&p.offset);
-            }
+    for p in positions {
+        if let Some(owned) = ownership.current_mut(p.partition, p.generation)
+            && let Some(offsets) = owned.offsets.as_mut()
+        {
+            let _ = offsets.settled(p.offset);
+            owned.started.remove(&p.offset);
         }
-        for (&partition, owned) in s.partitions.iter_mut() {
-            let Some(offsets) = owned.offsets.as_mut() else {
-                continue;
-            };
-            // The last, synchronous commit covers whatever the broker has not confirmed.
-            let point = match mode {
-                CommitMode::Sync => {
-                    (offsets.commit_point() > offsets.acked()).then(|| offsets.commit_point())
-                }
-                CommitMode::Async => offsets.take_commit(),
-            };
-            if let Some(point) = point {
-                commit.add_partition_offset(topic, partition, Offset::Offset(point))?;
+    }
+    let mut commit = TopicPartitionList::new();
+    for (partition, owned) in ownership.iter_mut() {
+        let Some(offsets) = owned.offsets.as_mut() else {
+            continue;
+        };
+        // A synchronous commit (a revoke's, the last) covers whatever the broker has not
+        // confirmed.
+        let point = match mode {
+            CommitMode::Sync => {
+                (offsets.commit_point() > offsets.acked()).then(|| offsets.commit_point())
             }
-            let point = offsets.commit_point();
-            // Records whose handling ended without a settlement here (revoked) are forgotten
-            // once the point passes them.
-            while owned
-                .started
-                .first_key_value()
-                .is_some_and(|(o, _)| *o < point)
-            {
-                owned.started.pop_first();
-            }
-            if let Some(started) = owned.started.get(&point) {
-                let behind = started.elapsed().as_millis() as u64;
-                stats
-                    .commit_lag_max_ms
-                    .fetch_max(behind, std::sync::atomic::Ordering::Relaxed);
-            }
+            CommitMode::Async => offsets.take_commit(),
+        };
+        if let Some(point) = point {
+            commit.add_partition_offset(topic, partition, Offset::Offset(point))?;
+        }
+        let point = offsets.commit_point();
+        // Records whose handling ended without a settlement here (revoked) are forgotten
+        // once the point passes them.
+        while owned
+            .started
+            .first_key_value()
+            .is_some_and(|(o, _)| *o < point)
+        {
+            owned.started.pop_first();
+        }
+        if let Some(started) = owned.started.get(&point) {
+            let behind = started.elapsed().as_millis() as u64;
+            stats
+                .commit_lag_max_ms
+                .fetch_max(behind, std::sync::atomic::Ordering::Relaxed);
         }
     }
     if commit.count() > 0 {
         match mode {
             CommitMode::Sync => {
-                // At shutdown: a failure costs a redelivery (deduped), not an error exit.
+                // On a revoke or at shutdown: a failure costs a redelivery (deduped), not an
+                // error exit.
                 if let Err(e) = blocking(|| consumer.commit(&commit, mode)) {
-                    tracing::warn!(error = %e, "final commit failed; the next start replays from the previous one");
+                    tracing::warn!(error = %e, "synchronous commit failed; the next owner replays from the previous one");
                 }
             }
             CommitMode::Async => consumer.commit(&commit, mode)?,

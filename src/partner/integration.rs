@@ -11,15 +11,17 @@
 //! - *Deleted*: the item (and with it its price) is deleted; nothing to delete is done.
 //!
 //! Every write carries `Idempotency-Key: <event id>/<step>`, the event's log position and its
-//! trace context. The mapping rows an event produced are written in one transaction with the
-//! event's dedupe record; a mapping learnt half-way (an item created before its price failed)
-//! is written at once, so a retry finds it.
+//! trace context. A mapping is written as soon as it is learnt (an item created before its
+//! price failed too), so a retry finds it. The event's dedupe record is not the integration's
+//! to write: the consumer's settlement stage writes it with its batch, once. Handling an event
+//! again whose record was lost with its batch is safe: every step finds what an earlier
+//! attempt wrote (by mapping, else by our id) before it creates anything, and the batches keep
+//! each tenant's order, so the events after it are handled again too.
 
 use sqlx::PgPool;
 
 use super::api::{NewShopItem, NewShopPrice, ShopItemUpdate, ShopPriceUpdate};
 use super::client::{Call, PartnerClient, is_not_found};
-use crate::consumer::ledger::{self, SettledAs, Settlement};
 use crate::delivery::{Attempt, Failure, FailureClass, Handler, Outcome};
 use crate::outbox::{EventPayload, OutboxEvent, proto};
 
@@ -58,24 +60,19 @@ impl Handler for Integration {
             // The backfill's creates follow this event: nothing to send for it.
             EventPayload::TenantIntegrationEnabled(_) => Ok(()),
             // After every earlier event of the tenant: what they created is mapped by now.
-            EventPayload::TenantIntegrationDisabled(_) => {
-                self.rollback(event, attempt, &call).await
-            }
+            EventPayload::TenantIntegrationDisabled(_) => self.rollback(event, &call).await,
             EventPayload::ProductCreated(proto::ProductCreated { product: Some(p) })
             | EventPayload::ProductUpdated(proto::ProductUpdated { product: Some(p) }) => {
                 match self.known(event.tenant_id.as_str(), &p.id).await {
                     Ok(known) if !known.enabled => return Outcome::Ignored,
-                    Ok(known) => self.upsert(event, attempt, &call, p, known).await,
+                    Ok(known) => self.upsert(event, &call, p, known).await,
                     Err(failure) => Err(failure),
                 }
             }
             EventPayload::ProductDeleted(d) => {
                 match self.known(event.tenant_id.as_str(), &d.product_id).await {
                     Ok(known) if !known.enabled => return Outcome::Ignored,
-                    Ok(known) => {
-                        self.delete(event, attempt, &call, &d.product_id, known)
-                            .await
-                    }
+                    Ok(known) => self.delete(event, &call, &d.product_id, known).await,
                     Err(failure) => Err(failure),
                 }
             }
@@ -125,12 +122,7 @@ impl Integration {
     /// before items), each mapping row removed once its object is gone, so a retry resumes
     /// where this stopped; then whatever Ferry created that no mapping names (our id in
     /// `external_id`: a lost mapping row) is swept. Not found counts as deleted.
-    async fn rollback(
-        &self,
-        event: &OutboxEvent,
-        attempt: &Attempt,
-        call: &Call,
-    ) -> Result<(), Failure> {
+    async fn rollback(&self, event: &OutboxEvent, call: &Call) -> Result<(), Failure> {
         let tenant = event.tenant_id.as_str();
         loop {
             let page: Vec<(String, String, String)> = sqlx::query_as(
@@ -177,11 +169,7 @@ impl Integration {
                     .await?;
             }
         }
-        let mut tx = self.pool.begin().await.map_err(db)?;
-        ledger::record_settled(&mut tx, &[settled(event, attempt)])
-            .await
-            .map_err(db)?;
-        tx.commit().await.map_err(db)
+        Ok(())
     }
 
     async fn delete_object(
@@ -207,7 +195,6 @@ impl Integration {
     async fn upsert(
         &self,
         event: &OutboxEvent,
-        attempt: &Attempt,
         call: &Call,
         p: &proto::Product,
         known: Known,
@@ -259,7 +246,7 @@ impl Integration {
         // Learnt now, so a failed price step resumes from here.
         let item_learnt = known.item.as_deref() != Some(item_id.as_str());
         if item_learnt {
-            write_mappings(&self.pool, tenant, &[(ITEM, &p.id, &item_id)], None).await?;
+            write_mappings(&self.pool, tenant, &[(ITEM, &p.id, &item_id)]).await?;
         }
 
         // The price of that item, likewise.
@@ -305,20 +292,15 @@ impl Integration {
                 }
             },
         };
-        // The event's dedupe record, with the price's mapping if it is new.
-        let price_learnt = known.price.as_deref() != Some(price_id.as_str());
-        let learnt: &[(&str, &str, &str)] = if price_learnt {
-            &[(PRICE, &p.id, &price_id)]
-        } else {
-            &[]
-        };
-        write_mappings(&self.pool, tenant, learnt, Some(&settled(event, attempt))).await
+        if known.price.as_deref() != Some(price_id.as_str()) {
+            write_mappings(&self.pool, tenant, &[(PRICE, &p.id, &price_id)]).await?;
+        }
+        Ok(())
     }
 
     async fn delete(
         &self,
         event: &OutboxEvent,
-        attempt: &Attempt,
         call: &Call,
         product_id: &str,
         known: Known,
@@ -338,7 +320,6 @@ impl Integration {
                 Err(f) => return Err(f),
             }
         }
-        let mut tx = self.pool.begin().await.map_err(db)?;
         sqlx::query(
             "DELETE FROM integration_mappings \
              WHERE integration = $1 AND local_id = $2 AND object_type IN ($3, $4) AND tenant_id = $5",
@@ -348,13 +329,10 @@ impl Integration {
         .bind(ITEM)
         .bind(PRICE)
         .bind(event.tenant_id.as_str())
-        .execute(&mut *tx)
+        .execute(&self.pool)
         .await
         .map_err(db)?;
-        ledger::record_settled(&mut tx, &[settled(event, attempt)])
-            .await
-            .map_err(db)?;
-        tx.commit().await.map_err(db)
+        Ok(())
     }
 }
 
@@ -368,31 +346,13 @@ struct Known {
     price: Option<String>,
 }
 
-/// The dedupe record of a delivered event, written with its mappings.
-fn settled(event: &OutboxEvent, attempt: &Attempt) -> Settlement {
-    Settlement::new(event, attempt, SettledAs::Delivered)
-}
-
-/// Upserts `(object_type, local_id, foreign_id)` mappings, with the event's dedupe record when
-/// given, in one transaction.
+/// Upserts `(object_type, local_id, foreign_id)` mappings: one statement, atomic on its own.
 async fn write_mappings(
     pool: &PgPool,
     tenant: &str,
     mappings: &[(&str, &str, &str)],
-    settlement: Option<&Settlement>,
 ) -> Result<(), Failure> {
-    // A round trip per statement, and each counts when the partner takes milliseconds and
-    // our database is shared: mappings alone are one statement (atomic on its own); with a
-    // settlement, one transaction of two.
-    let Some(settlement) = settlement else {
-        return upsert_mappings(&mut *pool.acquire().await.map_err(db)?, tenant, mappings).await;
-    };
-    let mut tx = pool.begin().await.map_err(db)?;
-    upsert_mappings(&mut tx, tenant, mappings).await?;
-    ledger::record_settled(&mut tx, std::slice::from_ref(settlement))
-        .await
-        .map_err(db)?;
-    tx.commit().await.map_err(db)
+    upsert_mappings(&mut *pool.acquire().await.map_err(db)?, tenant, mappings).await
 }
 
 /// One statement for all of `mappings`.

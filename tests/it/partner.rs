@@ -456,3 +456,91 @@ async fn hostile_tenant_ids_and_reused_product_ids_never_reach_another_account()
     sim_stop.cancel();
     db.drop().await;
 }
+
+/// Forwards every connection made to `listener` to `upstream`, byte for byte.
+async fn forward(listener: tokio::net::TcpListener, upstream: String) {
+    while let Ok((mut client, _)) = listener.accept().await {
+        let upstream = upstream.clone();
+        tokio::spawn(async move {
+            if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            }
+        });
+    }
+}
+
+/// Fault: the broker does not answer when `ferry consume` starts (it starts, or restarts,
+/// with us). Guarantee: waiting costs time, not the process: it waits with backoff, and once
+/// the broker answers every event reaches the partner once, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_started_before_its_broker_waits_and_then_delivers() {
+    use tokio::io::AsyncBufReadExt;
+    let (db, cfg, sim, sim_stop) = setup(Duration::from_secs(10)).await;
+    // The broker's address, as the consumer is told it: nothing listens there yet.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .arg("consume")
+        .env_clear()
+        .env("FERRY_DATABASE_URL", &cfg.database.url)
+        .env("FERRY_KAFKA_BROKERS", format!("127.0.0.1:{port}"))
+        .env("FERRY_KAFKA_TOPIC", &cfg.kafka.topic)
+        .env("FERRY_KAFKA_GROUP_ID", &cfg.kafka.group_id)
+        .env("FERRY_PARTNER_URL", cfg.partner.url.as_deref().unwrap())
+        .env("FERRY_PARTNER_TOKEN", TOKEN)
+        .env("FERRY_ADMIN_ADDR", admin.to_string())
+        .env("FERRY_ADMIN_TOKEN", "admin-token")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start ferry consume");
+    let waits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let counted = Arc::clone(&waits);
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("the broker does not answer yet") {
+                counted.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    wait_for(
+        "two waits for the broker",
+        Duration::from_secs(60),
+        || async { (waits.load(Ordering::Relaxed) >= 2).then_some(()) },
+    )
+    .await;
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+
+    // The broker answers on that address now; the events were written meanwhile.
+    let rows: Vec<OutboxRow> = (1..=5)
+        .map(|i| product("tenant-a", &format!("p-{i}"), "Tea", 100 * i, true))
+        .collect();
+    produce_rows(&cfg.kafka, &rows).await;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(forward(listener, cfg.kafka.brokers.clone()));
+    wait_for("every event delivered", Duration::from_secs(60), || async {
+        (delivered(&db.pool).await == 5).then_some(())
+    })
+    .await;
+    let report = sim.report();
+    let account = &report["tenant-a"];
+    assert_eq!((account.items, account.prices), (5, 5), "{account:?}");
+    assert_eq!(account.duplicate_objects, 0, "{account:?}");
+    assert_eq!(account.order_violations, 0, "{account:?}");
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+    child.kill().await.unwrap();
+    sim_stop.cancel();
+    db.drop().await;
+}
