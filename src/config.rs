@@ -5,6 +5,7 @@
 //! |---|---|---|
 //! | Postgres URL | `database.url` | `FERRY_DATABASE_URL`, else `DATABASE_URL` |
 //! | pool size | `database.max_connections` | `FERRY_DATABASE_MAX_CONNECTIONS` |
+//! | Ferry's own Postgres schema | `database.schema` | `FERRY_DATABASE_SCHEMA` |
 //! | Kafka bootstrap servers | `kafka.brokers` | `FERRY_KAFKA_BROKERS`, else `KAFKA_BROKERS` |
 //! | outbox topic | `kafka.topic` | `FERRY_KAFKA_TOPIC` |
 //! | consumer group | `kafka.group_id` | `FERRY_KAFKA_GROUP_ID` |
@@ -193,6 +194,37 @@ pub struct DatabaseConfig {
     pub url: String,
     /// The pool's maximum size.
     pub max_connections: u32,
+    /// The Postgres schema Ferry's own tables and migrations table live in (`ferry` by
+    /// default): never beside the application's. The outbox is the application's table, in
+    /// its schema (`relay.table`).
+    pub schema: String,
+}
+
+/// The default of `database.schema`.
+pub const DEFAULT_SCHEMA: &str = "ferry";
+
+impl DatabaseConfig {
+    /// Settings for `url`, with the default pool size and schema.
+    pub fn new(url: impl Into<String>) -> Self {
+        DatabaseConfig {
+            url: url.into(),
+            max_connections: 10,
+            schema: DEFAULT_SCHEMA.to_owned(),
+        }
+    }
+}
+
+/// Whether `name` may name Ferry's schema: a lower-case Postgres identifier that needs no
+/// quoting (it is written into `search_path` and into SQL), and not one of Postgres's own.
+pub fn is_schema_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name.len() <= 63
+        && !name.starts_with("pg_")
+        && name != "information_schema"
 }
 
 /// Kafka settings.
@@ -311,6 +343,7 @@ struct FileRelay {
 struct FileDatabase {
     url: Option<String>,
     max_connections: Option<u32>,
+    schema: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -368,6 +401,9 @@ impl Config {
             })?,
             None => file.database.max_connections.unwrap_or(10),
         };
+        let ferry_schema = env(&["FERRY_DATABASE_SCHEMA"])
+            .or(file.database.schema)
+            .unwrap_or_else(|| DEFAULT_SCHEMA.to_owned());
         let brokers = env(&["FERRY_KAFKA_BROKERS", "KAFKA_BROKERS"])
             .or(file.kafka.brokers)
             .ok_or(ConfigError::Missing {
@@ -526,6 +562,7 @@ impl Config {
             database: DatabaseConfig {
                 url,
                 max_connections,
+                schema: ferry_schema,
             },
             kafka: KafkaConfig {
                 brokers,
@@ -561,6 +598,13 @@ impl Config {
                 "database.max_connections",
                 "0",
                 "must be at least 1",
+            ));
+        }
+        if !is_schema_name(&self.database.schema) {
+            return Err(invalid(
+                "database.schema",
+                &self.database.schema,
+                "expected a lower-case identifier (letters, digits, _; at most 63), not pg_*",
             ));
         }
         for broker in self.kafka.brokers.split(',') {
@@ -901,6 +945,36 @@ mod tests {
                 .contains("must not exceed consume.retry_max_ms"),
             "{err}"
         );
+    }
+
+    /// Inputs tried: the default, an environment override, and names that would need quoting,
+    /// are Postgres's own, or are empty.
+    #[test]
+    fn ferrys_schema_is_a_plain_identifier() {
+        let c = Config::load_with(None, env(BASE)).unwrap();
+        assert_eq!(c.database.schema, "ferry");
+        let mut e = BASE.to_vec();
+        e.push(("FERRY_DATABASE_SCHEMA", "ferry_prod_2"));
+        assert_eq!(
+            Config::load_with(None, env(&e)).unwrap().database.schema,
+            "ferry_prod_2"
+        );
+        for bad in [
+            "Ferry",
+            "ferry; drop table x",
+            "2ferry",
+            "pg_catalog",
+            "a-b",
+            " ",
+        ] {
+            let mut e = BASE.to_vec();
+            e.push(("FERRY_DATABASE_SCHEMA", bad));
+            match Config::load_with(None, env(&e)) {
+                Err(err) => assert!(err.to_string().contains("database.schema"), "{bad}: {err}"),
+                // Blank counts as unset.
+                Ok(c) => assert!(bad.trim().is_empty() && c.database.schema == "ferry"),
+            }
+        }
     }
 
     #[test]

@@ -1,5 +1,14 @@
 //! Postgres: connections and the schema. The schema lives in `migrations/` and is embedded in
 //! the binary, so `ferry migrate` needs nothing but a database URL.
+//!
+//! Ferry's tables live in a Postgres schema of their own (`database.schema`, `ferry` by
+//! default), its migrations table (`_sqlx_migrations`) with them, so neither collides with the
+//! application's tables or its own sqlx migrations. Every session of Ferry's sets
+//! `search_path` to that schema, then `public`, so its statements name tables unqualified. The
+//! outbox is the application's table: it stays in `public`, where the application's
+//! transactions write it. A database migrated before Ferry had a schema of its own (its tables
+//! and migrations table in `public`) is adopted in place on the next `migrate`: its tables
+//! are moved, rows and all, in one transaction.
 
 use std::time::Duration;
 
@@ -26,6 +35,12 @@ pub enum StoreError {
     /// A query failed.
     #[error("query failed: {0}")]
     Query(#[from] sqlx::Error),
+    /// The pool's sessions do not name Ferry's schema first (a pool not made by
+    /// [`connect`] or [`session`]).
+    #[error(
+        "Ferry's schema is not first in the session's search_path ({0:?}): connect through ferry::store::session"
+    )]
+    NoSchema(String),
 }
 
 /// Opens a pool. Fails fast (within `acquire_timeout`) when the server is down, so a start-up
@@ -35,12 +50,14 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, StoreError> {
     PgPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(Duration::from_secs(10))
-        .connect_with(session(options))
+        .connect_with(session(options, &config.schema))
         .await
         .map_err(StoreError::Connect)
 }
 
-/// What every session of Ferry's sets at login: its name, and custom plans only.
+/// What every session of Ferry's sets at login: its name, Ferry's schema first in the
+/// `search_path` (`schema` must be a plain identifier, see
+/// [`crate::config::is_schema_name`]), and custom plans only.
 ///
 /// sqlx prepares each statement once per connection, and after five executions PostgreSQL may
 /// switch a prepared statement to a generic plan, made for the tables as they were then and kept
@@ -49,17 +66,96 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, StoreError> {
 /// events, the partner's mapping lookup 100 ms at 200,000 mappings (0.6 ms planned afresh).
 /// Planning each execution costs tens of microseconds and keeps every plan fit for the table's
 /// size.
-pub fn session(options: PgConnectOptions) -> PgConnectOptions {
-    options
-        .application_name("ferry")
-        .options([("plan_cache_mode", "force_custom_plan")])
+pub fn session(options: PgConnectOptions, schema: &str) -> PgConnectOptions {
+    options.application_name("ferry").options([
+        ("plan_cache_mode", "force_custom_plan"),
+        ("search_path", &format!("{schema},public")),
+    ])
 }
 
-/// Applies every pending migration. Safe to run concurrently from several instances: sqlx
-/// takes an advisory lock.
+/// Ferry's tables in a database migrated before they had a schema of their own. `products`
+/// is the demo's, created by Ferry's migrations then; the outbox is the application's and
+/// stays.
+const LEGACY_TABLES: [&str; 9] = [
+    "control",
+    "deliveries",
+    "delivery_attempts",
+    "integration_mappings",
+    "operator_actions",
+    "parked_events",
+    "products",
+    "tenants",
+    "_sqlx_migrations",
+];
+
+/// Applies every pending migration in Ferry's schema (the first of the pool's `search_path`,
+/// as [`session`] sets it), creating the schema and adopting a database migrated before it
+/// had one. Safe to run concurrently from several instances: both steps hold an advisory
+/// lock.
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    let schema = ferrys_schema(pool).await?;
+    let mut tx = pool.begin().await?;
+    // One instance at a time creates the schema or adopts the old layout; the next finds it
+    // done.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('ferry schema'))")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+        .execute(&mut *tx)
+        .await?;
+    if is_legacy_layout(&mut tx, &schema).await? {
+        for table in LEGACY_TABLES {
+            let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+                .bind(format!("public.{table}"))
+                .fetch_one(&mut *tx)
+                .await?;
+            if exists {
+                sqlx::query(&format!("ALTER TABLE public.{table} SET SCHEMA {schema}"))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tracing::info!(%schema, "moved Ferry's tables out of public into their own schema");
+    }
+    tx.commit().await?;
     MIGRATOR.run(pool).await?;
     Ok(())
+}
+
+/// The schema Ferry's sessions put first in their `search_path`.
+async fn ferrys_schema(pool: &PgPool) -> Result<String, StoreError> {
+    let path: String = sqlx::query_scalar("SELECT current_setting('search_path')")
+        .fetch_one(pool)
+        .await?;
+    let first = path.split(',').next().unwrap_or_default().trim();
+    if crate::config::is_schema_name(first) {
+        Ok(first.to_owned())
+    } else {
+        Err(StoreError::NoSchema(path))
+    }
+}
+
+/// Whether `public` holds Ferry's migrations table (its first migration, by checksum: not an
+/// application's own sqlx table) and `schema` none yet.
+async fn is_legacy_layout(tx: &mut sqlx::PgConnection, schema: &str) -> Result<bool, StoreError> {
+    let (in_public, in_schema): (bool, bool) = sqlx::query_as(
+        "SELECT to_regclass('public._sqlx_migrations') IS NOT NULL, to_regclass($1) IS NOT NULL",
+    )
+    .bind(format!("{schema}._sqlx_migrations"))
+    .fetch_one(&mut *tx)
+    .await?;
+    if !in_public || in_schema || schema == "public" {
+        return Ok(false);
+    }
+    let first = MIGRATOR.iter().next().expect("a first migration");
+    let ours: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM public._sqlx_migrations WHERE version = $1 AND checksum = $2)",
+    )
+    .bind(first.version)
+    .bind(first.checksum.as_ref())
+    .fetch_one(&mut *tx)
+    .await?;
+    Ok(ours)
 }
 
 /// The newest applied migration version, `None` on an empty database.

@@ -60,7 +60,10 @@ pub async fn fresh_database(
     let url = options.to_url_lossy().to_string();
     let pool = PgPoolOptions::new()
         .max_connections(16)
-        .connect_with(crate::store::session(options))
+        .connect_with(crate::store::session(
+            options,
+            crate::config::DEFAULT_SCHEMA,
+        ))
         .await?;
     crate::store::migrate(&pool).await?;
     Ok((pool, url))

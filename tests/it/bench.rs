@@ -9,8 +9,10 @@ use ferry::config::{Config, DatabaseConfig, RelayConfig};
 fn stack_config() -> Config {
     Config {
         database: DatabaseConfig {
-            url: std::env::var("DATABASE_URL").expect("DATABASE_URL: run scripts/test"),
             max_connections: 5,
+            ..DatabaseConfig::new(
+                std::env::var("DATABASE_URL").expect("DATABASE_URL: run scripts/test"),
+            )
         },
         kafka: crate::support::kafka_config("unused"),
         relay: RelayConfig::default(),

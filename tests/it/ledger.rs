@@ -67,14 +67,16 @@ async fn settlement_is_batched_and_a_replay_never_rewrites_it() {
 async fn the_dedupe_lookup_is_planned_for_the_table_as_it_is() {
     let db = TestDb::migrated().await;
     let ferrys = ferry::store::connect(&ferry::config::DatabaseConfig {
-        url: db.url.clone(),
         max_connections: 1,
+        ..ferry::config::DatabaseConfig::new(db.url.clone())
     })
     .await
     .unwrap();
+    // A session with Ferry's schema but Postgres's default plan cache.
+    let plain_options: sqlx::postgres::PgConnectOptions = db.url.parse().unwrap();
     let plain = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
-        .connect(&db.url)
+        .connect_with(plain_options.options([("search_path", "ferry,public")]))
         .await
         .unwrap();
     let probe: Vec<Uuid> = (0..500).map(|_| Uuid::now_v7()).collect();

@@ -3,18 +3,29 @@
 
 use crate::support::TestDb;
 
-const TABLES: [&str; 10] = [
+/// Ferry's own tables, in its schema. (`products` is the demo's, created by Ferry's migrations.)
+const FERRY_TABLES: [&str; 9] = [
+    "_sqlx_migrations",
     "control",
     "deliveries",
     "delivery_attempts",
     "integration_mappings",
     "operator_actions",
-    "outbox",
     "parked_events",
     "products",
     "tenants",
-    "_sqlx_migrations",
 ];
+
+/// The tables of `schema`, sorted.
+async fn tables_in(pool: &sqlx::PgPool, schema: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1 ORDER BY 1",
+    )
+    .bind(schema)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
 
 #[tokio::test]
 async fn migrations_apply_to_a_fresh_database_and_are_idempotent() {
@@ -37,16 +48,9 @@ async fn migrations_apply_to_a_fresh_database_and_are_idempotent() {
         Some(latest)
     );
 
-    let mut tables: Vec<String> = sqlx::query_scalar(
-        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1",
-    )
-    .fetch_all(&db.pool)
-    .await
-    .unwrap();
-    tables.sort();
-    let mut expected: Vec<String> = TABLES.iter().map(|t| (*t).to_owned()).collect();
-    expected.sort();
-    assert_eq!(tables, expected);
+    // Ferry's tables in its schema; only the application's outbox in public.
+    assert_eq!(tables_in(&db.pool, "ferry").await, FERRY_TABLES);
+    assert_eq!(tables_in(&db.pool, "public").await, ["outbox"]);
 
     // Running again (a second instance starting) changes nothing.
     ferry::store::migrate(&db.pool)
@@ -149,5 +153,129 @@ async fn constraints_reject_what_the_design_forbids() {
             .as_deref(),
         Some(UNIQUE)
     );
+    db.drop().await;
+}
+
+/// Ferry's migrations as today's main applied them before it had a schema of its own: every
+/// table, and the migrations table, in `public`.
+async fn migrate_the_old_layout(db: &TestDb) -> sqlx::PgPool {
+    let options: sqlx::postgres::PgConnectOptions = db.url.parse().unwrap();
+    let public = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options.options([("search_path", "public")]))
+        .await
+        .unwrap();
+    let old = sqlx::migrate::Migrator {
+        migrations: std::borrow::Cow::Owned(
+            ferry::store::MIGRATOR.iter().take(5).cloned().collect(),
+        ),
+        ignore_missing: false,
+        locking: true,
+        no_tx: false,
+    };
+    old.run(&public).await.unwrap();
+    public
+}
+
+/// Upgrade in place: a database migrated by the layout before Ferry had a schema of its own is
+/// adopted by the next `migrate`, with every row kept. Input tried: the old layout with a
+/// paused tenant, a mapping, a settled event, a parked record and an outbox row.
+#[tokio::test]
+async fn a_database_of_the_old_layout_is_upgraded_in_place_with_nothing_lost() {
+    let db = TestDb::empty().await;
+    let public = migrate_the_old_layout(&db).await;
+    for sql in [
+        "INSERT INTO tenants (tenant_id, state, pause_cause, pause_reason, paused_at) \
+         VALUES ('acme', 'paused', 'permanent', 'partner said 422', now())",
+        "INSERT INTO integration_mappings (integration, object_type, local_id, foreign_id, tenant_id) \
+         VALUES ('partner', 'shop_item', 'p-1', 'item-1', 'acme')",
+        "INSERT INTO deliveries (event_id, tenant_id, outcome, settled_at) \
+         VALUES ('018f0000-0000-7000-8000-000000000001', 'acme', 'delivered', now())",
+        "INSERT INTO parked_events (tenant_id, topic, partition, \"offset\") VALUES ('acme', 't', 0, 7)",
+        "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, tenant_id) \
+         VALUES (gen_random_uuid(), 'Product', 'p-1', 'ProductCreated', '\\x00', 'acme')",
+    ] {
+        sqlx::query(sql).execute(&public).await.unwrap();
+    }
+    public.close().await;
+
+    ferry::store::migrate(&db.pool).await.expect("the upgrade");
+    assert_eq!(tables_in(&db.pool, "ferry").await, FERRY_TABLES);
+    assert_eq!(tables_in(&db.pool, "public").await, ["outbox"]);
+    let latest = ferry::store::MIGRATOR.iter().map(|m| m.version).max();
+    assert_eq!(
+        ferry::store::schema_version(&db.pool).await.unwrap(),
+        latest
+    );
+    for (table, rows) in [
+        ("ferry.tenants", 1),
+        ("ferry.integration_mappings", 1),
+        ("ferry.deliveries", 1),
+        ("ferry.parked_events", 1),
+        ("ferry.control", 1),
+        ("public.outbox", 1),
+    ] {
+        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(n, rows, "{table}");
+    }
+    // A sequence moved with its table: the next parked record is numbered after the first.
+    sqlx::query("INSERT INTO parked_events (tenant_id, topic, partition, \"offset\") VALUES ('acme', 't', 0, 8)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // And again: nothing left to adopt.
+    ferry::store::migrate(&db.pool).await.expect("a second run");
+    db.drop().await;
+}
+
+/// An application with sqlx migrations and tables of its own in `public`, some named like
+/// Ferry's: Ferry's schema never touches them. Input tried: an application `tenants` table and
+/// its own `_sqlx_migrations` with a version 1 of different content.
+#[tokio::test]
+async fn the_applications_own_tables_and_migrations_are_left_alone() {
+    let db = TestDb::empty().await;
+    let options: sqlx::postgres::PgConnectOptions = db.url.parse().unwrap();
+    let app = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options.options([("search_path", "public")]))
+        .await
+        .unwrap();
+    let apps = sqlx::migrate::Migrator {
+        migrations: std::borrow::Cow::Owned(vec![sqlx::migrate::Migration::new(
+            1,
+            "app".into(),
+            sqlx::migrate::MigrationType::Simple,
+            "CREATE TABLE tenants (name text PRIMARY KEY); INSERT INTO tenants VALUES ('theirs')"
+                .into(),
+            false,
+        )]),
+        ignore_missing: false,
+        locking: true,
+        no_tx: false,
+    };
+    apps.run(&app).await.unwrap();
+
+    ferry::store::migrate(&db.pool)
+        .await
+        .expect("Ferry's migrations");
+    assert_eq!(tables_in(&db.pool, "ferry").await, FERRY_TABLES);
+    let mut public = tables_in(&db.pool, "public").await;
+    public.sort();
+    assert_eq!(public, ["_sqlx_migrations", "outbox", "tenants"]);
+    let theirs: String = sqlx::query_scalar("SELECT name FROM public.tenants")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(theirs, "theirs");
+    // The application's migrations table still holds only its own history.
+    let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM public._sqlx_migrations")
+        .fetch_all(&app)
+        .await
+        .unwrap();
+    assert_eq!(versions, [1]);
+    app.close().await;
     db.drop().await;
 }

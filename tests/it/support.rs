@@ -46,9 +46,13 @@ impl TestDb {
         conn.close().await.ok();
         let options = admin.database(&name);
         let url = options.to_url_lossy().to_string();
+        // Ferry's sessions: its schema first in the search path.
         let pool = PgPoolOptions::new()
             .max_connections(5)
-            .connect_with(options)
+            .connect_with(ferry::store::session(
+                options,
+                ferry::config::DEFAULT_SCHEMA,
+            ))
             .await
             .expect("connect to the test database");
         TestDb { pool, name, url }
@@ -111,8 +115,8 @@ pub async fn fresh_topic(partitions: i32) -> KafkaConfig {
 pub fn config(db: &TestDb, kafka: &KafkaConfig) -> Config {
     Config {
         database: DatabaseConfig {
-            url: db.url.clone(),
             max_connections: 5,
+            ..DatabaseConfig::new(db.url.clone())
         },
         kafka: kafka.clone(),
         relay: RelayConfig {
