@@ -12,6 +12,9 @@
 //! | partner API | `partner.url` | `FERRY_PARTNER_URL` |
 //! | partner bearer token | `partner.token` | `FERRY_PARTNER_TOKEN` |
 //! | partner request timeout | `partner.timeout_ms` | `FERRY_PARTNER_TIMEOUT_MS` |
+//! | requests per second to the partner, all tenants | `partner.rate_limit` | `FERRY_PARTNER_RATE_LIMIT` |
+//! | requests per second to the partner, per tenant | `partner.tenant_rate_limit` | `FERRY_PARTNER_TENANT_RATE_LIMIT` |
+//! | largest partner answer read | `partner.max_response_bytes` | `FERRY_PARTNER_MAX_RESPONSE_BYTES` |
 //! | events in flight, all tenants | `consume.max_in_flight` | `FERRY_CONSUME_MAX_IN_FLIGHT` |
 //! | first retry's backoff | `consume.retry_base_ms` | `FERRY_CONSUME_RETRY_BASE_MS` |
 //! | longest backoff | `consume.retry_max_ms` | `FERRY_CONSUME_RETRY_MAX_MS` |
@@ -107,6 +110,16 @@ pub struct PartnerConfig {
     pub token: String,
     /// How long one request may take.
     pub timeout: Duration,
+    /// Requests per second to the partner, all tenants together (unlimited if unset): what
+    /// the partner allows this client.
+    pub rate_limit: Option<std::num::NonZeroU32>,
+    /// Requests per second to the partner for any one tenant (unlimited if unset): what the
+    /// partner allows one account. A tenant at its limit waits; the others do not.
+    pub tenant_rate_limit: Option<std::num::NonZeroU32>,
+    /// The largest answer read from the partner, in bytes: a longer one is a failure (a
+    /// retryable one, as any answer that is not what the API documents), never a process's
+    /// memory.
+    pub max_response_bytes: u64,
 }
 
 impl Default for PartnerConfig {
@@ -115,6 +128,9 @@ impl Default for PartnerConfig {
             url: None,
             token: String::new(),
             timeout: Duration::from_secs(10),
+            rate_limit: None,
+            tenant_rate_limit: None,
+            max_response_bytes: 1 << 20,
         }
     }
 }
@@ -212,6 +228,25 @@ impl DatabaseConfig {
             schema: DEFAULT_SCHEMA.to_owned(),
         }
     }
+}
+
+/// A requests-per-second limit: at least 1, and one a 32-bit count holds.
+fn rate(
+    key: &'static str,
+    value: Option<u64>,
+) -> Result<Option<std::num::NonZeroU32>, ConfigError> {
+    value
+        .map(|v| {
+            u32::try_from(v)
+                .ok()
+                .and_then(std::num::NonZeroU32::new)
+                .ok_or_else(|| ConfigError::Invalid {
+                    key,
+                    value: v.to_string(),
+                    reason: "requests per second: at least 1".to_owned(),
+                })
+        })
+        .transpose()
 }
 
 /// Whether `name` may name Ferry's schema: a lower-case Postgres identifier that needs no
@@ -323,6 +358,9 @@ struct FilePartner {
     url: Option<String>,
     token: Option<String>,
     timeout_ms: Option<u64>,
+    rate_limit: Option<u64>,
+    tenant_rate_limit: Option<u64>,
+    max_response_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -500,6 +538,25 @@ impl Config {
             timeout: number("partner.timeout_ms", "FERRY_PARTNER_TIMEOUT_MS")?
                 .or(file.partner.timeout_ms)
                 .map_or(PartnerConfig::default().timeout, Duration::from_millis),
+            rate_limit: rate(
+                "partner.rate_limit",
+                number("partner.rate_limit", "FERRY_PARTNER_RATE_LIMIT")?
+                    .or(file.partner.rate_limit),
+            )?,
+            tenant_rate_limit: rate(
+                "partner.tenant_rate_limit",
+                number(
+                    "partner.tenant_rate_limit",
+                    "FERRY_PARTNER_TENANT_RATE_LIMIT",
+                )?
+                .or(file.partner.tenant_rate_limit),
+            )?,
+            max_response_bytes: number(
+                "partner.max_response_bytes",
+                "FERRY_PARTNER_MAX_RESPONSE_BYTES",
+            )?
+            .or(file.partner.max_response_bytes)
+            .unwrap_or(PartnerConfig::default().max_response_bytes),
         };
 
         let c = file.consume;
@@ -598,6 +655,13 @@ impl Config {
                 "database.max_connections",
                 "0",
                 "must be at least 1",
+            ));
+        }
+        if self.partner.max_response_bytes < 1024 {
+            return Err(invalid(
+                "partner.max_response_bytes",
+                &self.partner.max_response_bytes.to_string(),
+                "at least 1024: the partner's answers are JSON documents",
             ));
         }
         if !is_schema_name(&self.database.schema) {

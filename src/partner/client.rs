@@ -1,7 +1,9 @@
 //! The partner's HTTP client: one method per call of its API, every failure turned into a
 //! [`Failure`] the consumer understands (the design's failure table, through
 //! [`FailureClass::of_status`]). Timeouts and connection errors are retryable; the partner's
-//! `Retry-After` and error body are kept for the retry policy and the operator.
+//! `Retry-After` and error body are kept for the retry policy and the operator. Every request
+//! first waits its turn under the partner's rate limits ([`RateLimits`]), and no answer is read
+//! beyond `partner.max_response_bytes`.
 
 use std::time::Duration;
 
@@ -13,6 +15,7 @@ use super::api::{
     ErrorBody, List, NewShopItem, NewShopPrice, POSITION_HEADER, ShopItem, ShopItemUpdate,
     ShopPrice, ShopPriceUpdate,
 };
+use super::rate_limits::RateLimits;
 use crate::config::PartnerConfig;
 use crate::delivery::{Failure, FailureClass};
 
@@ -61,6 +64,9 @@ pub struct PartnerClient {
     http: reqwest::Client,
     base: String,
     token: String,
+    /// Shared by the clones: one budget per partner and per tenant for the whole process.
+    limits: std::sync::Arc<RateLimits>,
+    max_response_bytes: usize,
 }
 
 impl PartnerClient {
@@ -76,6 +82,11 @@ impl PartnerClient {
             http,
             base: url.trim_end_matches('/').to_owned(),
             token: config.token.clone(),
+            limits: std::sync::Arc::new(RateLimits::new(
+                config.rate_limit,
+                config.tenant_rate_limit,
+            )),
+            max_response_bytes: usize::try_from(config.max_response_bytes).unwrap_or(usize::MAX),
         })
     }
 
@@ -124,6 +135,9 @@ impl PartnerClient {
         if let Some(body) = body {
             request = request.json(body);
         }
+        // A request that could have been sent earlier waits here, within its attempt (the
+        // attempt's deadline and the drain deadline cut the wait like the call).
+        self.limits.wait(&call.account).await;
         let response = tracing::Instrument::instrument(request.send(), span.clone())
             .await
             .map_err(|e| transport(&method, path, &e))?;
@@ -138,11 +152,22 @@ impl PartnerClient {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        let text = response
-            .text()
+        let class = FailureClass::of_status(status.as_u16());
+        let (text, whole) = read_bounded(response, self.max_response_bytes)
             .await
             .map_err(|e| transport(&method, path, &e))?;
-        match FailureClass::of_status(status.as_u16()) {
+        match class {
+            // An answer larger than any the API documents: never parsed, never kept whole.
+            None if !whole => Err(Failure {
+                class: FailureClass::Retryable,
+                message: format!(
+                    "{method} {path}: the partner's answer is larger than {} bytes (partner.max_response_bytes)",
+                    self.max_response_bytes
+                ),
+                status: Some(status.as_u16()),
+                response: Some(text.chars().take(KEEP_BODY).collect()),
+                retry_after: None,
+            }),
             None => serde_json::from_str(&text).map(Some).map_err(|e| Failure {
                 class: FailureClass::Retryable,
                 message: format!(
@@ -294,6 +319,27 @@ impl PartnerClient {
             .await?;
         Ok(list.map(|l| l.data).unwrap_or_default())
     }
+}
+
+/// Reads at most `limit` bytes of `response`'s body; whether that was all of it. A longer
+/// answer is cut off there (the connection is dropped rather than drained).
+async fn read_bounded(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<(String, bool), reqwest::Error> {
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Ok((String::new(), false));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            let room = limit - body.len();
+            body.extend_from_slice(&chunk[..room]);
+            return Ok((String::from_utf8_lossy(&body).into_owned(), false));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((String::from_utf8_lossy(&body).into_owned(), true))
 }
 
 /// Whether a failure is the partner saying the object does not exist.

@@ -22,5 +22,6 @@
 pub mod api;
 pub mod client;
 pub mod integration;
+pub mod rate_limits;
 pub mod sim;
 pub mod verify;

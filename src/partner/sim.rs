@@ -61,7 +61,13 @@ pub struct Faults {
     pub lose_delay_ms: Option<u64>,
     /// Single requests to fail: the next `times` requests matching a rule get its status.
     pub fail: Vec<FailRule>,
+    /// The next this-many reads (`GET`) of an account are answered 200 with a list padded to
+    /// [`OVERSIZED_ANSWER_BYTES`]: an answer far larger than any the API documents.
+    pub oversized_answers: BTreeMap<String, u32>,
 }
+
+/// The size of an oversized answer (see [`Faults::oversized_answers`]).
+pub const OVERSIZED_ANSWER_BYTES: usize = 8 << 20;
 
 /// Fails the next `times` requests of `account` whose method is `method` and whose path
 /// contains `path` (e.g. `POST` `/shop-prices`: a create that stops half-way).
@@ -143,6 +149,7 @@ struct Account {
     answers: HashMap<String, (u16, Value)>,
     rate_limited: u32,
     lose: u32,
+    oversized: u32,
 }
 
 struct SimState {
@@ -198,6 +205,10 @@ impl Sim {
         for account in s.accounts.values_mut() {
             account.rate_limited = 0;
             account.lose = 0;
+            account.oversized = 0;
+        }
+        for (name, n) in &faults.oversized_answers {
+            s.accounts.entry(name.clone()).or_default().oversized = *n;
         }
         for (name, n) in &faults.rate_limit {
             s.accounts.entry(name.clone()).or_default().rate_limited = *n;
@@ -394,6 +405,12 @@ fn gate(sim: &Sim, account: &str, method: &Method, uri: &Uri, headers: &HeaderMa
             "too many requests",
         );
         return finish_gate(sim, Gate::Answer(status, body, Some(retry_after)));
+    } else if a.oversized > 0 && *method == Method::GET {
+        a.oversized -= 1;
+        Some((
+            200,
+            json!({"data": [], "padding": "x".repeat(OVERSIZED_ANSWER_BYTES)}),
+        ))
     } else {
         None
     };

@@ -544,3 +544,80 @@ async fn a_consumer_started_before_its_broker_waits_and_then_delivers() {
     sim_stop.cancel();
     db.drop().await;
 }
+
+/// A partner's limit per account: a tenant at its limit waits for its turn, and no other tenant
+/// waits behind it. Input: `partner.tenant_rate_limit` = 5/s, tenant-a with five creates (20
+/// requests), tenant-7 with one (4 requests).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_at_its_rate_limit_waits_and_no_other_tenant_does() {
+    let (db, mut cfg, sim, sim_stop) = setup(Duration::from_secs(10)).await;
+    cfg.partner.tenant_rate_limit = std::num::NonZeroU32::new(5);
+    let mut rows: Vec<OutboxRow> = (1..=5)
+        .map(|i| product("tenant-a", &format!("p-{i}"), "Tea", 100 * i, true))
+        .collect();
+    rows.push(product("tenant-7", "p-1", "Coffee", 250, true));
+    produce_rows(&cfg.kafka, &rows).await;
+    let running = consume(&cfg, &db.pool, fast_retries());
+    wait_for("every event delivered", Duration::from_secs(60), || async {
+        (delivered(&db.pool).await == 6).then_some(())
+    })
+    .await;
+    running.stop().await;
+    let at = |account: &str| -> Vec<u64> {
+        sim.requests()
+            .iter()
+            .filter(|r| r.account == account)
+            .map(|r| r.at_ms)
+            .collect()
+    };
+    let (a, b) = (at("tenant-a"), at("tenant-7"));
+    assert_eq!((a.len(), b.len()), (20, 4), "{a:?} {b:?}");
+    // A second's worth at once, then one every 200 ms: 15 more take 3 s at least.
+    let span = a.last().unwrap() - a.first().unwrap();
+    assert!(span >= 2_800, "tenant-a's 20 requests within {span} ms");
+    assert!(
+        b.last().unwrap() < a.last().unwrap(),
+        "tenant-7 waited behind tenant-a: {b:?} vs {a:?}"
+    );
+    let report = sim.report();
+    for account in ["tenant-a", "tenant-7"] {
+        let r = &report[account];
+        assert_eq!((r.duplicate_objects, r.order_violations), (0, 0), "{r:?}");
+    }
+    sim_stop.cancel();
+    db.drop().await;
+}
+
+/// An answer far larger than the API documents (8 MiB against a 1 MiB bound) is a retryable
+/// failure, read no further than the bound: the event is delivered once the partner answers
+/// as documented, with nothing duplicated.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_answer_is_a_failure_read_no_further_than_the_bound() {
+    let (db, cfg, sim, sim_stop) = setup(Duration::from_secs(10)).await;
+    sim.set_faults(Faults {
+        oversized_answers: BTreeMap::from([("tenant-a".to_owned(), 2)]),
+        ..Faults::default()
+    });
+    produce_rows(&cfg.kafka, &[product("tenant-a", "p-1", "Tea", 350, true)]).await;
+    let running = consume(&cfg, &db.pool, fast_retries());
+    wait_for("the create delivered", Duration::from_secs(30), || async {
+        (delivered(&db.pool).await == 1).then_some(())
+    })
+    .await;
+    running.stop().await;
+    let errors: Vec<String> = sqlx::query_scalar(
+        "SELECT error FROM delivery_attempts WHERE error IS NOT NULL ORDER BY attempt",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    for e in &errors {
+        assert!(e.contains("larger than 1048576 bytes"), "{e}");
+    }
+    let state = sim.account("tenant-a");
+    assert_eq!((state.items.len(), state.prices.len()), (1, 1), "{state:?}");
+    assert_eq!(sim.report()["tenant-a"].duplicate_objects, 0);
+    sim_stop.cancel();
+    db.drop().await;
+}
