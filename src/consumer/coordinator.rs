@@ -376,7 +376,7 @@ impl<H: Handler> Coordinator<H> {
         Ok(())
     }
 
-    /// A task for one event, holding a lease on its partition.
+    /// A task for one event, holding a claim on its partition.
     fn start_attempts(&mut self, tenant: String, item: Item) {
         let position = item.position;
         let Some(claim) = self.ownership.claim(

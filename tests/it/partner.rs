@@ -621,3 +621,77 @@ async fn an_oversized_answer_is_a_failure_read_no_further_than_the_bound() {
     sim_stop.cancel();
     db.drop().await;
 }
+
+/// The outbox's SQL contract, from any language: an application with no Ferry code writes its
+/// events with a plain `INSERT` in its own transaction, through `psql` under Postgres's default
+/// `search_path` (the outbox is `public.outbox`), the payload as the proto3 JSON of its
+/// message. Input tried: a create and an update of one product, in one transaction with the
+/// application's own change. The relay carries them and the partner ends with the update.
+#[tokio::test(flavor = "multi_thread")]
+async fn events_written_by_plain_sql_in_json_reach_the_partner() {
+    let (db, cfg, sim, sim_stop) = setup(Duration::from_secs(10)).await;
+    let (relay_stop, relay_task, _) = crate::relay::start_relay(&cfg).await;
+    let running = consume(&cfg, &db.pool, fast_retries());
+    let script = r#"
+BEGIN;
+CREATE TABLE public.app_products (id text PRIMARY KEY, name text NOT NULL);
+INSERT INTO app_products VALUES ('sql-1', 'Green tea');
+INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, tenant_id)
+VALUES (gen_random_uuid(), 'Product', 'sql-1', 'ProductCreated',
+        convert_to('{"product": {"id": "sql-1", "name": "Tea", "priceMinor": "350", "currency": "EUR"}}', 'UTF8'),
+        'tenant-a');
+UPDATE app_products SET name = 'Green tea, loose' WHERE id = 'sql-1';
+INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, tenant_id)
+VALUES (gen_random_uuid(), 'Product', 'sql-1', 'ProductUpdated',
+        convert_to('{"product": {"id": "sql-1", "name": "Green tea, loose", "priceMinor": "420", "currency": "EUR"}}', 'UTF8'),
+        'tenant-a');
+COMMIT;
+"#;
+    // libpq's URL: sqlx's own query parameters removed.
+    let url = db.url.split('?').next().unwrap();
+    let out = tokio::process::Command::new("psql")
+        .args([url, "-v", "ON_ERROR_STOP=1", "-qX"])
+        .env_remove("PGOPTIONS")
+        .stdin(std::process::Stdio::piped())
+        .output_with_stdin(script)
+        .await;
+    assert!(
+        out.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("both events delivered", Duration::from_secs(60), || async {
+        (delivered(&db.pool).await == 2).then_some(())
+    })
+    .await;
+    let state = sim.account("tenant-a");
+    assert_eq!((state.items.len(), state.prices.len()), (1, 1), "{state:?}");
+    assert_eq!(state.items[0].name, "Green tea, loose");
+    assert_eq!(state.items[0].external_id, "sql-1");
+    assert_eq!(state.prices[0].amount_minor, 420);
+    running.stop().await;
+    relay_stop.cancel();
+    relay_task.await.unwrap().unwrap();
+    sim_stop.cancel();
+    db.drop().await;
+}
+
+/// Runs a command with `input` on its standard input.
+trait WithStdin {
+    async fn output_with_stdin(&mut self, input: &str) -> std::process::Output;
+}
+
+impl WithStdin for tokio::process::Command {
+    async fn output_with_stdin(&mut self, input: &str) -> std::process::Output {
+        use tokio::io::AsyncWriteExt;
+        let mut child = self
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the command starts");
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(input.as_bytes()).await.unwrap();
+        drop(stdin);
+        child.wait_with_output().await.unwrap()
+    }
+}
