@@ -22,6 +22,7 @@
 //! | ...or after failing this long | `consume.pause_after_ms` | `FERRY_CONSUME_PAUSE_AFTER_MS` |
 //! | longest `Retry-After` honoured | `consume.retry_after_max_ms` | `FERRY_CONSUME_RETRY_AFTER_MAX_MS` |
 //! | resume a retryable pause after | `consume.auto_resume_after_ms` | `FERRY_CONSUME_AUTO_RESUME_AFTER_MS` |
+//! | an event of a type this integration does not know (`pause`, `ignore`) | `consume.unknown_event_types` | `FERRY_CONSUME_UNKNOWN_EVENT_TYPES` |
 //! | admin API address | `admin.addr` | `FERRY_ADMIN_ADDR` |
 //! | admin API bearer token | `admin.token` | `FERRY_ADMIN_TOKEN` |
 //! | extra librdkafka settings | `[kafka.properties]` | `FERRY_KAFKA_PROPERTIES` (`name=value,name=value`, over the file's) |
@@ -99,6 +100,32 @@ pub struct ConsumeConfig {
     pub retry_after_max: Option<Duration>,
     /// A tenant paused for a retryable cause is resumed automatically after this long.
     pub auto_resume_after: Option<Duration>,
+    /// What an event of a type the integration does not know does.
+    pub unknown_event_types: UnknownEventTypes,
+}
+
+/// What an event of a type the integration does not know does (`consume.unknown_event_types`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UnknownEventTypes {
+    /// Pause its tenant with the reason, the event parked first: nothing of the tenant passes
+    /// an event nobody looked at (the default).
+    #[default]
+    Pause,
+    /// Record it (`deliveries`, outcome `ignored`, the type named in `last_error`) and go on:
+    /// for a stream that carries types meant for other consumers.
+    Ignore,
+}
+
+impl std::str::FromStr for UnknownEventTypes {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pause" => Ok(UnknownEventTypes::Pause),
+            "ignore" => Ok(UnknownEventTypes::Ignore),
+            _ => Err("must be pause or ignore".to_owned()),
+        }
+    }
 }
 
 /// The partner's API.
@@ -350,6 +377,7 @@ struct FileConsume {
     pause_after_ms: Option<u64>,
     retry_after_max_ms: Option<u64>,
     auto_resume_after_ms: Option<u64>,
+    unknown_event_types: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -598,6 +626,16 @@ impl Config {
                 "FERRY_CONSUME_AUTO_RESUME_AFTER_MS",
                 c.auto_resume_after_ms,
             )?,
+            unknown_event_types: match env(&["FERRY_CONSUME_UNKNOWN_EVENT_TYPES"])
+                .or(c.unknown_event_types)
+            {
+                Some(v) => v.trim().parse().map_err(|reason| ConfigError::Invalid {
+                    key: "consume.unknown_event_types",
+                    value: v.clone(),
+                    reason,
+                })?,
+                None => UnknownEventTypes::default(),
+            },
         };
 
         let admin_addr = env(&["FERRY_ADMIN_ADDR"]).or(file.admin.addr);
@@ -975,6 +1013,11 @@ mod tests {
         assert_eq!(c.consume.pause_after_attempts, Some(3));
         assert_eq!(c.consume.auto_resume_after, Some(Duration::from_secs(5)));
         assert_eq!(c.consume.retry_base, None);
+        assert_eq!(c.consume.unknown_event_types, UnknownEventTypes::Pause);
+        let mut e = BASE.to_vec();
+        e.push(("FERRY_CONSUME_UNKNOWN_EVENT_TYPES", "ignore"));
+        let c = Config::load_with(None, env(&e)).unwrap();
+        assert_eq!(c.consume.unknown_event_types, UnknownEventTypes::Ignore);
         for (var, value, key) in [
             ("FERRY_CONSUME_MAX_IN_FLIGHT", "0", "consume.max_in_flight"),
             (
@@ -991,6 +1034,11 @@ mod tests {
                 "FERRY_CONSUME_AUTO_RESUME_AFTER_MS",
                 "0",
                 "consume.auto_resume_after_ms",
+            ),
+            (
+                "FERRY_CONSUME_UNKNOWN_EVENT_TYPES",
+                "skip",
+                "consume.unknown_event_types",
             ),
         ] {
             let mut e = BASE.to_vec();

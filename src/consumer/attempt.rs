@@ -66,6 +66,8 @@ pub(super) struct Guard<'a> {
     pub(super) killed: watch::Receiver<bool>,
     /// The partition (and generation) the work belongs to.
     pub(super) owner: Position,
+    /// What a replayed event of a type the integration does not know does.
+    pub(super) unknown_event_types: crate::config::UnknownEventTypes,
 }
 
 /// What a [`Guard`] borrows, owned by the task that runs the attempts.
@@ -75,6 +77,7 @@ pub(super) struct Limits {
     pub(super) stats: std::sync::Arc<ConsumeStats>,
     pub(super) pausing: std::sync::Arc<Mutex<std::collections::HashSet<String>>>,
     pub(super) killed: watch::Receiver<bool>,
+    pub(super) unknown_event_types: crate::config::UnknownEventTypes,
 }
 
 impl Limits {
@@ -89,6 +92,7 @@ impl Limits {
             pausing: &self.pausing,
             killed: self.killed.clone(),
             owner,
+            unknown_event_types: self.unknown_event_types,
         }
     }
 }

@@ -405,12 +405,21 @@ impl<H: Handler> Coordinator<H> {
             stats: Arc::clone(&self.stats),
             pausing: Arc::clone(&self.pausing),
             killed: self.killed.subscribe(),
+            unknown_event_types: self.options.unknown_event_types,
         }
     }
 
-    /// A refused record's turn: everything of its tenant before it has settled; it and the
-    /// tenant's queue are parked, in order, and the tenant paused with the decoder's reason.
+    /// A refused record's turn: everything of its tenant before it has settled. An event of a
+    /// type the integration does not know, under `unknown_event_types = ignore`, is recorded as
+    /// ignored; anything else is parked with the tenant's queue, in order, and the tenant
+    /// paused with the decoder's reason.
     async fn pause_for_refused(&mut self, tenant: String, r: Refused) -> Result<(), ConsumeError> {
+        if let Some(ignored) = self.ignorable(&r) {
+            self.stats.count(ledger::SettledAs::Ignored);
+            self.pending.settlements.push((ignored, r.position));
+            self.scheduler.complete(&tenant);
+            return Ok(());
+        }
         if self.ownership.is_current(r.position) {
             let mut records = vec![r.raw];
             self.pending.positions.push(r.position);
@@ -428,6 +437,15 @@ impl<H: Handler> Coordinator<H> {
         }
         self.scheduler.complete(&tenant);
         Ok(())
+    }
+
+    /// The settlement of `r` as ignored, if it is an event of a type the integration does not
+    /// know and the policy says to ignore those.
+    fn ignorable(&self, r: &Refused) -> Option<ledger::Settlement> {
+        if self.options.unknown_event_types != crate::config::UnknownEventTypes::Ignore {
+            return None;
+        }
+        ledger::Settlement::unknown_type(&r.raw, r.unknown_type.as_deref()?)
     }
 
     /// Intake: takes what is ready (up to `INTAKE_BATCH` records, lingering briefly for a

@@ -8,6 +8,7 @@ use super::attempt::{self, Done, Guard, Item};
 use super::rebalance::Position;
 use super::settlement::settlement;
 use super::{intake, ledger};
+use crate::config::UnknownEventTypes;
 use crate::delivery::{Failure, Handler};
 use crate::outbox;
 
@@ -87,9 +88,15 @@ impl Replay<'_> {
             .await
             .map_err(|e| Drained::Error(tenant.clone(), e))?;
         for (seq, raw) in page {
-            let item = match replayed_item(raw, &settled) {
+            let item = match replayed_item(raw, &settled, guard.unknown_event_types) {
                 Ok(item) => item,
-                Err((failure, id)) => {
+                Err(Unreplayable::Ignored(ignored)) => {
+                    guard.stats.count(ledger::SettledAs::Ignored);
+                    self.settlements.push(*ignored);
+                    self.through = seq;
+                    continue;
+                }
+                Err(Unreplayable::Refused(failure, id)) => {
                     return Err(self.stop(Drained::Failed(tenant, failure, id, 0)).await);
                 }
             };
@@ -147,21 +154,39 @@ impl Replay<'_> {
     }
 }
 
+/// A parked record the decoder refuses.
+enum Unreplayable {
+    /// An event of a type the integration does not know, ignored by the policy: recorded.
+    Ignored(Box<ledger::Settlement>),
+    /// Anything else: its tenant is paused again with the decoder's reason.
+    Refused(Failure, Option<uuid::Uuid>),
+}
+
 /// A parked record as an event to replay, or why it cannot be (the decoder refuses it).
 fn replayed_item(
     raw: ledger::ParkedRecord,
     settled: &std::collections::HashSet<uuid::Uuid>,
-) -> Result<Item, (Failure, Option<uuid::Uuid>)> {
-    let event = outbox::decode(&intake::raw_of(&raw)).map_err(|bad| {
-        let failure = Failure {
-            class: crate::delivery::FailureClass::Permanent,
-            message: bad.to_string(),
-            status: None,
-            response: None,
-            retry_after: None,
-        };
-        (failure, bad.event_id)
-    })?;
+    unknown_types: UnknownEventTypes,
+) -> Result<Item, Unreplayable> {
+    let event = match outbox::decode(&intake::raw_of(&raw)) {
+        Ok(event) => event,
+        Err(bad) => {
+            if let outbox::BadEventReason::UnknownEventType(t) = &bad.reason
+                && unknown_types == UnknownEventTypes::Ignore
+                && let Some(ignored) = ledger::Settlement::unknown_type(&raw, t)
+            {
+                return Err(Unreplayable::Ignored(Box::new(ignored)));
+            }
+            let failure = Failure {
+                class: crate::delivery::FailureClass::Permanent,
+                message: bad.to_string(),
+                status: None,
+                response: None,
+                retry_after: None,
+            };
+            return Err(Unreplayable::Refused(failure, bad.event_id));
+        }
+    };
     let position = Position {
         partition: raw.partition,
         offset: raw.offset,

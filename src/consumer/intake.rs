@@ -36,6 +36,8 @@ pub(super) struct Refused {
     pub(super) raw: ParkedRecord,
     pub(super) position: Position,
     pub(super) pause: Pause,
+    /// The event's type, when the decoder refused it for being of a type it does not know.
+    pub(super) unknown_type: Option<String>,
 }
 
 /// What waits in a tenant's queue. A refused record waits its turn like an event: if the
@@ -146,10 +148,15 @@ fn refused(raw: ParkedRecord, position: Position, bad: &outbox::BadEvent) -> Arr
         attempts: 0,
         response: None,
     };
+    let unknown_type = match &bad.reason {
+        outbox::BadEventReason::UnknownEventType(t) => Some(t.clone()),
+        _ => None,
+    };
     Arrival::Bad(Refused {
         raw,
         position,
         pause,
+        unknown_type,
     })
 }
 

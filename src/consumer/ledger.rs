@@ -86,6 +86,27 @@ impl Settlement {
             acked_at: (outcome == SettledAs::Delivered).then(Utc::now),
         }
     }
+
+    /// The record `raw`, an event of type `event_type` the integration does not know, settled
+    /// as ignored (`consume.unknown_event_types = ignore`); `None` when its id is unreadable,
+    /// so nothing could record it.
+    pub fn unknown_type(raw: &ParkedRecord, event_type: &str) -> Option<Settlement> {
+        Some(Settlement {
+            event_id: raw.event_id?,
+            tenant_id: raw.tenant_id.clone(),
+            event_type: Some(event_type.to_owned()),
+            outcome: SettledAs::Ignored,
+            attempts: 0,
+            error: Some(format!(
+                "unknown event type `{event_type}`: ignored (consume.unknown_event_types = ignore)"
+            )),
+            topic: raw.topic.clone(),
+            partition: raw.partition,
+            offset: raw.offset,
+            written_at: raw.timestamp,
+            acked_at: None,
+        })
+    }
 }
 
 /// The event ids among `ids` already settled: a redelivered event is skipped, not handled again.

@@ -51,6 +51,9 @@ pub struct ConsumeOptions {
     /// After a retryable error, the first wait before Postgres is asked again (it doubles up
     /// to ten times this).
     pub restart_backoff: Duration,
+    /// What an event of a type the integration does not know does: pause its tenant, or be
+    /// recorded as ignored.
+    pub unknown_event_types: crate::config::UnknownEventTypes,
 }
 
 impl Default for ConsumeOptions {
@@ -69,6 +72,7 @@ impl Default for ConsumeOptions {
             breaker_window: Duration::from_secs(30),
             revoke_drain: Duration::from_secs(10),
             restart_backoff: Duration::from_millis(500),
+            unknown_event_types: crate::config::UnknownEventTypes::Pause,
         }
     }
 }
@@ -86,6 +90,7 @@ impl ConsumeOptions {
         o.retry.pause_after = config.pause_after.unwrap_or(o.retry.pause_after);
         o.retry.retry_after_max = config.retry_after_max.unwrap_or(o.retry.retry_after_max);
         o.auto_resume_after = config.auto_resume_after.unwrap_or(o.auto_resume_after);
+        o.unknown_event_types = config.unknown_event_types;
         o
     }
 }

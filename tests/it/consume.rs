@@ -1101,3 +1101,98 @@ async fn when_most_tenants_fail_the_breaker_holds_consumption_instead_of_parking
     task.await.unwrap().unwrap();
     db.drop().await;
 }
+
+/// `consume.unknown_event_types = ignore`: an event of a type the integration does not know
+/// (`PriceChanged`, meant for another consumer) is recorded as ignored, never sent, and its
+/// tenant keeps flowing in order; a paused tenant's backlog replays past one the same way.
+/// Guarantee: nothing lost or reordered around a record nobody here handles, and every record
+/// accounted for. Input tried: the unknown type between two events of a live tenant, and of a
+/// tenant paused by an operator, then resumed.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unknown_event_type_is_recorded_as_ignored_when_the_policy_says_so() {
+    let db = TestDb::migrated().await;
+    let kafka = fresh_topic(1).await;
+    let cfg = config(&db, &kafka);
+    sqlx::query("INSERT INTO tenants (tenant_id) VALUES ('held')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    ferry::consumer::ledger::pause_by_operator(&db.pool, "held", "test", "held for the test")
+        .await
+        .unwrap();
+    let unknown = |tenant: &str| OutboxRow {
+        event_type: "PriceChanged".into(),
+        payload: b"{\"price\": 3}".to_vec(),
+        ..row(tenant, 99)
+    };
+    let rows = vec![
+        row("live", 1),
+        unknown("live"),
+        row("live", 2),
+        row("held", 1),
+        unknown("held"),
+        row("held", 2),
+    ];
+    let last_offset = produce_rows(&kafka, &rows).await;
+    let handler = Arc::new(Recorder::default());
+    let options = ConsumeOptions {
+        kill_switch_interval: Duration::from_millis(100),
+        unknown_event_types: ferry::config::UnknownEventTypes::Ignore,
+        ..ConsumeOptions::default()
+    };
+    let (stop, task, stats) = start_with(&cfg, &db.pool, &handler, options);
+    wait_for(
+        "the held tenant parked",
+        Duration::from_secs(30),
+        || async { (stats.parked.load(Ordering::Relaxed) == 3).then_some(()) },
+    )
+    .await;
+    ferry::consumer::ledger::resume(&db.pool, "held", "test", "go on")
+        .await
+        .unwrap();
+    wait_for(
+        "both tenants delivered",
+        Duration::from_secs(30),
+        || async { (stats.delivered.load(Ordering::Relaxed) == 4).then_some(()) },
+    )
+    .await;
+    let calls = handler.calls.lock().unwrap().clone();
+    for tenant in ["live", "held"] {
+        let seqs: Vec<i64> = calls
+            .iter()
+            .filter(|(t, _)| t == tenant)
+            .map(|(_, s)| *s)
+            .collect();
+        assert_eq!(
+            seqs,
+            [1, 2],
+            "{tenant}: the unknown type never sent, order kept"
+        );
+    }
+    for r in [&rows[1], &rows[4]] {
+        let (outcome, error): (String, String) = sqlx::query_as(
+            "SELECT outcome, last_error FROM deliveries WHERE event_id = $1 AND settled_at IS NOT NULL",
+        )
+        .bind(r.id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(outcome, "ignored", "{}", r.tenant_id);
+        assert!(
+            error.contains("unknown event type `PriceChanged`"),
+            "{error}"
+        );
+    }
+    let paused: i64 = sqlx::query_scalar("SELECT count(*) FROM tenants WHERE state <> 'active'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(paused, 0, "nobody paused by the unknown type");
+    wait_for("the commit at the end", Duration::from_secs(30), || async {
+        (committed(&kafka).await == Some(last_offset + 1)).then_some(())
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    db.drop().await;
+}
