@@ -8,7 +8,11 @@
 //! - value: protobuf bytes (ByteArrayConverter); a JSON object (StringConverter on a json
 //!   column, or JsonConverter with `table.expand.json.payload`); a JSON string holding JSON
 //!   text or base64 protobuf (JsonConverter without schemas); or a JsonConverter envelope whose
-//!   `payload` is the object (`expand.json.payload`), a string of JSON text, or base64 bytes.
+//!   `payload` is the object (`expand.json.payload`), a string of JSON text, or base64 bytes;
+//! - the EventRouter's envelope placement (`table.fields.additional.placement=type:envelope:
+//!   eventType`): a value that is a struct of `payload` and the placed fields (inside a
+//!   JsonConverter envelope with schemas on); the placed fields stand in for headers the
+//!   record does not carry (a header wins), and the payload is decoded as above.
 //!
 //! JSON is tried before protobuf: a protobuf message of our schema never starts with `{`, and
 //! bytes that parse as a whole JSON document are not a plausible protobuf message of it.
@@ -136,8 +140,9 @@ pub fn decode(record: &RawRecord<'_>) -> Result<OutboxEvent, BadEvent> {
     // Read the identity first, whatever else is wrong, so a bad event still names its tenant
     // and id where it can.
     let tenant = tenant_from_key(record.key);
-    let id = event_id(record);
-    let event_type_text = header_text(record, header::EVENT_TYPE);
+    let fields = Fields::of(record);
+    let id = event_id(&fields);
+    let event_type_text = fields.text(header::EVENT_TYPE);
 
     let mut bad = BadEvent {
         reason: BadEventReason::MissingKey,
@@ -150,7 +155,7 @@ pub fn decode(record: &RawRecord<'_>) -> Result<OutboxEvent, BadEvent> {
         Err(bad.clone())
     };
 
-    if let Ok(Some(reason)) = header_text(record, header::REJECTED) {
+    if let Ok(Some(reason)) = fields.text(header::REJECTED) {
         return fail(&mut bad, BadEventReason::RejectedByRelay(reason));
     }
     let tenant_id = match tenant {
@@ -169,7 +174,7 @@ pub fn decode(record: &RawRecord<'_>) -> Result<OutboxEvent, BadEvent> {
         Ok(None) => return fail(&mut bad, BadEventReason::MissingHeader(header::EVENT_TYPE)),
         Err(reason) => return fail(&mut bad, reason),
     };
-    let deliver_before = match header_text(record, header::DELIVER_BEFORE) {
+    let deliver_before = match fields.text(header::DELIVER_BEFORE) {
         Ok(None) => None,
         Ok(Some(text)) => match DateTime::parse_from_rfc3339(&text) {
             Ok(t) => Some(t.with_timezone(&Utc)),
@@ -185,14 +190,18 @@ pub fn decode(record: &RawRecord<'_>) -> Result<OutboxEvent, BadEvent> {
         },
         Err(reason) => return fail(&mut bad, reason),
     };
-    let (payload, format) = match payload(record.value, event_type) {
+    let decoded = match &fields.envelope {
+        Some(envelope) => envelope_payload(envelope.payload.clone(), event_type),
+        None => payload(record.value, event_type),
+    };
+    let (payload, format) = match decoded {
         Ok(p) => p,
         Err(reason) => return fail(&mut bad, reason),
     };
 
     // Optional headers never fail an event: tracing is best effort (W3C says to ignore a
     // malformed traceparent), and the aggregate headers are informational.
-    let optional = |name| header_text(record, name).ok().flatten();
+    let optional = |name| fields.text(name).ok().flatten();
     Ok(OutboxEvent {
         id,
         tenant_id,
@@ -223,8 +232,10 @@ fn tenant_from_key(key: Option<&[u8]>) -> Result<TenantId, BadEventReason> {
     TenantId::new(tenant).map_err(|e: TenantIdError| BadEventReason::InvalidKey(e.to_string()))
 }
 
-fn event_id(record: &RawRecord<'_>) -> Result<Uuid, BadEventReason> {
-    let text = header_text(record, header::ID)?.ok_or(BadEventReason::MissingHeader(header::ID))?;
+fn event_id(fields: &Fields<'_, '_>) -> Result<Uuid, BadEventReason> {
+    let text = fields
+        .text(header::ID)?
+        .ok_or(BadEventReason::MissingHeader(header::ID))?;
     Uuid::parse_str(text.trim()).map_err(|e| BadEventReason::InvalidHeader {
         name: header::ID,
         reason: format!("`{text}` is not a UUID: {e}"),
@@ -282,6 +293,113 @@ fn unwrap_json_scalar(text: &str) -> Result<Option<String>, String> {
 /// A Kafka Connect JsonConverter envelope: exactly `schema` and `payload`.
 fn is_envelope(map: &serde_json::Map<String, Value>) -> bool {
     map.len() == 2 && map.contains_key("schema") && map.contains_key("payload")
+}
+
+/// Where the contract's named fields are read: the record's headers, else the EventRouter's
+/// envelope fields.
+struct Fields<'r, 'a> {
+    record: &'r RawRecord<'a>,
+    envelope: Option<RouterEnvelope>,
+}
+
+/// The EventRouter's envelope placement: the payload and the fields placed beside it.
+struct RouterEnvelope {
+    fields: serde_json::Map<String, Value>,
+    /// The payload, in a JsonConverter envelope naming its type when the schema did.
+    payload: Value,
+}
+
+impl<'r, 'a> Fields<'r, 'a> {
+    fn of(record: &'r RawRecord<'a>) -> Self {
+        Fields {
+            record,
+            envelope: router_envelope(record.value),
+        }
+    }
+
+    /// The text of field `name`: its header, else the envelope's field of that name.
+    fn text(&self, name: &'static str) -> Result<Option<String>, BadEventReason> {
+        match header_text(self.record, name)? {
+            Some(text) => Ok(Some(text)),
+            None => Ok(self
+                .envelope
+                .as_ref()
+                .and_then(|e| e.fields.get(name))
+                .and_then(|v| match v {
+                    Value::String(s) => Some(s.clone()),
+                    Value::Number(n) => Some(n.to_string()),
+                    _ => None,
+                })),
+        }
+    }
+}
+
+/// The value as the EventRouter's envelope placement writes it, if it is one: an object of
+/// `payload` and the placed fields, every one a scalar (they are columns of the outbox row) and
+/// at least one a field of the contract, possibly inside a JsonConverter envelope.
+fn router_envelope(value: Option<&[u8]>) -> Option<RouterEnvelope> {
+    let Value::Object(mut map) = json_document(value?)? else {
+        return None;
+    };
+    let mut payload_type = None;
+    if is_envelope(&map) {
+        let schema = map.remove("schema");
+        let Some(Value::Object(inner)) = map.remove("payload") else {
+            return None;
+        };
+        payload_type = schema.as_ref().and_then(|s| field_type(s, "payload"));
+        map = inner;
+    }
+    // A payload of the application's own with a field named `payload` is told apart by the
+    // placed fields: scalars, and at least one of them a field of the contract.
+    const CONTRACT: [&str; 6] = [
+        header::ID,
+        header::EVENT_TYPE,
+        header::AGGREGATE_TYPE,
+        header::AGGREGATE_ID,
+        header::TRACEPARENT,
+        header::DELIVER_BEFORE,
+    ];
+    let placed = map.contains_key("payload")
+        && map.keys().any(|k| CONTRACT.contains(&k.as_str()))
+        && map
+            .iter()
+            .all(|(k, v)| k == "payload" || !(v.is_object() || v.is_array()));
+    if !placed {
+        return None;
+    }
+    let inner = map.remove("payload")?;
+    let payload = match payload_type {
+        Some(t) => serde_json::json!({"schema": {"type": t}, "payload": inner}),
+        None => inner,
+    };
+    Some(RouterEnvelope {
+        fields: map,
+        payload,
+    })
+}
+
+/// The type a Connect struct schema gives its field `name`.
+fn field_type(schema: &Value, name: &str) -> Option<String> {
+    schema
+        .get("fields")?
+        .as_array()?
+        .iter()
+        .find(|f| f.get("field").and_then(Value::as_str) == Some(name))?
+        .get("type")?
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// The payload of an EventRouter envelope.
+fn envelope_payload(
+    payload: Value,
+    event_type: EventType,
+) -> Result<(EventPayload, PayloadFormat), BadEventReason> {
+    match payload {
+        Value::Null => Err(BadEventReason::MissingPayload),
+        payload => payload_from_json_value(payload, event_type),
+    }
 }
 
 fn payload(
