@@ -17,6 +17,10 @@
 //! tx.commit().await?;
 //! # Ok(()) }
 //! ```
+//!
+//! The payload is anything that says its type and gives its bytes ([`OutboxPayload`]): the
+//! reference domain's protobuf messages ([`EventPayload`]), or JSON of the application's own
+//! ([`JsonPayload`]).
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
@@ -24,30 +28,77 @@ use uuid::Uuid;
 
 use super::{EventPayload, TenantId};
 
+/// What an event carries, as the outbox stores it.
+pub trait OutboxPayload {
+    /// The event type (the `type` column, the `eventType` header).
+    fn event_type(&self) -> &str;
+    /// The aggregate's type (the `aggregatetype` column), e.g. `Product`.
+    fn aggregate_type(&self) -> &str;
+    /// The bytes of the `payload` column: protobuf, or UTF-8 JSON.
+    fn to_bytes(&self) -> Vec<u8>;
+}
+
+impl OutboxPayload for EventPayload {
+    fn event_type(&self) -> &str {
+        EventPayload::event_type(self).as_str()
+    }
+
+    fn aggregate_type(&self) -> &str {
+        EventPayload::event_type(self).aggregate_type()
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
+        self.encode_to_vec()
+    }
+}
+
+/// A JSON payload of the application's own: its type names and its body, stored as UTF-8
+/// JSON (the decoder reads a payload in the proto3 JSON mapping for the reference domain's
+/// types; a consumer of other types reads the JSON as it is).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JsonPayload {
+    /// The event type.
+    pub event_type: String,
+    /// The aggregate's type.
+    pub aggregate_type: String,
+    /// The body.
+    pub body: serde_json::Value,
+}
+
+impl OutboxPayload for JsonPayload {
+    fn event_type(&self) -> &str {
+        &self.event_type
+    }
+
+    fn aggregate_type(&self) -> &str {
+        &self.aggregate_type
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
+        self.body.to_string().into_bytes()
+    }
+}
+
 /// An event to append to the outbox.
 #[derive(Debug, Clone, PartialEq)]
-pub struct NewEvent {
+pub struct NewEvent<P = EventPayload> {
     /// The event id; a time-ordered UUIDv7 by default.
     pub id: Uuid,
     /// The tenant: the Kafka key, the unit of order.
     pub tenant_id: TenantId,
     /// The aggregate's id (the product id).
     pub aggregate_id: String,
-    /// The payload; its variant names the event type.
-    pub payload: EventPayload,
+    /// The payload; it names the event type.
+    pub payload: P,
     /// Past this instant the event must not be delivered.
     pub deliver_before: Option<DateTime<Utc>>,
     /// W3C trace context; [`NewEvent::new`] captures the current span's.
     pub traceparent: Option<String>,
 }
 
-impl NewEvent {
+impl<P: OutboxPayload> NewEvent<P> {
     /// An event with a fresh id and the current span's trace context.
-    pub fn new(
-        tenant_id: TenantId,
-        aggregate_id: impl Into<String>,
-        payload: EventPayload,
-    ) -> Self {
+    pub fn new(tenant_id: TenantId, aggregate_id: impl Into<String>, payload: P) -> Self {
         NewEvent {
             id: Uuid::now_v7(),
             tenant_id,
@@ -68,13 +119,19 @@ impl NewEvent {
 pub use crate::telemetry::current_traceparent;
 
 /// Appends one event within the caller's transaction (pass `&mut tx`).
-pub async fn append(conn: &mut PgConnection, event: &NewEvent) -> Result<Uuid, sqlx::Error> {
+pub async fn append<P: OutboxPayload>(
+    conn: &mut PgConnection,
+    event: &NewEvent<P>,
+) -> Result<Uuid, sqlx::Error> {
     append_many(conn, std::slice::from_ref(event)).await?;
     Ok(event.id)
 }
 
 /// Appends events in order with one statement, within the caller's transaction.
-pub async fn append_many(conn: &mut PgConnection, events: &[NewEvent]) -> Result<(), sqlx::Error> {
+pub async fn append_many<P: OutboxPayload>(
+    conn: &mut PgConnection,
+    events: &[NewEvent<P>],
+) -> Result<(), sqlx::Error> {
     if events.is_empty() {
         return Ok(());
     }
@@ -87,12 +144,11 @@ pub async fn append_many(conn: &mut PgConnection, events: &[NewEvent]) -> Result
     let mut traceparents = Vec::with_capacity(events.len());
     let mut deadlines = Vec::with_capacity(events.len());
     for e in events {
-        let event_type = e.payload.event_type();
         ids.push(e.id);
-        aggregate_types.push(event_type.aggregate_type());
+        aggregate_types.push(e.payload.aggregate_type());
         aggregate_ids.push(e.aggregate_id.as_str());
-        types.push(event_type.as_str());
-        payloads.push(e.payload.encode_to_vec());
+        types.push(e.payload.event_type());
+        payloads.push(e.payload.to_bytes());
         tenants.push(e.tenant_id.as_str());
         traceparents.push(e.traceparent.as_deref());
         deadlines.push(e.deliver_before);

@@ -149,3 +149,66 @@ async fn the_load_writer_writes_each_change_with_its_event() {
     );
     db.drop().await;
 }
+
+/// The writer is generic over the payload: JSON of the application's own types is stored as
+/// UTF-8 JSON under its own type names, and a JSON payload of the reference domain decodes as
+/// the event it names. Input tried: a `ProductDeleted` in proto3 JSON and an `OrderPlaced` of a
+/// domain Ferry does not know, appended in one statement.
+#[tokio::test]
+async fn json_payloads_of_any_type_are_written_as_they_are() {
+    use ferry::outbox::writer::JsonPayload;
+    let db = TestDb::migrated().await;
+    let tenant = TenantId::new("acme").unwrap();
+    let events = [
+        NewEvent::new(
+            tenant.clone(),
+            "p-1",
+            JsonPayload {
+                event_type: "ProductDeleted".into(),
+                aggregate_type: "Product".into(),
+                body: serde_json::json!({"productId": "p-1"}),
+            },
+        ),
+        NewEvent::new(
+            tenant,
+            "o-7",
+            JsonPayload {
+                event_type: "OrderPlaced".into(),
+                aggregate_type: "Order".into(),
+                body: serde_json::json!({"orderId": "o-7", "total": 1250}),
+            },
+        ),
+    ];
+    let mut tx = db.pool.begin().await.unwrap();
+    writer::append_many(&mut tx, &events).await.unwrap();
+    tx.commit().await.unwrap();
+    let rows: Vec<(String, String, Vec<u8>)> = sqlx::query_as(
+        "SELECT type, aggregatetype, payload FROM outbox WHERE id = ANY($1) ORDER BY id",
+    )
+    .bind(vec![events[0].id, events[1].id])
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows[0].0, "ProductDeleted");
+    assert_eq!(rows[1].0, "OrderPlaced");
+    assert_eq!(rows[1].1, "Order");
+    let order: serde_json::Value = serde_json::from_slice(&rows[1].2).unwrap();
+    assert_eq!(order["total"], 1250);
+    let deleted = ferry::outbox::decode(&ferry::outbox::RawRecord {
+        key: Some(b"acme"),
+        headers: vec![
+            ("id", Some(events[0].id.to_string().as_bytes())),
+            ("eventType", Some(b"ProductDeleted")),
+        ],
+        value: Some(&rows[0].2),
+        timestamp_ms: None,
+    })
+    .unwrap();
+    assert_eq!(
+        deleted.payload,
+        EventPayload::ProductDeleted(proto::ProductDeleted {
+            product_id: "p-1".into()
+        })
+    );
+    db.drop().await;
+}
