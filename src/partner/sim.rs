@@ -64,6 +64,9 @@ pub struct Faults {
     /// The next this-many reads (`GET`) of an account are answered 200 with a list padded to
     /// [`OVERSIZED_ANSWER_BYTES`]: an answer far larger than any the API documents.
     pub oversized_answers: BTreeMap<String, u32>,
+    /// The partner ignores `Idempotency-Key`: every write is applied afresh, never answered
+    /// from an earlier one (as many real APIs do).
+    pub ignore_idempotency_keys: bool,
 }
 
 /// The size of an oversized answer (see [`Faults::oversized_answers`]).
@@ -435,6 +438,7 @@ fn gate(sim: &Sim, account: &str, method: &Method, uri: &Uri, headers: &HeaderMa
         }
     }
     if *method != Method::GET
+        && !faults.ignore_idempotency_keys
         && let Some(key) = &key
         && let Some((status, body)) = a.answers.get(key).cloned()
     {

@@ -695,3 +695,99 @@ impl WithStdin for tokio::process::Command {
         child.wait_with_output().await.unwrap()
     }
 }
+
+/// A partner that ignores `Idempotency-Key` (every write applied afresh) and loses the answers
+/// to two writes: healing by our id (a find by `external_id` before any create) still leaves one
+/// item and one price. Input tried: a create and an update of one product, the first two
+/// writes' answers lost past the client's timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partner_that_ignores_idempotency_keys_ends_without_duplicates() {
+    let (db, cfg, sim, sim_stop) = setup(Duration::from_millis(500)).await;
+    sim.set_faults(Faults {
+        ignore_idempotency_keys: true,
+        lose_responses: BTreeMap::from([("tenant-a".to_owned(), 2)]),
+        lose_delay_ms: Some(2_000),
+        ..Faults::default()
+    });
+    produce_rows(
+        &cfg.kafka,
+        &[
+            product("tenant-a", "p-1", "Tea", 350, true),
+            product("tenant-a", "p-1", "Green tea", 420, false),
+        ],
+    )
+    .await;
+    let running = consume(&cfg, &db.pool, fast_retries());
+    wait_for("both events delivered", Duration::from_secs(60), || async {
+        (delivered(&db.pool).await == 2).then_some(())
+    })
+    .await;
+    running.stop().await;
+    let state = sim.account("tenant-a");
+    assert_eq!((state.items.len(), state.prices.len()), (1, 1), "{state:?}");
+    assert_eq!(state.items[0].name, "Green tea");
+    assert_eq!(state.prices[0].amount_minor, 420);
+    assert_eq!(state.prices[0].item_id, state.items[0].id);
+    let report = &sim.report()["tenant-a"];
+    assert_eq!(report.replays, 0, "the partner never answered from a key");
+    assert_eq!(report.duplicate_objects, 0, "{report:?}");
+    sim_stop.cancel();
+    db.drop().await;
+}
+
+/// Under the default policy an event of a type the integration does not know pauses its
+/// tenant with the decoder's reason, the event parked first; other tenants flow. Input tried:
+/// `PriceChanged` between two creates of tenant-a.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unknown_event_type_pauses_its_tenant_by_default() {
+    let (db, cfg, sim, sim_stop) = setup(Duration::from_secs(10)).await;
+    let mut unknown = product("tenant-a", "p-2", "Cup", 100, true);
+    unknown.event_type = "PriceChanged".into();
+    produce_rows(
+        &cfg.kafka,
+        &[
+            product("tenant-a", "p-1", "Tea", 350, true),
+            unknown,
+            product("tenant-a", "p-3", "Pot", 900, true),
+            product("tenant-7", "p-1", "Coffee", 250, true),
+        ],
+    )
+    .await;
+    let running = consume(&cfg, &db.pool, fast_retries());
+    let reason = wait_for(
+        "tenant-a paused, tenant-7 delivered",
+        Duration::from_secs(30),
+        || async {
+            let paused: Option<String> = sqlx::query_scalar(
+                "SELECT pause_reason FROM tenants WHERE tenant_id = 'tenant-a' AND state = 'paused'",
+            )
+            .fetch_optional(&db.pool)
+            .await
+            .unwrap();
+            if delivered(&db.pool).await == 2 {
+                paused
+            } else {
+                None
+            }
+        },
+    )
+    .await;
+    assert!(
+        reason.contains("unknown event type `PriceChanged`"),
+        "{reason}"
+    );
+    let parked: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM parked_events WHERE tenant_id = 'tenant-a'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(parked, 2, "the unknown event and the create behind it");
+    running.stop().await;
+    assert_eq!(
+        sim.account("tenant-a").items.len(),
+        1,
+        "only p-1 reached the partner"
+    );
+    sim_stop.cancel();
+    db.drop().await;
+}
