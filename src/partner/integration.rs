@@ -1,6 +1,8 @@
 //! The partner integration: the consumer's [`Handler`] that mirrors our products as the
 //! partner's shop items and prices, through the generic mapping table
-//! (`integration_mappings`: our id → theirs, per object type).
+//! (`integration_mappings`: our id → theirs, per object type). It says only how to call the
+//! partner for each object type ([`Item`], [`Price`]: [`ObjectApi`]); the generic
+//! [`Driver`] does the mapping, the healing, the idempotency keys and the deletes.
 //!
 //! - *Created*: an item, then its price. Each step looks for its object first (by mapping, then
 //!   by our id as the partner's `external_id`), so a create that stopped half-way resumes
@@ -20,8 +22,9 @@
 
 use sqlx::PgPool;
 
-use super::api::{NewShopItem, NewShopPrice, ShopItemUpdate, ShopPriceUpdate};
+use super::api::{NewShopItem, NewShopPrice, ShopItem, ShopItemUpdate, ShopPrice, ShopPriceUpdate};
 use super::client::{Call, PartnerClient, is_not_found};
+use super::driver::{Driver, ObjectApi, Remote, db};
 use crate::delivery::{Attempt, Failure, FailureClass, Handler, Outcome};
 use crate::outbox::{EventPayload, OutboxEvent, proto};
 
@@ -192,6 +195,7 @@ impl Integration {
             Err(f) => Err(f),
         }
     }
+    /// The product's item, then its price, each through the generic driver.
     async fn upsert(
         &self,
         event: &OutboxEvent,
@@ -199,105 +203,25 @@ impl Integration {
         p: &proto::Product,
         known: Known,
     ) -> Result<(), Failure> {
-        let key = |step: &str| format!("{}/{step}", event.id);
-        let tenant = event.tenant_id.as_str();
-
-        // The item: by mapping, else by our id on the partner, else created.
-        let fields = ShopItemUpdate {
-            name: p.name.clone(),
-            description: p.description.clone(),
+        let driver = self.driver(event, call);
+        let item = Item {
+            client: &self.client,
+            product: p,
         };
-        let mut item_id = None;
-        if let Some(id) = &known.item {
-            match self
-                .client
-                .update_item(&call.keyed(key("item/update")), id, &fields)
-                .await
-            {
-                Ok(item) => item_id = Some(item.id),
-                Err(f) if is_not_found(&f) => {}
-                Err(f) => return Err(f),
-            }
-        }
-        let item_id = match item_id {
-            Some(id) => id,
-            None => match self.client.find_item(call, &p.id).await? {
-                Some(found) => {
-                    if found.name != fields.name || found.description != fields.description {
-                        self.client
-                            .update_item(&call.keyed(key("item/update")), &found.id, &fields)
-                            .await?;
-                    }
-                    found.id
-                }
-                None => {
-                    let new = NewShopItem {
-                        name: p.name.clone(),
-                        description: p.description.clone(),
-                        external_id: p.id.clone(),
-                    };
-                    self.client
-                        .create_item(&call.keyed(key("item/create")), &new)
-                        .await?
-                        .id
-                }
-            },
+        let item_id = driver
+            .upsert(&item, &p.id, known.item.as_deref(), None)
+            .await?;
+        let price = Price {
+            client: &self.client,
+            product: p,
         };
-        // Learnt now, so a failed price step resumes from here.
-        let item_learnt = known.item.as_deref() != Some(item_id.as_str());
-        if item_learnt {
-            write_mappings(&self.pool, tenant, &[(ITEM, &p.id, &item_id)]).await?;
-        }
-
-        // The price of that item, likewise.
-        let amount = ShopPriceUpdate {
-            amount_minor: p.price_minor,
-            currency: p.currency.clone(),
-        };
-        let mut price_id = None;
-        if let Some(id) = &known.price {
-            match self
-                .client
-                .update_price(&call.keyed(key("price/update")), id, &amount)
-                .await
-            {
-                Ok(price) if price.item_id == item_id => price_id = Some(price.id),
-                Ok(_) | Err(_) => {}
-            }
-        }
-        let price_id = match price_id {
-            Some(id) => id,
-            None => match self.client.find_price(call, &p.id).await? {
-                Some(found) if found.item_id == item_id => {
-                    if found.amount_minor != amount.amount_minor
-                        || found.currency != amount.currency
-                    {
-                        self.client
-                            .update_price(&call.keyed(key("price/update")), &found.id, &amount)
-                            .await?;
-                    }
-                    found.id
-                }
-                _ => {
-                    let new = NewShopPrice {
-                        item_id: item_id.clone(),
-                        amount_minor: p.price_minor,
-                        currency: p.currency.clone(),
-                        external_id: p.id.clone(),
-                    };
-                    self.client
-                        .create_price(&call.keyed(key("price/create")), &new)
-                        .await?
-                        .id
-                }
-            },
-        };
-        if known.price.as_deref() != Some(price_id.as_str()) {
-            write_mappings(&self.pool, tenant, &[(PRICE, &p.id, &price_id)]).await?;
-        }
+        driver
+            .upsert(&price, &p.id, known.price.as_deref(), Some(&item_id))
+            .await?;
         Ok(())
     }
 
+    /// The product's item (and with it, on the partner, its price), then both mappings.
     async fn delete(
         &self,
         event: &OutboxEvent,
@@ -305,21 +229,17 @@ impl Integration {
         product_id: &str,
         known: Known,
     ) -> Result<(), Failure> {
-        let item_id = match known.item {
-            Some(id) => Some(id),
-            None => self.client.find_item(call, product_id).await?.map(|i| i.id),
+        let driver = self.driver(event, call);
+        let item = Item {
+            client: &self.client,
+            product: &proto::Product {
+                id: product_id.to_owned(),
+                ..proto::Product::default()
+            },
         };
-        if let Some(id) = item_id {
-            match self
-                .client
-                .delete_item(&call.keyed(format!("{}/item/delete", event.id)), &id)
-                .await
-            {
-                Ok(()) => {}
-                Err(f) if is_not_found(&f) => {}
-                Err(f) => return Err(f),
-            }
-        }
+        driver
+            .delete(&item, product_id, known.item.as_deref())
+            .await?;
         sqlx::query(
             "DELETE FROM integration_mappings \
              WHERE integration = $1 AND local_id = $2 AND object_type IN ($3, $4) AND tenant_id = $5",
@@ -334,6 +254,129 @@ impl Integration {
         .map_err(db)?;
         Ok(())
     }
+
+    fn driver<'a>(&'a self, event: &'a OutboxEvent, call: &'a Call) -> Driver<'a> {
+        Driver {
+            pool: &self.pool,
+            integration: INTEGRATION,
+            tenant: event.tenant_id.as_str(),
+            event_id: event.id,
+            call,
+        }
+    }
+}
+
+/// A product as the partner's shop item.
+struct Item<'a> {
+    client: &'a PartnerClient,
+    product: &'a proto::Product,
+}
+
+impl Item<'_> {
+    fn fields(&self) -> ShopItemUpdate {
+        ShopItemUpdate {
+            name: self.product.name.clone(),
+            description: self.product.description.clone(),
+        }
+    }
+
+    fn remote(&self, item: ShopItem) -> Remote {
+        Remote {
+            current: item.name == self.product.name && item.description == self.product.description,
+            id: item.id,
+            parent: None,
+        }
+    }
+}
+
+impl ObjectApi for Item<'_> {
+    const OBJECT_TYPE: &'static str = ITEM;
+    const KEY: &'static str = "item";
+
+    async fn find(&self, call: &Call, our_id: &str) -> Result<Option<Remote>, Failure> {
+        let found = self.client.find_item(call, our_id).await?;
+        Ok(found.map(|item| self.remote(item)))
+    }
+
+    async fn create(
+        &self,
+        call: &Call,
+        our_id: &str,
+        _parent: Option<&str>,
+    ) -> Result<Remote, Failure> {
+        let new = NewShopItem {
+            name: self.product.name.clone(),
+            description: self.product.description.clone(),
+            external_id: our_id.to_owned(),
+        };
+        let item = self.client.create_item(call, &new).await?;
+        Ok(self.remote(item))
+    }
+
+    async fn update(&self, call: &Call, id: &str) -> Result<Remote, Failure> {
+        let item = self.client.update_item(call, id, &self.fields()).await?;
+        Ok(self.remote(item))
+    }
+
+    async fn delete(&self, call: &Call, id: &str) -> Result<(), Failure> {
+        self.client.delete_item(call, id).await
+    }
+}
+
+/// A product's price as the partner's shop price, under its item.
+struct Price<'a> {
+    client: &'a PartnerClient,
+    product: &'a proto::Product,
+}
+
+impl Price<'_> {
+    fn remote(&self, price: ShopPrice) -> Remote {
+        Remote {
+            current: price.amount_minor == self.product.price_minor
+                && price.currency == self.product.currency,
+            id: price.id,
+            parent: Some(price.item_id),
+        }
+    }
+}
+
+impl ObjectApi for Price<'_> {
+    const OBJECT_TYPE: &'static str = PRICE;
+    const KEY: &'static str = "price";
+
+    async fn find(&self, call: &Call, our_id: &str) -> Result<Option<Remote>, Failure> {
+        let found = self.client.find_price(call, our_id).await?;
+        Ok(found.map(|price| self.remote(price)))
+    }
+
+    async fn create(
+        &self,
+        call: &Call,
+        our_id: &str,
+        parent: Option<&str>,
+    ) -> Result<Remote, Failure> {
+        let new = NewShopPrice {
+            item_id: parent.unwrap_or_default().to_owned(),
+            amount_minor: self.product.price_minor,
+            currency: self.product.currency.clone(),
+            external_id: our_id.to_owned(),
+        };
+        let price = self.client.create_price(call, &new).await?;
+        Ok(self.remote(price))
+    }
+
+    async fn update(&self, call: &Call, id: &str) -> Result<Remote, Failure> {
+        let amount = ShopPriceUpdate {
+            amount_minor: self.product.price_minor,
+            currency: self.product.currency.clone(),
+        };
+        let price = self.client.update_price(call, id, &amount).await?;
+        Ok(self.remote(price))
+    }
+
+    async fn delete(&self, call: &Call, id: &str) -> Result<(), Failure> {
+        self.client.delete_price(call, id).await
+    }
 }
 
 /// What an event's handling starts from.
@@ -344,51 +387,4 @@ struct Known {
     item: Option<String>,
     /// Its price, if mapped.
     price: Option<String>,
-}
-
-/// Upserts `(object_type, local_id, foreign_id)` mappings: one statement, atomic on its own.
-async fn write_mappings(
-    pool: &PgPool,
-    tenant: &str,
-    mappings: &[(&str, &str, &str)],
-) -> Result<(), Failure> {
-    upsert_mappings(&mut *pool.acquire().await.map_err(db)?, tenant, mappings).await
-}
-
-/// One statement for all of `mappings`.
-async fn upsert_mappings(
-    conn: &mut sqlx::PgConnection,
-    tenant: &str,
-    mappings: &[(&str, &str, &str)],
-) -> Result<(), Failure> {
-    if mappings.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "INSERT INTO integration_mappings (integration, object_type, local_id, foreign_id, tenant_id) \
-         SELECT $1, t, l, f, $5 FROM UNNEST($2::text[], $3::text[], $4::text[]) AS m(t, l, f) \
-         ON CONFLICT (integration, object_type, tenant_id, local_id) \
-         DO UPDATE SET foreign_id = EXCLUDED.foreign_id, updated_at = now() \
-         WHERE integration_mappings.foreign_id <> EXCLUDED.foreign_id",
-    )
-    .bind(INTEGRATION)
-    .bind(mappings.iter().map(|m| m.0).collect::<Vec<_>>())
-    .bind(mappings.iter().map(|m| m.1).collect::<Vec<_>>())
-    .bind(mappings.iter().map(|m| m.2).collect::<Vec<_>>())
-    .bind(tenant)
-    .execute(conn)
-    .await
-    .map_err(db)?;
-    Ok(())
-}
-
-/// Our database failing is not the tenant's fault: retry it like a timeout.
-fn db(e: sqlx::Error) -> Failure {
-    Failure {
-        class: FailureClass::Retryable,
-        message: format!("postgres: {e}"),
-        status: None,
-        response: None,
-        retry_after: None,
-    }
 }

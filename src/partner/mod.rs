@@ -21,6 +21,7 @@
 
 pub mod api;
 pub mod client;
+pub mod driver;
 pub mod integration;
 pub mod rate_limits;
 pub mod sim;
