@@ -118,8 +118,8 @@ impl Driver<'_> {
     }
 
     /// Deletes `our_id`'s object (the mapped one, else the one found by our id); not found
-    /// counts as deleted. The caller removes the mappings (an object's children go with it on
-    /// most partners).
+    /// counts as deleted; then its mapping. Children the partner deletes with it are the
+    /// caller's to [`forget`](Self::forget).
     pub async fn delete<O: ObjectApi>(
         &self,
         api: &O,
@@ -130,13 +130,29 @@ impl Driver<'_> {
             Some(id) => Some(id.to_owned()),
             None => api.find(self.call, our_id).await?.map(|r| r.id),
         };
-        let Some(id) = id else {
-            return Ok(());
-        };
-        match api.delete(&self.keyed::<O>("delete"), &id).await {
-            Err(f) if !is_not_found(&f) => Err(f),
-            _ => Ok(()),
+        if let Some(id) = id {
+            match api.delete(&self.keyed::<O>("delete"), &id).await {
+                Err(f) if !is_not_found(&f) => return Err(f),
+                _ => {}
+            }
         }
+        self.forget::<O>(our_id).await
+    }
+
+    /// Removes the mapping of `our_id`'s `O`: an object the partner deleted with its parent.
+    pub async fn forget<O: ObjectApi>(&self, our_id: &str) -> Result<(), Failure> {
+        sqlx::query(
+            "DELETE FROM integration_mappings \
+             WHERE integration = $1 AND object_type = $2 AND tenant_id = $3 AND local_id = $4",
+        )
+        .bind(self.integration)
+        .bind(O::OBJECT_TYPE)
+        .bind(self.tenant)
+        .bind(our_id)
+        .execute(self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
     }
 
     /// The call with the idempotency key of this event's `action` on an `O`.

@@ -240,19 +240,8 @@ impl Integration {
         driver
             .delete(&item, product_id, known.item.as_deref())
             .await?;
-        sqlx::query(
-            "DELETE FROM integration_mappings \
-             WHERE integration = $1 AND local_id = $2 AND object_type IN ($3, $4) AND tenant_id = $5",
-        )
-        .bind(INTEGRATION)
-        .bind(product_id)
-        .bind(ITEM)
-        .bind(PRICE)
-        .bind(event.tenant_id.as_str())
-        .execute(&self.pool)
-        .await
-        .map_err(db)?;
-        Ok(())
+        // The partner deleted the item's price with it.
+        driver.forget::<Price>(product_id).await
     }
 
     fn driver<'a>(&'a self, event: &'a OutboxEvent, call: &'a Call) -> Driver<'a> {

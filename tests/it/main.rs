@@ -8,6 +8,7 @@ mod contract;
 mod ctl;
 mod dashboard;
 mod decoder;
+mod example;
 mod faults;
 mod kafka;
 mod ledger;

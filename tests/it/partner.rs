@@ -80,7 +80,7 @@ pub(crate) fn fast_retries() -> ConsumeOptions {
     }
 }
 
-fn product(tenant: &str, id: &str, name: &str, price: i64, created: bool) -> OutboxRow {
+pub(crate) fn product(tenant: &str, id: &str, name: &str, price: i64, created: bool) -> OutboxRow {
     let p = proto::Product {
         id: id.to_owned(),
         name: name.to_owned(),
@@ -112,7 +112,7 @@ fn product(tenant: &str, id: &str, name: &str, price: i64, created: bool) -> Out
     }
 }
 
-async fn delivered(pool: &sqlx::PgPool) -> i64 {
+pub(crate) async fn delivered(pool: &sqlx::PgPool) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM deliveries WHERE outcome = 'delivered'")
         .fetch_one(pool)
         .await

@@ -1,0 +1,182 @@
+//! Your own integration in Rust, with Ferry as a library: mirror each tenant's products as the
+//! partner's shop items (names only; no prices), through Ferry's generic driver, and run it
+//! under Ferry's consumer (ordering per tenant, retries, pausing, parking, offsets).
+//!
+//! The integration says only how to call the partner for its one object type ([`Item`]:
+//! find by our id, create, update, delete); the [`Driver`] does the mapping of our ids to
+//! theirs, the healing (find before create), the idempotency keys and the deletes.
+//!
+//! Run it against the partner simulator (`ferry partner-sim`) with the usual settings:
+//!
+//! ```sh
+//! FERRY_PARTNER_URL=http://127.0.0.1:8081 FERRY_PARTNER_TOKEN=sim-token \
+//!   cargo run --example own_integration
+//! ```
+//!
+//! `tests/it/example.rs` runs this handler end to end against the simulator.
+
+use std::sync::Arc;
+
+use ferry::delivery::{Attempt, Failure, Handler, Outcome};
+use ferry::outbox::{EventPayload, OutboxEvent, proto};
+use ferry::partner::api::{NewShopItem, ShopItem, ShopItemUpdate};
+use ferry::partner::client::{Call, PartnerClient};
+use ferry::partner::driver::{Driver, ObjectApi, Remote};
+
+/// The integration's name in Ferry's mapping table: its mappings are its own.
+pub const INTEGRATION: &str = "names";
+
+/// The handler: one event, one object.
+pub struct NamesOnly {
+    pub client: PartnerClient,
+    pub pool: sqlx::PgPool,
+}
+
+impl Handler for NamesOnly {
+    async fn handle(&self, event: &OutboxEvent, _attempt: &Attempt) -> Outcome {
+        let call = Call {
+            account: event.tenant_id.to_string(),
+            ..Call::default()
+        };
+        let driver = Driver {
+            pool: &self.pool,
+            integration: INTEGRATION,
+            tenant: event.tenant_id.as_str(),
+            event_id: event.id,
+            call: &call,
+        };
+        let done = match &event.payload {
+            EventPayload::ProductCreated(proto::ProductCreated { product: Some(p) })
+            | EventPayload::ProductUpdated(proto::ProductUpdated { product: Some(p) }) => {
+                let mapped = self.mapped(event, &p.id).await;
+                let item = Item {
+                    client: &self.client,
+                    name: &p.name,
+                };
+                match mapped {
+                    Ok(mapped) => driver
+                        .upsert(&item, &p.id, mapped.as_deref(), None)
+                        .await
+                        .map(drop),
+                    Err(f) => Err(f),
+                }
+            }
+            EventPayload::ProductDeleted(d) => {
+                let item = Item {
+                    client: &self.client,
+                    name: "",
+                };
+                match self.mapped(event, &d.product_id).await {
+                    Ok(mapped) => driver.delete(&item, &d.product_id, mapped.as_deref()).await,
+                    Err(f) => Err(f),
+                }
+            }
+            // Not this integration's events.
+            _ => return Outcome::Ignored,
+        };
+        match done {
+            Ok(()) => Outcome::Done,
+            Err(failure) => Outcome::Failed(failure),
+        }
+    }
+}
+
+impl NamesOnly {
+    /// The partner's id for `product_id`, as mapped so far.
+    async fn mapped(
+        &self,
+        event: &OutboxEvent,
+        product_id: &str,
+    ) -> Result<Option<String>, Failure> {
+        sqlx::query_scalar(
+            "SELECT foreign_id FROM integration_mappings \
+             WHERE integration = $1 AND object_type = $2 AND tenant_id = $3 AND local_id = $4",
+        )
+        .bind(INTEGRATION)
+        .bind(Item::OBJECT_TYPE)
+        .bind(event.tenant_id.as_str())
+        .bind(product_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(ferry::partner::driver::db)
+    }
+}
+
+/// A product as the partner's shop item, holding only its name.
+pub struct Item<'a> {
+    client: &'a PartnerClient,
+    name: &'a str,
+}
+
+impl Item<'_> {
+    fn remote(&self, item: ShopItem) -> Remote {
+        Remote {
+            current: item.name == self.name,
+            id: item.id,
+            parent: None,
+        }
+    }
+}
+
+impl ObjectApi for Item<'_> {
+    const OBJECT_TYPE: &'static str = "named_item";
+    const KEY: &'static str = "named_item";
+
+    async fn find(&self, call: &Call, our_id: &str) -> Result<Option<Remote>, Failure> {
+        Ok(self
+            .client
+            .find_item(call, our_id)
+            .await?
+            .map(|i| self.remote(i)))
+    }
+
+    async fn create(
+        &self,
+        call: &Call,
+        our_id: &str,
+        _parent: Option<&str>,
+    ) -> Result<Remote, Failure> {
+        let new = NewShopItem {
+            name: self.name.to_owned(),
+            description: String::new(),
+            external_id: our_id.to_owned(),
+        };
+        Ok(self.remote(self.client.create_item(call, &new).await?))
+    }
+
+    async fn update(&self, call: &Call, id: &str) -> Result<Remote, Failure> {
+        let fields = ShopItemUpdate {
+            name: self.name.to_owned(),
+            description: String::new(),
+        };
+        Ok(self.remote(self.client.update_item(call, id, &fields).await?))
+    }
+
+    async fn delete(&self, call: &Call, id: &str) -> Result<(), Failure> {
+        self.client.delete_item(call, id).await
+    }
+}
+
+/// Ferry's consumer with this handler, configured like `ferry consume` (file and `FERRY_*`).
+#[allow(dead_code)] // the test includes this file for its handler, not its main
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = ferry::config::Config::load(None)?;
+    let pool = ferry::store::connect(&config.database).await?;
+    ferry::store::migrate(&pool).await?;
+    let handler = Arc::new(NamesOnly {
+        client: PartnerClient::new(&config.partner)?,
+        pool: pool.clone(),
+    });
+    let stats = Arc::new(ferry::consumer::runtime::ConsumeStats::default());
+    ferry::consumer::runtime::run(
+        &config,
+        pool,
+        handler,
+        ferry::consumer::runtime::ConsumeOptions::configured(&config.consume),
+        stats,
+        ferry::shutdown::on_signals()?,
+    )
+    .await?;
+    Ok(())
+}
