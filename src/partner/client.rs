@@ -142,6 +142,17 @@ impl PartnerClient {
             .await
             .map_err(|e| transport(&method, path, &e))?;
         span.record("http.response.status_code", response.status().as_u16());
+        self.answer(&method, path, response).await
+    }
+
+    /// The partner's answer as `T` (`None` for 204), or the failure it means: read no further
+    /// than `max_response_bytes`, classified by its status.
+    async fn answer<T: DeserializeOwned>(
+        &self,
+        method: &Method,
+        path: &str,
+        response: reqwest::Response,
+    ) -> Result<Option<T>, Failure> {
         let status = response.status();
         if status == StatusCode::NO_CONTENT {
             return Ok(None);
@@ -152,42 +163,42 @@ impl PartnerClient {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        let class = FailureClass::of_status(status.as_u16());
         let (text, whole) = read_bounded(response, self.max_response_bytes)
             .await
-            .map_err(|e| transport(&method, path, &e))?;
-        match class {
+            .map_err(|e| transport(method, path, &e))?;
+        let failure = |class, message: String, retry_after| Failure {
+            class,
+            message,
+            status: Some(status.as_u16()),
+            response: Some(text.chars().take(KEEP_BODY).collect()),
+            retry_after,
+        };
+        match FailureClass::of_status(status.as_u16()) {
             // An answer larger than any the API documents: never parsed, never kept whole.
-            None if !whole => Err(Failure {
-                class: FailureClass::Retryable,
-                message: format!(
+            None if !whole => Err(failure(
+                FailureClass::Retryable,
+                format!(
                     "{method} {path}: the partner's answer is larger than {} bytes (partner.max_response_bytes)",
                     self.max_response_bytes
                 ),
-                status: Some(status.as_u16()),
-                response: Some(text.chars().take(KEEP_BODY).collect()),
-                retry_after: None,
-            }),
-            None => serde_json::from_str(&text).map(Some).map_err(|e| Failure {
-                class: FailureClass::Retryable,
-                message: format!(
-                    "{method} {path}: the partner's answer is not what it documents: {e}"
-                ),
-                status: Some(status.as_u16()),
-                response: Some(text.chars().take(KEEP_BODY).collect()),
-                retry_after: None,
+                None,
+            )),
+            None => serde_json::from_str(&text).map(Some).map_err(|e| {
+                failure(
+                    FailureClass::Retryable,
+                    format!("{method} {path}: the partner's answer is not what it documents: {e}"),
+                    None,
+                )
             }),
             Some(class) => {
                 let detail = serde_json::from_str::<ErrorBody>(&text)
                     .map(|b| format!("{}: {}", b.error.code, b.error.message))
                     .unwrap_or_else(|_| text.chars().take(200).collect());
-                Err(Failure {
+                Err(failure(
                     class,
-                    message: format!("{method} {path}: partner answered {status}: {detail}"),
-                    status: Some(status.as_u16()),
-                    response: Some(text.chars().take(KEEP_BODY).collect()),
+                    format!("{method} {path}: partner answered {status}: {detail}"),
                     retry_after,
-                })
+                ))
             }
         }
     }

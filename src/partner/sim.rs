@@ -155,6 +155,64 @@ struct Account {
     oversized: u32,
 }
 
+impl Account {
+    /// The answer this account's faults give a request instead of the operation, if any: its
+    /// status, body and `Retry-After` seconds.
+    fn fault(
+        &mut self,
+        faults: &Faults,
+        account: &str,
+        method: &Method,
+    ) -> Option<(u16, Value, Option<u64>)> {
+        if let Some(&status) = faults.tenant_status.get(account) {
+            return Some((
+                status,
+                json!({"error": {"code": "simulated", "message": format!("account {account} fails with {status} (simulated)")}}),
+                None,
+            ));
+        }
+        if self.rate_limited > 0 {
+            self.rate_limited -= 1;
+            let (status, body) = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many requests",
+            );
+            return Some((status, body, Some(faults.retry_after_s.unwrap_or(1))));
+        }
+        if self.oversized > 0 && *method == Method::GET {
+            self.oversized -= 1;
+            return Some((
+                200,
+                json!({"data": [], "padding": "x".repeat(OVERSIZED_ANSWER_BYTES)}),
+                None,
+            ));
+        }
+        None
+    }
+
+    /// Order: the first request of a new event (its idempotency key's first part) must not
+    /// come from an earlier position of its partition than the account's previous event.
+    fn check_order(&mut self, position: Option<&str>, key: Option<&str>) {
+        let (Some(position), Some(key)) = (position, key) else {
+            return;
+        };
+        let event = key.split('/').next().unwrap_or(key).to_owned();
+        if self.events.insert(event)
+            && let Some((p, o)) = position
+                .split_once('/')
+                .and_then(|(p, o)| Some((p.parse::<i32>().ok()?, o.parse::<i64>().ok()?)))
+        {
+            let last = self.last_position.entry(p).or_insert(o);
+            if o < *last {
+                self.order_violations += 1;
+            } else {
+                *last = o;
+            }
+        }
+    }
+}
+
 struct SimState {
     started: Instant,
     accounts: BTreeMap<String, Account>,
@@ -349,7 +407,8 @@ fn gate(sim: &Sim, account: &str, method: &Method, uri: &Uri, headers: &HeaderMa
     let key = header("idempotency-key");
     let position = header(POSITION_HEADER);
     let mut s = sim.lock();
-    let record = RequestRecord {
+    let at_ms = s.started.elapsed().as_millis() as u64;
+    s.requests.push(RequestRecord {
         account: account.to_owned(),
         method: method.to_string(),
         path: uri.path().to_owned(),
@@ -358,9 +417,8 @@ fn gate(sim: &Sim, account: &str, method: &Method, uri: &Uri, headers: &HeaderMa
         position: position.clone(),
         status: 0,
         replay: false,
-        at_ms: s.started.elapsed().as_millis() as u64,
-    };
-    s.requests.push(record);
+        at_ms,
+    });
     let faults = s.faults.clone();
     let outage = s.outage_until.is_some_and(|until| Instant::now() < until);
     let rule = s.faults.fail.iter_mut().find(|r| {
@@ -377,66 +435,33 @@ fn gate(sim: &Sim, account: &str, method: &Method, uri: &Uri, headers: &HeaderMa
     a.requests += 1;
     let authorized = header("authorization").is_some_and(|v| v == format!("Bearer {}", sim.token));
     let answer = if !authorized {
-        Some(error(
+        let (status, body) = error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "missing or wrong bearer token",
-        ))
+        );
+        Some((status, body, None))
     } else if outage {
         let status = faults.outage_status.unwrap_or(503);
         Some((
             status,
             json!({"error": {"code": "unavailable", "message": "the partner is down (simulated outage)"}}),
+            None,
         ))
     } else if let Some(status) = failed_by_rule {
         Some((
             status,
             json!({"error": {"code": "simulated", "message": format!("{method} {} fails with {status} (simulated)", uri.path())}}),
-        ))
-    } else if let Some(&status) = faults.tenant_status.get(account) {
-        Some((
-            status,
-            json!({"error": {"code": "simulated", "message": format!("account {account} fails with {status} (simulated)")}}),
-        ))
-    } else if a.rate_limited > 0 {
-        a.rate_limited -= 1;
-        let retry_after = faults.retry_after_s.unwrap_or(1);
-        drop(s);
-        let (status, body) = error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            "too many requests",
-        );
-        return finish_gate(sim, Gate::Answer(status, body, Some(retry_after)));
-    } else if a.oversized > 0 && *method == Method::GET {
-        a.oversized -= 1;
-        Some((
-            200,
-            json!({"data": [], "padding": "x".repeat(OVERSIZED_ANSWER_BYTES)}),
+            None,
         ))
     } else {
-        None
+        a.fault(&faults, account, method)
     };
-    if let Some((status, body)) = answer {
+    if let Some((status, body, retry_after)) = answer {
         drop(s);
-        return finish_gate(sim, Gate::Answer(status, body, None));
+        return finish_gate(sim, Gate::Answer(status, body, retry_after));
     }
-    // Order: the first request of a new event must not come from an earlier position.
-    if let (Some(position), Some(key)) = (&position, &key) {
-        let event = key.split('/').next().unwrap_or(key).to_owned();
-        if a.events.insert(event)
-            && let Some((p, o)) = position
-                .split_once('/')
-                .and_then(|(p, o)| Some((p.parse::<i32>().ok()?, o.parse::<i64>().ok()?)))
-        {
-            let last = a.last_position.entry(p).or_insert(o);
-            if o < *last {
-                a.order_violations += 1;
-            } else {
-                *last = o;
-            }
-        }
-    }
+    a.check_order(position.as_deref(), key.as_deref());
     if *method != Method::GET
         && !faults.ignore_idempotency_keys
         && let Some(key) = &key
