@@ -1035,13 +1035,14 @@ impl<H: Handler> Coordinator<H> {
     /// is read again by whoever owns the partition next.
     async fn stop(mut self, result: Result<(), ConsumeError>) -> Result<(), ConsumeError> {
         let owned = self.ownership.owned();
+        let drain = self.options.revoke_drain;
         if result.is_err() {
             // The reports are only counted off: settling them could meet the same failure.
-            self.let_go(&owned, false).await?;
+            self.let_go(&owned, false, drain).await?;
             return result;
         }
         self.finish_writing().await?;
-        self.let_go(&owned, true).await?;
+        self.let_go(&owned, true, drain).await?;
         self.flush(CommitMode::Sync).await
     }
 
@@ -1050,8 +1051,12 @@ impl<H: Handler> Coordinator<H> {
     /// high watermarks.
     async fn handle_kafka(&mut self, event: KafkaEvent) -> Result<(), ConsumeError> {
         match event {
-            KafkaEvent::Revoked { partitions, reply } => {
-                self.revoke(&partitions).await?;
+            KafkaEvent::Revoked {
+                partitions,
+                lost,
+                reply,
+            } => {
+                self.revoke(&partitions, lost).await?;
                 let _ = reply.send(());
             }
             KafkaEvent::Assigned { partitions, reply } => {
@@ -1072,8 +1077,18 @@ impl<H: Handler> Coordinator<H> {
 
     /// Revokes `partitions`: their work ends (or is cut at the deadline), what settled is
     /// written and committed synchronously, then they are forgotten with their queued events.
-    async fn revoke(&mut self, partitions: &[i32]) -> Result<(), ConsumeError> {
-        self.let_go(partitions, true).await?;
+    /// A `lost` assignment may be another member's already: its work is cut at once, and what
+    /// settled is written (the new owner's dedupe finds it) but not committed.
+    async fn revoke(&mut self, partitions: &[i32], lost: bool) -> Result<(), ConsumeError> {
+        let drain = if lost {
+            Duration::ZERO
+        } else {
+            self.options.revoke_drain
+        };
+        self.let_go(partitions, true, drain).await?;
+        if lost {
+            self.ownership.remove(partitions);
+        }
         self.finish_writing().await?;
         self.flush(CommitMode::Sync).await?;
         self.ownership.remove(partitions);
@@ -1086,11 +1101,16 @@ impl<H: Handler> Coordinator<H> {
     }
 
     /// Cancels the work of `partitions` and serves the reports of the tasks under way until
-    /// none is left or the revoke's deadlines pass ([`Revoke`]); `settle` says whether the
-    /// reports are handled as usual or only counted off.
-    async fn let_go(&mut self, partitions: &[i32], settle: bool) -> Result<(), ConsumeError> {
+    /// none is left or the revoke's deadlines pass ([`Revoke`]: `drain`, then the grace);
+    /// `settle` says whether the reports are handled as usual or only counted off.
+    async fn let_go(
+        &mut self,
+        partitions: &[i32],
+        settle: bool,
+        drain: Duration,
+    ) -> Result<(), ConsumeError> {
         self.ownership.cancel(partitions);
-        let mut revoke = Revoke::start(Instant::now(), self.options.revoke_drain);
+        let mut revoke = Revoke::start(Instant::now(), drain);
         loop {
             let (next, effect) = revoke.next(self.ownership.busy(partitions), Instant::now());
             revoke = next;

@@ -37,7 +37,14 @@ pub(super) const RECORDS_AHEAD: usize = 1024;
 pub(super) enum KafkaEvent {
     /// These partitions are being revoked: settle and commit what can be, then answer. The
     /// revoke completes (and the next owner may start) once the answer is sent or dropped.
-    Revoked { partitions: Vec<i32>, reply: Reply },
+    /// `lost`: librdkafka lost the assignment (the session expired, the broker forgot the
+    /// member): another member may own them already, so work under way is cut at once and
+    /// nothing of theirs is committed.
+    Revoked {
+        partitions: Vec<i32>,
+        lost: bool,
+        reply: Reply,
+    },
     /// These partitions were assigned, each in a generation of its own: read the paused
     /// tenants, then answer; no record of theirs is handed over before.
     Assigned {
@@ -113,13 +120,15 @@ impl ClientContext for Context {
 }
 
 impl ConsumerContext for Context {
-    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(list) => {
                 let partitions = self.partitions(list);
-                tracing::info!(?partitions, "partitions being revoked");
+                let lost = consumer.assignment_lost();
+                tracing::info!(?partitions, lost, "partitions being revoked");
                 self.ask(|reply| KafkaEvent::Revoked {
                     partitions: partitions.clone(),
+                    lost,
                     reply,
                 });
                 let mut generations = self.generations.lock().expect("generations");

@@ -122,3 +122,63 @@ async fn failed_fetches_and_failed_commits_are_retried_until_the_commit_lands() 
     task.await.unwrap().unwrap();
     db.drop().await;
 }
+
+/// Fault: the group forgets this member (heartbeats answered UNKNOWN_MEMBER_ID), so librdkafka
+/// reports its assignment lost; another member may own the partition already. Guarantee: the
+/// old owner's call under way is cut at once, not after `revoke_drain`, so it cannot land after
+/// the new owner's; the partition is read again from the last commit and nothing is lost.
+/// Input: a tenant whose call hangs, `revoke_drain` of 60 s, the loss staged mid-call.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_assignment_cuts_the_calls_under_way_at_once() {
+    let mock = MockCluster::new(1).unwrap();
+    let db = TestDb::migrated().await;
+    let mut kafka = kafka_config("unused");
+    kafka.brokers = mock.bootstrap_servers();
+    kafka.topic = "faults-lost".into();
+    // The forgotten member's old session ends soon, so the group reassigns the partition soon.
+    for (name, value) in [
+        ("heartbeat.interval.ms", "300"),
+        ("session.timeout.ms", "6000"),
+    ] {
+        kafka.properties.insert(name.into(), value.into());
+    }
+    mock.create_topic(&kafka.topic, 1, 1).unwrap();
+    let cfg = config(&db, &kafka);
+    crate::consume::produce_rows(&kafka, &[crate::consume::row("slow", 1)]).await;
+    let handler = Arc::new(Recorder::default());
+    handler.stalled.lock().unwrap().insert("slow".into());
+    let options = ferry::consumer::runtime::ConsumeOptions {
+        revoke_drain: Duration::from_secs(60),
+        ..ferry::consumer::runtime::ConsumeOptions::default()
+    };
+    let (stop, task, _stats) = crate::consume::start_with(&cfg, &db.pool, &handler, options);
+    let calls = || handler.calls.lock().unwrap().len();
+    wait_for(
+        "the slow call under way",
+        Duration::from_secs(30),
+        || async { (calls() == 1).then_some(()) },
+    )
+    .await;
+    mock.request_errors(
+        RDKafkaApiKey::Heartbeat,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_MEMBER_ID],
+    );
+    // Cut at once, the member rejoins and reads the event again: a second call, long before
+    // the 60 s a drain would have waited.
+    wait_for(
+        "the call cut and the event read again after the lost assignment",
+        Duration::from_secs(30),
+        || async { (calls() == 2).then_some(()) },
+    )
+    .await;
+    let spans = handler.spans.lock().unwrap().clone();
+    assert_eq!(
+        spans.len(),
+        1,
+        "the first call ended (cut), the second is under way"
+    );
+    handler.stalled.lock().unwrap().clear();
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    db.drop().await;
+}
