@@ -49,6 +49,16 @@ pub(super) enum Done {
     Revoked(Item),
 }
 
+/// How a call ended.
+pub(super) enum Called {
+    /// The handler answered.
+    Answered(Outcome),
+    /// The drain deadline cut it.
+    Cut,
+    /// The kill switch turned on while it ran: attempt it again once it is off.
+    Killed,
+}
+
 /// What bounds an event's handling: the retry policy, the partition's cancellation (revoke,
 /// shutdown), the kill switch, and the failure window that tells a tenant's failure from the
 /// partner's.
@@ -123,17 +133,22 @@ impl Guard<'_> {
         }
     }
 
-    /// Runs a call to its end, or `None` if the drain deadline cut it.
-    async fn call(&self, call: impl std::future::Future<Output = Outcome>) -> Option<Outcome> {
+    /// Runs a call to its end, unless the drain deadline or the kill switch cuts it first. A
+    /// call can wait long before its request goes out (the partner's rate limits), and the kill
+    /// switch must stop every request within a second: a cut call is attempted again once the
+    /// switch is off, under the same idempotency keys.
+    async fn call(&self, call: impl std::future::Future<Output = Outcome>) -> Called {
         if self.abort.is_cancelled() {
-            return None;
+            return Called::Cut;
         }
+        let mut killed = self.killed.clone();
         // The call first: one that answers at once never registers a waiter on the
-        // partition's shared token.
+        // partition's shared token or the switch.
         tokio::select! {
             biased;
-            outcome = call => Some(outcome),
-            _ = self.abort.cancelled() => None,
+            outcome = call => Called::Answered(outcome),
+            _ = self.abort.cancelled() => Called::Cut,
+            _ = killed.wait_for(|on| *on) => Called::Killed,
         }
     }
 
@@ -246,8 +261,10 @@ async fn attempts<H: Handler>(handler: &H, mut item: Item, guard: &Guard<'_>) ->
         tracing::Span::current().record("attempt", attempt);
         let started = chrono::Utc::now();
         let at = attempt_at(&item, attempt);
-        let Some(outcome) = guard.call(handler.handle(&item.event, &at)).await else {
-            return Done::Revoked(item);
+        let outcome = match guard.call(handler.handle(&item.event, &at)).await {
+            Called::Answered(outcome) => outcome,
+            Called::Cut => return Done::Revoked(item),
+            Called::Killed => continue,
         };
         let settled_as = match outcome {
             Outcome::Done => {

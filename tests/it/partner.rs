@@ -791,3 +791,50 @@ async fn an_unknown_event_type_pauses_its_tenant_by_default() {
     sim_stop.cancel();
     db.drop().await;
 }
+
+/// Fault: the kill switch is flipped while requests wait their turn under the partner's rate
+/// limit (1/s for the whole client, six tenants queued). Guarantee: the kill switch stops every
+/// partner request within a second, those waiting at the limit too; once it is off, every event
+/// is delivered once, with no duplicate object.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_kill_switch_cuts_requests_waiting_at_the_rate_limit() {
+    let (db, mut cfg, sim, sim_stop) = setup(Duration::from_secs(10)).await;
+    cfg.partner.rate_limit = std::num::NonZeroU32::new(1);
+    let rows: Vec<OutboxRow> = (0..6)
+        .map(|t| product(&format!("tenant-{t}"), "p-1", "Tea", 350, true))
+        .collect();
+    produce_rows(&cfg.kafka, &rows).await;
+    let running = consume(&cfg, &db.pool, fast_retries());
+    wait_for("requests under way", Duration::from_secs(30), || async {
+        (sim.requests().len() >= 2).then_some(())
+    })
+    .await;
+    let kill = |on: bool| {
+        sqlx::query("UPDATE control SET kill_switch = $1, kill_switch_by = 'test'")
+            .bind(on)
+            .execute(&db.pool)
+    };
+    kill(true).await.unwrap();
+    // The windows are the scenario: a second for the switch to be read, then silence is
+    // asserted over the next two and a half (the limit alone would send two or three).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = sim.requests().len();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let after = sim.requests().len();
+    kill(false).await.unwrap();
+    assert_eq!(
+        after, before,
+        "requests reached the partner with the kill switch on"
+    );
+    wait_for("every event delivered", Duration::from_secs(90), || async {
+        (delivered(&db.pool).await == 6).then_some(())
+    })
+    .await;
+    running.stop().await;
+    for (tenant, r) in sim.report() {
+        assert_eq!((r.items, r.prices), (1, 1), "{tenant}: {r:?}");
+        assert_eq!(r.duplicate_objects, 0, "{tenant}: {r:?}");
+    }
+    sim_stop.cancel();
+    db.drop().await;
+}
