@@ -48,12 +48,11 @@ impl Handler for NamesOnly {
         let done = match &event.payload {
             EventPayload::ProductCreated(proto::ProductCreated { product: Some(p) })
             | EventPayload::ProductUpdated(proto::ProductUpdated { product: Some(p) }) => {
-                let mapped = self.mapped(event, &p.id).await;
                 let item = Item {
                     client: &self.client,
                     name: &p.name,
                 };
-                match mapped {
+                match driver.mapped::<Item>(&p.id).await {
                     Ok(mapped) => driver
                         .upsert(&item, &p.id, mapped.as_deref(), None)
                         .await
@@ -66,7 +65,7 @@ impl Handler for NamesOnly {
                     client: &self.client,
                     name: "",
                 };
-                match self.mapped(event, &d.product_id).await {
+                match driver.mapped::<Item>(&d.product_id).await {
                     Ok(mapped) => driver.delete(&item, &d.product_id, mapped.as_deref()).await,
                     Err(f) => Err(f),
                 }
@@ -78,27 +77,6 @@ impl Handler for NamesOnly {
             Ok(()) => Outcome::Done,
             Err(failure) => Outcome::Failed(failure),
         }
-    }
-}
-
-impl NamesOnly {
-    /// The partner's id for `product_id`, as mapped so far.
-    async fn mapped(
-        &self,
-        event: &OutboxEvent,
-        product_id: &str,
-    ) -> Result<Option<String>, Failure> {
-        sqlx::query_scalar(
-            "SELECT foreign_id FROM integration_mappings \
-             WHERE integration = $1 AND object_type = $2 AND tenant_id = $3 AND local_id = $4",
-        )
-        .bind(INTEGRATION)
-        .bind(Item::OBJECT_TYPE)
-        .bind(event.tenant_id.as_str())
-        .bind(product_id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(ferry::partner::driver::db)
     }
 }
 

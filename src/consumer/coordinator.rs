@@ -414,7 +414,8 @@ impl<H: Handler> Coordinator<H> {
     /// ignored; anything else is parked with the tenant's queue, in order, and the tenant
     /// paused with the decoder's reason.
     async fn pause_for_refused(&mut self, tenant: String, r: Refused) -> Result<(), ConsumeError> {
-        if let Some(ignored) = self.ignorable(&r) {
+        let policy = self.options.unknown_event_types;
+        if let Some(ignored) = intake::ignored(policy, &r.raw, r.unknown_type.as_deref()) {
             self.stats.count(ledger::SettledAs::Ignored);
             self.pending.settlements.push((ignored, r.position));
             self.scheduler.complete(&tenant);
@@ -437,15 +438,6 @@ impl<H: Handler> Coordinator<H> {
         }
         self.scheduler.complete(&tenant);
         Ok(())
-    }
-
-    /// The settlement of `r` as ignored, if it is an event of a type the integration does not
-    /// know and the policy says to ignore those.
-    fn ignorable(&self, r: &Refused) -> Option<ledger::Settlement> {
-        if self.options.unknown_event_types != crate::config::UnknownEventTypes::Ignore {
-            return None;
-        }
-        ledger::Settlement::unknown_type(&r.raw, r.unknown_type.as_deref()?)
     }
 
     /// Intake: takes what is ready (up to `INTAKE_BATCH` records, lingering briefly for a

@@ -171,9 +171,7 @@ fn replayed_item(
     let event = match outbox::decode(&intake::raw_of(&raw)) {
         Ok(event) => event,
         Err(bad) => {
-            if let outbox::BadEventReason::UnknownEventType(t) = &bad.reason
-                && unknown_types == UnknownEventTypes::Ignore
-                && let Some(ignored) = ledger::Settlement::unknown_type(&raw, t)
+            if let Some(ignored) = intake::ignored(unknown_types, &raw, intake::unknown_type(&bad))
             {
                 return Err(Unreplayable::Ignored(Box::new(ignored)));
             }

@@ -8,8 +8,9 @@ use rdkafka::message::{Headers, Message};
 use uuid::Uuid;
 
 use super::attempt::Item;
-use super::ledger::{ParkedRecord, Pause};
+use super::ledger::{ParkedRecord, Pause, Settlement};
 use super::rebalance::Position;
+use crate::config::UnknownEventTypes;
 use crate::{broker, outbox};
 
 /// Records taken from Kafka in one turn of the loop, at most: one dedupe query for them all.
@@ -148,16 +149,35 @@ fn refused(raw: ParkedRecord, position: Position, bad: &outbox::BadEvent) -> Arr
         attempts: 0,
         response: None,
     };
-    let unknown_type = match &bad.reason {
-        outbox::BadEventReason::UnknownEventType(t) => Some(t.clone()),
-        _ => None,
-    };
+    let unknown_type = unknown_type(bad).map(str::to_owned);
     Arrival::Bad(Refused {
         raw,
         position,
         pause,
         unknown_type,
     })
+}
+
+/// The event's type, when the decoder refused it for being of a type it does not know.
+pub(super) fn unknown_type(bad: &outbox::BadEvent) -> Option<&str> {
+    match &bad.reason {
+        outbox::BadEventReason::UnknownEventType(t) => Some(t),
+        _ => None,
+    }
+}
+
+/// The settlement of `raw`, refused as an event of type `unknown_type` the integration does not
+/// know, as ignored: when the policy says to ignore those (`consume.unknown_event_types`), live
+/// or in a backlog's replay alike.
+pub(super) fn ignored(
+    policy: UnknownEventTypes,
+    raw: &ParkedRecord,
+    unknown_type: Option<&str>,
+) -> Option<Settlement> {
+    if policy != UnknownEventTypes::Ignore {
+        return None;
+    }
+    Settlement::unknown_type(raw, unknown_type?)
 }
 
 /// The decoder's view of a parked record.

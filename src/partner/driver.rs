@@ -139,6 +139,21 @@ impl Driver<'_> {
         self.forget::<O>(our_id).await
     }
 
+    /// The partner's id of `our_id`'s `O`, as mapped so far.
+    pub async fn mapped<O: ObjectApi>(&self, our_id: &str) -> Result<Option<String>, Failure> {
+        sqlx::query_scalar(
+            "SELECT foreign_id FROM integration_mappings \
+             WHERE integration = $1 AND object_type = $2 AND tenant_id = $3 AND local_id = $4",
+        )
+        .bind(self.integration)
+        .bind(O::OBJECT_TYPE)
+        .bind(self.tenant)
+        .bind(our_id)
+        .fetch_optional(self.pool)
+        .await
+        .map_err(db)
+    }
+
     /// Removes the mapping of `our_id`'s `O`: an object the partner deleted with its parent.
     pub async fn forget<O: ObjectApi>(&self, our_id: &str) -> Result<(), Failure> {
         sqlx::query(
