@@ -17,11 +17,12 @@
 
 use std::sync::Arc;
 
-use ferry::delivery::{Attempt, Failure, Handler, Outcome};
-use ferry::outbox::{EventPayload, OutboxEvent, proto};
+use ferry::delivery::{Attempt, Failure, FailureClass, Handler, Outcome};
+use ferry::outbox::OutboxEvent;
 use ferry::partner::api::{NewShopItem, ShopItem, ShopItemUpdate};
 use ferry::partner::client::{Call, PartnerClient};
 use ferry::partner::driver::{Driver, ObjectApi, Remote};
+use ferry::shop::{self, EventPayload, proto};
 
 /// The integration's name in Ferry's mapping table: its mappings are its own.
 pub const INTEGRATION: &str = "names";
@@ -45,14 +46,29 @@ impl Handler for NamesOnly {
             event_id: event.id,
             call: &call,
         };
-        let done = match &event.payload {
+        // The shop's events, read from their protobuf or JSON payload; any other type is not
+        // this integration's.
+        let payload = match shop::decode(event) {
+            Ok(Some(payload)) => payload,
+            Ok(None) => return Outcome::Ignored,
+            Err(reason) => {
+                return Outcome::Failed(Failure {
+                    class: FailureClass::Permanent,
+                    message: reason.to_string(),
+                    status: None,
+                    response: None,
+                    retry_after: None,
+                });
+            }
+        };
+        let done = match &payload {
             EventPayload::ProductCreated(proto::ProductCreated { product: Some(p) })
             | EventPayload::ProductUpdated(proto::ProductUpdated { product: Some(p) }) => {
                 let item = Item {
                     client: &self.client,
                     name: &p.name,
                 };
-                match driver.mapped::<Item>(&p.id).await {
+                match driver.mapped("named_item", &p.id).await {
                     Ok(mapped) => driver
                         .upsert(&item, &p.id, mapped.as_deref(), None)
                         .await
@@ -65,12 +81,12 @@ impl Handler for NamesOnly {
                     client: &self.client,
                     name: "",
                 };
-                match driver.mapped::<Item>(&d.product_id).await {
+                match driver.mapped("named_item", &d.product_id).await {
                     Ok(mapped) => driver.delete(&item, &d.product_id, mapped.as_deref()).await,
                     Err(f) => Err(f),
                 }
             }
-            // Not this integration's events.
+            // A create or update without its product.
             _ => return Outcome::Ignored,
         };
         match done {
@@ -97,8 +113,13 @@ impl Item<'_> {
 }
 
 impl ObjectApi for Item<'_> {
-    const OBJECT_TYPE: &'static str = "named_item";
-    const KEY: &'static str = "named_item";
+    fn object_type(&self) -> &str {
+        "named_item"
+    }
+
+    fn key(&self) -> &str {
+        "named_item"
+    }
 
     async fn find(&self, call: &Call, our_id: &str) -> Result<Option<Remote>, Failure> {
         Ok(self

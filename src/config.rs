@@ -23,6 +23,7 @@
 //! | longest `Retry-After` honoured | `consume.retry_after_max_ms` | `FERRY_CONSUME_RETRY_AFTER_MAX_MS` |
 //! | resume a retryable pause after | `consume.auto_resume_after_ms` | `FERRY_CONSUME_AUTO_RESUME_AFTER_MS` |
 //! | an event of a type this integration does not know (`pause`, `ignore`) | `consume.unknown_event_types` | `FERRY_CONSUME_UNKNOWN_EVENT_TYPES` |
+//! | the integration file to run (TOML; unset: the built-in shop integration) | `consume.integration` | `FERRY_CONSUME_INTEGRATION` |
 //! | admin API address | `admin.addr` | `FERRY_ADMIN_ADDR` |
 //! | admin API bearer token | `admin.token` | `FERRY_ADMIN_TOKEN` |
 //! | extra librdkafka settings | `[kafka.properties]` | `FERRY_KAFKA_PROPERTIES` (`name=value,name=value`, over the file's) |
@@ -102,6 +103,9 @@ pub struct ConsumeConfig {
     pub auto_resume_after: Option<Duration>,
     /// What an event of a type the integration does not know does.
     pub unknown_event_types: UnknownEventTypes,
+    /// The integration file `ferry consume` runs (`docs/integrations.md`); unset, the
+    /// built-in shop integration (`partner::integration`).
+    pub integration: Option<PathBuf>,
 }
 
 /// What an event of a type the integration does not know does (`consume.unknown_event_types`).
@@ -378,6 +382,7 @@ struct FileConsume {
     retry_after_max_ms: Option<u64>,
     auto_resume_after_ms: Option<u64>,
     unknown_event_types: Option<String>,
+    integration: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -636,6 +641,10 @@ impl Config {
                 })?,
                 None => UnknownEventTypes::default(),
             },
+            integration: env(&["FERRY_CONSUME_INTEGRATION"])
+                .or(c.integration)
+                .filter(|p| !p.trim().is_empty())
+                .map(PathBuf::from),
         };
 
         let admin_addr = env(&["FERRY_ADMIN_ADDR"]).or(file.admin.addr);

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::outbox::OutboxEvent;
+use crate::outbox::{BadEventReason, OutboxEvent};
 
 /// What handling an event came to.
 #[derive(Debug, Clone, PartialEq)]
@@ -107,6 +107,16 @@ pub struct Attempt {
 
 /// Handles one event. Implemented by the partner integration, and by scripted handlers in tests.
 pub trait Handler: Send + Sync + 'static {
+    /// Whether this integration can act on `event`, asked as it arrives, before it waits its
+    /// turn: its type is one it knows ([`BadEventReason::UnknownEventType`] if not, which
+    /// `consume.unknown_event_types` then ignores or pauses on) and its payload holds what the
+    /// type needs (a refusal is a bad event: it pauses its tenant with this reason). Pure and
+    /// cheap; the default admits everything.
+    fn admit(&self, event: &OutboxEvent) -> Result<(), BadEventReason> {
+        let _ = event;
+        Ok(())
+    }
+
     /// Handles `event`, this `attempt`.
     fn handle(
         &self,

@@ -37,6 +37,7 @@ pub mod outbox;
 pub mod partner;
 pub mod relay;
 pub mod scheduler;
+pub mod shop;
 pub mod shutdown;
 pub mod smoke;
 pub mod store;

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::outbox::TenantId;
 use crate::outbox::writer::{self, NewEvent};
-use crate::outbox::{EventPayload, TenantId, proto};
+use crate::shop::{EventPayload, proto};
 
 /// What to write.
 #[derive(Debug, Clone)]

@@ -40,6 +40,12 @@ enum Command {
     RelayStatus,
     /// Deliver the outbox topic to the partner, each tenant in order, until SIGTERM/SIGINT.
     Consume,
+    /// Check an integration file (`consume.integration`): validate it as `ferry consume`
+    /// would and print what each event type does; non-zero exit, naming the key, if invalid.
+    CheckIntegration {
+        /// The file (TOML).
+        file: std::path::PathBuf,
+    },
     /// Play the partner's REST API (for tests and the demo) until SIGTERM/SIGINT.
     PartnerSim {
         /// Where to listen.
@@ -592,9 +598,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::PartnerSim { addr, token } = &cli.command {
         return partner_sim(*addr, token.clone()).await;
     }
+    // A file check needs no database and no broker either.
+    if let Command::CheckIntegration { file } = &cli.command {
+        let spec = ferry::partner::spec::Spec::load(file)?;
+        print!("{}", spec.describe());
+        return Ok(());
+    }
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
-        Command::PartnerSim { .. } => unreachable!("handled above"),
+        Command::PartnerSim { .. } | Command::CheckIntegration { .. } => {
+            unreachable!("handled above")
+        }
         Command::Ctl(_) => unreachable!("handled in main"),
         Command::Consume => consume(&config).await,
         Command::Verify {
@@ -679,13 +693,40 @@ async fn topic_ready(
 
 /// `ferry consume`: the admin API and the consumer, until a signal.
 async fn consume(config: &Config) -> anyhow::Result<()> {
-    let shutdown = ferry::shutdown::on_signals()?;
+    use ferry::partner::{client::PartnerClient, integration, rest, spec::Spec};
     let pool = ferry::store::connect(&config.database).await?;
-    let client = ferry::partner::client::PartnerClient::new(&config.partner)?;
-    let handler = std::sync::Arc::new(ferry::partner::integration::Integration::new(
-        client,
-        pool.clone(),
-    ));
+    match &config.consume.integration {
+        Some(file) => {
+            let spec = Spec::load(file)?;
+            let client = PartnerClient::for_spec(&config.partner, &spec.partner)?;
+            tracing::info!(file = %file.display(), integration = %spec.name, "running the integration file");
+            consume_with(
+                config,
+                pool.clone(),
+                rest::RestIntegration::new(spec, client, pool),
+            )
+            .await
+        }
+        None => {
+            let client = PartnerClient::new(&config.partner)?;
+            consume_with(
+                config,
+                pool.clone(),
+                integration::Integration::new(client, pool),
+            )
+            .await
+        }
+    }
+}
+
+/// `ferry consume` with `handler`: the admin API, then the consumer until a signal.
+async fn consume_with<H: ferry::delivery::Handler>(
+    config: &Config,
+    pool: sqlx::PgPool,
+    handler: H,
+) -> anyhow::Result<()> {
+    let shutdown = ferry::shutdown::on_signals()?;
+    let handler = std::sync::Arc::new(handler);
     if !topic_ready(config, &shutdown).await? {
         return Ok(());
     }

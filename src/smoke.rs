@@ -13,7 +13,8 @@ use uuid::Uuid;
 
 use crate::broker::{self, BrokerError};
 use crate::config::Config;
-use crate::outbox::{self, BadEvent, EventPayload, EventType, OutboxRow, WireRecord, proto};
+use crate::outbox::{self, BadEvent, OutboxRow, Payload, WireRecord};
+use crate::shop::{self, EventPayload, EventType, proto};
 use crate::store::{self, StoreError};
 
 /// The topic the smoke test uses, apart from the outbox topic so it never mixes with real
@@ -65,9 +66,9 @@ pub enum SmokeError {
     #[error("the smoke event came back changed: sent {sent:?}, received {received:?}")]
     Mismatch {
         /// What was sent.
-        sent: Box<EventPayload>,
+        sent: Box<Payload>,
         /// What came back.
-        received: Box<EventPayload>,
+        received: Box<Payload>,
     },
     /// The event did not come back in time.
     #[error("the smoke event did not come back within {0:?}")]
@@ -113,7 +114,7 @@ pub async fn run(config: &Config, timeout: Duration) -> Result<SmokeReport, Smok
     let row = OutboxRow {
         id: Uuid::now_v7(),
         tenant_id: "smoke".to_owned(),
-        aggregate_type: EventType::ProductCreated.aggregate_type().to_owned(),
+        aggregate_type: shop::AGGREGATE.to_owned(),
         aggregate_id: "smoke".to_owned(),
         event_type: EventType::ProductCreated.as_str().to_owned(),
         payload: payload.encode_to_vec(),
@@ -151,9 +152,10 @@ pub async fn run(config: &Config, timeout: Duration) -> Result<SmokeReport, Smok
         // Earlier smoke runs' records may still be ahead of the group's offset: skip them.
         let event = outbox::decode(&broker::raw_record(&message))?;
         if event.id == row.id {
-            if event.payload != payload {
+            let sent = Payload::Protobuf(payload.encode_to_vec());
+            if event.payload != sent {
                 return Err(SmokeError::Mismatch {
-                    sent: Box::new(payload),
+                    sent: Box::new(sent),
                     received: Box::new(event.payload),
                 });
             }

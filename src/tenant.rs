@@ -20,9 +20,11 @@ use std::time::Duration;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::outbox::TenantId;
+use crate::outbox::control::Control;
 use crate::outbox::writer::{self, NewEvent};
-use crate::outbox::{EventPayload, TenantId, proto};
 use crate::partner::integration::INTEGRATION;
+use crate::shop::{EventPayload, proto};
 
 /// Products per backfill transaction.
 pub const BACKFILL_PAGE: i64 = 500;
@@ -106,9 +108,7 @@ pub async fn enable(
     let marker = NewEvent::new(
         tenant.clone(),
         tenant.as_str(),
-        EventPayload::TenantIntegrationEnabled(proto::TenantIntegrationEnabled {
-            integration: INTEGRATION.to_owned(),
-        }),
+        Control::enabled(INTEGRATION),
     );
     writer::append(&mut tx, &marker).await?;
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM products WHERE tenant_id = $1")
@@ -137,7 +137,7 @@ pub async fn enable(
         .await?;
         let Some(last) = page.last() else { break };
         after = last.0;
-        let creates: Vec<NewEvent> = page
+        let creates: Vec<NewEvent<EventPayload>> = page
             .into_iter()
             .map(|(id, name, description, price_minor, currency)| {
                 let product = proto::Product {
@@ -187,9 +187,7 @@ pub async fn disable(pool: &PgPool, tenant: &TenantId) -> Result<Uuid, TenantErr
     let marker = NewEvent::new(
         tenant.clone(),
         tenant.as_str(),
-        EventPayload::TenantIntegrationDisabled(proto::TenantIntegrationDisabled {
-            integration: INTEGRATION.to_owned(),
-        }),
+        Control::disabled(INTEGRATION),
     );
     writer::append(&mut tx, &marker).await?;
     tx.commit().await?;

@@ -28,7 +28,8 @@ use crate::broker;
 use crate::config::Config;
 use crate::consumer::runtime::{self, ConsumeOptions, ConsumeStats};
 use crate::delivery::{Attempt, Failure, FailureClass, Handler, Outcome};
-use crate::outbox::{EventPayload, EventType, OutboxEvent, OutboxRow, WireRecord, proto};
+use crate::outbox::{OutboxEvent, OutboxRow, WireRecord};
+use crate::shop::{EventPayload, EventType, proto};
 
 /// What to run.
 #[derive(Debug, Clone)]

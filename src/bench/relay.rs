@@ -37,8 +37,9 @@ use super::{BenchError, ReadRecord, drop_database, fresh_database, read_topic};
 use crate::broker;
 use crate::config::Config;
 use crate::outbox::writer::{self, NewEvent};
-use crate::outbox::{EventPayload, OutboxRow, TenantId, WireRecord, proto};
+use crate::outbox::{OutboxRow, TenantId, WireRecord};
 use crate::relay::Relay;
+use crate::shop::{EventPayload, proto};
 
 /// Which broker the relays write to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -492,7 +493,7 @@ async fn write(
                 .fetch_one(&mut *tx)
                 .await?;
                 let tenant_id = TenantId::new(tenant.clone()).expect("valid tenant");
-                let events: Vec<NewEvent> = ids
+                let events: Vec<NewEvent<EventPayload>> = ids
                     .iter()
                     .enumerate()
                     .map(|(i, id)| {

@@ -404,7 +404,7 @@ pub(super) fn event_span(item: &Item) -> tracing::Span {
         partition = item.position.partition,
         offset = item.position.offset,
         event_id = %item.event.id,
-        event_type = item.event.event_type().as_str(),
+        event_type = item.event.event_type(),
         attempt = tracing::field::Empty,
     );
     if let Some(traceparent) = &item.event.traceparent {

@@ -516,7 +516,7 @@ impl<H: Handler> Coordinator<H> {
         else {
             return Ok(None);
         };
-        let arrival = intake::arrival(&m, &self.topic, position);
+        let arrival = intake::arrival(&*self.handler, &m, &self.topic, position);
         if matches!(arrival, Arrival::Bad(_)) {
             self.stats.bad_events.fetch_add(1, Relaxed);
         }
@@ -787,7 +787,7 @@ impl<H: Handler> Coordinator<H> {
         let arrivals: Vec<Arrival> = records
             .into_iter()
             .filter(|(_, position)| self.ownership.is_current(*position))
-            .map(|(record, position)| intake::arrival_again(record, position))
+            .map(|(record, position)| intake::arrival_again(&*self.handler, record, position))
             .collect();
         let ids: Vec<Uuid> = arrivals.iter().filter_map(Arrival::event_id).collect();
         // Those taken from the tenant's queue were admitted before: they are not copies of

@@ -10,7 +10,6 @@ use super::settlement::settlement;
 use super::{intake, ledger};
 use crate::config::UnknownEventTypes;
 use crate::delivery::{Failure, Handler};
-use crate::outbox;
 
 /// What a drain task reports to the loop.
 pub(super) enum Drained {
@@ -88,7 +87,7 @@ impl Replay<'_> {
             .await
             .map_err(|e| Drained::Error(tenant.clone(), e))?;
         for (seq, raw) in page {
-            let item = match replayed_item(raw, &settled, guard.unknown_event_types) {
+            let item = match replayed_item(handler, raw, &settled, guard.unknown_event_types) {
                 Ok(item) => item,
                 Err(Unreplayable::Ignored(ignored)) => {
                     guard.stats.count(ledger::SettledAs::Ignored);
@@ -163,12 +162,13 @@ enum Unreplayable {
 }
 
 /// A parked record as an event to replay, or why it cannot be (the decoder refuses it).
-fn replayed_item(
+fn replayed_item<H: Handler>(
+    handler: &H,
     raw: ledger::ParkedRecord,
     settled: &std::collections::HashSet<uuid::Uuid>,
     unknown_types: UnknownEventTypes,
 ) -> Result<Item, Unreplayable> {
-    let event = match outbox::decode(&intake::raw_of(&raw)) {
+    let event = match intake::decode(handler, &intake::raw_of(&raw)) {
         Ok(event) => event,
         Err(bad) => {
             if let Some(ignored) = intake::ignored(unknown_types, &raw, intake::unknown_type(&bad))

@@ -11,6 +11,7 @@ use super::attempt::Item;
 use super::ledger::{ParkedRecord, Pause, Settlement};
 use super::rebalance::Position;
 use crate::config::UnknownEventTypes;
+use crate::delivery::Handler;
 use crate::{broker, outbox};
 
 /// Records taken from Kafka in one turn of the loop, at most: one dedupe query for them all.
@@ -98,11 +99,34 @@ pub(super) fn parked_record<M: Message>(m: &M, topic: &str) -> ParkedRecord {
     }
 }
 
+/// The record as an event `handler` admits, or why not: the wire contract's decoder, then the
+/// integration's own check of the type and payload ([`Handler::admit`]).
+pub(super) fn decode<H: Handler>(
+    handler: &H,
+    record: &outbox::RawRecord<'_>,
+) -> Result<outbox::OutboxEvent, outbox::BadEvent> {
+    let event = outbox::decode(record)?;
+    match handler.admit(&event) {
+        Ok(()) => Ok(event),
+        Err(reason) => Err(outbox::BadEvent {
+            reason,
+            tenant_id: Some(event.tenant_id),
+            event_id: Some(event.id),
+            event_type: Some(event.event_type),
+        }),
+    }
+}
+
 /// Decodes the record `m` read at `position`. The parked copy names the event and its tenant as
 /// decoded, so a replay can dedupe it and the backlog is filed under the right tenant.
-pub(super) fn arrival<M: Message>(m: &M, topic: &str, position: Position) -> Arrival {
+pub(super) fn arrival<M: Message, H: Handler>(
+    handler: &H,
+    m: &M,
+    topic: &str,
+    position: Position,
+) -> Arrival {
     let mut raw = parked_record(m, topic);
-    match outbox::decode(&broker::raw_record(m)) {
+    match decode(handler, &broker::raw_record(m)) {
         Ok(event) => {
             raw.event_id = Some(event.id);
             raw.tenant_id = event.tenant_id.to_string();
@@ -120,8 +144,12 @@ pub(super) fn arrival<M: Message>(m: &M, topic: &str, position: Position) -> Arr
 }
 
 /// A record set aside for parking, as an arrival again: its tenant turned out to be live.
-pub(super) fn arrival_again(raw: ParkedRecord, position: Position) -> Arrival {
-    match outbox::decode(&raw_of(&raw)) {
+pub(super) fn arrival_again<H: Handler>(
+    handler: &H,
+    raw: ParkedRecord,
+    position: Position,
+) -> Arrival {
+    match decode(handler, &raw_of(&raw)) {
         Ok(event) => event_arrival(event, raw, position),
         Err(bad) => refused(raw, position, &bad),
     }

@@ -75,7 +75,7 @@ impl Settlement {
         Settlement {
             event_id: event.id,
             tenant_id: event.tenant_id.to_string(),
-            event_type: Some(event.event_type().as_str().to_owned()),
+            event_type: Some(event.event_type.clone()),
             outcome,
             attempts: attempt.number as i32,
             error: None,

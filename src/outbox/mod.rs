@@ -18,7 +18,8 @@ use uuid::Uuid;
 pub use decode::{BadEvent, BadEventReason, RawRecord, decode};
 pub use wire::{OutboxRow, WireRecord};
 
-/// The protobuf messages of `proto/ferry/v1/events.proto`, generated at build time.
+/// The protobuf messages of `proto/ferry/v1/events.proto` (Ferry's own events), generated at
+/// build time.
 pub mod proto {
     #![allow(missing_docs, clippy::doc_markdown)]
     include!(concat!(env!("OUT_DIR"), "/ferry.v1.rs"));
@@ -93,100 +94,84 @@ impl fmt::Display for TenantId {
     }
 }
 
-/// The event types of the reference domain (the outbox `type` column).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum EventType {
-    /// A product was created.
-    ProductCreated,
-    /// A product's fields changed.
-    ProductUpdated,
-    /// A product was deleted.
-    ProductDeleted,
-    /// The tenant switched the partner integration on.
-    TenantIntegrationEnabled,
-    /// The tenant switched the partner integration off.
-    TenantIntegrationDisabled,
-}
+/// The event types Ferry itself writes (`ferry tenant enable|disable`) and every integration
+/// understands; every other type is the application's, known to its integration alone.
+pub mod control {
+    /// The tenant switched an integration on: its backfill follows in the outbox.
+    pub const TENANT_ENABLED: &str = "TenantIntegrationEnabled";
+    /// The tenant switched an integration off: the integration rolls back what it mapped.
+    pub const TENANT_DISABLED: &str = "TenantIntegrationDisabled";
+    /// The aggregate type of both.
+    pub const AGGREGATE: &str = "Tenant";
 
-impl EventType {
-    /// Every event type, for exhaustive tests and help texts.
-    pub const ALL: [EventType; 5] = [
-        EventType::ProductCreated,
-        EventType::ProductUpdated,
-        EventType::ProductDeleted,
-        EventType::TenantIntegrationEnabled,
-        EventType::TenantIntegrationDisabled,
-    ];
+    /// Whether `event_type` is one of Ferry's own.
+    pub fn is_control(event_type: &str) -> bool {
+        event_type == TENANT_ENABLED || event_type == TENANT_DISABLED
+    }
 
-    /// The name written in the outbox `type` column and the `eventType` header.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventType::ProductCreated => "ProductCreated",
-            EventType::ProductUpdated => "ProductUpdated",
-            EventType::ProductDeleted => "ProductDeleted",
-            EventType::TenantIntegrationEnabled => "TenantIntegrationEnabled",
-            EventType::TenantIntegrationDisabled => "TenantIntegrationDisabled",
+    /// One of Ferry's own events, to write.
+    #[derive(Debug, Clone, PartialEq)]
+    pub enum Control {
+        /// See [`TENANT_ENABLED`].
+        Enabled(super::proto::TenantIntegrationEnabled),
+        /// See [`TENANT_DISABLED`].
+        Disabled(super::proto::TenantIntegrationDisabled),
+    }
+
+    impl Control {
+        /// The event switching `integration` on.
+        pub fn enabled(integration: &str) -> Self {
+            Control::Enabled(super::proto::TenantIntegrationEnabled {
+                integration: integration.to_owned(),
+            })
+        }
+
+        /// The event switching `integration` off.
+        pub fn disabled(integration: &str) -> Self {
+            Control::Disabled(super::proto::TenantIntegrationDisabled {
+                integration: integration.to_owned(),
+            })
         }
     }
 
-    /// Parses the `type` column; `None` for a type this version of Ferry does not know.
-    pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|t| t.as_str() == name)
-    }
-
-    /// The aggregate type the event belongs to (the outbox `aggregatetype` column).
-    pub fn aggregate_type(self) -> &'static str {
-        match self {
-            EventType::ProductCreated | EventType::ProductUpdated | EventType::ProductDeleted => {
-                "Product"
+    impl super::writer::OutboxPayload for Control {
+        fn event_type(&self) -> &str {
+            match self {
+                Control::Enabled(_) => TENANT_ENABLED,
+                Control::Disabled(_) => TENANT_DISABLED,
             }
-            EventType::TenantIntegrationEnabled | EventType::TenantIntegrationDisabled => "Tenant",
+        }
+
+        fn aggregate_type(&self) -> &str {
+            AGGREGATE
+        }
+
+        fn to_bytes(&self) -> Vec<u8> {
+            use prost::Message;
+            match self {
+                Control::Enabled(m) => m.encode_to_vec(),
+                Control::Disabled(m) => m.encode_to_vec(),
+            }
         }
     }
 }
 
-impl fmt::Display for EventType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A decoded event payload, one variant per [`EventType`].
+/// An event's payload as the change feed carried it, not yet read by any schema: the
+/// integration knows what its event types hold.
 #[derive(Debug, Clone, PartialEq)]
-pub enum EventPayload {
-    /// See [`proto::ProductCreated`].
-    ProductCreated(proto::ProductCreated),
-    /// See [`proto::ProductUpdated`].
-    ProductUpdated(proto::ProductUpdated),
-    /// See [`proto::ProductDeleted`].
-    ProductDeleted(proto::ProductDeleted),
-    /// See [`proto::TenantIntegrationEnabled`].
-    TenantIntegrationEnabled(proto::TenantIntegrationEnabled),
-    /// See [`proto::TenantIntegrationDisabled`].
-    TenantIntegrationDisabled(proto::TenantIntegrationDisabled),
+pub enum Payload {
+    /// Bytes (protobuf, or whatever binary encoding the application chose).
+    Protobuf(Vec<u8>),
+    /// A JSON object (from a `jsonb`, `json` or `text` payload column).
+    Json(serde_json::Value),
 }
 
-impl EventPayload {
-    /// The type of this payload.
-    pub fn event_type(&self) -> EventType {
+impl Payload {
+    /// How it arrived.
+    pub fn format(&self) -> PayloadFormat {
         match self {
-            EventPayload::ProductCreated(_) => EventType::ProductCreated,
-            EventPayload::ProductUpdated(_) => EventType::ProductUpdated,
-            EventPayload::ProductDeleted(_) => EventType::ProductDeleted,
-            EventPayload::TenantIntegrationEnabled(_) => EventType::TenantIntegrationEnabled,
-            EventPayload::TenantIntegrationDisabled(_) => EventType::TenantIntegrationDisabled,
-        }
-    }
-
-    /// The protobuf encoding: what our writer stores in the outbox `payload` column.
-    pub fn encode_to_vec(&self) -> Vec<u8> {
-        use prost::Message;
-        match self {
-            EventPayload::ProductCreated(m) => m.encode_to_vec(),
-            EventPayload::ProductUpdated(m) => m.encode_to_vec(),
-            EventPayload::ProductDeleted(m) => m.encode_to_vec(),
-            EventPayload::TenantIntegrationEnabled(m) => m.encode_to_vec(),
-            EventPayload::TenantIntegrationDisabled(m) => m.encode_to_vec(),
+            Payload::Protobuf(_) => PayloadFormat::Protobuf,
+            Payload::Json(_) => PayloadFormat::Json,
         }
     }
 }
@@ -194,9 +179,9 @@ impl EventPayload {
 /// How an event's payload arrived on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PayloadFormat {
-    /// Protobuf bytes (ByteArrayConverter, or base64 bytes inside a JsonConverter envelope).
+    /// Bytes (ByteArrayConverter, or base64 bytes inside a JsonConverter envelope).
     Protobuf,
-    /// JSON (proto3 JSON mapping), bare, as a string, or inside a JsonConverter envelope.
+    /// A JSON object, bare, as a string, or inside a JsonConverter envelope.
     Json,
 }
 
@@ -226,15 +211,21 @@ pub struct OutboxEvent {
     pub deliver_before: Option<DateTime<Utc>>,
     /// The record's timestamp: the outbox commit time as the change feed saw it.
     pub occurred_at: Option<DateTime<Utc>>,
-    /// How the payload was encoded on the wire.
-    pub format: PayloadFormat,
-    /// The typed payload; its variant is the event type.
-    pub payload: EventPayload,
+    /// The outbox `type` column: what the event says happened. Any name; the integration
+    /// decides what it does with it.
+    pub event_type: String,
+    /// The payload, as it arrived.
+    pub payload: Payload,
 }
 
 impl OutboxEvent {
     /// The event's type.
-    pub fn event_type(&self) -> EventType {
-        self.payload.event_type()
+    pub fn event_type(&self) -> &str {
+        &self.event_type
+    }
+
+    /// How the payload arrived.
+    pub fn format(&self) -> PayloadFormat {
+        self.payload.format()
     }
 }

@@ -131,7 +131,8 @@ impl WireRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::{EventPayload, EventType, decode, proto};
+    use crate::outbox::{Payload, decode};
+    use crate::shop::{EventPayload, EventType, proto};
 
     #[test]
     fn a_rejected_row_decodes_as_a_bad_event_of_its_tenant() {
@@ -177,7 +178,8 @@ mod tests {
         let event = decode(&record.as_raw()).unwrap();
         assert_eq!(event.id, row.id);
         assert_eq!(event.tenant_id.as_str(), "acme");
-        assert_eq!(event.payload, payload);
+        assert_eq!(event.event_type, "ProductDeleted");
+        assert_eq!(event.payload, Payload::Protobuf(payload.encode_to_vec()));
         assert_eq!(event.aggregate_id.as_deref(), Some("p-9"));
         assert_eq!(event.aggregate_type.as_deref(), Some("Product"));
         assert_eq!(event.traceparent, row.traceparent);

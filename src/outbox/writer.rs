@@ -3,7 +3,8 @@
 //!
 //! ```no_run
 //! # async fn example(pool: sqlx::PgPool) -> Result<(), sqlx::Error> {
-//! use ferry::outbox::{EventPayload, TenantId, proto, writer::{self, NewEvent}};
+//! use ferry::outbox::{TenantId, writer::{self, NewEvent}};
+//! use ferry::shop::{EventPayload, proto};
 //! let mut tx = pool.begin().await?;
 //! // ... the application's own writes on `tx` ...
 //! let event = NewEvent::new(
@@ -18,15 +19,16 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The payload is anything that says its type and gives its bytes ([`OutboxPayload`]): the
-//! reference domain's protobuf messages ([`EventPayload`]), or JSON of the application's own
-//! ([`JsonPayload`]).
+//! The payload is anything that says its type and gives its bytes ([`OutboxPayload`]): an
+//! application's protobuf messages (the reference shop's [`crate::shop::EventPayload`]), JSON
+//! of the application's own ([`JsonPayload`]), or Ferry's own events
+//! ([`crate::outbox::control::Control`]).
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::{EventPayload, TenantId};
+use super::TenantId;
 
 /// What an event carries, as the outbox stores it.
 pub trait OutboxPayload {
@@ -38,23 +40,8 @@ pub trait OutboxPayload {
     fn to_bytes(&self) -> Vec<u8>;
 }
 
-impl OutboxPayload for EventPayload {
-    fn event_type(&self) -> &str {
-        EventPayload::event_type(self).as_str()
-    }
-
-    fn aggregate_type(&self) -> &str {
-        EventPayload::event_type(self).aggregate_type()
-    }
-
-    fn to_bytes(&self) -> Vec<u8> {
-        self.encode_to_vec()
-    }
-}
-
 /// A JSON payload of the application's own: its type names and its body, stored as UTF-8
-/// JSON (the decoder reads a payload in the proto3 JSON mapping for the reference domain's
-/// types; a consumer of other types reads the JSON as it is).
+/// JSON; the consumer hands it to the integration as JSON.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JsonPayload {
     /// The event type.
@@ -81,7 +68,7 @@ impl OutboxPayload for JsonPayload {
 
 /// An event to append to the outbox.
 #[derive(Debug, Clone, PartialEq)]
-pub struct NewEvent<P = EventPayload> {
+pub struct NewEvent<P> {
     /// The event id; a time-ordered UUIDv7 by default.
     pub id: Uuid,
     /// The tenant: the Kafka key, the unit of order.

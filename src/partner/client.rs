@@ -67,6 +67,10 @@ pub struct PartnerClient {
     /// Shared by the clones: one budget per partner and per tenant for the whole process.
     limits: std::sync::Arc<RateLimits>,
     max_response_bytes: usize,
+    /// The header the credential goes in, and what precedes the token in it (`Bearer`).
+    auth: (String, String),
+    /// The header of the idempotency key.
+    idempotency_header: String,
 }
 
 impl PartnerClient {
@@ -87,9 +91,48 @@ impl PartnerClient {
                 config.tenant_rate_limit,
             )),
             max_response_bytes: usize::try_from(config.max_response_bytes).unwrap_or(usize::MAX),
+            auth: ("Authorization".to_owned(), "Bearer".to_owned()),
+            idempotency_header: "Idempotency-Key".to_owned(),
         })
     }
 
+    /// A client for the partner an integration file declares: its URL, credential, headers
+    /// and timeout where the file gives them, Ferry's `partner.*` settings for the rest (rate
+    /// limits and the answer bound among them).
+    pub fn for_spec(
+        config: &PartnerConfig,
+        partner: &super::spec::PartnerSpec,
+    ) -> Result<Self, ClientError> {
+        let mut config = config.clone();
+        if let Some(url) = &partner.url {
+            config.url = Some(url.clone());
+        }
+        if let Some(token) = &partner.token {
+            config.token = token.clone();
+        }
+        if let Some(timeout) = partner.timeout {
+            config.timeout = timeout;
+        }
+        let mut client = PartnerClient::new(&config)?;
+        client.auth = (partner.auth_header.clone(), partner.auth_scheme.clone());
+        client.idempotency_header = partner.idempotency_header.clone();
+        Ok(client)
+    }
+
+    /// Sends `method path` (after the base URL: the path and query, percent-encoded by the
+    /// caller) with a JSON body; the answer's JSON, `None` for 204. What a declared
+    /// integration calls; the typed methods below are the shop's.
+    pub async fn request(
+        &self,
+        call: &Call,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<Option<serde_json::Value>, Failure> {
+        self.send_to(call, method, path, body).await
+    }
+
+    /// A call of the shop API, under the tenant's account.
     async fn send<B: Serialize, T: DeserializeOwned>(
         &self,
         call: &Call,
@@ -97,17 +140,29 @@ impl PartnerClient {
         path: &str,
         body: Option<&B>,
     ) -> Result<Option<T>, Failure> {
-        let url = format!(
-            "{}/v1/accounts/{}{path}",
-            self.base,
-            segment(&call.account)?
-        );
-        let mut request = self
-            .http
-            .request(method.clone(), &url)
-            .bearer_auth(&self.token);
+        let path = format!("/v1/accounts/{}{path}", segment(&call.account)?);
+        self.send_to(call, method, &path, body).await
+    }
+
+    async fn send_to<B: Serialize, T: DeserializeOwned>(
+        &self,
+        call: &Call,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<Option<T>, Failure> {
+        let url = format!("{}{path}", self.base);
+        let mut request = self.http.request(method.clone(), &url);
+        if !self.token.is_empty() {
+            let (header, scheme) = &self.auth;
+            let value = match scheme.as_str() {
+                "" => self.token.clone(),
+                scheme => format!("{scheme} {}", self.token),
+            };
+            request = request.header(header.as_str(), value);
+        }
         if let Some(key) = &call.idempotency_key {
-            request = request.header("Idempotency-Key", key);
+            request = request.header(self.idempotency_header.as_str(), key);
         }
         if let Some(position) = &call.position {
             request = request.header(POSITION_HEADER, position);

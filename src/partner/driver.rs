@@ -33,9 +33,9 @@ pub struct Remote {
 /// makes. Each returns the partner's [`Failure`] as the client classified it.
 pub trait ObjectApi: Sync {
     /// The object type's name in `integration_mappings` (e.g. `shop_item`).
-    const OBJECT_TYPE: &'static str;
+    fn object_type(&self) -> &str;
     /// Its name in idempotency keys (e.g. `item`).
-    const KEY: &'static str;
+    fn key(&self) -> &str;
 
     /// The object whose external id is `our_id`, if the partner holds one.
     fn find(
@@ -66,7 +66,7 @@ pub struct Driver<'a> {
     /// Where the mappings are.
     pub pool: &'a PgPool,
     /// The integration's name in `integration_mappings`.
-    pub integration: &'static str,
+    pub integration: &'a str,
     /// The tenant.
     pub tenant: &'a str,
     /// The event's id, the first part of every idempotency key.
@@ -90,7 +90,7 @@ impl Driver<'_> {
     ) -> Result<String, Failure> {
         let belongs = |r: &Remote| parent.is_none() || r.parent.as_deref() == parent;
         if let Some(id) = mapped {
-            match api.update(&self.keyed::<O>("update"), id).await {
+            match api.update(&self.keyed(api, "update"), id).await {
                 Ok(remote) if belongs(&remote) => return Ok(remote.id),
                 // Gone, or under another parent: found again below.
                 Ok(_) => {}
@@ -101,18 +101,18 @@ impl Driver<'_> {
         let id = match api.find(self.call, our_id).await? {
             Some(found) if belongs(&found) => {
                 if !found.current {
-                    api.update(&self.keyed::<O>("update"), &found.id).await?;
+                    api.update(&self.keyed(api, "update"), &found.id).await?;
                 }
                 found.id
             }
             _ => {
-                api.create(&self.keyed::<O>("create"), our_id, parent)
+                api.create(&self.keyed(api, "create"), our_id, parent)
                     .await?
                     .id
             }
         };
         if mapped != Some(id.as_str()) {
-            self.write_mapping(O::OBJECT_TYPE, our_id, &id).await?;
+            self.write_mapping(api.object_type(), our_id, &id).await?;
         }
         Ok(id)
     }
@@ -131,22 +131,22 @@ impl Driver<'_> {
             None => api.find(self.call, our_id).await?.map(|r| r.id),
         };
         if let Some(id) = id {
-            match api.delete(&self.keyed::<O>("delete"), &id).await {
+            match api.delete(&self.keyed(api, "delete"), &id).await {
                 Err(f) if !is_not_found(&f) => return Err(f),
                 _ => {}
             }
         }
-        self.forget::<O>(our_id).await
+        self.forget(api.object_type(), our_id).await
     }
 
-    /// The partner's id of `our_id`'s `O`, as mapped so far.
-    pub async fn mapped<O: ObjectApi>(&self, our_id: &str) -> Result<Option<String>, Failure> {
+    /// The partner's id of `our_id`'s object of type `object_type`, as mapped so far.
+    pub async fn mapped(&self, object_type: &str, our_id: &str) -> Result<Option<String>, Failure> {
         sqlx::query_scalar(
             "SELECT foreign_id FROM integration_mappings \
              WHERE integration = $1 AND object_type = $2 AND tenant_id = $3 AND local_id = $4",
         )
         .bind(self.integration)
-        .bind(O::OBJECT_TYPE)
+        .bind(object_type)
         .bind(self.tenant)
         .bind(our_id)
         .fetch_optional(self.pool)
@@ -154,14 +154,15 @@ impl Driver<'_> {
         .map_err(db)
     }
 
-    /// Removes the mapping of `our_id`'s `O`: an object the partner deleted with its parent.
-    pub async fn forget<O: ObjectApi>(&self, our_id: &str) -> Result<(), Failure> {
+    /// Removes the mapping of `our_id`'s object of type `object_type`: an object the partner
+    /// deleted with its parent.
+    pub async fn forget(&self, object_type: &str, our_id: &str) -> Result<(), Failure> {
         sqlx::query(
             "DELETE FROM integration_mappings \
              WHERE integration = $1 AND object_type = $2 AND tenant_id = $3 AND local_id = $4",
         )
         .bind(self.integration)
-        .bind(O::OBJECT_TYPE)
+        .bind(object_type)
         .bind(self.tenant)
         .bind(our_id)
         .execute(self.pool)
@@ -170,10 +171,10 @@ impl Driver<'_> {
         Ok(())
     }
 
-    /// The call with the idempotency key of this event's `action` on an `O`.
-    fn keyed<O: ObjectApi>(&self, action: &str) -> Call {
+    /// The call with the idempotency key of this event's `action` on `api`'s object.
+    fn keyed<O: ObjectApi>(&self, api: &O, action: &str) -> Call {
         self.call
-            .keyed(format!("{}/{}/{action}", self.event_id, O::KEY))
+            .keyed(format!("{}/{}/{action}", self.event_id, api.key()))
     }
 
     /// Upserts one mapping: one statement, atomic on its own.

@@ -26,7 +26,8 @@ use super::api::{NewShopItem, NewShopPrice, ShopItem, ShopItemUpdate, ShopPrice,
 use super::client::{Call, PartnerClient, is_not_found};
 use super::driver::{Driver, ObjectApi, Remote, db};
 use crate::delivery::{Attempt, Failure, FailureClass, Handler, Outcome};
-use crate::outbox::{EventPayload, OutboxEvent, proto};
+use crate::outbox::{BadEventReason, OutboxEvent, control};
+use crate::shop::{self, EventPayload, proto};
 
 /// The integration's name in `integration_mappings`.
 pub const INTEGRATION: &str = "partner";
@@ -50,6 +51,16 @@ impl Integration {
 }
 
 impl Handler for Integration {
+    fn admit(&self, event: &OutboxEvent) -> Result<(), BadEventReason> {
+        if control::is_control(&event.event_type) {
+            return Ok(());
+        }
+        match shop::decode(event)? {
+            Some(_) => Ok(()),
+            None => Err(BadEventReason::UnknownEventType(event.event_type.clone())),
+        }
+    }
+
     async fn handle(&self, event: &OutboxEvent, attempt: &Attempt) -> Outcome {
         let call = Call {
             account: event.tenant_id.to_string(),
@@ -59,37 +70,77 @@ impl Handler for Integration {
             traceparent: crate::telemetry::current_traceparent()
                 .or_else(|| event.traceparent.clone()),
         };
-        let result = match &event.payload {
+        let result = match event.event_type.as_str() {
             // The backfill's creates follow this event: nothing to send for it.
-            EventPayload::TenantIntegrationEnabled(_) => Ok(()),
+            control::TENANT_ENABLED => Ok(()),
             // After every earlier event of the tenant: what they created is mapped by now.
-            EventPayload::TenantIntegrationDisabled(_) => self.rollback(event, &call).await,
-            EventPayload::ProductCreated(proto::ProductCreated { product: Some(p) })
-            | EventPayload::ProductUpdated(proto::ProductUpdated { product: Some(p) }) => {
-                match self.known(event.tenant_id.as_str(), &p.id).await {
-                    Ok(known) if !known.enabled => return Outcome::Ignored,
-                    Ok(known) => self.upsert(event, &call, p, known).await,
-                    Err(failure) => Err(failure),
-                }
-            }
-            EventPayload::ProductDeleted(d) => {
-                match self.known(event.tenant_id.as_str(), &d.product_id).await {
-                    Ok(known) if !known.enabled => return Outcome::Ignored,
-                    Ok(known) => self.delete(event, &call, &d.product_id, known).await,
-                    Err(failure) => Err(failure),
-                }
-            }
-            EventPayload::ProductCreated(_) | EventPayload::ProductUpdated(_) => Err(Failure {
-                class: FailureClass::Permanent,
-                message: "the event carries no product".into(),
-                status: None,
-                response: None,
-                retry_after: None,
-            }),
+            control::TENANT_DISABLED => self.rollback(event, &call).await,
+            // Admitted, so a shop event (read again here: admission keeps nothing).
+            _ => match shop::decode(event) {
+                Ok(Some(payload)) => self.product(event, &call, &payload).await,
+                Ok(None) => Err(permanent(format!(
+                    "unknown event type `{}`",
+                    event.event_type
+                ))),
+                Err(reason) => Err(permanent(reason.to_string())),
+            },
         };
         match result {
             Ok(()) => Outcome::Done,
-            Err(failure) => Outcome::Failed(failure),
+            Err(Refusal::Ignored) => Outcome::Ignored,
+            Err(Refusal::Failed(failure)) => Outcome::Failed(failure),
+        }
+    }
+}
+
+/// Why an event was not brought to the partner.
+enum Refusal {
+    /// The tenant has the integration off: recorded as ignored.
+    Ignored,
+    /// The partner or our database failed.
+    Failed(Failure),
+}
+
+impl From<Failure> for Refusal {
+    fn from(failure: Failure) -> Self {
+        Refusal::Failed(failure)
+    }
+}
+
+fn permanent(message: String) -> Refusal {
+    Refusal::Failed(Failure {
+        class: FailureClass::Permanent,
+        message,
+        status: None,
+        response: None,
+        retry_after: None,
+    })
+}
+
+impl Integration {
+    /// A product event: its item and price brought to the event's state, or deleted.
+    async fn product(
+        &self,
+        event: &OutboxEvent,
+        call: &Call,
+        payload: &EventPayload,
+    ) -> Result<(), Refusal> {
+        let known = self
+            .known(event.tenant_id.as_str(), payload.product_id())
+            .await?;
+        if !known.enabled {
+            return Err(Refusal::Ignored);
+        }
+        match payload {
+            EventPayload::ProductCreated(proto::ProductCreated { product: Some(p) })
+            | EventPayload::ProductUpdated(proto::ProductUpdated { product: Some(p) }) => {
+                Ok(self.upsert(event, call, p, known).await?)
+            }
+            EventPayload::ProductDeleted(d) => {
+                Ok(self.delete(event, call, &d.product_id, known).await?)
+            }
+            // Refused at admission.
+            _ => Err(permanent("the event carries no product".to_owned())),
         }
     }
 }
@@ -125,7 +176,7 @@ impl Integration {
     /// before items), each mapping row removed once its object is gone, so a retry resumes
     /// where this stopped; then whatever Ferry created that no mapping names (our id in
     /// `external_id`: a lost mapping row) is swept. Not found counts as deleted.
-    async fn rollback(&self, event: &OutboxEvent, call: &Call) -> Result<(), Failure> {
+    async fn rollback(&self, event: &OutboxEvent, call: &Call) -> Result<(), Refusal> {
         let tenant = event.tenant_id.as_str();
         loop {
             let page: Vec<(String, String, String)> = sqlx::query_as(
@@ -241,7 +292,7 @@ impl Integration {
             .delete(&item, product_id, known.item.as_deref())
             .await?;
         // The partner deleted the item's price with it.
-        driver.forget::<Price>(product_id).await
+        driver.forget(PRICE, product_id).await
     }
 
     fn driver<'a>(&'a self, event: &'a OutboxEvent, call: &'a Call) -> Driver<'a> {
@@ -279,8 +330,13 @@ impl Item<'_> {
 }
 
 impl ObjectApi for Item<'_> {
-    const OBJECT_TYPE: &'static str = ITEM;
-    const KEY: &'static str = "item";
+    fn object_type(&self) -> &str {
+        ITEM
+    }
+
+    fn key(&self) -> &str {
+        "item"
+    }
 
     async fn find(&self, call: &Call, our_id: &str) -> Result<Option<Remote>, Failure> {
         let found = self.client.find_item(call, our_id).await?;
@@ -330,8 +386,13 @@ impl Price<'_> {
 }
 
 impl ObjectApi for Price<'_> {
-    const OBJECT_TYPE: &'static str = PRICE;
-    const KEY: &'static str = "price";
+    fn object_type(&self) -> &str {
+        PRICE
+    }
+
+    fn key(&self) -> &str {
+        "price"
+    }
 
     async fn find(&self, call: &Call, our_id: &str) -> Result<Option<Remote>, Failure> {
         let found = self.client.find_price(call, our_id).await?;

@@ -1,7 +1,8 @@
-//! The partner: its REST API for shop items and prices as Ferry speaks it ([`api`]), the client
-//! that calls it and classifies its answers ([`client`]), the integration that turns our
-//! product events into its objects through the mapping table ([`integration`], the consumer's
-//! handler), and a simulator that plays the partner for tests and the demo ([`sim`]).
+//! The partner: the client that calls it and classifies its answers ([`client`]); the generic
+//! driver every integration's objects go through ([`driver`]: mapping, healing, idempotency
+//! keys); integrations declared in a file ([`spec`], [`template`], run by [`rest`]); the
+//! reference shop's integration written in Rust ([`integration`], over the shop API of
+//! [`api`]); and a simulator that plays the partner for tests and the demo ([`sim`]).
 //!
 //! The partner's API, in short (every route is under `/v1/accounts/{account}`, the account is
 //! our tenant id; every request carries `Authorization: Bearer <token>`):
@@ -24,5 +25,8 @@ pub mod client;
 pub mod driver;
 pub mod integration;
 pub mod rate_limits;
+pub mod rest;
 pub mod sim;
+pub mod spec;
+pub mod template;
 pub mod verify;

@@ -11,7 +11,8 @@ use chrono::Utc;
 use ferry::broker;
 use ferry::consumer::runtime::{self, ConsumeOptions, ConsumeStats};
 use ferry::delivery::{Attempt, Failure, FailureClass, Handler, Outcome};
-use ferry::outbox::{EventPayload, EventType, OutboxEvent, OutboxRow, WireRecord, proto};
+use ferry::outbox::{OutboxEvent, OutboxRow, WireRecord};
+use ferry::shop::{EventPayload, EventType, proto};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
@@ -56,6 +57,16 @@ impl Recorder {
 }
 
 impl Handler for Recorder {
+    // The reference shop's admission: its types, and a payload each can be read from.
+    fn admit(&self, event: &OutboxEvent) -> Result<(), ferry::outbox::BadEventReason> {
+        match ferry::shop::decode(event)? {
+            Some(_) => Ok(()),
+            None => Err(ferry::outbox::BadEventReason::UnknownEventType(
+                event.event_type.clone(),
+            )),
+        }
+    }
+
     async fn handle(&self, event: &OutboxEvent, _attempt: &Attempt) -> Outcome {
         let seq: i64 = event
             .aggregate_id

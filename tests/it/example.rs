@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry::consumer::runtime::{self, ConsumeStats};
-use ferry::outbox::{EventPayload, EventType, OutboxRow, proto};
+use ferry::outbox::OutboxRow;
+use ferry::shop::{EventPayload, EventType, proto};
 use tokio_util::sync::CancellationToken;
 
 use crate::consume::produce_rows;

@@ -6,7 +6,8 @@ use std::time::Duration;
 use chrono::Utc;
 use ferry::broker;
 use ferry::config::KafkaConfig;
-use ferry::outbox::{self, EventPayload, EventType, OutboxRow, WireRecord, proto};
+use ferry::outbox::{self, OutboxRow, WireRecord};
+use ferry::shop::{EventPayload, EventType, proto};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -150,6 +151,6 @@ async fn debezium_shaped_records_survive_the_broker() {
     let c = consumer(&config);
     for (name, case) in &cases {
         let m = recv(&c).await;
-        check(name, case, outbox::decode(&broker::raw_record(&m)));
+        check(name, case, super::decoder::read(&broker::raw_record(&m)));
     }
 }

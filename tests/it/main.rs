@@ -7,6 +7,7 @@ mod consume;
 mod contract;
 mod ctl;
 mod dashboard;
+mod declared;
 mod decoder;
 mod example;
 mod faults;

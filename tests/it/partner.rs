@@ -9,17 +9,18 @@ use std::time::Duration;
 
 use chrono::Utc;
 use ferry::consumer::runtime::{self, ConsumeOptions, ConsumeStats};
-use ferry::outbox::{EventPayload, EventType, OutboxRow, proto};
+use ferry::outbox::OutboxRow;
 use ferry::partner::client::PartnerClient;
 use ferry::partner::integration::Integration;
 use ferry::partner::sim::{FailRule, Faults, Sim, SimHandle};
+use ferry::shop::{EventPayload, EventType, proto};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::consume::produce_rows;
 use crate::support::{TestDb, config, fresh_topic, wait_for};
 
-const TOKEN: &str = "test-token";
+pub(crate) const TOKEN: &str = "test-token";
 
 /// A simulator on a free loopback port; returns it and its base URL.
 pub(crate) async fn start_sim() -> (SimHandle, String, CancellationToken) {

@@ -10,9 +10,10 @@ use chrono::{DateTime, Utc};
 use ferry::broker;
 use ferry::config::Config;
 use ferry::outbox::writer::{self, NewEvent};
-use ferry::outbox::{self, EventPayload, TenantId, proto};
+use ferry::outbox::{self, Payload, TenantId};
 use ferry::relay::Relay;
 use ferry::relay::lsn::Lsn;
+use ferry::shop::{EventPayload, proto};
 use rdkafka::Message as _;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -21,7 +22,7 @@ use crate::support::{TestDb, config, fresh_topic, read_all, topic_size, wait_for
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
-pub(crate) fn event(tenant: &str, seq: i64, description: &str) -> NewEvent {
+pub(crate) fn event(tenant: &str, seq: i64, description: &str) -> NewEvent<EventPayload> {
     let mut e = NewEvent::new(
         TenantId::new(tenant).unwrap(),
         seq.to_string(),
@@ -199,7 +200,10 @@ async fn records_are_the_wire_contract_on_the_murmur2_partition() {
             outbox::decode(&broker::raw_record(m)).expect("the decoder reads what the relay wrote");
         let sent = &written[&event.id];
         assert_eq!(event.tenant_id, sent.tenant_id);
-        assert_eq!(event.payload, sent.payload);
+        assert_eq!(
+            event.payload,
+            Payload::Protobuf(sent.payload.encode_to_vec())
+        );
         assert_eq!(event.traceparent, sent.traceparent);
         assert_eq!(event.deliver_before, sent.deliver_before);
         assert_eq!(event.aggregate_id.as_deref(), Some("1"));
@@ -375,7 +379,7 @@ async fn a_relay_killed_mid_stream_and_restarted_loses_nothing() {
             while n < EVENTS / 4 {
                 let t = w + 4 * (n % (TENANTS / 4));
                 let batch = 1 + n % 5;
-                let events: Vec<NewEvent> = (0..batch.min(EVENTS / 4 - n))
+                let events: Vec<NewEvent<EventPayload>> = (0..batch.min(EVENTS / 4 - n))
                     .map(|_| {
                         seq[t] += 1;
                         event(&format!("tenant-{t}"), seq[t], "")
@@ -472,7 +476,7 @@ async fn a_second_relay_stands_by_and_takes_over() {
     .await;
     let (stop_b, task_b, stats_b) = start_relay(&cfg).await;
 
-    let first: Vec<NewEvent> = (1..=3).map(|n| event("acme", n, "")).collect();
+    let first: Vec<NewEvent<EventPayload>> = (1..=3).map(|n| event("acme", n, "")).collect();
     let mut tx = db.pool.begin().await.unwrap();
     writer::append_many(&mut tx, &first).await.unwrap();
     tx.commit().await.unwrap();
@@ -483,7 +487,7 @@ async fn a_second_relay_stands_by_and_takes_over() {
     // A stops (its session ends): B takes over from where A left the slot.
     stop_a.cancel();
     task_a.await.unwrap().unwrap();
-    let second: Vec<NewEvent> = (4..=5).map(|n| event("acme", n, "")).collect();
+    let second: Vec<NewEvent<EventPayload>> = (4..=5).map(|n| event("acme", n, "")).collect();
     let mut tx = db.pool.begin().await.unwrap();
     writer::append_many(&mut tx, &second).await.unwrap();
     tx.commit().await.unwrap();
@@ -646,7 +650,8 @@ async fn a_replication_session_ended_by_the_server_is_resumed_from_the_slot() {
     let write = |from: i64, to: i64| {
         let pool = db.pool.clone();
         async move {
-            let events: Vec<NewEvent> = (from..=to).map(|n| event("acme", n, "")).collect();
+            let events: Vec<NewEvent<EventPayload>> =
+                (from..=to).map(|n| event("acme", n, "")).collect();
             for e in &events {
                 let mut tx = pool.begin().await.unwrap();
                 writer::append(&mut tx, e).await.unwrap();

@@ -545,7 +545,10 @@ async fn records_of_a_tenant_live_in_the_database_are_delivered_not_dropped() {
 }
 
 /// Appends `events` in one transaction of the application's own (not through the proxy).
-async fn write(pool: &sqlx::PgPool, events: &[ferry::outbox::writer::NewEvent]) {
+async fn write(
+    pool: &sqlx::PgPool,
+    events: &[ferry::outbox::writer::NewEvent<ferry::shop::EventPayload>],
+) {
     let mut tx = pool.begin().await.unwrap();
     ferry::outbox::writer::append_many(&mut tx, events)
         .await

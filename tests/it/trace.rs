@@ -6,8 +6,9 @@
 
 use std::time::Duration;
 
+use ferry::outbox::TenantId;
 use ferry::outbox::writer::{self, NewEvent};
-use ferry::outbox::{EventPayload, TenantId, proto};
+use ferry::shop::{EventPayload, proto};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use tracing::Instrument as _;

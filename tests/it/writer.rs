@@ -1,8 +1,9 @@
 //! The writer's side: an event appended inside the application's transaction carries the
 //! trace context of the span it was written in.
 
+use ferry::outbox::TenantId;
 use ferry::outbox::writer::{self, NewEvent};
-use ferry::outbox::{EventPayload, TenantId, proto};
+use ferry::shop::{EventPayload, proto};
 use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -205,10 +206,10 @@ async fn json_payloads_of_any_type_are_written_as_they_are() {
     })
     .unwrap();
     assert_eq!(
-        deleted.payload,
-        EventPayload::ProductDeleted(proto::ProductDeleted {
+        ferry::shop::decode(&deleted),
+        Ok(Some(EventPayload::ProductDeleted(proto::ProductDeleted {
             product_id: "p-1".into()
-        })
+        })))
     );
     db.drop().await;
 }
