@@ -443,6 +443,17 @@ fn state_note(status: Option<&ferry::tenant::TenantStatus>) -> String {
 
 async fn tenant_command(config: &Config, action: TenantAction) -> anyhow::Result<()> {
     let pool = ferry::store::connect(&config.database).await?;
+    // The backfill the integration `ferry consume` runs says: its file's query, else (the
+    // built-in shop integration) the shop's products.
+    let spec = match &config.consume.integration {
+        Some(file) => Some(ferry::partner::spec::Spec::load(file)?),
+        None => None,
+    };
+    let source = match spec.as_ref().map(|s| s.backfill.as_ref()) {
+        None => ferry::tenant::BackfillSource::Products,
+        Some(Some(query)) => ferry::tenant::BackfillSource::Query(query),
+        Some(None) => ferry::tenant::BackfillSource::Nothing,
+    };
     match action {
         TenantAction::Enable(Switch {
             tenants,
@@ -452,7 +463,7 @@ async fn tenant_command(config: &Config, action: TenantAction) -> anyhow::Result
             for raw in tenants {
                 let tenant = ferry::tenant::tenant_id(&raw)?;
                 let mut bar = Bar::new();
-                let enabled = ferry::tenant::enable(&pool, &tenant, |b| {
+                let enabled = ferry::tenant::enable(&pool, &tenant, source, |b| {
                     bar.show(
                         &format!("{tenant}: backfill written "),
                         b.written,
@@ -479,7 +490,7 @@ async fn tenant_command(config: &Config, action: TenantAction) -> anyhow::Result
                     .await?;
                 }
                 println!(
-                    "{tenant}: integration enabled, {} products backfilled",
+                    "{tenant}: integration enabled, {} objects backfilled",
                     enabled.events.len() - 1
                 );
             }

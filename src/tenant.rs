@@ -22,8 +22,9 @@ use uuid::Uuid;
 
 use crate::outbox::TenantId;
 use crate::outbox::control::Control;
-use crate::outbox::writer::{self, NewEvent};
+use crate::outbox::writer::{self, JsonPayload, NewEvent};
 use crate::partner::integration::INTEGRATION;
+use crate::partner::spec::BackfillSpec;
 use crate::shop::{EventPayload, proto};
 
 /// Products per backfill transaction.
@@ -83,11 +84,23 @@ pub fn tenant_id(raw: &str) -> Result<TenantId, TenantError> {
     TenantId::new(raw.to_owned()).map_err(|e| TenantError::InvalidId(raw.to_owned(), e.to_string()))
 }
 
-/// Switches the integration on for `tenant` and backfills its products through the outbox,
-/// reporting each page written to `progress`.
+/// Where a tenant's backfill comes from: what `enable` writes after its marker.
+#[derive(Debug, Clone, Copy)]
+pub enum BackfillSource<'a> {
+    /// The reference shop's products, as `ProductCreated` events (the built-in integration).
+    Products,
+    /// An integration file's `[backfill]` query, as JSON events of its type.
+    Query(&'a BackfillSpec),
+    /// Nothing: an integration file without `[backfill]`.
+    Nothing,
+}
+
+/// Switches the integration on for `tenant` and backfills its objects through the outbox from
+/// `source`, reporting each page written to `progress`.
 pub async fn enable(
     pool: &PgPool,
     tenant: &TenantId,
+    source: BackfillSource<'_>,
     mut progress: impl FnMut(Backfill),
 ) -> Result<Enabled, TenantError> {
     let mut tx = pool.begin().await?;
@@ -111,55 +124,38 @@ pub async fn enable(
         Control::enabled(INTEGRATION),
     );
     writer::append(&mut tx, &marker).await?;
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM products WHERE tenant_id = $1")
-        .bind(tenant.as_str())
-        .fetch_one(&mut *tx)
-        .await?;
+    let total: Option<i64> = match source {
+        BackfillSource::Products => Some(
+            sqlx::query_scalar("SELECT count(*) FROM products WHERE tenant_id = $1")
+                .bind(tenant.as_str())
+                .fetch_one(&mut *tx)
+                .await?,
+        ),
+        BackfillSource::Query(_) => None,
+        BackfillSource::Nothing => Some(0),
+    };
     tx.commit().await?;
 
     let mut events = vec![marker.id];
     let mut report = Backfill {
         written: 0,
-        total: total as u64,
+        total: total.unwrap_or(0) as u64,
     };
     progress(report);
-    let mut after = Uuid::nil();
+    let mut after = String::new();
     loop {
         let mut tx = pool.begin().await?;
-        let page: Vec<(Uuid, String, String, i64, String)> = sqlx::query_as(
-            "SELECT id, name, description, price_minor, currency FROM products \
-             WHERE tenant_id = $1 AND id > $2 ORDER BY id LIMIT $3 FOR SHARE",
-        )
-        .bind(tenant.as_str())
-        .bind(after)
-        .bind(BACKFILL_PAGE)
-        .fetch_all(&mut *tx)
-        .await?;
-        let Some(last) = page.last() else { break };
-        after = last.0;
-        let creates: Vec<NewEvent<EventPayload>> = page
-            .into_iter()
-            .map(|(id, name, description, price_minor, currency)| {
-                let product = proto::Product {
-                    id: id.to_string(),
-                    name,
-                    description,
-                    price_minor,
-                    currency,
-                };
-                NewEvent::new(
-                    tenant.clone(),
-                    id.to_string(),
-                    EventPayload::ProductCreated(proto::ProductCreated {
-                        product: Some(product),
-                    }),
-                )
-            })
-            .collect();
-        writer::append_many(&mut tx, &creates).await?;
+        let page = match source {
+            BackfillSource::Products => products_page(&mut tx, tenant, &mut after).await?,
+            BackfillSource::Query(spec) => query_page(&mut tx, spec, tenant, &mut after).await?,
+            BackfillSource::Nothing => Vec::new(),
+        };
+        if page.is_empty() {
+            break;
+        }
         tx.commit().await?;
-        events.extend(creates.iter().map(|e| e.id));
-        report.written += creates.len() as u64;
+        events.extend(page);
+        report.written = events.len() as u64 - 1;
         report.total = report.total.max(report.written);
         progress(report);
     }
@@ -167,6 +163,88 @@ pub async fn enable(
         was_enabled,
         events,
     })
+}
+
+/// One page of the shop's products after `after`, written as creates in `tx`; their ids.
+async fn products_page(
+    tx: &mut sqlx::PgConnection,
+    tenant: &TenantId,
+    after: &mut String,
+) -> Result<Vec<Uuid>, TenantError> {
+    let from = if after.is_empty() {
+        Uuid::nil()
+    } else {
+        after.parse().unwrap_or(Uuid::max())
+    };
+    let page: Vec<(Uuid, String, String, i64, String)> = sqlx::query_as(
+        "SELECT id, name, description, price_minor, currency FROM products \
+         WHERE tenant_id = $1 AND id > $2 ORDER BY id LIMIT $3 FOR SHARE",
+    )
+    .bind(tenant.as_str())
+    .bind(from)
+    .bind(BACKFILL_PAGE)
+    .fetch_all(&mut *tx)
+    .await?;
+    let Some(last) = page.last() else {
+        return Ok(Vec::new());
+    };
+    *after = last.0.to_string();
+    let creates: Vec<NewEvent<EventPayload>> = page
+        .into_iter()
+        .map(|(id, name, description, price_minor, currency)| {
+            let product = proto::Product {
+                id: id.to_string(),
+                name,
+                description,
+                price_minor,
+                currency,
+            };
+            NewEvent::new(
+                tenant.clone(),
+                id.to_string(),
+                EventPayload::ProductCreated(proto::ProductCreated {
+                    product: Some(product),
+                }),
+            )
+        })
+        .collect();
+    writer::append_many(&mut *tx, &creates).await?;
+    Ok(creates.iter().map(|e| e.id).collect())
+}
+
+/// One page of an integration file's backfill query after `after`, written as JSON events of
+/// its type in `tx`; their ids. The query is the application's: `$1` the tenant, `$2` the last
+/// `key` of the page before (empty at first), `$3` the page size; it returns `key` (text, in
+/// ascending order; the aggregate id) and `payload` (jsonb).
+async fn query_page(
+    tx: &mut sqlx::PgConnection,
+    spec: &BackfillSpec,
+    tenant: &TenantId,
+    after: &mut String,
+) -> Result<Vec<Uuid>, TenantError> {
+    let page: Vec<(String, serde_json::Value)> = sqlx::query_as(&spec.query)
+        .bind(tenant.as_str())
+        .bind(after.as_str())
+        .bind(BACKFILL_PAGE)
+        .fetch_all(&mut *tx)
+        .await?;
+    let Some(last) = page.last() else {
+        return Ok(Vec::new());
+    };
+    *after = last.0.clone();
+    let events: Vec<NewEvent<JsonPayload>> = page
+        .into_iter()
+        .map(|(key, body)| {
+            let payload = JsonPayload {
+                event_type: spec.event_type.clone(),
+                aggregate_type: spec.aggregate_type.clone(),
+                body,
+            };
+            NewEvent::new(tenant.clone(), key, payload)
+        })
+        .collect();
+    writer::append_many(&mut *tx, &events).await?;
+    Ok(events.iter().map(|e| e.id).collect())
 }
 
 /// Switches the integration off for `tenant`: from now on its events are ignored, and the

@@ -59,6 +59,15 @@ struct File {
     events: BTreeMap<String, FileEvent>,
     #[serde(default)]
     objects: BTreeMap<String, FileObject>,
+    backfill: Option<FileBackfill>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBackfill {
+    event_type: String,
+    aggregate_type: Option<String>,
+    query: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -133,6 +142,21 @@ pub struct Spec {
     pub events: BTreeMap<String, EventSpec>,
     /// The partner's object types, parents before their children.
     pub objects: Vec<ObjectSpec>,
+    /// What `ferry tenant enable` writes after its marker, if the file says.
+    pub backfill: Option<BackfillSpec>,
+}
+
+/// A tenant's backfill: a query of the application's tables, each row written to the outbox as
+/// an event of `event_type` with the row's JSON payload (`ferry tenant enable`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackfillSpec {
+    /// The event type of each row's event (one the file declares).
+    pub event_type: String,
+    /// Its aggregate type.
+    pub aggregate_type: String,
+    /// The page query: `$1` the tenant, `$2` the last key of the page before (empty at
+    /// first), `$3` the page size; it returns `key` (text, ascending) and `payload` (jsonb).
+    pub query: String,
 }
 
 /// How to reach the partner.
@@ -260,6 +284,7 @@ impl Spec {
         let protos = check.protos(&file.payload)?;
         let events = check.events(&file.events, protos.as_ref())?;
         let objects = check.objects(&file.objects, &events)?;
+        let backfill = check.backfill(file.backfill, &objects)?;
         Ok(Spec {
             file: path.to_owned(),
             name: file.name,
@@ -267,6 +292,7 @@ impl Spec {
             protos,
             events,
             objects,
+            backfill,
         })
     }
 
@@ -404,6 +430,36 @@ impl Check<'_> {
         } else {
             Err(self.invalid(key, format!("{url:?} is not an http:// or https:// URL")))
         }
+    }
+
+    fn backfill(
+        &self,
+        b: Option<FileBackfill>,
+        objects: &[ObjectSpec],
+    ) -> Result<Option<BackfillSpec>, SpecError> {
+        let Some(b) = b else { return Ok(None) };
+        if !objects.iter().any(|o| o.upserted_by(&b.event_type)) {
+            return Err(self.invalid(
+                "backfill.event_type",
+                format!("{:?} creates or updates no object type", b.event_type),
+            ));
+        }
+        if let Some(missing) = ["$1", "$2", "$3"]
+            .into_iter()
+            .find(|p| !b.query.contains(p))
+        {
+            return Err(self.invalid(
+                "backfill.query",
+                format!(
+                    "does not use {missing} ($1 the tenant, $2 the last key of the page before, $3 the page size)"
+                ),
+            ));
+        }
+        Ok(Some(BackfillSpec {
+            aggregate_type: b.aggregate_type.unwrap_or_else(|| b.event_type.clone()),
+            event_type: b.event_type,
+            query: b.query,
+        }))
     }
 
     fn protos(&self, p: &FilePayload) -> Result<Option<prost_reflect::DescriptorPool>, SpecError> {

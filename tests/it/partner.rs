@@ -143,9 +143,14 @@ async fn setup(timeout: Duration) -> (TestDb, ferry::config::Config, SimHandle, 
         .chain((0..50).map(|t| format!("tenant-{t}")));
     for tenant in tenants {
         let tenant = ferry::tenant::tenant_id(&tenant).unwrap();
-        ferry::tenant::enable(&db.pool, &tenant, |_| {})
-            .await
-            .unwrap();
+        ferry::tenant::enable(
+            &db.pool,
+            &tenant,
+            ferry::tenant::BackfillSource::Products,
+            |_| {},
+        )
+        .await
+        .unwrap();
     }
     (db, cfg, sim, sim_stop)
 }
@@ -410,9 +415,14 @@ async fn hostile_tenant_ids_and_reused_product_ids_never_reach_another_account()
     let odd = "acme corp?x=1#top";
     for tenant in ["tenant-b", climber, odd] {
         let tenant = ferry::tenant::tenant_id(tenant).unwrap();
-        ferry::tenant::enable(&db.pool, &tenant, |_| {})
-            .await
-            .unwrap();
+        ferry::tenant::enable(
+            &db.pool,
+            &tenant,
+            ferry::tenant::BackfillSource::Products,
+            |_| {},
+        )
+        .await
+        .unwrap();
     }
     let rows = [
         product("tenant-a", "p-1", "Tea", 350, true),

@@ -21,7 +21,7 @@ async fn settled_of_written(pool: &sqlx::PgPool) -> (i64, i64) {
 }
 
 /// Waits until every outbox event is settled, then returns the verification.
-async fn everything_settled_and_verified(
+pub(crate) async fn everything_settled_and_verified(
     pool: &sqlx::PgPool,
     client: &PartnerClient,
 ) -> Vec<ferry::partner::verify::TenantDrift> {
@@ -39,7 +39,7 @@ async fn everything_settled_and_verified(
         .unwrap()
 }
 
-fn load(tenants: usize, events: usize, seed: u64) -> ferry::load::LoadOptions {
+pub(crate) fn load(tenants: usize, events: usize, seed: u64) -> ferry::load::LoadOptions {
     ferry::load::LoadOptions {
         tenants,
         events,
@@ -83,9 +83,11 @@ async fn a_tenant_off_is_ignored_then_enabling_it_backfills_during_live_changes_
     for t in 0..3 {
         let id = tenant::tenant_id(&format!("shop-{t}")).unwrap();
         let mut last = None;
-        let enabled = tenant::enable(&db.pool, &id, |b| last = Some(b))
-            .await
-            .unwrap();
+        let enabled = tenant::enable(&db.pool, &id, tenant::BackfillSource::Products, |b| {
+            last = Some(b)
+        })
+        .await
+        .unwrap();
         assert!(!enabled.was_enabled);
         let last = last.expect("progress reported");
         assert_eq!(last.written as usize, enabled.events.len() - 1);
@@ -137,7 +139,9 @@ async fn disabling_a_tenant_rolls_back_everything_ferry_created_and_ignores_what
         tenant::tenant_id("shop-1").unwrap(),
     );
     for t in [&gone, &kept] {
-        tenant::enable(&db.pool, t, |_| {}).await.unwrap();
+        tenant::enable(&db.pool, t, tenant::BackfillSource::Products, |_| {})
+            .await
+            .unwrap();
     }
     ferry::load::run(&db.pool, &load(2, 300, 3)).await.unwrap();
     let report = everything_settled_and_verified(&db.pool, &client).await;
@@ -211,7 +215,9 @@ async fn bad_tenant_commands_are_refused_with_what_was_wrong() {
     assert_eq!(outbox, 0, "a refused disable writes nothing");
     // Nobody consuming: the wait gives up with the tenant's state, not forever.
     let id = tenant::tenant_id("nobody-listens").unwrap();
-    let enabled = tenant::enable(&db.pool, &id, |_| {}).await.unwrap();
+    let enabled = tenant::enable(&db.pool, &id, tenant::BackfillSource::Products, |_| {})
+        .await
+        .unwrap();
     let e = tenant::wait(&db.pool, &id, &enabled.events, Duration::ZERO, |_| {})
         .await
         .unwrap_err();

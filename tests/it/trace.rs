@@ -66,9 +66,14 @@ fn one_trace_runs_from_the_writers_span_to_the_partners_request() {
 async fn trace_chain(exporter: InMemorySpanExporter) {
     let (db, cfg, sim, sim_stop) = crate::partner::setup_sim(Duration::from_secs(10)).await;
     let tenant = TenantId::new("traced").unwrap();
-    ferry::tenant::enable(&db.pool, &tenant, |_| {})
-        .await
-        .unwrap();
+    ferry::tenant::enable(
+        &db.pool,
+        &tenant,
+        ferry::tenant::BackfillSource::Products,
+        |_| {},
+    )
+    .await
+    .unwrap();
     let (relay_stop, relay_task, _) = crate::relay::start_relay(&cfg).await;
 
     // The user's click: our application writes the product and its event inside its span.
