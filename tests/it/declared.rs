@@ -291,3 +291,83 @@ async fn enabling_tenants_backfills_from_the_files_query_during_live_changes_wit
     sim_stop.cancel();
     db.drop().await;
 }
+
+/// The README's guide, "Your own integration", as a newcomer follows it: the guide's file
+/// (`examples/integrations/courses.toml`, event types of the application's own), the tenant
+/// enabled, and JSON events written by a plain SQL `INSERT` through `psql`, carried by the
+/// relay. Guarantee: an integration of one's own needs only its file, and its events arrive in
+/// order. Input tried: a course saved, renamed, and a second course saved then removed.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_guides_file_delivers_json_events_written_by_plain_sql() {
+    use crate::partner::WithStdin;
+    let (db, cfg, sim, sim_stop) = setup_sim(Duration::from_secs(10)).await;
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/integrations/courses.toml");
+    let url = cfg.partner.url.clone().unwrap();
+    let spec = Spec::load_with(&file, |var| match var {
+        "FERRY_PARTNER_URL" => Some(url.clone()),
+        "FERRY_PARTNER_TOKEN" => Some(TOKEN.to_owned()),
+        _ => None,
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let (relay_stop, relay_task, _) = crate::relay::start_relay(&cfg).await;
+    let (stop, task) = run(&cfg, &db.pool, spec);
+    let school = ferry::tenant::tenant_id("school-1").unwrap();
+    let source = ferry::tenant::BackfillSource::Nothing;
+    ferry::tenant::enable(&db.pool, &school, source, |_| {})
+        .await
+        .unwrap();
+    let script = r#"
+INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, tenant_id) VALUES
+ (gen_random_uuid(), 'Course', 'c-1', 'CourseSaved',
+  convert_to('{"course": {"id": "c-1", "title": "Rust 101", "summary": "Ownership"}}', 'UTF8'), 'school-1'),
+ (gen_random_uuid(), 'Course', 'c-1', 'CourseSaved',
+  convert_to('{"course": {"id": "c-1", "title": "Rust 102", "summary": "Traits"}}', 'UTF8'), 'school-1'),
+ (gen_random_uuid(), 'Course', 'c-2', 'CourseSaved',
+  convert_to('{"course": {"id": "c-2", "title": "Go", "summary": ""}}', 'UTF8'), 'school-1'),
+ (gen_random_uuid(), 'Course', 'c-2', 'CourseRemoved',
+  convert_to('{"courseId": "c-2"}', 'UTF8'), 'school-1');
+"#;
+    let libpq_url = db.url.split('?').next().unwrap();
+    let out = tokio::process::Command::new("psql")
+        .args([libpq_url, "-v", "ON_ERROR_STOP=1", "-qX"])
+        .env_remove("PGOPTIONS")
+        .stdin(std::process::Stdio::piped())
+        .output_with_stdin(script)
+        .await;
+    assert!(
+        out.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(
+        "the marker and four events delivered",
+        Duration::from_secs(60),
+        || async { (delivered(&db.pool).await == 5).then_some(()) },
+    )
+    .await;
+    let state = sim.account("school-1");
+    let items: Vec<(&str, &str, &str)> = state
+        .items
+        .iter()
+        .map(|i| {
+            (
+                i.external_id.as_str(),
+                i.name.as_str(),
+                i.description.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(items, [("c-1", "Rust 102", "Traits")]);
+    let report = &sim.report()["school-1"];
+    assert_eq!(
+        (report.order_violations, report.duplicate_objects),
+        (0, 0),
+        "{report:?}"
+    );
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    relay_stop.cancel();
+    relay_task.await.unwrap().unwrap();
+    sim_stop.cancel();
+    db.drop().await;
+}

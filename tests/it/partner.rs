@@ -688,7 +688,7 @@ COMMIT;
 }
 
 /// Runs a command with `input` on its standard input.
-trait WithStdin {
+pub(crate) trait WithStdin {
     async fn output_with_stdin(&mut self, input: &str) -> std::process::Output;
 }
 
