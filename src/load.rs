@@ -87,6 +87,7 @@ pub async fn run(pool: &PgPool, options: &LoadOptions) -> Result<LoadReport, Loa
     if let Some(rate) = options.rate.filter(|r| !(r.is_finite() && *r > 0.0)) {
         return Err(LoadError::Rate(rate));
     }
+    crate::shop::create_tables(pool).await?;
     // Each writer's share of the rate: one change every `interval`.
     let interval = options
         .rate

@@ -443,107 +443,129 @@ fn state_note(status: Option<&ferry::tenant::TenantStatus>) -> String {
 
 async fn tenant_command(config: &Config, action: TenantAction) -> anyhow::Result<()> {
     let pool = ferry::store::connect(&config.database).await?;
-    // The backfill the integration `ferry consume` runs says: its file's query, else (the
-    // built-in shop integration) the shop's products.
-    let spec = match &config.consume.integration {
-        Some(file) => Some(ferry::partner::spec::Spec::load(file)?),
-        None => None,
-    };
-    let source = match spec.as_ref().map(|s| s.backfill.as_ref()) {
-        None => ferry::tenant::BackfillSource::Products,
-        Some(Some(query)) => ferry::tenant::BackfillSource::Query(query),
-        Some(None) => ferry::tenant::BackfillSource::Nothing,
-    };
     match action {
-        TenantAction::Enable(Switch {
-            tenants,
-            no_wait,
-            wait_timeout,
-        }) => {
-            for raw in tenants {
-                let tenant = ferry::tenant::tenant_id(&raw)?;
-                let mut bar = Bar::new();
-                let enabled = ferry::tenant::enable(&pool, &tenant, source, |b| {
-                    bar.show(
-                        &format!("{tenant}: backfill written "),
-                        b.written,
-                        b.total,
-                        "",
-                    );
-                })
-                .await?;
-                if enabled.was_enabled {
-                    eprintln!(
-                        "{tenant}: was enabled already; the backfill resends every product (a resync)"
-                    );
-                }
-                if !no_wait {
-                    let mut bar = Bar::new();
-                    ferry::tenant::wait(&pool, &tenant, &enabled.events, wait_timeout, |w| {
-                        bar.show(
-                            &format!("{tenant}: delivered         "),
-                            w.settled,
-                            w.total,
-                            &state_note(w.status.as_ref()),
-                        );
-                    })
-                    .await?;
-                }
-                println!(
-                    "{tenant}: integration enabled, {} objects backfilled",
-                    enabled.events.len() - 1
+        TenantAction::Enable(switch) => {
+            // The backfill the integration `ferry consume` runs says: its file's query, else
+            // (the built-in shop integration) the shop's products.
+            let spec = match &config.consume.integration {
+                Some(file) => Some(ferry::partner::spec::Spec::load(file)?),
+                None => None,
+            };
+            let source = match spec.as_ref().map(|s| s.backfill.as_ref()) {
+                None => ferry::tenant::BackfillSource::Products,
+                Some(Some(query)) => ferry::tenant::BackfillSource::Query(query),
+                Some(None) => ferry::tenant::BackfillSource::Nothing,
+            };
+            tenant_enable(&pool, switch, source).await
+        }
+        TenantAction::Disable(switch) => tenant_disable(&pool, switch).await,
+        TenantAction::Status { tenants } => tenant_status(&pool, tenants).await,
+    }
+}
+
+/// `ferry tenant enable`: each tenant switched on, its backfill written from `source`, then
+/// (unless `--no-wait`) waited for.
+async fn tenant_enable(
+    pool: &sqlx::PgPool,
+    Switch {
+        tenants,
+        no_wait,
+        wait_timeout,
+    }: Switch,
+    source: ferry::tenant::BackfillSource<'_>,
+) -> anyhow::Result<()> {
+    for raw in tenants {
+        let tenant = ferry::tenant::tenant_id(&raw)?;
+        let mut bar = Bar::new();
+        let enabled = ferry::tenant::enable(pool, &tenant, source, |b| {
+            bar.show(
+                &format!("{tenant}: backfill written "),
+                b.written,
+                b.total,
+                "",
+            );
+        })
+        .await?;
+        if enabled.was_enabled {
+            eprintln!(
+                "{tenant}: was enabled already; the backfill resends every object (a resync)"
+            );
+        }
+        if !no_wait {
+            let mut bar = Bar::new();
+            ferry::tenant::wait(pool, &tenant, &enabled.events, wait_timeout, |w| {
+                bar.show(
+                    &format!("{tenant}: delivered         "),
+                    w.settled,
+                    w.total,
+                    &state_note(w.status.as_ref()),
                 );
-            }
+            })
+            .await?;
         }
-        TenantAction::Disable(Switch {
-            tenants,
-            no_wait,
-            wait_timeout,
-        }) => {
-            for raw in tenants {
-                let tenant = ferry::tenant::tenant_id(&raw)?;
-                let mapped = ferry::tenant::status(&pool, &tenant)
-                    .await?
-                    .map_or(0, |s| s.mapped);
-                let event = ferry::tenant::disable(&pool, &tenant).await?;
-                if !no_wait {
-                    let mut bar = Bar::new();
-                    ferry::tenant::wait(&pool, &tenant, &[event], wait_timeout, |w| {
-                        let left = w.status.as_ref().map_or(0, |s| s.mapped);
-                        let done = if w.settled == w.total {
-                            mapped as u64
-                        } else {
-                            (mapped - left).max(0) as u64
-                        };
-                        bar.show(
-                            &format!("{tenant}: objects deleted "),
-                            done,
-                            mapped as u64,
-                            &state_note(w.status.as_ref()),
-                        );
-                    })
-                    .await?;
-                }
-                println!("{tenant}: integration disabled, {mapped} mapped objects rolled back");
-            }
+        println!(
+            "{tenant}: integration enabled, {} objects backfilled",
+            enabled.events.len() - 1
+        );
+    }
+    Ok(())
+}
+
+/// `ferry tenant disable`: each tenant switched off, then (unless `--no-wait`) its rollback
+/// waited for.
+async fn tenant_disable(
+    pool: &sqlx::PgPool,
+    Switch {
+        tenants,
+        no_wait,
+        wait_timeout,
+    }: Switch,
+) -> anyhow::Result<()> {
+    for raw in tenants {
+        let tenant = ferry::tenant::tenant_id(&raw)?;
+        let mapped = ferry::tenant::status(pool, &tenant)
+            .await?
+            .map_or(0, |s| s.mapped);
+        let event = ferry::tenant::disable(pool, &tenant).await?;
+        if !no_wait {
+            let mut bar = Bar::new();
+            ferry::tenant::wait(pool, &tenant, &[event], wait_timeout, |w| {
+                let left = w.status.as_ref().map_or(0, |s| s.mapped);
+                let done = if w.settled == w.total {
+                    mapped as u64
+                } else {
+                    (mapped - left).max(0) as u64
+                };
+                bar.show(
+                    &format!("{tenant}: objects deleted "),
+                    done,
+                    mapped as u64,
+                    &state_note(w.status.as_ref()),
+                );
+            })
+            .await?;
         }
-        TenantAction::Status { tenants } => {
-            println!("| tenant | integration | state | mapped objects | parked events | reason |");
-            println!("|---|---|---|---|---|---|");
-            for raw in tenants {
-                let tenant = ferry::tenant::tenant_id(&raw)?;
-                match ferry::tenant::status(&pool, &tenant).await? {
-                    Some(s) => println!(
-                        "| {tenant} | {} | {} | {} | {} | {} |",
-                        if s.integration_enabled { "on" } else { "off" },
-                        s.state,
-                        s.mapped,
-                        s.parked,
-                        s.pause_reason.unwrap_or_default()
-                    ),
-                    None => println!("| {tenant} | off (never enabled) | | | | |"),
-                }
-            }
+        println!("{tenant}: integration disabled, {mapped} mapped objects rolled back");
+    }
+    Ok(())
+}
+
+/// `ferry tenant status`: a table of the tenants.
+async fn tenant_status(pool: &sqlx::PgPool, tenants: Vec<String>) -> anyhow::Result<()> {
+    println!("| tenant | integration | state | mapped objects | parked events | reason |");
+    println!("|---|---|---|---|---|---|");
+    for raw in tenants {
+        let tenant = ferry::tenant::tenant_id(&raw)?;
+        match ferry::tenant::status(pool, &tenant).await? {
+            Some(s) => println!(
+                "| {tenant} | {} | {} | {} | {} | {} |",
+                if s.integration_enabled { "on" } else { "off" },
+                s.state,
+                s.mapped,
+                s.parked,
+                s.pause_reason.unwrap_or_default()
+            ),
+            None => println!("| {tenant} | off (never enabled) | | | | |"),
         }
     }
     Ok(())

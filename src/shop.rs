@@ -19,6 +19,21 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/shop.v1.rs"));
 }
 
+/// Creates the shop's `products` table in `public` (`examples/shop/schema.sql`) unless one is
+/// on the search path already (a database migrated by an earlier Ferry keeps it in Ferry's
+/// schema). The application's own schema step: Ferry's migrations never create it.
+pub async fn create_tables(pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('products') IS NOT NULL")
+        .fetch_one(pool)
+        .await?;
+    if !exists {
+        sqlx::raw_sql(include_str!("../examples/shop/schema.sql"))
+            .execute(pool)
+            .await?;
+    }
+    Ok(())
+}
+
 /// The aggregate type of every shop event.
 pub const AGGREGATE: &str = "Product";
 

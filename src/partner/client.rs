@@ -49,6 +49,22 @@ pub struct Call {
 }
 
 impl Call {
+    /// The calls of `event`'s handling, this `attempt`: the tenant's account, the event's log
+    /// position, and the trace context of the consumer's span for it (a child of the
+    /// writer's), else the writer's.
+    pub fn for_event(
+        event: &crate::outbox::OutboxEvent,
+        attempt: &crate::delivery::Attempt,
+    ) -> Call {
+        Call {
+            account: event.tenant_id.to_string(),
+            idempotency_key: None,
+            position: Some(format!("{}/{}", attempt.partition, attempt.offset)),
+            traceparent: crate::telemetry::current_traceparent()
+                .or_else(|| event.traceparent.clone()),
+        }
+    }
+
     /// The same call with `key` as its idempotency key.
     pub fn keyed(&self, key: String) -> Call {
         Call {

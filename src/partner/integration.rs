@@ -62,14 +62,7 @@ impl Handler for Integration {
     }
 
     async fn handle(&self, event: &OutboxEvent, attempt: &Attempt) -> Outcome {
-        let call = Call {
-            account: event.tenant_id.to_string(),
-            idempotency_key: None,
-            position: Some(format!("{}/{}", attempt.partition, attempt.offset)),
-            // The consumer's span for this event (a child of the writer's), else the writer's.
-            traceparent: crate::telemetry::current_traceparent()
-                .or_else(|| event.traceparent.clone()),
-        };
+        let call = Call::for_event(event, attempt);
         let result = match event.event_type.as_str() {
             // The backfill's creates follow this event: nothing to send for it.
             control::TENANT_ENABLED => Ok(()),

@@ -122,13 +122,7 @@ impl Handler for RestIntegration {
     }
 
     async fn handle(&self, event: &OutboxEvent, attempt: &Attempt) -> Outcome {
-        let call = Call {
-            account: event.tenant_id.to_string(),
-            idempotency_key: None,
-            position: Some(format!("{}/{}", attempt.partition, attempt.offset)),
-            traceparent: crate::telemetry::current_traceparent()
-                .or_else(|| event.traceparent.clone()),
-        };
+        let call = Call::for_event(event, attempt);
         let done = match event.event_type.as_str() {
             control::TENANT_ENABLED => Ok(true),
             control::TENANT_DISABLED => self.rollback(event, &call).await.map(|()| true),

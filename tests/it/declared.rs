@@ -15,10 +15,10 @@ use ferry::partner::client::PartnerClient;
 use ferry::partner::rest::RestIntegration;
 use ferry::partner::sim::Faults;
 use ferry::partner::spec::Spec;
-use ferry::shop::{EventPayload, EventType, proto};
 use tokio_util::sync::CancellationToken;
 
 use crate::consume::produce_rows;
+use crate::example::deleted;
 use crate::partner::{TOKEN, delivered, fast_retries, product, setup_sim};
 use crate::support::wait_for;
 
@@ -28,17 +28,6 @@ fn shop_spec() -> Spec {
         (var == "FERRY_PARTNER_TOKEN").then(|| TOKEN.to_owned())
     })
     .unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn deleted(tenant: &str, id: &str) -> OutboxRow {
-    let payload = EventPayload::ProductDeleted(proto::ProductDeleted {
-        product_id: id.to_owned(),
-    });
-    OutboxRow {
-        event_type: EventType::ProductDeleted.as_str().into(),
-        payload: payload.encode_to_vec(),
-        ..product(tenant, id, "", 0, true)
-    }
 }
 
 /// A create written as JSON by plain SQL would be: the payload column holds JSON text.

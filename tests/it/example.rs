@@ -17,7 +17,7 @@ use crate::support::wait_for;
 #[path = "../../examples/own_integration.rs"]
 mod own_integration;
 
-fn deleted(tenant: &str, id: &str) -> OutboxRow {
+pub(crate) fn deleted(tenant: &str, id: &str) -> OutboxRow {
     let payload = EventPayload::ProductDeleted(proto::ProductDeleted {
         product_id: id.to_owned(),
     });

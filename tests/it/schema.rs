@@ -3,8 +3,8 @@
 
 use crate::support::TestDb;
 
-/// Ferry's own tables, in its schema. (`products` is the demo's, created by Ferry's migrations.)
-const FERRY_TABLES: [&str; 9] = [
+/// Ferry's own tables, in its schema. (The shop's `products` is the example application's.)
+const FERRY_TABLES: [&str; 8] = [
     "_sqlx_migrations",
     "control",
     "deliveries",
@@ -12,7 +12,6 @@ const FERRY_TABLES: [&str; 9] = [
     "integration_mappings",
     "operator_actions",
     "parked_events",
-    "products",
     "tenants",
 ];
 
@@ -165,10 +164,21 @@ async fn migrate_the_old_layout(db: &TestDb) -> sqlx::PgPool {
         .connect_with(options.options([("search_path", "public")]))
         .await
         .unwrap();
-    let old = sqlx::migrate::Migrator {
-        migrations: std::borrow::Cow::Owned(
-            ferry::store::MIGRATOR.iter().take(5).cloned().collect(),
+    // Version 2 created the shop's `products` then; it is the example application's now.
+    let mut migrations: Vec<sqlx::migrate::Migration> =
+        ferry::store::MIGRATOR.iter().take(4).cloned().collect();
+    migrations.insert(
+        1,
+        sqlx::migrate::Migration::new(
+            2,
+            "products".into(),
+            sqlx::migrate::MigrationType::Simple,
+            include_str!("../../examples/shop/schema.sql").into(),
+            false,
         ),
+    );
+    let old = sqlx::migrate::Migrator {
+        migrations: std::borrow::Cow::Owned(migrations),
         ignore_missing: false,
         locking: true,
         no_tx: false,
@@ -201,7 +211,7 @@ async fn a_database_of_the_old_layout_is_upgraded_in_place_with_nothing_lost() {
 
     ferry::store::migrate(&db.pool).await.expect("the upgrade");
     assert_eq!(tables_in(&db.pool, "ferry").await, FERRY_TABLES);
-    assert_eq!(tables_in(&db.pool, "public").await, ["outbox"]);
+    assert_eq!(tables_in(&db.pool, "public").await, ["outbox", "products"]);
     let latest = ferry::store::MIGRATOR.iter().map(|m| m.version).max();
     assert_eq!(
         ferry::store::schema_version(&db.pool).await.unwrap(),

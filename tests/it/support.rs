@@ -64,6 +64,10 @@ impl TestDb {
         ferry::store::migrate(&db.pool)
             .await
             .expect("migrations apply");
+        // The reference shop's own table, as its application creates it.
+        ferry::shop::create_tables(&db.pool)
+            .await
+            .expect("the shop's table");
         db
     }
 
