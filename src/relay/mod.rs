@@ -35,6 +35,7 @@ pub mod lsn;
 pub mod pgoutput;
 pub mod progress;
 pub mod replication;
+pub mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

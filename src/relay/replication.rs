@@ -20,7 +20,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{Hmac, Mac as _};
 use sha2::{Digest as _, Sha256};
-use sqlx::postgres::{PgConnectOptions, PgSslMode};
+use sqlx::postgres::PgConnectOptions;
+
+use super::tls::TlsSettings;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::lsn::Lsn;
@@ -58,6 +60,10 @@ pub enum ReplicationError {
     /// The server closed the stream.
     #[error("the server ended the replication stream")]
     Closed,
+    /// TLS could not be had as `sslmode` requires: the server does not offer it, or its
+    /// certificate is not trusted.
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 impl ReplicationError {
@@ -69,7 +75,8 @@ impl ReplicationError {
             ReplicationError::UnsupportedAuth(_)
             | ReplicationError::NoPassword
             | ReplicationError::ServerSignature
-            | ReplicationError::Settings(_) => false,
+            | ReplicationError::Settings(_)
+            | ReplicationError::Tls(_) => false,
             ReplicationError::Io(_)
             | ReplicationError::Unexpected(_)
             | ReplicationError::Closed => true,
@@ -388,30 +395,35 @@ pub struct Target {
     pub password: Option<String>,
     /// The database whose slot is streamed.
     pub database: String,
+    /// What `sslmode` and `sslrootcert` ask of TLS (over TCP; a Unix socket is local).
+    pub tls: TlsSettings,
 }
 
 impl Target {
-    /// Reads the target from the database URL the rest of Ferry uses. TLS is not spoken
-    /// here, so a URL that requires it is refused with a message that says what to do.
+    /// Reads the target from the database URL the rest of Ferry uses, `sslmode` and
+    /// `sslrootcert` included (else `PGSSLMODE` and `PGSSLROOTCERT`, as libpq).
     pub fn from_url(url: &str) -> Result<Target, ReplicationError> {
         let options: PgConnectOptions = url
             .parse()
             .map_err(|e| ReplicationError::Settings(format!("database.url: {e}")))?;
-        if matches!(
-            options.get_ssl_mode(),
-            PgSslMode::Require | PgSslMode::VerifyCa | PgSslMode::VerifyFull
-        ) {
-            return Err(ReplicationError::Settings(
-                "database.url requires TLS, which the relay's streaming replication connection \
-                 does not speak: set relay.mode = \"peek\" (FERRY_RELAY_MODE=peek) to relay \
-                 through SQL over TLS"
-                    .into(),
-            ));
-        }
-        let password = reqwest::Url::parse(url)
-            .ok()
+        let parsed = reqwest::Url::parse(url).ok();
+        let password = parsed
+            .as_ref()
             .and_then(|u| u.password().map(percent_decode))
             .or_else(|| std::env::var("PGPASSWORD").ok());
+        let root_cert = parsed
+            .as_ref()
+            .and_then(|u| {
+                u.query_pairs()
+                    .find(|(k, _)| k == "sslrootcert")
+                    .map(|(_, v)| v.into_owned())
+            })
+            .or_else(|| std::env::var("PGSSLROOTCERT").ok())
+            .map(PathBuf::from);
+        let tls = TlsSettings {
+            mode: options.get_ssl_mode().into(),
+            root_cert,
+        };
         let socket = options.get_socket().cloned().or_else(|| {
             let host = options.get_host();
             host.starts_with('/').then(|| PathBuf::from(host))
@@ -433,6 +445,7 @@ impl Target {
                 .get_database()
                 .unwrap_or(options.get_username())
                 .to_owned(),
+            tls,
         })
     }
 }
@@ -466,7 +479,49 @@ fn percent_decode(s: &str) -> String {
 
 enum Transport {
     Tcp(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
     Unix(tokio::net::UnixStream),
+}
+
+/// The first message of a connection that asks for TLS (PostgreSQL's `SSLRequest`).
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+/// A TCP connection to `host`, in TLS when `tls` asks for it and the server offers it; refused
+/// (before anything of the login is sent) when `tls` requires it and the server does not.
+async fn tcp_transport(
+    host: &str,
+    port: u16,
+    tls: &TlsSettings,
+) -> Result<Transport, ReplicationError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect((host, port)).await?;
+    stream.set_nodelay(true)?;
+    if !tls.asks() {
+        return Ok(Transport::Tcp(stream));
+    }
+    let config = tls.client_config().map_err(ReplicationError::Tls)?;
+    stream.write_all(&SSL_REQUEST).await?;
+    let mut answer = [0u8; 1];
+    stream.read_exact(&mut answer).await?;
+    match answer[0] {
+        b'S' => {
+            let name = super::tls::server_name(host).map_err(ReplicationError::Tls)?;
+            let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+            let stream = connector.connect(name, stream).await.map_err(|e| {
+                ReplicationError::Tls(format!("{host}:{port} (sslmode={}): {e}", tls.mode))
+            })?;
+            Ok(Transport::Tls(Box::new(stream)))
+        }
+        b'N' if !tls.requires() => Ok(Transport::Tcp(stream)),
+        b'N' => Err(ReplicationError::Tls(format!(
+            "{host}:{port} does not offer TLS, and sslmode={} refuses plaintext",
+            tls.mode
+        ))),
+        other => Err(ReplicationError::Unexpected(format!(
+            "answer {:?} to the TLS request",
+            other as char
+        ))),
+    }
 }
 
 /// A logical replication connection: logged in, then streaming one slot.
@@ -486,11 +541,7 @@ impl ReplicationConnection {
     ) -> Result<Self, ReplicationError> {
         let transport = match (&target.socket, &target.host) {
             (Some(path), _) => Transport::Unix(tokio::net::UnixStream::connect(path).await?),
-            (None, Some(host)) => {
-                let stream = tokio::net::TcpStream::connect((host.as_str(), target.port)).await?;
-                stream.set_nodelay(true)?;
-                Transport::Tcp(stream)
-            }
+            (None, Some(host)) => tcp_transport(host, target.port, &target.tls).await?,
             (None, None) => {
                 return Err(ReplicationError::Settings(
                     "database.url has no host".into(),
@@ -693,6 +744,7 @@ impl ReplicationConnection {
             // `read_buf` is cancel-safe: bytes are either in the buffer or still in the socket.
             let n = match &mut self.transport {
                 Transport::Tcp(s) => s.read_buf(&mut self.buf).await?,
+                Transport::Tls(s) => s.read_buf(&mut self.buf).await?,
                 Transport::Unix(s) => s.read_buf(&mut self.buf).await?,
             };
             if n == 0 {
@@ -704,6 +756,7 @@ impl ReplicationConnection {
     async fn write(&mut self, bytes: &[u8]) -> Result<(), ReplicationError> {
         match &mut self.transport {
             Transport::Tcp(s) => s.write_all(bytes).await?,
+            Transport::Tls(s) => s.write_all(bytes).await?,
             Transport::Unix(s) => s.write_all(bytes).await?,
         }
         Ok(())
@@ -887,10 +940,14 @@ mod tests {
         );
         assert_eq!(t.host, None);
 
-        // Input tried: a URL that insists on TLS, which this connection cannot speak.
-        let e = Target::from_url("postgres://relay@db.example/shop?sslmode=require").unwrap_err();
-        assert!(!e.is_retryable());
-        assert!(e.to_string().contains("relay.mode"), "{e}");
+        // TLS settings are read from the URL as libpq reads them.
+        let t = Target::from_url(
+            "postgres://relay@db.example/shop?sslmode=verify-full&sslrootcert=/etc/ferry/ca.pem",
+        )
+        .unwrap();
+        assert_eq!(t.tls.mode, super::super::tls::SslMode::VerifyFull);
+        assert_eq!(t.tls.root_cert, Some(PathBuf::from("/etc/ferry/ca.pem")));
+        assert!(t.tls.requires());
     }
 
     #[test]

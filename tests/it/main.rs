@@ -21,5 +21,6 @@ mod resilience;
 mod schema;
 mod support;
 mod tenant;
+mod tls;
 mod trace;
 mod writer;
