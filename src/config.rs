@@ -724,6 +724,8 @@ impl Config {
         }
         validate_topic(&self.kafka.topic)
             .map_err(|reason| invalid("kafka.topic", &self.kafka.topic, &reason))?;
+        validate_kafka_security(&self.kafka.properties)
+            .map_err(|(key, value, reason)| invalid(key, &value, &reason))?;
         if let Some(url) = &self.partner.url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
@@ -858,6 +860,54 @@ pub fn validate_topic(topic: &str) -> Result<(), String> {
         return Err(format!(
             "`{c}` is not allowed in a topic name (only a-z A-Z 0-9 . _ -)"
         ));
+    }
+    Ok(())
+}
+
+/// The Kafka security settings of `[kafka.properties]`, checked before any client is made: a
+/// protocol librdkafka knows, and for SASL a mechanism Ferry's build speaks with its
+/// credentials. The error's value never holds a password.
+fn validate_kafka_security(
+    properties: &BTreeMap<String, String>,
+) -> Result<(), (&'static str, String, String)> {
+    let get = |name: &str| properties.get(name).map(|v| v.trim().to_owned());
+    let protocol = get("security.protocol").unwrap_or_else(|| "plaintext".to_owned());
+    let sasl = match protocol.to_ascii_lowercase().as_str() {
+        "plaintext" | "ssl" => false,
+        "sasl_plaintext" | "sasl_ssl" => true,
+        _ => {
+            return Err((
+                "kafka.properties.security.protocol",
+                protocol,
+                "expected plaintext, ssl, sasl_plaintext or sasl_ssl".to_owned(),
+            ));
+        }
+    };
+    if !sasl {
+        return Ok(());
+    }
+    let mechanism = get("sasl.mechanisms")
+        .or_else(|| get("sasl.mechanism"))
+        .unwrap_or_else(|| "GSSAPI".to_owned());
+    match mechanism.to_ascii_uppercase().as_str() {
+        "PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512" => {}
+        "OAUTHBEARER" => return Ok(()),
+        _ => {
+            return Err((
+                "kafka.properties.sasl.mechanisms",
+                mechanism,
+                "expected PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER (GSSAPI is not built in)"
+                    .to_owned(),
+            ));
+        }
+    }
+    for (name, key) in [
+        ("sasl.username", "kafka.properties.sasl.username"),
+        ("sasl.password", "kafka.properties.sasl.password"),
+    ] {
+        if get(name).is_none_or(|v| v.is_empty()) {
+            return Err((key, String::new(), format!("required by SASL {mechanism}")));
+        }
     }
     Ok(())
 }
@@ -1125,5 +1175,70 @@ mod tests {
         assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
         assert!(err.to_string().contains("broker"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn kafka_security_settings_are_checked_without_echoing_a_password() {
+        let props = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        // Accepted: none, TLS alone, SASL/SCRAM over TLS with credentials.
+        for ok in [
+            props(&[]),
+            props(&[
+                ("security.protocol", "SSL"),
+                ("ssl.ca.location", "/etc/ca.pem"),
+            ]),
+            props(&[
+                ("security.protocol", "sasl_ssl"),
+                ("sasl.mechanisms", "SCRAM-SHA-512"),
+                ("sasl.username", "ferry"),
+                ("sasl.password", "s3cret"),
+            ]),
+        ] {
+            assert_eq!(validate_kafka_security(&ok), Ok(()), "{ok:?}");
+        }
+        // (what was tried, the key the error names)
+        let cases = [
+            (
+                props(&[("security.protocol", "tls")]),
+                "kafka.properties.security.protocol",
+            ),
+            (
+                props(&[
+                    ("security.protocol", "sasl_ssl"),
+                    ("sasl.username", "u"),
+                    ("sasl.password", "s3cret"),
+                ]),
+                "kafka.properties.sasl.mechanisms",
+            ),
+            (
+                props(&[
+                    ("security.protocol", "sasl_ssl"),
+                    ("sasl.mechanisms", "PLAIN"),
+                    ("sasl.password", "s3cret"),
+                ]),
+                "kafka.properties.sasl.username",
+            ),
+            (
+                props(&[
+                    ("security.protocol", "sasl_ssl"),
+                    ("sasl.mechanisms", "SCRAM-SHA-256"),
+                    ("sasl.username", "u"),
+                ]),
+                "kafka.properties.sasl.password",
+            ),
+        ];
+        for (tried, key) in cases {
+            let (got, value, reason) = validate_kafka_security(&tried).unwrap_err();
+            assert_eq!(got, key, "{tried:?}");
+            assert!(
+                !value.contains("s3cret") && !reason.contains("s3cret"),
+                "{reason}"
+            );
+        }
     }
 }

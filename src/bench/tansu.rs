@@ -124,8 +124,9 @@ impl Drop for MemoryTansu {
     }
 }
 
-/// Where the tansu binary is, if anywhere.
-fn binary() -> Option<PathBuf> {
+/// Where the tansu binary is, if anywhere: `FERRY_TANSU_BIN`, else `tansu` on `PATH`, else
+/// cargo's bin folder (where `scripts/stack up` installs it).
+pub fn binary() -> Option<PathBuf> {
     if let Some(bin) = std::env::var_os("FERRY_TANSU_BIN") {
         return Some(PathBuf::from(bin));
     }

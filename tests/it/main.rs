@@ -12,6 +12,7 @@ mod decoder;
 mod example;
 mod faults;
 mod kafka;
+mod kafka_tls;
 mod ledger;
 mod operate;
 mod partner;
