@@ -25,7 +25,8 @@
 //! | an event of a type this integration does not know (`pause`, `ignore`) | `consume.unknown_event_types` | `FERRY_CONSUME_UNKNOWN_EVENT_TYPES` |
 //! | the integration file to run (TOML; unset: the built-in shop integration) | `consume.integration` | `FERRY_CONSUME_INTEGRATION` |
 //! | admin API address | `admin.addr` | `FERRY_ADMIN_ADDR` |
-//! | admin API bearer token | `admin.token` | `FERRY_ADMIN_TOKEN` |
+//! | admin API bearer token (unset: generated at the first start, printed once) | `admin.token` | `FERRY_ADMIN_TOKEN` |
+//! | `Host` names the admin API answers to besides its address | `admin.hosts` | `FERRY_ADMIN_HOSTS` (comma-separated) |
 //! | extra librdkafka settings | `[kafka.properties]` | `FERRY_KAFKA_PROPERTIES` (`name=value,name=value`, over the file's) |
 //! | relay slot | `relay.slot` | `FERRY_RELAY_SLOT` |
 //! | relay publication | `relay.publication` | `FERRY_RELAY_PUBLICATION` |
@@ -70,8 +71,12 @@ pub struct Config {
 pub struct AdminConfig {
     /// Where it listens (loopback by default).
     pub addr: std::net::SocketAddr,
-    /// The bearer token every route but `/health` needs; required off loopback.
+    /// The bearer token every data and action route needs; unset, `ferry consume` generates
+    /// one at its first start, prints it once and keeps its hash in Postgres.
     pub token: Option<String>,
+    /// `Host` header values answered besides the listening address (`host:port`): the names
+    /// a load balancer or a Kubernetes Service reaches it by.
+    pub hosts: Vec<String>,
 }
 
 impl Default for AdminConfig {
@@ -79,6 +84,7 @@ impl Default for AdminConfig {
         AdminConfig {
             addr: std::net::SocketAddr::from(([127, 0, 0, 1], 9190)),
             token: None,
+            hosts: Vec::new(),
         }
     }
 }
@@ -369,6 +375,8 @@ struct FileConfig {
 struct FileAdmin {
     addr: Option<String>,
     token: Option<String>,
+    #[serde(default)]
+    hosts: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -660,6 +668,15 @@ impl Config {
             token: env(&["FERRY_ADMIN_TOKEN"])
                 .or(file.admin.token)
                 .filter(|t| !t.is_empty()),
+            hosts: match env(&["FERRY_ADMIN_HOSTS"]) {
+                Some(list) => list
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|h| !h.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                None => file.admin.hosts,
+            },
         };
 
         let config = Config {
@@ -737,16 +754,6 @@ impl Config {
         }
         if self.partner.timeout.is_zero() {
             return Err(invalid("partner.timeout_ms", "0", "must be at least 1"));
-        }
-        if !self.admin.addr.ip().is_loopback() && self.admin.token.is_none() {
-            return Err(invalid(
-                "admin.token",
-                "",
-                &format!(
-                    "required when the admin API listens beyond loopback ({})",
-                    self.admin.addr
-                ),
-            ));
         }
         let c = &self.consume;
         if c.max_in_flight == Some(0) {
@@ -1149,16 +1156,16 @@ mod tests {
     }
 
     #[test]
-    fn the_admin_api_beyond_loopback_needs_a_token() {
+    fn the_admin_api_settings_are_read() {
         let c = Config::load_with(None, env(BASE)).unwrap();
         assert!(c.admin.addr.ip().is_loopback() && c.admin.token.is_none());
         let mut e = BASE.to_vec();
         e.push(("FERRY_ADMIN_ADDR", "0.0.0.0:9190"));
-        let err = Config::load_with(None, env(&e)).unwrap_err();
-        assert!(err.to_string().contains("admin.token"), "{err}");
         e.push(("FERRY_ADMIN_TOKEN", "s3cret"));
+        e.push(("FERRY_ADMIN_HOSTS", "ferry.svc:9190, ferry:9190"));
         let c = Config::load_with(None, env(&e)).unwrap();
         assert_eq!(c.admin.token.as_deref(), Some("s3cret"));
+        assert_eq!(c.admin.hosts, ["ferry.svc:9190", "ferry:9190"]);
         let mut e = BASE.to_vec();
         e.push(("FERRY_ADMIN_ADDR", "localhost"));
         let err = Config::load_with(None, env(&e)).unwrap_err();

@@ -773,7 +773,8 @@ async fn consume_with<H: ferry::delivery::Handler>(
         ferry::admin::Admin {
             pool: pool.clone(),
             stats: std::sync::Arc::clone(&stats),
-            token: config.admin.token.clone(),
+            token: Some(admin_token(config, &pool).await?),
+            hosts: ferry::admin::access::hosts(config.admin.addr, &config.admin.hosts),
         },
         shutdown.clone(),
     ));
@@ -801,6 +802,29 @@ async fn consume_with<H: ferry::delivery::Handler>(
         "consumer stopped"
     );
     Ok(())
+}
+
+/// The admin API's token: the configured one, else the one every instance shares in
+/// Postgres, made (and printed, this once) if there is none yet.
+async fn admin_token(
+    config: &Config,
+    pool: &sqlx::PgPool,
+) -> anyhow::Result<ferry::admin::access::Token> {
+    use ferry::admin::access;
+    if let Some(token) = &config.admin.token {
+        return Ok(access::Token::new(token));
+    }
+    let (token, made) = access::stored_or_new(pool)
+        .await
+        .context("the admin API's token (has `ferry migrate` run?)")?;
+    if let Some(secret) = made {
+        // Printed, not logged: it is shown this once and stored nowhere but as a hash.
+        eprintln!(
+            "ferry: the admin API's token, generated now and shown this once (ferry ctl reads it from \
+             FERRY_ADMIN_TOKEN; set admin.token to choose your own): {secret}"
+        );
+    }
+    Ok(token)
 }
 
 /// `ferry verify`: the partner's objects against ours, and the latencies.

@@ -21,7 +21,8 @@ pub(crate) async fn start(db: &TestDb) -> (String, CancellationToken) {
     let admin = Admin {
         pool: db.pool.clone(),
         stats: Arc::new(ConsumeStats::default()),
-        token: Some(TOKEN.into()),
+        token: Some(ferry::admin::access::Token::new(TOKEN)),
+        hosts: ferry::admin::access::hosts(listener.local_addr().unwrap(), &[]),
     };
     tokio::spawn(serve(listener, admin, stop.clone()));
     (url, stop)
@@ -87,6 +88,80 @@ async fn every_route_but_health_needs_the_token() {
     let (status, body) = call(get, &format!("{url}/v1/nothing-here"), Some(TOKEN), None).await;
     assert_eq!((status, code(&body)), (StatusCode::NOT_FOUND, "not_found"));
     stop.cancel();
+    db.drop().await;
+}
+
+/// A request whose `Host` is not the API's is refused on every route but `/health`, even with
+/// the right token: a web page that points a name of its own at 127.0.0.1 (DNS rebinding)
+/// reaches nothing. Inputs tried: `Host: evil.example:<port>` and `Host: 127.0.0.1:80`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_foreign_host_is_refused_even_with_the_token() {
+    let db = TestDb::migrated().await;
+    let (url, stop) = start(&db).await;
+    let client = reqwest::Client::new();
+    let port = url.rsplit(':').next().unwrap();
+    for host in [format!("evil.example:{port}"), "127.0.0.1:80".to_owned()] {
+        for path in ["/v1/tenants", "/ready", "/dashboard", "/metrics"] {
+            let response = client
+                .get(format!("{url}{path}"))
+                .header(reqwest::header::HOST, &host)
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                response.status(),
+                StatusCode::MISDIRECTED_REQUEST,
+                "{host}{path}"
+            );
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(code(&body), "wrong_host", "{host}{path}");
+        }
+        let health = client
+            .get(format!("{url}/health"))
+            .header(reqwest::header::HOST, &host)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(health.status(), StatusCode::OK, "/health answers any probe");
+    }
+    let (status, _) = call(
+        reqwest::Method::GET,
+        &format!("{url}/v1/tenants"),
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "the API's own Host is answered");
+    stop.cancel();
+    db.drop().await;
+}
+
+/// With no token configured, the first instance makes one, shows it once and keeps only its
+/// hash; a second instance gets the same token and no secret. Guarantee: the admin API is never
+/// open, and its token is printed once and stored nowhere in clear.
+#[tokio::test]
+async fn an_unconfigured_token_is_made_once_and_stored_as_a_hash() {
+    use ferry::admin::access;
+    let db = TestDb::migrated().await;
+    let (token, secret) = access::stored_or_new(&db.pool).await.unwrap();
+    let secret = secret.expect("the first start makes the token");
+    assert!(token.accepts(&secret) && secret.len() >= 32);
+    let (again, none) = access::stored_or_new(&db.pool).await.unwrap();
+    assert_eq!(
+        (again == token, none),
+        (true, None),
+        "one token for every instance"
+    );
+    let stored: Vec<u8> = sqlx::query_scalar("SELECT admin_token_sha256 FROM control")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 32);
+    assert!(
+        !String::from_utf8_lossy(&stored).contains(&secret),
+        "a hash, not the token"
+    );
     db.drop().await;
 }
 

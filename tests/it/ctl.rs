@@ -27,7 +27,8 @@ async fn start_with(db: &TestDb, stats: Arc<ConsumeStats>) -> (String, Cancellat
     let admin = Admin {
         pool: db.pool.clone(),
         stats,
-        token: Some(TOKEN.into()),
+        token: Some(ferry::admin::access::Token::new(TOKEN)),
+        hosts: ferry::admin::access::hosts(listener.local_addr().unwrap(), &[]),
     };
     tokio::spawn(serve(listener, admin, stop.clone()));
     (url, stop)

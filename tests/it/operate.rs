@@ -26,7 +26,8 @@ async fn admin(db: &TestDb, stats: &Arc<ConsumeStats>) -> (String, CancellationT
     let admin = Admin {
         pool: db.pool.clone(),
         stats: Arc::clone(stats),
-        token: Some(TOKEN.into()),
+        token: Some(ferry::admin::access::Token::new(TOKEN)),
+        hosts: ferry::admin::access::hosts(listener.local_addr().unwrap(), &[]),
     };
     tokio::spawn(serve(listener, admin, stop.clone()));
     (url, stop)

@@ -4,8 +4,10 @@
 //! pause, replay from a point in time, and the kill switch. Every action is audited (who and
 //! why, in `operator_actions`).
 //!
-//! Every route but `/health` needs `Authorization: Bearer <admin.token>`, compared in constant
-//! time. The configuration refuses a non-loopback address without a token. Errors are JSON of
+//! Every data and action route needs `Authorization: Bearer <admin token>` ([`access`]: the
+//! configured token, else one generated at the first start and printed once); every route but
+//! `/health` needs a `Host` the API answers to. `/ready` says whether, never why (the reason goes
+//! to the log). Errors are JSON of
 //! one shape, `{"error": {"code": "...", "message": "..."}}`, and bad input gets a 4xx that says
 //! what was wrong.
 
@@ -24,6 +26,8 @@ use serde_json::json;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+pub mod access;
+
 use crate::consumer::latency::Histogram;
 use crate::consumer::ledger;
 use crate::consumer::runtime::ConsumeStats;
@@ -38,8 +42,11 @@ pub struct Admin {
     pub pool: PgPool,
     /// The consumer's live counters.
     pub stats: Arc<ConsumeStats>,
-    /// The bearer token; `None` only on a loopback address (the configuration checks).
-    pub token: Option<String>,
+    /// The bearer token every data and action route needs; `None` (no check) only for an API
+    /// embedded in a test: `ferry consume` always has one.
+    pub token: Option<access::Token>,
+    /// The `Host` values answered ([`access::hosts`]); empty: any.
+    pub hosts: Vec<String>,
 }
 
 /// An error answered as JSON.
@@ -124,16 +131,19 @@ pub fn router(admin: Admin) -> Router {
         .route("/v1/events/{event}", get(event_history))
         .route("/v1/kill-switch", get(get_kill_switch).put(put_kill_switch))
         .route_layer(middleware::from_fn_with_state(admin.clone(), authorize));
-    Router::new()
-        .route(
-            "/health",
-            get(|| async { axum::Json(json!({"status": "ok"})) }),
-        )
+    let hosted = Router::new()
         .route("/ready", get(ready))
         .route("/", get(|| async { Redirect::to("/dashboard") }))
         .route("/dashboard", get(dashboard))
         .merge(authed)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(middleware::from_fn_with_state(admin.clone(), check_host));
+    Router::new()
+        .route(
+            "/health",
+            get(|| async { axum::Json(json!({"status": "ok"})) }),
+        )
+        .merge(hosted)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(admin)
 }
@@ -141,7 +151,7 @@ pub fn router(admin: Admin) -> Router {
 /// `GET /dashboard`: the operator's page. No token: it holds no data, it asks for the token and
 /// sends it with every API call.
 async fn dashboard() -> Html<&'static str> {
-    Html(include_str!("dashboard.html"))
+    Html(include_str!("../dashboard.html"))
 }
 
 /// Serves `router` on `listener` until `shutdown`.
@@ -155,12 +165,24 @@ pub async fn serve(
         .await
 }
 
-/// Whether `a` equals `b`, in time that does not depend on where they differ.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+/// Refuses a request whose `Host` the API does not answer to (DNS rebinding).
+async fn check_host(
+    State(admin): State<Admin>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    if access::host_allowed(&admin.hosts, host) {
+        next.run(request).await
+    } else {
+        ApiError::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "wrong_host",
+            "this API does not answer to that Host (admin.hosts)",
+        )
+        .into_response()
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn authorize(
@@ -169,7 +191,7 @@ async fn authorize(
     request: Request,
     next: Next,
 ) -> Response {
-    let Some(expected) = admin.token.as_deref() else {
+    let Some(expected) = admin.token.as_ref() else {
         return next.run(request).await;
     };
     let given = headers
@@ -183,7 +205,7 @@ async fn authorize(
             "send Authorization: Bearer <admin token>",
         )
         .into_response(),
-        Some(token) if !constant_time_eq(token.as_bytes(), expected.as_bytes()) => {
+        Some(token) if !expected.accepts(token) => {
             ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong token").into_response()
         }
         Some(_) => next.run(request).await,
@@ -389,12 +411,9 @@ fn accepted(body: serde_json::Value) -> Response {
 /// `GET /ready`: 200 when this instance can do its work (its database answers), else 503.
 async fn ready(State(admin): State<Admin>) -> Response {
     if admin.stats.recovering.load(Relaxed) == 1 {
-        return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            "the consumer stopped on a retryable error and waits for Postgres to answer",
-        )
-        .into_response();
+        tracing::debug!("not ready: the consumer waits for Postgres to answer");
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "not ready")
+            .into_response();
     }
     // A probe answers within its own timeout, not the pool's (10 s while Postgres is down).
     let asked = tokio::time::timeout(
@@ -411,12 +430,11 @@ async fn ready(State(admin): State<Admin>) -> Response {
             "kill_switch": kill_switch,
         }))
         .into_response(),
-        Err(e) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            format!("postgres does not answer: {e}"),
-        )
-        .into_response(),
+        Err(e) => {
+            // The reason is for the log, not for whoever can reach the probe.
+            tracing::warn!(error = %e, "not ready: postgres does not answer");
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "not ready").into_response()
+        }
     }
 }
 
@@ -815,17 +833,4 @@ fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
         h.sum_ms() as f64 / 1000.0,
         h.count()
     ));
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tokens_compare_whole() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret-longer"));
-        assert!(!constant_time_eq(b"", b"x"));
-    }
 }
