@@ -634,9 +634,11 @@ async fn put_kill_switch(
 /// `GET /metrics`: Prometheus text format.
 async fn metrics(State(admin): State<Admin>) -> Result<Response, ApiError> {
     let s = &admin.stats;
-    let (paused, parked): (i64, i64) = sqlx::query_as(
+    let (paused, parked, oldest_pause): (i64, i64, f64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM tenants WHERE state IN ('paused', 'draining')), \
-                (SELECT count(*) FROM parked_events)",
+                (SELECT count(*) FROM parked_events), \
+                coalesce((SELECT extract(epoch FROM now() - min(paused_at))::float8 FROM tenants \
+                          WHERE state IN ('paused', 'draining')), 0)",
     )
     .fetch_one(&admin.pool)
     .await?;
@@ -729,6 +731,12 @@ async fn metrics(State(admin): State<Admin>) -> Result<Response, ApiError> {
         "gauge",
         "Events parked, waiting for their tenant.",
         parked as u64,
+    );
+    metric(
+        "ferry_tenant_paused_oldest_seconds",
+        "gauge",
+        "How long the tenant paused the longest has been paused (0: none is).",
+        oldest_pause.max(0.0) as u64,
     );
     metric(
         "ferry_consumer_in_flight",

@@ -370,6 +370,7 @@ async fn the_kill_switch_is_set_audited_and_metrics_are_scraped() {
         "ferry_consumer_kill_switch 0",
         "ferry_tenants_paused 0",
         "ferry_parked_events 0",
+        "ferry_tenant_paused_oldest_seconds 0",
         "ferry_deliveries_total{outcome=\"delivered\"} 0",
         "ferry_delivery_latency_seconds_bucket{le=\"0.1\"} 0",
         "ferry_delivery_latency_seconds_bucket{le=\"+Inf\"} 0",

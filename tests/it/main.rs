@@ -9,6 +9,7 @@ mod ctl;
 mod dashboard;
 mod declared;
 mod decoder;
+mod deploy;
 mod example;
 mod faults;
 mod kafka;
