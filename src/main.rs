@@ -892,13 +892,16 @@ async fn relay(config: &Config, metrics_addr: Option<std::net::SocketAddr>) -> a
             .await
             .with_context(|| format!("cannot listen on {addr} for metrics"))?;
         let stats = relay.stats();
+        let ready_stats = relay.stats();
         let render = move || stats.render_prometheus();
+        let ready = move || ready_stats.is_ready();
         tokio::spawn(ferry::telemetry::serve_metrics(
             listener,
             render,
+            ready,
             shutdown.clone(),
         ));
-        tracing::info!(%addr, "serving relay metrics on /metrics");
+        tracing::info!(%addr, "serving relay metrics on /metrics, probes on /health and /ready");
     }
     let stats = relay.run(shutdown).await?;
     println!(

@@ -632,125 +632,126 @@ async fn put_kill_switch(
 }
 
 /// `GET /metrics`: Prometheus text format.
-async fn metrics(State(admin): State<Admin>) -> Result<Response, ApiError> {
-    let s = &admin.stats;
-    let (paused, parked, oldest_pause): (i64, i64, f64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM tenants WHERE state IN ('paused', 'draining')), \
-                (SELECT count(*) FROM parked_events), \
-                coalesce((SELECT extract(epoch FROM now() - min(paused_at))::float8 FROM tenants \
-                          WHERE state IN ('paused', 'draining')), 0)",
-    )
-    .fetch_one(&admin.pool)
-    .await?;
+/// `GET /metrics`: this instance's counters and gauges, the database's gauges, the latency
+/// histograms. It answers while Postgres is down: the database's gauges are then left out and
+/// `ferry_metrics_database_up` is 0, never a failed scrape.
+async fn metrics(State(admin): State<Admin>) -> Response {
     let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-        ));
-    };
+    instance_metrics(&admin.stats, &mut out);
+    database_metrics(&admin.pool, &mut out).await;
+    latency_metrics(&admin.stats, &mut out);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// One series without labels.
+fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
+    out.push_str(&format!(
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+    ));
+}
+
+/// What this instance counts in memory.
+fn instance_metrics(s: &ConsumeStats, out: &mut String) {
     metric(
+        out,
         "ferry_consumer_records_received_total",
         "counter",
         "Records taken from Kafka.",
         s.received.load(Relaxed),
     );
     metric(
+        out,
         "ferry_consumer_duplicates_total",
         "counter",
         "Redelivered events skipped as already settled.",
         s.duplicates.load(Relaxed),
     );
     metric(
+        out,
         "ferry_consumer_parked_total",
         "counter",
         "Records parked for paused tenants.",
         s.parked.load(Relaxed),
     );
     metric(
+        out,
         "ferry_consumer_commits_total",
         "counter",
         "Offset commits.",
         s.commits.load(Relaxed),
     );
     metric(
+        out,
         "ferry_consumer_kafka_errors_total",
         "counter",
         "Transient Kafka errors (librdkafka recovers).",
         s.kafka_errors.load(Relaxed),
     );
     metric(
+        out,
         "ferry_consumer_restarts_total",
         "counter",
         "Times the consumer started again after a retryable error (Postgres or Kafka down).",
         s.restarts.load(Relaxed),
     );
     metric(
+        out,
         "ferry_consumer_recovering",
         "gauge",
         "1 while the consumer is stopped by a retryable error, waiting for Postgres.",
         s.recovering.load(Relaxed),
     );
     metric(
+        out,
         "ferry_consumer_breaker_trips_total",
         "counter",
         "Times the partner-wide breaker opened.",
         s.breaker_trips.load(Relaxed),
     );
     metric(
+        out,
         "ferry_consumer_breaker_open",
         "gauge",
         "1 while the partner-wide breaker is open.",
         s.breaker_open.load(Relaxed),
     );
     metric(
+        out,
         "ferry_consumer_kill_switch",
         "gauge",
         "1 while the kill switch is on.",
         s.kill_switch.load(Relaxed),
     );
     metric(
+        out,
         "ferry_consumer_partitions",
         "gauge",
         "Partitions this instance owns.",
         s.partitions.load(Relaxed),
     );
     metric(
+        out,
         "ferry_consumer_commit_lag_max_ms",
         "gauge",
         "Longest a commit point rested on an event in flight, ms.",
         s.commit_lag_max_ms.load(Relaxed),
     );
     metric(
-        "ferry_tenants_paused",
-        "gauge",
-        "Tenants paused or replaying their backlog.",
-        paused as u64,
-    );
-    metric(
-        "ferry_parked_events",
-        "gauge",
-        "Events parked, waiting for their tenant.",
-        parked as u64,
-    );
-    metric(
-        "ferry_tenant_paused_oldest_seconds",
-        "gauge",
-        "How long the tenant paused the longest has been paused (0: none is).",
-        oldest_pause.max(0.0) as u64,
-    );
-    metric(
+        out,
         "ferry_consumer_in_flight",
         "gauge",
         "Events being handled now.",
         s.in_flight.load(Relaxed),
     );
     metric(
+        out,
         "ferry_consumer_tenants_held",
         "gauge",
         "Tenants this instance holds paused: their records are parked, not delivered.",
         s.tenants_held.load(Relaxed),
     );
     metric(
+        out,
         "ferry_consumer_queued",
         "gauge",
         "Events in memory waiting for their tenant's turn.",
@@ -794,13 +795,68 @@ async fn metrics(State(admin): State<Admin>) -> Result<Response, ApiError> {
             ));
         }
     }
+}
+
+/// The gauges read from the database, the same from every instance (alert on their max()):
+/// left out, with `ferry_metrics_database_up 0`, when Postgres does not answer within 2 s.
+async fn database_metrics(pool: &PgPool, out: &mut String) {
+    let read = tokio::time::timeout(std::time::Duration::from_secs(2), database_gauges(pool)).await;
+    let up = matches!(read, Ok(Ok(_)));
+    metric(
+        out,
+        "ferry_metrics_database_up",
+        "gauge",
+        "1 when this scrape read the database's gauges, 0 when Postgres did not answer (they are left out).",
+        u64::from(up),
+    );
+    match read {
+        Ok(Ok(text)) => out.push_str(&text),
+        Ok(Err(e)) => tracing::warn!(error = %e, "metrics: the database's gauges left out"),
+        Err(_) => tracing::warn!(
+            "metrics: the database's gauges left out (Postgres did not answer in 2 s)"
+        ),
+    }
+}
+
+async fn database_gauges(pool: &PgPool) -> Result<String, sqlx::Error> {
+    let (paused, parked, oldest_pause): (i64, i64, f64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM tenants WHERE state IN ('paused', 'draining')), \
+                (SELECT count(*) FROM parked_events), \
+                coalesce((SELECT extract(epoch FROM now() - min(paused_at))::float8 FROM tenants \
+                          WHERE state IN ('paused', 'draining')), 0)",
+    )
+    .fetch_one(pool)
+    .await?;
+    let mut out = String::new();
+    let out = &mut out;
+    metric(
+        out,
+        "ferry_tenants_paused",
+        "gauge",
+        "Tenants paused or replaying their backlog.",
+        paused as u64,
+    );
+    metric(
+        out,
+        "ferry_parked_events",
+        "gauge",
+        "Events parked, waiting for their tenant.",
+        parked as u64,
+    );
+    metric(
+        out,
+        "ferry_tenant_paused_oldest_seconds",
+        "gauge",
+        "How long the tenant paused the longest has been paused (0: none is).",
+        oldest_pause.max(0.0) as u64,
+    );
     // The relay's slots on this database: WAL the change feed has not confirmed yet.
     let slots: Vec<(String, Option<i64>)> = sqlx::query_as(
         "SELECT slot_name::text, pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint \
          FROM pg_replication_slots WHERE database = current_database() AND slot_type = 'logical' \
          ORDER BY slot_name",
     )
-    .fetch_all(&admin.pool)
+    .fetch_all(pool)
     .await?;
     out.push_str("# HELP ferry_relay_slot_lag_bytes WAL written since the relay's slot last confirmed (the change feed's lag).\n# TYPE ferry_relay_slot_lag_bytes gauge\n");
     for (slot, lag) in slots {
@@ -809,25 +865,29 @@ async fn metrics(State(admin): State<Admin>) -> Result<Response, ApiError> {
             lag.unwrap_or_default()
         ));
     }
+    Ok(std::mem::take(out))
+}
+
+/// The latency histograms.
+fn latency_metrics(s: &ConsumeStats, out: &mut String) {
     histogram(
-        &mut out,
+        out,
         "ferry_delivery_latency_seconds",
         "From the outbox commit (the record's timestamp) to the partner's acknowledgement.",
         &s.ack_latency,
     );
     histogram(
-        &mut out,
+        out,
         "ferry_intake_latency_seconds",
         "From the outbox commit (the record's timestamp) to Ferry receiving the record.",
         &s.intake_latency,
     );
     histogram(
-        &mut out,
+        out,
         "ferry_handling_seconds",
         "From an event's dispatch to its handler's last outcome, retries included.",
         &s.handling_latency,
     );
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }
 
 fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {

@@ -128,9 +128,16 @@ pub struct RelayStats {
     pub retries: AtomicU64,
     /// 1 while this relay holds the slot's lease (is the active relay), 0 while it stands by.
     pub active: AtomicU64,
+    /// 1 from a failed step until Postgres answers again (`/ready` is 503 meanwhile).
+    pub failing: AtomicU64,
 }
 
 impl RelayStats {
+    /// Whether the relay is ready: not between a failed step and Postgres answering again.
+    pub fn is_ready(&self) -> bool {
+        self.failing.load(Ordering::Relaxed) == 0
+    }
+
     /// The counters in Prometheus text exposition format.
     pub fn render_prometheus(&self) -> String {
         let series = [
@@ -169,6 +176,12 @@ impl RelayStats {
                 "gauge",
                 "1 when this relay holds the slot's lease, 0 while it stands by.",
                 self.active.load(Ordering::Relaxed),
+            ),
+            (
+                "ferry_relay_failing",
+                "gauge",
+                "1 from a failed step until Postgres answers again.",
+                self.failing.load(Ordering::Relaxed),
             ),
             (
                 "ferry_relay_confirmed_lsn",
@@ -378,6 +391,7 @@ impl Relay {
                 }
                 Err(e) if e.is_retryable() => {
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    self.stats.failing.store(1, Ordering::Relaxed);
                     let wait = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in = ?wait, "relay failed; the slot did not move past what the broker acknowledged");
                     tokio::select! {
@@ -387,6 +401,7 @@ impl Relay {
                     // Whatever happened, re-read where the slot really is.
                     if let Ok(l) = self.confirmed_lsn().await {
                         self.confirmed = l;
+                        self.stats.failing.store(0, Ordering::Relaxed);
                     }
                 }
                 Err(e) => return Err(e),

@@ -307,6 +307,7 @@ async fn rows_it_cannot_send_travel_as_bad_events_in_order() {
     tokio::spawn(ferry::telemetry::serve_metrics(
         listener,
         move || scraped.render_prometheus(),
+        || true,
         stop.clone(),
     ));
     let body = reqwest::get(format!("http://{addr}/metrics"))

@@ -612,3 +612,98 @@ async fn the_relay_rides_out_postgres_stopped_for_thirty_seconds() {
     task.await.unwrap().unwrap();
     db.drop().await;
 }
+
+/// One scrape: its status and body.
+async fn scrape(url: &str, token: Option<&str>) -> (reqwest::StatusCode, String) {
+    let mut request = reqwest::Client::new().get(url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    match request.timeout(Duration::from_secs(10)).send().await {
+        Ok(r) => (r.status(), r.text().await.unwrap_or_default()),
+        Err(e) => panic!("{url} does not answer: {e}"),
+    }
+}
+
+/// `/metrics` of the consumer and of the relay keep answering while Postgres is down: the
+/// consumer's database gauges are left out (`ferry_metrics_database_up 0`), never a failed
+/// scrape; the relay's `/ready` says 503 until Postgres answers again. Guarantee: an outage
+/// is visible on the dashboards it must show on, not a gap in them.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_answer_while_postgres_is_down() {
+    use ferry::admin::{Admin, access};
+    let db = TestDb::migrated().await;
+    let proxy = PgProxy::start(&db.url).await;
+    let kafka = fresh_topic(1).await;
+    let mut cfg = config(&db, &kafka);
+    cfg.database.url = proxy.url(&db.url);
+    let pool = ferry::store::connect(&cfg.database).await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let consumer = format!("http://{}/metrics", listener.local_addr().unwrap());
+    let admin = Admin {
+        pool,
+        stats: Arc::new(ferry::consumer::runtime::ConsumeStats::default()),
+        token: Some(access::Token::new("t")),
+        hosts: Vec::new(),
+    };
+    tokio::spawn(ferry::admin::serve(listener, admin, stop.clone()));
+    let (relay_stop, relay_task, stats) = crate::relay::start_relay(&cfg).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay = format!("http://{}", listener.local_addr().unwrap());
+    let (render, ready) = (Arc::clone(&stats), Arc::clone(&stats));
+    tokio::spawn(ferry::telemetry::serve_metrics(
+        listener,
+        move || render.render_prometheus(),
+        move || ready.is_ready(),
+        stop.clone(),
+    ));
+    let (status, body) = scrape(&consumer, Some("t")).await;
+    assert!(
+        status.is_success() && body.contains("\nferry_metrics_database_up 1\n"),
+        "{body}"
+    );
+    assert!(body.contains("\nferry_parked_events 0\n"), "{body}");
+    assert_eq!(scrape(&format!("{relay}/ready"), None).await.0, 200);
+
+    proxy.cut();
+    wait_for("the relay not ready", Duration::from_secs(60), || async {
+        (scrape(&format!("{relay}/ready"), None).await.0 == 503).then_some(())
+    })
+    .await;
+    let (status, body) = scrape(&consumer, Some("t")).await;
+    assert_eq!(status, 200, "the consumer's scrape answers: {body}");
+    assert!(body.contains("\nferry_metrics_database_up 0\n"), "{body}");
+    assert!(
+        !body.contains("ferry_parked_events"),
+        "the database's gauges left out: {body}"
+    );
+    assert!(
+        body.contains("ferry_consumer_records_received_total"),
+        "{body}"
+    );
+    let (status, body) = scrape(&format!("{relay}/metrics"), None).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("\nferry_relay_failing 1\n"), "{body}");
+    assert_eq!(scrape(&format!("{relay}/health"), None).await.0, 200);
+
+    proxy.restore().await;
+    wait_for("the relay ready again", Duration::from_secs(60), || async {
+        (scrape(&format!("{relay}/ready"), None).await.0 == 200).then_some(())
+    })
+    .await;
+    wait_for(
+        "the database's gauges back",
+        Duration::from_secs(30),
+        || async {
+            let (_, body) = scrape(&consumer, Some("t")).await;
+            body.contains("\nferry_metrics_database_up 1\n")
+                .then_some(())
+        },
+    )
+    .await;
+    relay_stop.cancel();
+    relay_task.await.unwrap().unwrap();
+    stop.cancel();
+    db.drop().await;
+}
