@@ -652,111 +652,107 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
 
 /// What this instance counts in memory.
 fn instance_metrics(s: &ConsumeStats, out: &mut String) {
-    metric(
-        out,
-        "ferry_consumer_records_received_total",
-        "counter",
-        "Records taken from Kafka.",
-        s.received.load(Relaxed),
-    );
-    metric(
-        out,
-        "ferry_consumer_duplicates_total",
-        "counter",
-        "Redelivered events skipped as already settled.",
-        s.duplicates.load(Relaxed),
-    );
-    metric(
-        out,
-        "ferry_consumer_parked_total",
-        "counter",
-        "Records parked for paused tenants.",
-        s.parked.load(Relaxed),
-    );
-    metric(
-        out,
-        "ferry_consumer_commits_total",
-        "counter",
-        "Offset commits.",
-        s.commits.load(Relaxed),
-    );
-    metric(
-        out,
-        "ferry_consumer_kafka_errors_total",
-        "counter",
-        "Transient Kafka errors (librdkafka recovers).",
-        s.kafka_errors.load(Relaxed),
-    );
-    metric(
-        out,
-        "ferry_consumer_restarts_total",
-        "counter",
-        "Times the consumer started again after a retryable error (Postgres or Kafka down).",
-        s.restarts.load(Relaxed),
-    );
-    metric(
-        out,
-        "ferry_consumer_recovering",
-        "gauge",
-        "1 while the consumer is stopped by a retryable error, waiting for Postgres.",
-        s.recovering.load(Relaxed),
-    );
-    metric(
-        out,
-        "ferry_consumer_breaker_trips_total",
-        "counter",
-        "Times the partner-wide breaker opened.",
-        s.breaker_trips.load(Relaxed),
-    );
-    metric(
-        out,
-        "ferry_consumer_breaker_open",
-        "gauge",
-        "1 while the partner-wide breaker is open.",
-        s.breaker_open.load(Relaxed),
-    );
-    metric(
-        out,
-        "ferry_consumer_kill_switch",
-        "gauge",
-        "1 while the kill switch is on.",
-        s.kill_switch.load(Relaxed),
-    );
-    metric(
-        out,
-        "ferry_consumer_partitions",
-        "gauge",
-        "Partitions this instance owns.",
-        s.partitions.load(Relaxed),
-    );
-    metric(
-        out,
-        "ferry_consumer_commit_lag_max_ms",
-        "gauge",
-        "Longest a commit point rested on an event in flight, ms.",
-        s.commit_lag_max_ms.load(Relaxed),
-    );
-    metric(
-        out,
-        "ferry_consumer_in_flight",
-        "gauge",
-        "Events being handled now.",
-        s.in_flight.load(Relaxed),
-    );
-    metric(
-        out,
-        "ferry_consumer_tenants_held",
-        "gauge",
-        "Tenants this instance holds paused: their records are parked, not delivered.",
-        s.tenants_held.load(Relaxed),
-    );
-    metric(
-        out,
-        "ferry_consumer_queued",
-        "gauge",
-        "Events in memory waiting for their tenant's turn.",
-        s.queued.load(Relaxed),
-    );
+    // (name, type, help, value): the counters and gauges without labels.
+    let series = [
+        (
+            "ferry_consumer_records_received_total",
+            "counter",
+            "Records taken from Kafka.",
+            s.received.load(Relaxed),
+        ),
+        (
+            "ferry_consumer_duplicates_total",
+            "counter",
+            "Redelivered events skipped as already settled.",
+            s.duplicates.load(Relaxed),
+        ),
+        (
+            "ferry_consumer_parked_total",
+            "counter",
+            "Records parked for paused tenants.",
+            s.parked.load(Relaxed),
+        ),
+        (
+            "ferry_consumer_commits_total",
+            "counter",
+            "Offset commits.",
+            s.commits.load(Relaxed),
+        ),
+        (
+            "ferry_consumer_kafka_errors_total",
+            "counter",
+            "Transient Kafka errors (librdkafka recovers).",
+            s.kafka_errors.load(Relaxed),
+        ),
+        (
+            "ferry_consumer_restarts_total",
+            "counter",
+            "Times the consumer started again after a retryable error (Postgres or Kafka down).",
+            s.restarts.load(Relaxed),
+        ),
+        (
+            "ferry_consumer_recovering",
+            "gauge",
+            "1 while the consumer is stopped by a retryable error, waiting for Postgres.",
+            s.recovering.load(Relaxed),
+        ),
+        (
+            "ferry_consumer_breaker_trips_total",
+            "counter",
+            "Times the partner-wide breaker opened.",
+            s.breaker_trips.load(Relaxed),
+        ),
+        (
+            "ferry_consumer_breaker_open",
+            "gauge",
+            "1 while the partner-wide breaker is open.",
+            s.breaker_open.load(Relaxed),
+        ),
+        (
+            "ferry_consumer_kill_switch",
+            "gauge",
+            "1 while the kill switch is on.",
+            s.kill_switch.load(Relaxed),
+        ),
+        (
+            "ferry_consumer_partitions",
+            "gauge",
+            "Partitions this instance owns.",
+            s.partitions.load(Relaxed),
+        ),
+        (
+            "ferry_consumer_commit_lag_max_ms",
+            "gauge",
+            "Longest a commit point rested on an event in flight, ms.",
+            s.commit_lag_max_ms.load(Relaxed),
+        ),
+        (
+            "ferry_consumer_in_flight",
+            "gauge",
+            "Events being handled now.",
+            s.in_flight.load(Relaxed),
+        ),
+        (
+            "ferry_consumer_tenants_held",
+            "gauge",
+            "Tenants this instance holds paused: their records are parked, not delivered.",
+            s.tenants_held.load(Relaxed),
+        ),
+        (
+            "ferry_consumer_queued",
+            "gauge",
+            "Events in memory waiting for their tenant's turn.",
+            s.queued.load(Relaxed),
+        ),
+    ];
+    for (name, kind, help, value) in series {
+        metric(out, name, kind, help, value);
+    }
+    labelled_metrics(s, out);
+}
+
+/// This instance's series with labels: outcomes, retry causes, owned partitions.
+fn labelled_metrics(s: &ConsumeStats, out: &mut String) {
     out.push_str("# HELP ferry_deliveries_total Events this instance took to an end, by outcome (parked: held for a paused tenant; failed: paused its tenant).\n# TYPE ferry_deliveries_total counter\n");
     for (outcome, n) in [
         ("delivered", &s.delivered),
