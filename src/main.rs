@@ -107,6 +107,26 @@ enum Command {
     Ctl(CtlArgs),
 }
 
+impl Command {
+    /// The command as typed: the default service name of its traces is `ferry-<name>`.
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Migrate => "migrate",
+            Command::Smoke { .. } => "smoke",
+            Command::Relay { .. } => "relay",
+            Command::RelayStatus => "relay-status",
+            Command::Consume => "consume",
+            Command::CheckIntegration { .. } => "check-integration",
+            Command::PartnerSim { .. } => "partner-sim",
+            Command::Verify { .. } => "verify",
+            Command::Tenant { .. } => "tenant",
+            Command::Load { .. } => "load",
+            Command::Bench { .. } => "bench",
+            Command::Ctl(_) => "ctl",
+        }
+    }
+}
+
 /// `ferry ctl`: its options go before or after its command.
 #[derive(Debug, clap::Args)]
 struct CtlArgs {
@@ -626,7 +646,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let _telemetry = ferry::telemetry::init("ferry")?;
+    let _telemetry = ferry::telemetry::init(cli.command.name())?;
     // The simulator is the partner, not Ferry: it needs none of Ferry's settings.
     if let Command::PartnerSim { addr, token } = &cli.command {
         return partner_sim(*addr, token.clone()).await;

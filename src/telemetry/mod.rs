@@ -3,6 +3,8 @@
 //! (`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`; the exporter reads
 //! the rest of the `OTEL_*` settings itself), and W3C `traceparent` is the propagation format.
 
+pub mod json_lines;
+
 use std::io::IsTerminal as _;
 
 use opentelemetry::trace::TracerProvider as _;
@@ -21,6 +23,9 @@ pub enum TelemetryError {
     /// A global subscriber was already installed.
     #[error("cannot install the log subscriber: {0}")]
     Subscriber(#[from] tracing_subscriber::util::TryInitError),
+    /// `FERRY_LOG_FORMAT` is neither `text` nor `json`.
+    #[error("FERRY_LOG_FORMAT={0:?}: expected text or json")]
+    Format(String),
 }
 
 /// Keeps the trace pipeline alive; dropping it flushes the spans not yet exported.
@@ -40,47 +45,95 @@ impl Drop for TelemetryGuard {
     }
 }
 
-/// Installs the global log subscriber and, when configured, the OTLP trace exporter.
-pub fn init(service_name: &'static str) -> Result<TelemetryGuard, TelemetryError> {
+/// How log lines are written (`FERRY_LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// For a person: one line per event, colours on a terminal (the default).
+    Text,
+    /// For a log pipeline: one JSON object per line, with `trace_id` and `span_id`
+    /// ([`json_lines`]).
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = TelemetryError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "" | "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(TelemetryError::Format(other.to_owned())),
+        }
+    }
+}
+
+/// The service name traces and JSON lines carry: `OTEL_SERVICE_NAME` when set, else
+/// `ferry-<command>` (`ferry-relay`, `ferry-consume`), so each command is a service of its own.
+pub fn service_name(command: &str, otel_service_name: Option<String>) -> String {
+    otel_service_name
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| format!("ferry-{command}"))
+}
+
+/// Installs logging (to stderr, as `FERRY_LOG_FORMAT` says) and, when an OTLP endpoint is
+/// configured, the trace exporter, for the command `command`. JSON lines get their trace and
+/// span ids from an OpenTelemetry layer, installed for them even without an exporter.
+pub fn init(command: &str) -> Result<TelemetryGuard, TelemetryError> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let format: LogFormat = std::env::var("FERRY_LOG_FORMAT")
+        .unwrap_or_default()
+        .parse()?;
+    let service = service_name(command, std::env::var("OTEL_SERVICE_NAME").ok());
     // sqlx reports Postgres NOTICEs ("relation already exists, skipping") at info: not news.
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn"));
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_filter(filter);
+    let fmt = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .boxed(),
+        LogFormat::Json => json_lines::JsonLines::new(service.clone(), std::io::stderr).boxed(),
+    }
+    .with_filter(filter);
+    let provider = tracer_provider(&service, format)?;
+    let otel = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service.clone())));
+    if let Some(p) = &provider {
+        opentelemetry::global::set_tracer_provider(p.clone());
+    }
+    tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
+        .try_init()?;
+    Ok(TelemetryGuard { provider })
+}
 
+/// The trace pipeline: exporting over OTLP when the standard environment names an endpoint;
+/// without an exporter for JSON lines alone (their ids); none otherwise.
+fn tracer_provider(
+    service: &str,
+    format: LogFormat,
+) -> Result<Option<SdkTracerProvider>, TelemetryError> {
     let otlp_configured = [
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
     ]
     .iter()
     .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()));
-    if !otlp_configured {
-        tracing_subscriber::registry().with(fmt).try_init()?;
-        return Ok(TelemetryGuard { provider: None });
-    }
-
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .build()?;
-    let provider = SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .with_resource(
-            opentelemetry_sdk::Resource::builder()
-                .with_service_name(service_name)
-                .build(),
-        )
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(service.to_owned())
         .build();
-    let tracer = provider.tracer(service_name);
-    opentelemetry::global::set_tracer_provider(provider.clone());
-    tracing_subscriber::registry()
-        .with(fmt)
-        .with(tracing_opentelemetry::layer().with_tracer(tracer))
-        .try_init()?;
-    Ok(TelemetryGuard {
-        provider: Some(provider),
+    let builder = SdkTracerProvider::builder().with_resource(resource);
+    Ok(match (otlp_configured, format) {
+        (true, _) => {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .build()?;
+            Some(builder.with_batch_exporter(exporter).build())
+        }
+        (false, LogFormat::Json) => Some(builder.build()),
+        (false, LogFormat::Text) => None,
     })
 }
 
@@ -171,4 +224,31 @@ pub async fn serve_metrics(
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_command_is_a_service_unless_otel_service_name_says_otherwise() {
+        assert_eq!(service_name("relay", None), "ferry-relay");
+        assert_eq!(
+            service_name("consume", Some(String::new())),
+            "ferry-consume"
+        );
+        assert_eq!(
+            service_name("consume", Some("shop-sync".into())),
+            "shop-sync"
+        );
+    }
+
+    #[test]
+    fn the_log_format_is_text_or_json() {
+        assert_eq!("".parse::<LogFormat>().unwrap(), LogFormat::Text);
+        assert_eq!("json".parse::<LogFormat>().unwrap(), LogFormat::Json);
+        // Input tried: a format that is not one.
+        let err = "yaml".parse::<LogFormat>().unwrap_err();
+        assert!(err.to_string().contains("expected text or json"), "{err}");
+    }
 }
