@@ -1248,4 +1248,23 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn the_example_file_loads_and_holds_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("ferry.example.toml");
+        let c = Config::load_with(Some(&path), |_| None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.relay, RelayConfig::default());
+        assert_eq!(c.kafka.topic, DEFAULT_TOPIC);
+        assert_eq!(c.kafka.group_id, DEFAULT_GROUP_ID);
+        let defaults = DatabaseConfig::new("postgres://ferry@db/shop");
+        assert_eq!(c.database.max_connections, defaults.max_connections);
+        assert_eq!(c.database.schema, defaults.schema);
+        let partner = PartnerConfig::default();
+        assert_eq!(
+            (c.partner.timeout, c.partner.max_response_bytes),
+            (partner.timeout, partner.max_response_bytes)
+        );
+        assert_eq!(c.admin.addr, AdminConfig::default().addr);
+        assert_eq!(c.consume.unknown_event_types, UnknownEventTypes::Pause);
+    }
 }

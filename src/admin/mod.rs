@@ -6,7 +6,7 @@
 //!
 //! Every data and action route needs `Authorization: Bearer <admin token>` ([`access`]: the
 //! configured token, else one generated at the first start and printed once); every route but
-//! `/health` needs a `Host` the API answers to. `/ready` says whether, never why (the reason goes
+//! the probes (`/health`, `/ready`) needs a `Host` the API answers to. `/ready` says whether, never why (the reason goes
 //! to the log). Errors are JSON of
 //! one shape, `{"error": {"code": "...", "message": "..."}}`, and bad input gets a 4xx that says
 //! what was wrong.
@@ -132,7 +132,6 @@ pub fn router(admin: Admin) -> Router {
         .route("/v1/kill-switch", get(get_kill_switch).put(put_kill_switch))
         .route_layer(middleware::from_fn_with_state(admin.clone(), authorize));
     let hosted = Router::new()
-        .route("/ready", get(ready))
         .route("/", get(|| async { Redirect::to("/dashboard") }))
         .route("/dashboard", get(dashboard))
         .merge(authed)
@@ -143,6 +142,8 @@ pub fn router(admin: Admin) -> Router {
             "/health",
             get(|| async { axum::Json(json!({"status": "ok"})) }),
         )
+        // Probes reach a pod by its address, whatever `admin.hosts` says; it tells nothing.
+        .route("/ready", get(ready))
         .merge(hosted)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(admin)

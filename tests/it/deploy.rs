@@ -31,3 +31,34 @@ fn the_alert_rules_pass_promtools_checks_and_unit_tests() {
     let tested = promtool(&["test", "rules", "alerts.test.yml"]);
     assert!(tested.contains("SUCCESS"), "{tested}");
 }
+
+/// The Kubernetes manifests are valid against the Kubernetes API's schemas, strictly (no
+/// unknown field), and carry what an operator relies on: probes on the routes Ferry serves, a
+/// PodDisruptionBudget, resources, a non-root user. Guarantee: `kubectl apply` takes them as
+/// written. (The ServiceMonitor is a CRD the validator has no schema for.)
+#[test]
+fn the_kubernetes_manifests_validate_strictly() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/ferry.yaml");
+    let out = Command::new("kubernetes-validate")
+        .arg("--strict")
+        .arg(&file)
+        .output()
+        .expect("kubernetes-validate (PyPI; scripts/test installs it)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert_eq!(text.matches(" passed for resource ").count(), 6, "{text}");
+    let manifests = std::fs::read_to_string(&file).unwrap();
+    for needed in [
+        "kind: PodDisruptionBudget",
+        "path: /health",
+        "path: /ready",
+        "runAsNonRoot: true",
+        "resources:",
+    ] {
+        assert!(manifests.contains(needed), "the manifests lack {needed:?}");
+    }
+}
