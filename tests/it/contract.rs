@@ -67,9 +67,23 @@ fn the_debezium_connector_is_configured_for_the_wire_contract() {
         get("key.converter"),
         "org.apache.kafka.connect.storage.StringConverter"
     );
+    // BinaryDataConverter: the bytea payload's bytes as they are (ByteArrayConverter's output
+    // for a bytes field), and the heartbeat's records through its delegate.
     assert_eq!(
         get("value.converter"),
-        "org.apache.kafka.connect.converters.ByteArrayConverter"
+        "io.debezium.converters.BinaryDataConverter"
+    );
+    // A heartbeat keeps the slot moving while the outbox is quiet; a replication role, not the
+    // superuser, reads it; the record's time is the row's, so latency counts from the write.
+    assert_eq!(get("heartbeat.interval.ms"), "10000");
+    assert_eq!(get("database.user"), "debezium");
+    assert!(
+        get("database.password").starts_with("${file:"),
+        "no password in the file"
+    );
+    assert_eq!(
+        get("transforms.outbox.table.field.event.timestamp"),
+        "created_at"
     );
     assert_eq!(
         get("header.converter"),
