@@ -341,8 +341,9 @@ pub enum ConfigError {
         /// Environment variable.
         env: &'static str,
     },
-    /// A setting has a value that cannot work.
-    #[error("{key} = {value:?} is invalid: {reason}")]
+    /// A setting has a value that cannot work. The value is shown with any secret in it
+    /// redacted ([`redacted`]).
+    #[error("{key} = {shown:?} is invalid: {reason}", shown = redacted(key, value))]
     Invalid {
         /// File key.
         key: &'static str,
@@ -436,6 +437,19 @@ struct FileKafka {
 }
 
 impl Config {
+    /// The Kafka settings, for a command that talks to Kafka: an error naming the setting when
+    /// no broker is configured (the others need none).
+    pub fn require_kafka(&self) -> Result<&KafkaConfig, ConfigError> {
+        if self.kafka.brokers.trim().is_empty() {
+            return Err(ConfigError::Missing {
+                setting: "the Kafka bootstrap servers",
+                key: "kafka.brokers",
+                env: "FERRY_KAFKA_BROKERS",
+            });
+        }
+        Ok(&self.kafka)
+    }
+
     /// Loads from `path` (if any) and the process environment.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         Self::load_with(path, |name| std::env::var(name).ok())
@@ -483,13 +497,11 @@ impl Config {
         let ferry_schema = env(&["FERRY_DATABASE_SCHEMA"])
             .or(file.database.schema)
             .unwrap_or_else(|| DEFAULT_SCHEMA.to_owned());
+        // Empty when unset: only the commands that talk to Kafka require it
+        // (`Config::require_kafka`); `ferry migrate` or `ferry tenant` need no broker.
         let brokers = env(&["FERRY_KAFKA_BROKERS", "KAFKA_BROKERS"])
             .or(file.kafka.brokers)
-            .ok_or(ConfigError::Missing {
-                setting: "the Kafka bootstrap servers",
-                key: "kafka.brokers",
-                env: "FERRY_KAFKA_BROKERS",
-            })?;
+            .unwrap_or_default();
         let topic = env(&["FERRY_KAFKA_TOPIC"])
             .or(file.kafka.topic)
             .unwrap_or_else(|| DEFAULT_TOPIC.to_owned());
@@ -735,7 +747,12 @@ impl Config {
                 "expected a lower-case identifier (letters, digits, _; at most 63), not pg_*",
             ));
         }
-        for broker in self.kafka.brokers.split(',') {
+        for broker in self
+            .kafka
+            .brokers
+            .split(',')
+            .filter(|_| !self.kafka.brokers.is_empty())
+        {
             validate_broker(broker.trim())
                 .map_err(|reason| invalid("kafka.brokers", &self.kafka.brokers, &reason))?;
         }
@@ -871,6 +888,24 @@ pub fn validate_topic(topic: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `value` as an error may show it: a token's or a password's not at all, a URL's password
+/// replaced. Errors go to logs and terminals; secrets must not.
+pub fn redacted(key: &str, value: &str) -> String {
+    if ["token", "password", "secret"]
+        .iter()
+        .any(|k| key.contains(k))
+    {
+        return "<redacted>".to_owned();
+    }
+    match reqwest::Url::parse(value) {
+        Ok(mut url) if url.password().is_some() => {
+            let _ = url.set_password(Some("<redacted>"));
+            url.to_string().replace("%3Credacted%3E", "<redacted>")
+        }
+        _ => value.to_owned(),
+    }
+}
+
 /// The Kafka security settings of `[kafka.properties]`, checked before any client is made: a
 /// protocol librdkafka knows, and for SASL a mechanism Ferry's build speaks with its
 /// credentials. The error's value never holds a password.
@@ -982,7 +1017,6 @@ mod tests {
     fn bad_settings_are_rejected_by_name() {
         let cases: &[(&[(&str, &str)], &str)] = &[
             (&[("KAFKA_BROKERS", "h:1")], "database.url"),
-            (&[("DATABASE_URL", "postgres://x/y")], "kafka.brokers"),
             (
                 &[("DATABASE_URL", "mysql://x/y"), ("KAFKA_BROKERS", "h:1")],
                 "database.url",
@@ -1266,5 +1300,34 @@ mod tests {
         );
         assert_eq!(c.admin.addr, AdminConfig::default().addr);
         assert_eq!(c.consume.unknown_event_types, UnknownEventTypes::Pause);
+    }
+
+    #[test]
+    fn an_error_never_shows_a_password_or_a_token() {
+        // Inputs tried: a database URL with a password and a bad pool size, and a token.
+        let err = Config::load_with(None, |name| match name {
+            "DATABASE_URL" => Some("mysql://ferry:hunter2@db/shop".to_owned()),
+            "KAFKA_BROKERS" => Some("127.0.0.1:9092".to_owned()),
+            _ => None,
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            !err.contains("hunter2") && err.contains("<redacted>"),
+            "{err}"
+        );
+        assert_eq!(redacted("admin.token", "s3cret"), "<redacted>");
+        assert_eq!(redacted("kafka.topic", "ferry.outbox"), "ferry.outbox");
+    }
+
+    #[test]
+    fn only_the_commands_that_talk_to_kafka_need_a_broker() {
+        // Input tried: a database and no broker, as `ferry migrate` would run.
+        let c = Config::load_with(None, |name| {
+            (name == "DATABASE_URL").then(|| "postgres://x/y".to_owned())
+        })
+        .expect("no broker needed to load");
+        let err = c.require_kafka().unwrap_err().to_string();
+        assert!(err.contains("kafka.brokers"), "{err}");
     }
 }

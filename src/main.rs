@@ -639,10 +639,36 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ferry: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("ferry: {}", causes_once(&e));
+            if e.downcast_ref::<DriftFound>().is_some() {
+                ExitCode::from(3)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
+}
+
+/// `ferry verify` found differences: exit code 3, told apart from a failure to check (1) and
+/// bad usage (2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0} differences: drifted or duplicate objects, or events out of order")]
+struct DriftFound(u64);
+
+/// An error and its causes, each once: a cause whose text the message already holds (an error
+/// that prints its source, as most do) is not repeated.
+fn causes_once(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -663,7 +689,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             unreachable!("handled above")
         }
         Command::Ctl(_) => unreachable!("handled in main"),
-        Command::Consume => consume(&config).await,
+        Command::Consume => {
+            config.require_kafka()?;
+            consume(&config).await
+        }
         Command::Verify {
             tenants,
             simulator,
@@ -677,8 +706,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("schema at version {version}");
             Ok(())
         }
-        Command::Smoke { timeout } => smoke(&config, timeout).await,
-        Command::Relay { metrics_addr } => relay(&config, metrics_addr).await,
+        Command::Smoke { timeout } => {
+            config.require_kafka()?;
+            smoke(&config, timeout).await
+        }
+        Command::Relay { metrics_addr } => {
+            config.require_kafka()?;
+            relay(&config, metrics_addr).await
+        }
         Command::RelayStatus => relay_status(&config).await,
         Command::Load {
             tenants,
@@ -878,7 +913,7 @@ async fn verify(
     print!("{}", found.render());
     let bad = found.failures();
     if bad > 0 {
-        anyhow::bail!("{bad} differences: drifted or duplicate objects, or events out of order");
+        return Err(DriftFound(bad).into());
     }
     Ok(())
 }
@@ -1051,5 +1086,23 @@ fn bench_broker(name: &str) -> anyhow::Result<ferry::bench::relay::BenchBroker> 
         "memory" => Ok(ferry::bench::relay::BenchBroker::Memory),
         "mock" => Ok(ferry::bench::relay::BenchBroker::Mock),
         other => anyhow::bail!("--broker {other:?}: expected `configured`, `memory` or `mock`"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("postgres: {0}")]
+        struct Outer(#[source] std::io::Error);
+        let inner = std::io::Error::other("connection refused");
+        let e = anyhow::Error::new(Outer(inner)).context("the admin API's token");
+        assert_eq!(
+            causes_once(&e),
+            "the admin API's token: postgres: connection refused"
+        );
     }
 }

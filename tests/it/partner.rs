@@ -849,3 +849,49 @@ async fn the_kill_switch_cuts_requests_waiting_at_the_rate_limit() {
     sim_stop.cancel();
     db.drop().await;
 }
+
+/// `ferry verify` exits 3 when it finds drift (a product the partner does not have), 0 when
+/// there is none: a script tells a difference from a failure to check (1) or bad usage (2).
+/// Input tried: one product of an enabled tenant, none on the partner.
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_exits_3_on_drift() {
+    let (db, cfg, _sim, sim_stop) = setup_sim(Duration::from_secs(10)).await;
+    let (url, partner) = (db.url.clone(), cfg.partner.url.clone().unwrap());
+    let verify = move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .arg("verify")
+            .env("FERRY_DATABASE_URL", &url)
+            .env("FERRY_PARTNER_URL", &partner)
+            .env("FERRY_PARTNER_TOKEN", TOKEN)
+            .env("RUST_LOG", "error")
+            .output()
+            .unwrap()
+    };
+    let clean = tokio::task::spawn_blocking(verify.clone()).await.unwrap();
+    assert_eq!(
+        clean.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&clean.stderr)
+    );
+    sqlx::query("INSERT INTO tenants (tenant_id, integration_enabled) VALUES ('acme', true)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO products (tenant_id, id, name, price_minor, currency) \
+         VALUES ('acme', gen_random_uuid(), 'Tea', 350, 'EUR')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let drift = tokio::task::spawn_blocking(verify).await.unwrap();
+    assert_eq!(
+        drift.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&drift.stderr)
+    );
+    sim_stop.cancel();
+    db.drop().await;
+}
