@@ -639,9 +639,17 @@ async fn put_kill_switch(
 async fn metrics(State(admin): State<Admin>) -> Response {
     let mut out = String::new();
     instance_metrics(&admin.stats, &mut out);
-    database_metrics(&admin.pool, &mut out).await;
+    database_metrics(&admin.pool, reports_database(&admin.stats), &mut out).await;
     latency_metrics(&admin.stats, &mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// `ferry_build_info{version}`: which Ferry answers (1 always; the label is the information).
+pub fn build_info() -> String {
+    format!(
+        "# HELP ferry_build_info The Ferry build this process runs.\n# TYPE ferry_build_info gauge\nferry_build_info{{version=\"{}\"}} 1\n",
+        env!("CARGO_PKG_VERSION")
+    )
 }
 
 /// One series without labels.
@@ -651,8 +659,9 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
     ));
 }
 
-/// What this instance counts in memory.
+/// What this instance counts in memory, and which build it runs.
 fn instance_metrics(s: &ConsumeStats, out: &mut String) {
+    out.push_str(&build_info());
     // (name, type, help, value): the counters and gauges without labels.
     let series = [
         (
@@ -794,9 +803,31 @@ fn labelled_metrics(s: &ConsumeStats, out: &mut String) {
     }
 }
 
-/// The gauges read from the database, the same from every instance (alert on their max()):
-/// left out, with `ferry_metrics_database_up 0`, when Postgres does not answer within 2 s.
-async fn database_metrics(pool: &PgPool, out: &mut String) {
+/// Whether this instance reports the database's gauges: the owner of the topic's partition 0,
+/// so that exactly one instance exports each (a `sum()` over instances is right) without an
+/// election; none while nobody owns it, for a rebalance's moment.
+fn reports_database(stats: &ConsumeStats) -> bool {
+    stats
+        .partition_view
+        .lock()
+        .expect("partition view")
+        .iter()
+        .any(|p| p.partition == 0)
+}
+
+/// The gauges read from the database, exported by one instance only (`reporting`): left out,
+/// with `ferry_metrics_database_up 0`, when Postgres does not answer within 2 s.
+async fn database_metrics(pool: &PgPool, reporting: bool, out: &mut String) {
+    metric(
+        out,
+        "ferry_metrics_database_reporter",
+        "gauge",
+        "1 on the one instance that exports the database's gauges (the owner of partition 0).",
+        u64::from(reporting),
+    );
+    if !reporting {
+        return;
+    }
     let read = tokio::time::timeout(std::time::Duration::from_secs(2), database_gauges(pool)).await;
     let up = matches!(read, Ok(Ok(_)));
     metric(

@@ -140,6 +140,12 @@ impl RelayStats {
 
     /// The counters in Prometheus text exposition format.
     pub fn render_prometheus(&self) -> String {
+        let mut out = crate::admin::build_info();
+        out.push_str(&self.render_series());
+        out
+    }
+
+    fn render_series(&self) -> String {
         let series = [
             (
                 "ferry_relay_records_acked_total",

@@ -15,12 +15,35 @@ use crate::support::TestDb;
 pub(crate) const TOKEN: &str = "admin-test-token";
 
 pub(crate) async fn start(db: &TestDb) -> (String, CancellationToken) {
+    start_with(db, Arc::new(ConsumeStats::default())).await
+}
+
+/// Stats of an instance that owns partition 0: the one that reports the database's gauges.
+fn owner_of_partition_0() -> Arc<ConsumeStats> {
+    let stats = ConsumeStats::default();
+    stats
+        .partition_view
+        .lock()
+        .unwrap()
+        .push(ferry::consumer::runtime::PartitionView {
+            topic: "ferry.outbox".into(),
+            partition: 0,
+            committed_offset: None,
+            settled_offset: None,
+            high_watermark: None,
+            lag: None,
+            in_flight: 0,
+        });
+    Arc::new(stats)
+}
+
+async fn start_with(db: &TestDb, stats: Arc<ConsumeStats>) -> (String, CancellationToken) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let stop = CancellationToken::new();
     let admin = Admin {
         pool: db.pool.clone(),
-        stats: Arc::new(ConsumeStats::default()),
+        stats,
         token: Some(ferry::admin::access::Token::new(TOKEN)),
         hosts: ferry::admin::access::hosts(listener.local_addr().unwrap(), &[]),
     };
@@ -325,7 +348,25 @@ async fn an_operator_sees_why_a_tenant_is_paused_and_resumes_it() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_kill_switch_is_set_audited_and_metrics_are_scraped() {
     let db = TestDb::migrated().await;
-    let (url, stop) = start(&db).await;
+    let (url, stop) = start_with(&db, owner_of_partition_0()).await;
+    // Another instance, not the owner of partition 0: the database's gauges are not its to
+    // export, so that a sum() over instances counts each once.
+    let (other, other_stop) = start(&db).await;
+    let (status, body) = call(
+        reqwest::Method::GET,
+        &format!("{other}/metrics"),
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    let text = body
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| body.to_string());
+    assert_eq!(status, StatusCode::OK);
+    assert!(text.contains("ferry_metrics_database_reporter 0"), "{text}");
+    assert!(!text.contains("ferry_parked_events"), "{text}");
+    other_stop.cancel();
     let put = reqwest::Method::PUT;
     let on = r#"{"on": true, "actor": "ops", "reason": "partner incident"}"#;
     let (status, body) = call(
@@ -366,6 +407,11 @@ async fn the_kill_switch_is_set_audited_and_metrics_are_scraped() {
     assert_eq!(status, StatusCode::OK);
     let text = text.as_str().unwrap().to_owned();
     for series in [
+        &format!(
+            "ferry_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        ),
+        "ferry_metrics_database_reporter 1",
         "ferry_consumer_records_received_total 0",
         "ferry_consumer_kill_switch 0",
         "ferry_tenants_paused 0",
