@@ -37,7 +37,10 @@ fn owner_of_partition_0() -> Arc<ConsumeStats> {
     Arc::new(stats)
 }
 
-async fn start_with(db: &TestDb, stats: Arc<ConsumeStats>) -> (String, CancellationToken) {
+pub(crate) async fn start_with(
+    db: &TestDb,
+    stats: Arc<ConsumeStats>,
+) -> (String, CancellationToken) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let stop = CancellationToken::new();

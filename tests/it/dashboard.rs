@@ -14,7 +14,7 @@ use ferry::consumer::ledger;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::admin::{TOKEN, start};
+use crate::admin::{TOKEN, start_with};
 use crate::support::{TestDb, unique, wait_for};
 
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -283,7 +283,8 @@ async fn an_operator_sees_a_paused_tenant_and_resumes_it_in_the_browser() {
     ledger::park(&db.pool, "acme", Some(&pause), &records)
         .await
         .unwrap();
-    let (url, stop) = start(&db).await;
+    let stats = std::sync::Arc::new(ferry::consumer::runtime::ConsumeStats::default());
+    let (url, stop) = start_with(&db, std::sync::Arc::clone(&stats)).await;
     let acme = r#"tr[data-tenant="acme"]"#;
 
     // No token: asked for, nothing shown.
@@ -344,6 +345,55 @@ async fn an_operator_sees_a_paused_tenant_and_resumes_it_in_the_browser() {
             t.starts_with("Last refresh")
         })
         .await;
+    // The charts draw: events delivered between two refreshes become a rate on the line, and
+    // the paused tenant's backlog gets a line of its own.
+    stats
+        .delivered
+        .fetch_add(500, std::sync::atomic::Ordering::Relaxed);
+    let attr = |css: &'static str, name: &'static str| {
+        let browser = &browser;
+        async move {
+            browser
+                .script(
+                    "const e = document.querySelector(arguments[0]); return e ? e.getAttribute(arguments[1]) : null;",
+                    json!([css, name]),
+                )
+                .await
+                .as_str()
+                .map(str::to_owned)
+        }
+    };
+    wait_for(
+        "the delivered rate drawn",
+        Duration::from_secs(20),
+        || async {
+            let points: usize = attr(
+                r#"#chart-events polyline[data-series="delivered"]"#,
+                "data-points",
+            )
+            .await?
+            .parse()
+            .ok()?;
+            let max: f64 = attr(
+                r#"#chart-events polyline[data-series="delivered"]"#,
+                "data-max",
+            )
+            .await?
+            .parse()
+            .ok()?;
+            (points >= 2 && max > 10.0).then_some(())
+        },
+    )
+    .await;
+    wait_for("acme's backlog drawn", Duration::from_secs(20), || async {
+        let points: usize = attr(r#"tr[data-tenant="acme"] td.trend polyline"#, "data-points")
+            .await?
+            .parse()
+            .ok()?;
+        let last = attr(r#"tr[data-tenant="acme"] td.trend polyline"#, "data-last").await?;
+        (points >= 2 && last == "2").then_some(())
+    })
+    .await;
     let failed = records[0].event_id.unwrap();
     let failure = browser
         .text(&format!(r#"#failures tr[data-event="{failed}"]"#))
