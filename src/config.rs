@@ -384,12 +384,12 @@ struct FileAdmin {
 #[serde(deny_unknown_fields)]
 struct FileConsume {
     max_in_flight: Option<u64>,
-    retry_base_ms: Option<u64>,
-    retry_max_ms: Option<u64>,
+    retry_base_ms: Option<DurationSetting>,
+    retry_max_ms: Option<DurationSetting>,
     pause_after_attempts: Option<u64>,
-    pause_after_ms: Option<u64>,
-    retry_after_max_ms: Option<u64>,
-    auto_resume_after_ms: Option<u64>,
+    pause_after_ms: Option<DurationSetting>,
+    retry_after_max_ms: Option<DurationSetting>,
+    auto_resume_after_ms: Option<DurationSetting>,
     unknown_event_types: Option<String>,
     integration: Option<String>,
 }
@@ -399,7 +399,7 @@ struct FileConsume {
 struct FilePartner {
     url: Option<String>,
     token: Option<String>,
-    timeout_ms: Option<u64>,
+    timeout_ms: Option<DurationSetting>,
     rate_limit: Option<u64>,
     tenant_rate_limit: Option<u64>,
     max_response_bytes: Option<u64>,
@@ -413,7 +413,7 @@ struct FileRelay {
     table: Option<String>,
     mode: Option<String>,
     batch_changes: Option<u32>,
-    poll_interval_ms: Option<u64>,
+    poll_interval_ms: Option<DurationSetting>,
     max_message_bytes: Option<usize>,
     topic_partitions: Option<i32>,
 }
@@ -434,6 +434,40 @@ struct FileKafka {
     group_id: Option<String>,
     #[serde(default)]
     properties: BTreeMap<String, String>,
+}
+
+/// A duration as the file writes it: text with a unit (`"30s"`, `"200ms"`, `"1m 30s"`), or a
+/// bare number of milliseconds (what the `_ms` keys took before units were allowed).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum DurationSetting {
+    Millis(u64),
+    Text(String),
+}
+
+/// The duration `key` is set to: the environment's text over the file's value.
+fn duration(
+    key: &'static str,
+    env: Option<String>,
+    file: Option<DurationSetting>,
+) -> Result<Option<Duration>, ConfigError> {
+    let text = match (env, file) {
+        (Some(text), _) | (None, Some(DurationSetting::Text(text))) => text,
+        (None, Some(DurationSetting::Millis(ms))) => return Ok(Some(Duration::from_millis(ms))),
+        (None, None) => return Ok(None),
+    };
+    if let Ok(ms) = text.trim().parse::<u64>() {
+        return Ok(Some(Duration::from_millis(ms)));
+    }
+    humantime::parse_duration(text.trim())
+        .map(Some)
+        .map_err(|e| ConfigError::Invalid {
+            key,
+            value: text.clone(),
+            reason: format!(
+                "not a duration like 30s, 200ms or 1m 30s (a bare number is milliseconds): {e}"
+            ),
+        })
 }
 
 impl Config {
@@ -569,9 +603,12 @@ impl Config {
                 .map(|n| n.min(u64::from(u32::MAX)) as u32)
                 .or(file.relay.batch_changes)
                 .unwrap_or(defaults.batch_changes),
-            poll_interval: number("relay.poll_interval_ms", "FERRY_RELAY_POLL_INTERVAL_MS")?
-                .or(file.relay.poll_interval_ms)
-                .map_or(defaults.poll_interval, Duration::from_millis),
+            poll_interval: duration(
+                "relay.poll_interval_ms",
+                env(&["FERRY_RELAY_POLL_INTERVAL_MS"]),
+                file.relay.poll_interval_ms,
+            )?
+            .unwrap_or(defaults.poll_interval),
             status_interval: defaults.status_interval,
             max_message_bytes: number("relay.max_message_bytes", "FERRY_RELAY_MAX_MESSAGE_BYTES")?
                 .map(|n| n as usize)
@@ -588,9 +625,12 @@ impl Config {
             token: env(&["FERRY_PARTNER_TOKEN"])
                 .or(file.partner.token)
                 .unwrap_or_default(),
-            timeout: number("partner.timeout_ms", "FERRY_PARTNER_TIMEOUT_MS")?
-                .or(file.partner.timeout_ms)
-                .map_or(PartnerConfig::default().timeout, Duration::from_millis),
+            timeout: duration(
+                "partner.timeout_ms",
+                env(&["FERRY_PARTNER_TIMEOUT_MS"]),
+                file.partner.timeout_ms,
+            )?
+            .unwrap_or(PartnerConfig::default().timeout),
             rate_limit: rate(
                 "partner.rate_limit",
                 number("partner.rate_limit", "FERRY_PARTNER_RATE_LIMIT")?
@@ -613,9 +653,7 @@ impl Config {
         };
 
         let c = file.consume;
-        let ms = |key, var, file: Option<u64>| -> Result<Option<Duration>, ConfigError> {
-            Ok(number(key, var)?.or(file).map(Duration::from_millis))
-        };
+        let ms = |key, var, file: Option<DurationSetting>| duration(key, env(&[var]), file);
         let consume = ConsumeConfig {
             max_in_flight: number("consume.max_in_flight", "FERRY_CONSUME_MAX_IN_FLIGHT")?
                 .or(c.max_in_flight)
@@ -1329,5 +1367,34 @@ mod tests {
         .expect("no broker needed to load");
         let err = c.require_kafka().unwrap_err().to_string();
         assert!(err.contains("kafka.brokers"), "{err}");
+    }
+
+    #[test]
+    fn durations_are_written_with_their_unit_or_as_milliseconds() {
+        let dir = std::env::temp_dir().join(format!("ferry-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ferry.toml");
+        std::fs::write(
+            &path,
+            "[partner]\ntimeout_ms = \"30s\"\n[consume]\nretry_base_ms = 250\nretry_max_ms = \"1m 30s\"\n",
+        )
+        .unwrap();
+        let mut e = BASE.to_vec();
+        e.push(("FERRY_RELAY_POLL_INTERVAL_MS", "150ms"));
+        let c = Config::load_with(Some(&path), env(&e)).unwrap();
+        assert_eq!(c.partner.timeout, Duration::from_secs(30));
+        assert_eq!(c.consume.retry_base, Some(Duration::from_millis(250)));
+        assert_eq!(c.consume.retry_max, Some(Duration::from_secs(90)));
+        assert_eq!(c.relay.poll_interval, Duration::from_millis(150));
+        // Input tried: a duration without a number.
+        e.push(("FERRY_PARTNER_TIMEOUT_MS", "soon"));
+        let err = Config::load_with(Some(&path), env(&e))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("partner.timeout_ms") && err.contains("like 30s"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }
