@@ -40,6 +40,12 @@ enum Command {
     RelayStatus,
     /// Deliver the outbox topic to the partner, each tenant in order, until SIGTERM/SIGINT.
     Consume,
+    /// The configuration: `check` validates it and prints every setting's effective value and
+    /// where it came from (secrets redacted); `reference` prints every setting Ferry reads.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
     /// Check an integration file (`consume.integration`): validate it as `ferry consume`
     /// would and print what each event type does; non-zero exit, naming the key, if invalid.
     CheckIntegration {
@@ -117,6 +123,7 @@ impl Command {
             Command::RelayStatus => "relay-status",
             Command::Consume => "consume",
             Command::CheckIntegration { .. } => "check-integration",
+            Command::Config { .. } => "config",
             Command::PartnerSim { .. } => "partner-sim",
             Command::Verify { .. } => "verify",
             Command::Tenant { .. } => "tenant",
@@ -369,6 +376,14 @@ enum Bench {
         #[arg(long, default_value = "configured", value_parser = ["configured", "mock"])]
         broker: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigAction {
+    /// Validate the configuration and print each setting's value and source.
+    Check,
+    /// Print every setting as a Markdown table (what docs/configuration.md holds).
+    Reference,
 }
 
 #[derive(Debug, Subcommand)]
@@ -677,6 +692,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::PartnerSim { addr, token } = &cli.command {
         return partner_sim(*addr, token.clone()).await;
     }
+    if let Command::Config { action } = &cli.command {
+        return config_command(cli.config.as_deref(), action);
+    }
     // A file check needs no database and no broker either.
     if let Command::CheckIntegration { file } = &cli.command {
         let spec = ferry::partner::spec::Spec::load(file)?;
@@ -685,7 +703,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
-        Command::PartnerSim { .. } | Command::CheckIntegration { .. } => {
+        Command::PartnerSim { .. } | Command::CheckIntegration { .. } | Command::Config { .. } => {
             unreachable!("handled above")
         }
         Command::Ctl(_) => unreachable!("handled in main"),
@@ -856,6 +874,25 @@ async fn consume_with<H: ferry::delivery::Handler>(
         ack_p99 = %bound(&stats.ack_latency, 0.99),
         "consumer stopped"
     );
+    Ok(())
+}
+
+/// `ferry config check|reference`.
+fn config_command(path: Option<&std::path::Path>, action: &ConfigAction) -> anyhow::Result<()> {
+    use ferry::config::reference;
+    match action {
+        ConfigAction::Reference => print!("{}", reference::markdown()),
+        ConfigAction::Check => {
+            let config = Config::load(path)?;
+            println!("| setting | value | from |\n|---|---|---|");
+            for (key, value, source) in
+                reference::effective(&config, path, |v| std::env::var(v).ok())
+            {
+                println!("| {key} | {value} | {source} |");
+            }
+            println!("configuration valid");
+        }
+    }
     Ok(())
 }
 

@@ -1,41 +1,11 @@
 //! Configuration: an optional TOML file, overlaid by `FERRY_*` environment variables, validated
 //! once at load so a bad setting fails at start with a message that names it.
 //!
-//! | setting | file key | environment |
-//! |---|---|---|
-//! | Postgres URL | `database.url` | `FERRY_DATABASE_URL`, else `DATABASE_URL` |
-//! | pool size | `database.max_connections` | `FERRY_DATABASE_MAX_CONNECTIONS` |
-//! | Ferry's own Postgres schema | `database.schema` | `FERRY_DATABASE_SCHEMA` |
-//! | Kafka bootstrap servers | `kafka.brokers` | `FERRY_KAFKA_BROKERS`, else `KAFKA_BROKERS` |
-//! | outbox topic | `kafka.topic` | `FERRY_KAFKA_TOPIC` |
-//! | consumer group | `kafka.group_id` | `FERRY_KAFKA_GROUP_ID` |
-//! | partner API | `partner.url` | `FERRY_PARTNER_URL` |
-//! | partner bearer token | `partner.token` | `FERRY_PARTNER_TOKEN` |
-//! | partner request timeout | `partner.timeout_ms` | `FERRY_PARTNER_TIMEOUT_MS` |
-//! | requests per second to the partner, all tenants | `partner.rate_limit` | `FERRY_PARTNER_RATE_LIMIT` |
-//! | requests per second to the partner, per tenant | `partner.tenant_rate_limit` | `FERRY_PARTNER_TENANT_RATE_LIMIT` |
-//! | largest partner answer read | `partner.max_response_bytes` | `FERRY_PARTNER_MAX_RESPONSE_BYTES` |
-//! | events in flight, all tenants | `consume.max_in_flight` | `FERRY_CONSUME_MAX_IN_FLIGHT` |
-//! | first retry's backoff | `consume.retry_base_ms` | `FERRY_CONSUME_RETRY_BASE_MS` |
-//! | longest backoff | `consume.retry_max_ms` | `FERRY_CONSUME_RETRY_MAX_MS` |
-//! | pause a tenant after this many attempts | `consume.pause_after_attempts` | `FERRY_CONSUME_PAUSE_AFTER_ATTEMPTS` |
-//! | ...or after failing this long | `consume.pause_after_ms` | `FERRY_CONSUME_PAUSE_AFTER_MS` |
-//! | longest `Retry-After` honoured | `consume.retry_after_max_ms` | `FERRY_CONSUME_RETRY_AFTER_MAX_MS` |
-//! | resume a retryable pause after | `consume.auto_resume_after_ms` | `FERRY_CONSUME_AUTO_RESUME_AFTER_MS` |
-//! | an event of a type this integration does not know (`pause`, `ignore`) | `consume.unknown_event_types` | `FERRY_CONSUME_UNKNOWN_EVENT_TYPES` |
-//! | the integration file to run (TOML; unset: the built-in shop integration) | `consume.integration` | `FERRY_CONSUME_INTEGRATION` |
-//! | admin API address | `admin.addr` | `FERRY_ADMIN_ADDR` |
-//! | admin API bearer token (unset: generated at the first start, printed once) | `admin.token` | `FERRY_ADMIN_TOKEN` |
-//! | `Host` names the admin API answers to besides its address | `admin.hosts` | `FERRY_ADMIN_HOSTS` (comma-separated) |
-//! | extra librdkafka settings | `[kafka.properties]` | `FERRY_KAFKA_PROPERTIES` (`name=value,name=value`, over the file's) |
-//! | relay slot | `relay.slot` | `FERRY_RELAY_SLOT` |
-//! | relay publication | `relay.publication` | `FERRY_RELAY_PUBLICATION` |
-//! | outbox table | `relay.table` | `FERRY_RELAY_TABLE` |
-//! | how the relay reads the slot (`stream`, `peek`) | `relay.mode` | `FERRY_RELAY_MODE` |
-//! | changes per peek | `relay.batch_changes` | `FERRY_RELAY_BATCH_CHANGES` |
-//! | idle poll interval | `relay.poll_interval_ms` | `FERRY_RELAY_POLL_INTERVAL_MS` |
-//! | largest record | `relay.max_message_bytes` | `FERRY_RELAY_MAX_MESSAGE_BYTES` |
-//! | partitions of a topic the relay creates | `relay.topic_partitions` | `FERRY_RELAY_TOPIC_PARTITIONS` |
+//! Every setting, with its environment variables and default, is listed once, in
+//! [`reference::SETTINGS`]: `ferry config reference` prints it (as `docs/configuration.md`
+//! holds it) and `ferry config check` prints the effective values and their sources.
+
+pub mod reference;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
