@@ -899,6 +899,9 @@ pub fn validate_topic(topic: &str) -> Result<(), String> {
 /// `value` as an error may show it: a token's or a password's not at all, a URL's password
 /// replaced. Errors go to logs and terminals; secrets must not.
 pub fn redacted(key: &str, value: &str) -> String {
+    if value.is_empty() {
+        return String::new();
+    }
     if ["token", "password", "secret"]
         .iter()
         .any(|k| key.contains(k))
