@@ -375,6 +375,7 @@ impl PartnerClient {
         let response = self
             .http
             .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
             .send()
             .await
             .map_err(|e| transport(&Method::GET, path, &e))?;

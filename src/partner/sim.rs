@@ -349,15 +349,46 @@ pub fn router(sim: SimHandle) -> Router {
                 .put(update_one::<ShopPrice>)
                 .delete(delete_one::<ShopPrice>),
         );
-    Router::new()
-        .nest("/v1/accounts/{account}", api)
+    // The simulator's own control routes need its token too: a fault set by a stranger
+    // would be a test's false failure.
+    let control = Router::new()
         .route("/_sim/faults", put(put_faults).get(get_faults))
         .route("/_sim/report", get(get_report))
         .route("/_sim/accounts/{account}", get(get_account))
         .route("/_sim/requests", get(get_requests))
         .route("/_sim/reset", post(post_reset))
+        .route_layer(axum::middleware::from_fn_with_state(
+            sim.clone(),
+            control_auth,
+        ));
+    Router::new()
+        .nest("/v1/accounts/{account}", api)
+        .merge(control)
         .route("/healthz", get(|| async { "ok" }))
         .with_state(sim)
+}
+
+async fn control_auth(
+    State(sim): State<SimHandle>,
+    headers: HeaderMap,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(sim.token.as_str()) {
+        next.run(request).await
+    } else {
+        let (status, body) = error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the simulator's control routes need its bearer token",
+        );
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::UNAUTHORIZED);
+        (status, axum::Json(body)).into_response()
+    }
 }
 
 /// Serves the simulator on `listener` until `shutdown`.

@@ -895,3 +895,36 @@ async fn verify_exits_3_on_drift() {
     sim_stop.cancel();
     db.drop().await;
 }
+
+/// The simulator's control routes need its token like its API: a stranger can neither set
+/// faults nor read what it holds. Inputs tried: no token, a wrong token.
+#[tokio::test]
+async fn the_simulators_control_routes_need_its_token() {
+    let (_sim, url, stop) = start_sim().await;
+    let client = reqwest::Client::new();
+    for token in [None, Some("wrong")] {
+        for (method, path) in [
+            (reqwest::Method::PUT, "/_sim/faults"),
+            (reqwest::Method::GET, "/_sim/report"),
+            (reqwest::Method::GET, "/_sim/requests"),
+            (reqwest::Method::POST, "/_sim/reset"),
+        ] {
+            let mut request = client
+                .request(method.clone(), format!("{url}{path}"))
+                .body("{}");
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let status = request.send().await.unwrap().status();
+            assert_eq!(status, 401, "{method} {path} with {token:?}");
+        }
+    }
+    let report = client
+        .get(format!("{url}/_sim/report"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(report.status(), 200);
+    stop.cancel();
+}
