@@ -74,16 +74,19 @@ fn the_debezium_connector_is_configured_for_the_wire_contract() {
         "io.debezium.converters.BinaryDataConverter"
     );
     // A heartbeat keeps the slot moving while the outbox is quiet; a replication role, not the
-    // superuser, reads it; the record's time is the row's, so latency counts from the write.
+    // superuser, reads it. The record's time stays the source's, the transaction's commit:
+    // `table.field.event.timestamp` would need an INT64 column (a timestamptz stops the task).
     assert_eq!(get("heartbeat.interval.ms"), "10000");
     assert_eq!(get("database.user"), "debezium");
     assert!(
         get("database.password").starts_with("${file:"),
         "no password in the file"
     );
-    assert_eq!(
-        get("transforms.outbox.table.field.event.timestamp"),
-        "created_at"
+    assert!(
+        config
+            .get("transforms.outbox.table.field.event.timestamp")
+            .is_none(),
+        "the commit time, not a column"
     );
     assert_eq!(
         get("header.converter"),
