@@ -756,7 +756,11 @@ impl ReplicationConnection {
     async fn write(&mut self, bytes: &[u8]) -> Result<(), ReplicationError> {
         match &mut self.transport {
             Transport::Tcp(s) => s.write_all(bytes).await?,
-            Transport::Tls(s) => s.write_all(bytes).await?,
+            // TLS buffers what it encrypts: a status update must leave now, not with the next.
+            Transport::Tls(s) => {
+                s.write_all(bytes).await?;
+                s.flush().await?;
+            }
             Transport::Unix(s) => s.write_all(bytes).await?,
         }
         Ok(())
