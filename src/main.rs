@@ -16,8 +16,27 @@ struct Cli {
     /// A TOML config file; `FERRY_*` environment variables override it.
     #[arg(long, global = true, env = "FERRY_CONFIG")]
     config: Option<PathBuf>,
+    /// How read commands print (`tenant status`, `relay status`, `config check`, `verify`):
+    /// tables for a person, or JSON for a script.
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How a read command prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    /// Tables and lines for a person.
+    Text,
+    /// One JSON document.
+    Json,
+}
+
+/// Prints `value` as one JSON document.
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -30,13 +49,18 @@ enum Command {
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         timeout: Duration,
     },
-    /// Stream the outbox from the write-ahead log to Kafka until SIGTERM/SIGINT.
+    /// Stream the outbox from the write-ahead log to Kafka until SIGTERM/SIGINT; `ferry relay
+    /// status` prints the slot's position and lag instead.
     Relay {
+        /// `status`: the slot's position and lag.
+        #[command(subcommand)]
+        action: Option<RelayAction>,
         /// Serve Prometheus metrics on this address (`GET /metrics`), e.g. 127.0.0.1:9187.
         #[arg(long, env = "FERRY_RELAY_METRICS_ADDR")]
         metrics_addr: Option<std::net::SocketAddr>,
     },
-    /// Print the relay slot's position and lag.
+    /// The same as `ferry relay status` (kept for scripts).
+    #[command(hide = true)]
     RelayStatus,
     /// Deliver the outbox topic to the partner, each tenant in order, until SIGTERM/SIGINT.
     Consume,
@@ -379,6 +403,12 @@ enum Bench {
 }
 
 #[derive(Debug, Subcommand)]
+enum RelayAction {
+    /// Print the relay slot's position and lag (creating the slot and publication if missing).
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
 enum ConfigAction {
     /// Validate the configuration and print each setting's value and source.
     Check,
@@ -476,7 +506,11 @@ fn state_note(status: Option<&ferry::tenant::TenantStatus>) -> String {
     }
 }
 
-async fn tenant_command(config: &Config, action: TenantAction) -> anyhow::Result<()> {
+async fn tenant_command(
+    config: &Config,
+    action: TenantAction,
+    output: Output,
+) -> anyhow::Result<()> {
     let pool = ferry::store::connect(&config.database).await?;
     match action {
         TenantAction::Enable(switch) => {
@@ -494,7 +528,7 @@ async fn tenant_command(config: &Config, action: TenantAction) -> anyhow::Result
             tenant_enable(&pool, switch, source).await
         }
         TenantAction::Disable(switch) => tenant_disable(&pool, switch).await,
-        TenantAction::Status { tenants } => tenant_status(&pool, tenants).await,
+        TenantAction::Status { tenants } => tenant_status(&pool, tenants, output).await,
     }
 }
 
@@ -586,7 +620,20 @@ async fn tenant_disable(
 }
 
 /// `ferry tenant status`: a table of the tenants.
-async fn tenant_status(pool: &sqlx::PgPool, tenants: Vec<String>) -> anyhow::Result<()> {
+async fn tenant_status(
+    pool: &sqlx::PgPool,
+    tenants: Vec<String>,
+    output: Output,
+) -> anyhow::Result<()> {
+    if output == Output::Json {
+        let mut found = Vec::new();
+        for raw in tenants {
+            let tenant = ferry::tenant::tenant_id(&raw)?;
+            let status = ferry::tenant::status(pool, &tenant).await?;
+            found.push(serde_json::json!({"tenant": tenant.as_str(), "status": status}));
+        }
+        return print_json(&found);
+    }
     println!("| tenant | integration | state | mapped objects | parked events | reason |");
     println!("|---|---|---|---|---|---|");
     for raw in tenants {
@@ -693,7 +740,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return partner_sim(*addr, token.clone()).await;
     }
     if let Command::Config { action } = &cli.command {
-        return config_command(cli.config.as_deref(), action);
+        return config_command(cli.config.as_deref(), action, cli.output);
     }
     // A file check needs no database and no broker either.
     if let Command::CheckIntegration { file } = &cli.command {
@@ -702,6 +749,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     let config = Config::load(cli.config.as_deref())?;
+    let output = cli.output;
     match cli.command {
         Command::PartnerSim { .. } | Command::CheckIntegration { .. } | Command::Config { .. } => {
             unreachable!("handled above")
@@ -715,8 +763,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tenants,
             simulator,
             latency_since,
-        } => verify(&config, tenants, simulator, latency_since).await,
-        Command::Tenant { action } => tenant_command(&config, action).await,
+        } => verify(&config, tenants, simulator, latency_since, output).await,
+        Command::Tenant { action } => tenant_command(&config, action, output).await,
         Command::Migrate => {
             let pool = ferry::store::connect(&config.database).await?;
             ferry::store::migrate(&pool).await?;
@@ -728,11 +776,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             config.require_kafka()?;
             smoke(&config, timeout).await
         }
-        Command::Relay { metrics_addr } => {
+        Command::Relay {
+            action: Some(RelayAction::Status),
+            ..
+        }
+        | Command::RelayStatus => relay_status(&config, output).await,
+        Command::Relay { metrics_addr, .. } => {
             config.require_kafka()?;
             relay(&config, metrics_addr).await
         }
-        Command::RelayStatus => relay_status(&config).await,
         Command::Load {
             tenants,
             events,
@@ -878,10 +930,23 @@ async fn consume_with<H: ferry::delivery::Handler>(
 }
 
 /// `ferry config check|reference`.
-fn config_command(path: Option<&std::path::Path>, action: &ConfigAction) -> anyhow::Result<()> {
+fn config_command(
+    path: Option<&std::path::Path>,
+    action: &ConfigAction,
+    output: Output,
+) -> anyhow::Result<()> {
     use ferry::config::reference;
     match action {
         ConfigAction::Reference => print!("{}", reference::markdown()),
+        ConfigAction::Check if output == Output::Json => {
+            let config = Config::load(path)?;
+            let settings: Vec<serde_json::Value> =
+                reference::effective(&config, path, |v| std::env::var(v).ok())
+                    .into_iter()
+                    .map(|(key, value, from)| serde_json::json!({"setting": key, "value": value, "from": from}))
+                    .collect();
+            print_json(&serde_json::json!({"valid": true, "settings": settings}))?;
+        }
         ConfigAction::Check => {
             let config = Config::load(path)?;
             println!("| setting | value | from |\n|---|---|---|");
@@ -925,6 +990,7 @@ async fn verify(
     tenants: Vec<String>,
     simulator: bool,
     latency_since: Option<chrono::DateTime<chrono::Utc>>,
+    output: Output,
 ) -> anyhow::Result<()> {
     use ferry::partner::verify;
     let pool = ferry::store::connect(&config.database).await?;
@@ -947,7 +1013,10 @@ async fn verify(
         },
         order_violations,
     };
-    print!("{}", found.render());
+    match output {
+        Output::Text => print!("{}", found.render()),
+        Output::Json => print_json(&found)?,
+    }
     let bad = found.failures();
     if bad > 0 {
         return Err(DriftFound(bad).into());
@@ -1009,7 +1078,7 @@ async fn relay(config: &Config, metrics_addr: Option<std::net::SocketAddr>) -> a
 }
 
 /// `ferry relay-status`: the slot's confirmed position and lag.
-async fn relay_status(config: &Config) -> anyhow::Result<()> {
+async fn relay_status(config: &Config, output: Output) -> anyhow::Result<()> {
     let mut relay = ferry::relay::Relay::connect(config).await?;
     relay.setup().await?;
     let lag = relay.slot_lag().await?;
@@ -1017,12 +1086,18 @@ async fn relay_status(config: &Config) -> anyhow::Result<()> {
         .stats()
         .confirmed_lsn
         .load(std::sync::atomic::Ordering::Relaxed);
-    println!(
-        "slot {} confirmed at {}, lag {} bytes",
-        config.relay.slot,
-        ferry::relay::lsn::Lsn(confirmed),
-        lag
-    );
+    let confirmed = ferry::relay::lsn::Lsn(confirmed);
+    match output {
+        Output::Text => println!(
+            "slot {} confirmed at {confirmed}, lag {lag} bytes",
+            config.relay.slot
+        ),
+        Output::Json => print_json(&serde_json::json!({
+            "slot": config.relay.slot,
+            "confirmed_lsn": confirmed.to_string(),
+            "lag_bytes": lag,
+        }))?,
+    }
     Ok(())
 }
 

@@ -273,7 +273,7 @@ pub async fn disable(pool: &PgPool, tenant: &TenantId) -> Result<Uuid, TenantErr
 }
 
 /// A tenant as an operator sees it.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
 pub struct TenantStatus {
     /// Whether the integration is on.
     pub integration_enabled: bool,

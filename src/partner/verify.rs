@@ -15,7 +15,7 @@ use super::client::{Call, PartnerClient};
 use crate::delivery::Failure;
 
 /// One tenant's comparison.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct TenantDrift {
     /// The tenant.
     pub tenant: String,
@@ -166,7 +166,7 @@ pub fn compare(
 
 /// End-to-end latency of delivered events: from the outbox write to the partner's
 /// acknowledgement.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct Latency {
     /// Events settled in all (delivered, ignored, expired, skipped).
     pub events: u64,
@@ -224,7 +224,7 @@ pub async fn latency(
 }
 
 /// Everything `ferry verify` found.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Verification {
     /// Per tenant.
     pub tenants: Vec<TenantDrift>,

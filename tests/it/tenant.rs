@@ -227,3 +227,60 @@ async fn bad_tenant_commands_are_refused_with_what_was_wrong() {
     );
     db.drop().await;
 }
+
+/// Read commands print JSON for a script with `-o json`: `tenant status`, `relay status` and
+/// `config check`, each one document a parser takes. Input tried: a tenant never enabled and
+/// an enabled one; a fresh database for the relay's slot.
+#[tokio::test(flavor = "multi_thread")]
+async fn read_commands_print_json_with_o_json() {
+    let db = crate::support::TestDb::migrated().await;
+    tenant::enable(
+        &db.pool,
+        &tenant::tenant_id("acme").unwrap(),
+        tenant::BackfillSource::Products,
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let slot = crate::support::unique("ferry_json");
+    let (url, slot_name) = (db.url.clone(), slot.clone());
+    let run = move |args: &'static [&'static str]| {
+        let (url, slot) = (url.clone(), slot_name.clone());
+        tokio::task::spawn_blocking(move || {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+                .args(["-o", "json"])
+                .args(args)
+                .env("FERRY_DATABASE_URL", &url)
+                .env("FERRY_RELAY_SLOT", &slot)
+                .env("FERRY_RELAY_PUBLICATION", &slot)
+                .env("RUST_LOG", "error")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_else(|e| {
+                panic!(
+                    "{args:?}: not JSON ({e}): {}",
+                    String::from_utf8_lossy(&out.stdout)
+                )
+            })
+        })
+    };
+    let status = run(&["tenant", "status", "acme", "nobody"]).await.unwrap();
+    assert_eq!(status[0]["tenant"], "acme");
+    assert_eq!(status[0]["status"]["integration_enabled"], true);
+    assert!(status[1]["status"].is_null(), "never enabled: {status}");
+    let relay = run(&["relay", "status"]).await.unwrap();
+    assert_eq!(
+        relay["slot"].as_str().map(str::to_owned),
+        Some(slot.clone())
+    );
+    assert!(relay["lag_bytes"].is_u64(), "{relay}");
+    let config = run(&["config", "check"]).await.unwrap();
+    assert_eq!(config["valid"], true);
+    assert!(config["settings"].as_array().unwrap().len() > 20);
+    db.drop().await;
+}
