@@ -11,7 +11,13 @@ use ferry::config::Config;
 
 /// Ferry keeps a partner platform in sync with ours through the transactional outbox.
 #[derive(Debug, Parser)]
-#[command(name = "ferry", version, about)]
+#[command(
+    name = "ferry",
+    version,
+    about,
+    after_help = "The commands that run in production come first; the development tools \
+(smoke, load, partner-sim, bench) after them. Docs: README.md and docs/."
+)]
 struct Cli {
     /// A TOML config file; `FERRY_*` environment variables override it.
     #[arg(long, global = true, env = "FERRY_CONFIG")]
@@ -42,8 +48,10 @@ fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Apply the database migrations (idempotent).
+    #[command(display_order = 1)]
     Migrate,
-    /// Prove the stack works: migrate, then send one event through Kafka and back.
+    /// Development: prove the stack works: migrate, then send one event through Kafka and back.
+    #[command(display_order = 20)]
     Smoke {
         /// How long to wait for the event to come back.
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
@@ -51,6 +59,7 @@ enum Command {
     },
     /// Stream the outbox from the write-ahead log to Kafka until SIGTERM/SIGINT; `ferry relay
     /// status` prints the slot's position and lag instead.
+    #[command(display_order = 2)]
     Relay {
         /// `status`: the slot's position and lag.
         #[command(subcommand)]
@@ -61,22 +70,27 @@ enum Command {
     },
     /// The same as `ferry relay status` (kept for scripts).
     #[command(hide = true)]
+    #[command(display_order = 3)]
     RelayStatus,
     /// Deliver the outbox topic to the partner, each tenant in order, until SIGTERM/SIGINT.
+    #[command(display_order = 4)]
     Consume,
     /// The configuration: `check` validates it and prints every setting's effective value and
     /// where it came from (secrets redacted); `reference` prints every setting Ferry reads.
+    #[command(display_order = 8)]
     Config {
         #[command(subcommand)]
         action: ConfigAction,
     },
     /// Check an integration file (`consume.integration`): validate it as `ferry consume`
     /// would and print what each event type does; non-zero exit, naming the key, if invalid.
+    #[command(display_order = 9)]
     CheckIntegration {
         /// The file (TOML).
         file: std::path::PathBuf,
     },
-    /// Play the partner's REST API (for tests and the demo) until SIGTERM/SIGINT.
+    /// Development: play the partner's REST API (for tests and the demo) until SIGTERM/SIGINT.
+    #[command(display_order = 22)]
     PartnerSim {
         /// Where to listen.
         #[arg(long, default_value = "127.0.0.1:8081", env = "FERRY_PARTNER_SIM_ADDR")]
@@ -87,6 +101,7 @@ enum Command {
     },
     /// Compare our products with the partner's state per tenant; non-zero exit on drift or
     /// duplicate objects.
+    #[command(display_order = 7)]
     Verify {
         /// Tenants to check besides those with products (e.g. ones whose products were all
         /// deleted).
@@ -101,11 +116,13 @@ enum Command {
     },
     /// Switch tenants' partner integration on (backfilling their products) or off (deleting
     /// what Ferry created on the partner), or show where they stand.
+    #[command(display_order = 5)]
     Tenant {
         #[command(subcommand)]
         action: TenantAction,
     },
-    /// Write products and their outbox events like our platform does.
+    /// Development: write products and their outbox events like our platform does.
+    #[command(display_order = 21)]
     Load {
         /// Distinct tenants.
         #[arg(long, default_value_t = 100)]
@@ -126,7 +143,8 @@ enum Command {
         #[arg(long)]
         rate: Option<f64>,
     },
-    /// Benchmarks, printed as tables with the ratio to their baseline.
+    /// Development: benchmarks, printed as tables with the ratio to their baseline.
+    #[command(display_order = 23)]
     Bench {
         #[command(subcommand)]
         which: Bench,
@@ -134,6 +152,7 @@ enum Command {
     /// Operate a running `ferry consume` through its admin API: paused tenants and why,
     /// resume, retry, skip, pause, replay, the kill switch, partitions, failures, an event's
     /// history.
+    #[command(display_order = 6)]
     Ctl(CtlArgs),
 }
 
