@@ -32,6 +32,7 @@ pub mod config;
 pub mod consumer;
 pub mod ctl;
 pub mod delivery;
+pub mod exposition;
 pub mod load;
 pub mod outbox;
 pub mod partner;

@@ -31,6 +31,7 @@ pub mod access;
 use crate::consumer::latency::Histogram;
 use crate::consumer::ledger;
 use crate::consumer::runtime::ConsumeStats;
+use crate::exposition::Series;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 16 * 1024;
@@ -634,137 +635,119 @@ async fn put_kill_switch(
 
 /// `GET /metrics`: Prometheus text format.
 /// `GET /metrics`: this instance's counters and gauges, the database's gauges, the latency
-/// histograms. It answers while Postgres is down: the database's gauges are then left out and
+/// histograms, in OpenMetrics through `prometheus-client` ([`crate::exposition`]). It answers
+/// while Postgres is down: the database's gauges are then left out and
 /// `ferry_metrics_database_up` is 0, never a failed scrape.
 async fn metrics(State(admin): State<Admin>) -> Response {
-    let mut out = String::new();
-    instance_metrics(&admin.stats, &mut out);
-    database_metrics(&admin.pool, reports_database(&admin.stats), &mut out).await;
-    latency_metrics(&admin.stats, &mut out);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
-}
-
-/// `ferry_build_info{version}`: which Ferry answers (1 always; the label is the information).
-pub fn build_info() -> String {
-    format!(
-        "# HELP ferry_build_info The Ferry build this process runs.\n# TYPE ferry_build_info gauge\nferry_build_info{{version=\"{}\"}} 1\n",
-        env!("CARGO_PKG_VERSION")
+    let reporting = reports_database(&admin.stats);
+    let database = if reporting {
+        Some(read_database_gauges(&admin.pool).await)
+    } else {
+        None
+    };
+    let stats = Arc::clone(&admin.stats);
+    let text = crate::exposition::render(move |out| {
+        instance_metrics(&stats, out)?;
+        labelled_metrics(&stats, out)?;
+        database_metrics(reporting, database.as_ref(), out)?;
+        latency_metrics(&stats, out)
+    });
+    (
+        [(header::CONTENT_TYPE, crate::exposition::CONTENT_TYPE)],
+        text,
     )
+        .into_response()
 }
 
-/// One series without labels.
-fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
-    out.push_str(&format!(
-        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-    ));
-}
-
-/// What this instance counts in memory, and which build it runs.
-fn instance_metrics(s: &ConsumeStats, out: &mut String) {
-    out.push_str(&build_info());
-    // (name, type, help, value): the counters and gauges without labels.
-    let series = [
+/// What this instance counts in memory: counters, and gauges in base units.
+fn instance_metrics(s: &ConsumeStats, out: &mut Series<'_, '_>) -> std::fmt::Result {
+    // (name, help, value): the counters (the encoder adds `_total`).
+    let counters = [
         (
-            "ferry_consumer_records_received_total",
-            "counter",
+            "ferry_consumer_records_received",
             "Records taken from Kafka.",
-            s.received.load(Relaxed),
+            &s.received,
         ),
         (
-            "ferry_consumer_duplicates_total",
-            "counter",
+            "ferry_consumer_duplicates",
             "Redelivered events skipped as already settled.",
-            s.duplicates.load(Relaxed),
+            &s.duplicates,
         ),
         (
-            "ferry_consumer_parked_total",
-            "counter",
+            "ferry_consumer_parked",
             "Records parked for paused tenants.",
-            s.parked.load(Relaxed),
+            &s.parked,
         ),
+        ("ferry_consumer_commits", "Offset commits.", &s.commits),
         (
-            "ferry_consumer_commits_total",
-            "counter",
-            "Offset commits.",
-            s.commits.load(Relaxed),
-        ),
-        (
-            "ferry_consumer_kafka_errors_total",
-            "counter",
+            "ferry_consumer_kafka_errors",
             "Transient Kafka errors (librdkafka recovers).",
-            s.kafka_errors.load(Relaxed),
+            &s.kafka_errors,
         ),
         (
-            "ferry_consumer_restarts_total",
-            "counter",
+            "ferry_consumer_restarts",
             "Times the consumer started again after a retryable error (Postgres or Kafka down).",
-            s.restarts.load(Relaxed),
+            &s.restarts,
         ),
+        (
+            "ferry_consumer_breaker_trips",
+            "Times the partner-wide breaker opened.",
+            &s.breaker_trips,
+        ),
+    ];
+    for (name, help, value) in counters {
+        out.counter(name, help, value.load(Relaxed))?;
+    }
+    let gauges = [
         (
             "ferry_consumer_recovering",
-            "gauge",
             "1 while the consumer is stopped by a retryable error, waiting for Postgres.",
-            s.recovering.load(Relaxed),
-        ),
-        (
-            "ferry_consumer_breaker_trips_total",
-            "counter",
-            "Times the partner-wide breaker opened.",
-            s.breaker_trips.load(Relaxed),
+            &s.recovering,
         ),
         (
             "ferry_consumer_breaker_open",
-            "gauge",
             "1 while the partner-wide breaker is open.",
-            s.breaker_open.load(Relaxed),
+            &s.breaker_open,
         ),
         (
             "ferry_consumer_kill_switch",
-            "gauge",
             "1 while the kill switch is on.",
-            s.kill_switch.load(Relaxed),
+            &s.kill_switch,
         ),
         (
             "ferry_consumer_partitions",
-            "gauge",
             "Partitions this instance owns.",
-            s.partitions.load(Relaxed),
-        ),
-        (
-            "ferry_consumer_commit_lag_max_ms",
-            "gauge",
-            "Longest a commit point rested on an event in flight, ms.",
-            s.commit_lag_max_ms.load(Relaxed),
+            &s.partitions,
         ),
         (
             "ferry_consumer_in_flight",
-            "gauge",
             "Events being handled now.",
-            s.in_flight.load(Relaxed),
+            &s.in_flight,
         ),
         (
             "ferry_consumer_tenants_held",
-            "gauge",
             "Tenants this instance holds paused: their records are parked, not delivered.",
-            s.tenants_held.load(Relaxed),
+            &s.tenants_held,
         ),
         (
             "ferry_consumer_queued",
-            "gauge",
             "Events in memory waiting for their tenant's turn.",
-            s.queued.load(Relaxed),
+            &s.queued,
         ),
     ];
-    for (name, kind, help, value) in series {
-        metric(out, name, kind, help, value);
+    for (name, help, value) in gauges {
+        out.gauge(name, help, value.load(Relaxed) as i64)?;
     }
-    labelled_metrics(s, out);
+    out.gauge_f64(
+        "ferry_consumer_commit_lag_max_seconds",
+        "Longest a commit point rested on an event in flight.",
+        s.commit_lag_max_ms.load(Relaxed) as f64 / 1000.0,
+    )
 }
 
 /// This instance's series with labels: outcomes, retry causes, owned partitions.
-fn labelled_metrics(s: &ConsumeStats, out: &mut String) {
-    out.push_str("# HELP ferry_deliveries_total Events this instance took to an end, by outcome (parked: held for a paused tenant; failed: paused its tenant).\n# TYPE ferry_deliveries_total counter\n");
-    for (outcome, n) in [
+fn labelled_metrics(s: &ConsumeStats, out: &mut Series<'_, '_>) -> std::fmt::Result {
+    let outcomes: Vec<(Vec<(&str, String)>, u64)> = [
         ("delivered", &s.delivered),
         ("expired", &s.expired),
         ("ignored", &s.ignored),
@@ -772,35 +755,51 @@ fn labelled_metrics(s: &ConsumeStats, out: &mut String) {
         ("parked", &s.parked),
         ("failed", &s.failed),
         ("bad_event", &s.bad_events),
-    ] {
-        out.push_str(&format!(
-            "ferry_deliveries_total{{outcome=\"{outcome}\"}} {}\n",
-            n.load(Relaxed)
-        ));
-    }
-    out.push_str("# HELP ferry_retries_total Retries of failed attempts, by cause.\n# TYPE ferry_retries_total counter\n");
-    for (cause, n) in s.retries.snapshot() {
-        out.push_str(&format!("ferry_retries_total{{cause=\"{cause}\"}} {n}\n"));
-    }
+    ]
+    .into_iter()
+    .map(|(outcome, n)| (vec![("outcome", outcome.to_owned())], n.load(Relaxed)))
+    .collect();
+    out.counters(
+        "ferry_deliveries",
+        "Events this instance took to an end, by outcome (parked: held for a paused tenant; failed: paused its tenant).",
+        &outcomes,
+    )?;
+    let retries: Vec<(Vec<(&str, String)>, u64)> = s
+        .retries
+        .snapshot()
+        .into_iter()
+        .map(|(cause, n)| (vec![("cause", cause.to_string())], n))
+        .collect();
+    out.counters(
+        "ferry_retries",
+        "Retries of failed attempts, by cause.",
+        &retries,
+    )?;
     let view = s.partition_view.lock().expect("partition view").clone();
-    out.push_str("# HELP ferry_consumer_lag Records of an owned partition not yet committed (high watermark less committed offset).\n# TYPE ferry_consumer_lag gauge\n");
-    for p in view.iter().filter(|p| p.lag.is_some()) {
-        out.push_str(&format!(
-            "ferry_consumer_lag{{topic=\"{}\",partition=\"{}\"}} {}\n",
-            p.topic,
-            p.partition,
-            p.lag.unwrap_or_default()
-        ));
-    }
-    out.push_str("# HELP ferry_consumer_committed_offset The group's committed offset of an owned partition.\n# TYPE ferry_consumer_committed_offset gauge\n");
-    for p in &view {
-        if let Some(committed) = p.committed_offset {
-            out.push_str(&format!(
-                "ferry_consumer_committed_offset{{topic=\"{}\",partition=\"{}\"}} {committed}\n",
-                p.topic, p.partition
-            ));
-        }
-    }
+    let labels = |p: &crate::consumer::runtime::PartitionView| {
+        vec![
+            ("topic", p.topic.clone()),
+            ("partition", p.partition.to_string()),
+        ]
+    };
+    let lag: Vec<_> = view
+        .iter()
+        .filter_map(|p| p.lag.map(|lag| (labels(p), lag)))
+        .collect();
+    out.gauges(
+        "ferry_consumer_lag",
+        "Records of an owned partition not yet committed (high watermark less committed offset).",
+        &lag,
+    )?;
+    let committed: Vec<_> = view
+        .iter()
+        .filter_map(|p| p.committed_offset.map(|c| (labels(p), c)))
+        .collect();
+    out.gauges(
+        "ferry_consumer_committed_offset",
+        "The group's committed offset of an owned partition.",
+        &committed,
+    )
 }
 
 /// Whether this instance reports the database's gauges: the owner of the topic's partition 0,
@@ -815,39 +814,33 @@ fn reports_database(stats: &ConsumeStats) -> bool {
         .any(|p| p.partition == 0)
 }
 
-/// The gauges read from the database, exported by one instance only (`reporting`): left out,
-/// with `ferry_metrics_database_up 0`, when Postgres does not answer within 2 s.
-async fn database_metrics(pool: &PgPool, reporting: bool, out: &mut String) {
-    metric(
-        out,
-        "ferry_metrics_database_reporter",
-        "gauge",
-        "1 on the one instance that exports the database's gauges (the owner of partition 0).",
-        u64::from(reporting),
-    );
-    if !reporting {
-        return;
-    }
-    let read = tokio::time::timeout(std::time::Duration::from_secs(2), database_gauges(pool)).await;
-    let up = matches!(read, Ok(Ok(_)));
-    metric(
-        out,
-        "ferry_metrics_database_up",
-        "gauge",
-        "1 when this scrape read the database's gauges, 0 when Postgres did not answer (they are left out).",
-        u64::from(up),
-    );
-    match read {
-        Ok(Ok(text)) => out.push_str(&text),
-        Ok(Err(e)) => tracing::warn!(error = %e, "metrics: the database's gauges left out"),
-        Err(_) => tracing::warn!(
-            "metrics: the database's gauges left out (Postgres did not answer in 2 s)"
-        ),
+/// The gauges read from the database.
+struct DatabaseGauges {
+    paused: i64,
+    parked: i64,
+    oldest_pause_seconds: f64,
+    slots: Vec<(String, Option<i64>)>,
+}
+
+/// The database's gauges, `None` when Postgres does not answer within 2 s.
+async fn read_database_gauges(pool: &PgPool) -> Option<DatabaseGauges> {
+    match tokio::time::timeout(std::time::Duration::from_secs(2), database_gauges(pool)).await {
+        Ok(Ok(gauges)) => Some(gauges),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "metrics: the database's gauges left out");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                "metrics: the database's gauges left out (Postgres did not answer in 2 s)"
+            );
+            None
+        }
     }
 }
 
-async fn database_gauges(pool: &PgPool) -> Result<String, sqlx::Error> {
-    let (paused, parked, oldest_pause): (i64, i64, f64) = sqlx::query_as(
+async fn database_gauges(pool: &PgPool) -> Result<DatabaseGauges, sqlx::Error> {
+    let (paused, parked, oldest_pause_seconds): (i64, i64, f64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM tenants WHERE state IN ('paused', 'draining')), \
                 (SELECT count(*) FROM parked_events), \
                 coalesce((SELECT extract(epoch FROM now() - min(paused_at))::float8 FROM tenants \
@@ -855,78 +848,102 @@ async fn database_gauges(pool: &PgPool) -> Result<String, sqlx::Error> {
     )
     .fetch_one(pool)
     .await?;
-    let mut out = String::new();
-    let out = &mut out;
-    metric(
-        out,
-        "ferry_tenants_paused",
-        "gauge",
-        "Tenants paused or replaying their backlog.",
-        paused as u64,
-    );
-    metric(
-        out,
-        "ferry_parked_events",
-        "gauge",
-        "Events parked, waiting for their tenant.",
-        parked as u64,
-    );
-    metric(
-        out,
-        "ferry_tenant_paused_oldest_seconds",
-        "gauge",
-        "How long the tenant paused the longest has been paused (0: none is).",
-        oldest_pause.max(0.0) as u64,
-    );
-    // The relay's slots on this database: WAL the change feed has not confirmed yet.
-    let slots: Vec<(String, Option<i64>)> = sqlx::query_as(
+    // The change feed's slots on this database: WAL not confirmed yet.
+    let slots = sqlx::query_as(
         "SELECT slot_name::text, pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint \
          FROM pg_replication_slots WHERE database = current_database() AND slot_type = 'logical' \
          ORDER BY slot_name",
     )
     .fetch_all(pool)
     .await?;
-    out.push_str("# HELP ferry_relay_slot_lag_bytes WAL written since the relay's slot last confirmed (the change feed's lag).\n# TYPE ferry_relay_slot_lag_bytes gauge\n");
-    for (slot, lag) in slots {
-        out.push_str(&format!(
-            "ferry_relay_slot_lag_bytes{{slot=\"{slot}\"}} {}\n",
-            lag.unwrap_or_default()
-        ));
-    }
-    Ok(std::mem::take(out))
+    Ok(DatabaseGauges {
+        paused,
+        parked,
+        oldest_pause_seconds,
+        slots,
+    })
+}
+
+/// The gauges read from the database, exported by one instance only (`reporting`): left out,
+/// with `ferry_metrics_database_up 0`, when Postgres did not answer (`read` is `None`).
+fn database_metrics(
+    reporting: bool,
+    read: Option<&Option<DatabaseGauges>>,
+    out: &mut Series<'_, '_>,
+) -> std::fmt::Result {
+    out.gauge(
+        "ferry_metrics_database_reporter",
+        "1 on the one instance that exports the database's gauges (the owner of partition 0).",
+        i64::from(reporting),
+    )?;
+    let Some(read) = read else { return Ok(()) };
+    out.gauge(
+        "ferry_metrics_database_up",
+        "1 when this scrape read the database's gauges, 0 when Postgres did not answer (they are left out).",
+        i64::from(read.is_some()),
+    )?;
+    let Some(g) = read else { return Ok(()) };
+    out.gauge(
+        "ferry_tenants_paused",
+        "Tenants paused or replaying their backlog.",
+        g.paused,
+    )?;
+    out.gauge(
+        "ferry_parked_events",
+        "Events parked, waiting for their tenant.",
+        g.parked,
+    )?;
+    out.gauge(
+        "ferry_tenant_paused_oldest_seconds",
+        "How long the tenant paused the longest has been paused (0: none is).",
+        g.oldest_pause_seconds.max(0.0) as i64,
+    )?;
+    let slots: Vec<_> = g
+        .slots
+        .iter()
+        .map(|(slot, lag)| (vec![("slot", slot.clone())], lag.unwrap_or_default()))
+        .collect();
+    out.gauges(
+        "ferry_relay_slot_lag_bytes",
+        "WAL written since the change feed's slot last confirmed.",
+        &slots,
+    )
 }
 
 /// The latency histograms.
-fn latency_metrics(s: &ConsumeStats, out: &mut String) {
+fn latency_metrics(s: &ConsumeStats, out: &mut Series<'_, '_>) -> std::fmt::Result {
     histogram(
         out,
         "ferry_delivery_latency_seconds",
         "From the outbox commit (the record's timestamp) to the partner's acknowledgement.",
         &s.ack_latency,
-    );
+    )?;
     histogram(
         out,
         "ferry_intake_latency_seconds",
         "From the outbox commit (the record's timestamp) to Ferry receiving the record.",
         &s.intake_latency,
-    );
+    )?;
     histogram(
         out,
         "ferry_handling_seconds",
         "From an event's dispatch to its handler's last outcome, retries included.",
         &s.handling_latency,
-    );
+    )
 }
 
-fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
-    out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
-    for (bound, count) in h.cumulative() {
-        let le = bound.map_or_else(|| "+Inf".to_owned(), |ms| format!("{}", ms as f64 / 1000.0));
-        out.push_str(&format!("{name}_bucket{{le=\"{le}\"}} {count}\n"));
-    }
-    out.push_str(&format!(
-        "{name}_sum {}\n{name}_count {}\n",
-        h.sum_ms() as f64 / 1000.0,
-        h.count()
-    ));
+fn histogram(out: &mut Series<'_, '_>, name: &str, help: &str, h: &Histogram) -> std::fmt::Result {
+    // The encoder sums the buckets itself and writes `f64::MAX` as `+Inf`: each bucket's own
+    // count, then.
+    let mut below = 0;
+    let buckets: Vec<(f64, u64)> = h
+        .cumulative()
+        .into_iter()
+        .map(|(bound, cumulative)| {
+            let own = cumulative - below;
+            below = cumulative;
+            (bound.map_or(f64::MAX, |ms| ms as f64 / 1000.0), own)
+        })
+        .collect();
+    out.histogram(name, help, h.sum_ms() as f64 / 1000.0, h.count(), &buckets)
 }

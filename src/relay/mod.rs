@@ -138,71 +138,65 @@ impl RelayStats {
         self.failing.load(Ordering::Relaxed) == 0
     }
 
-    /// The counters in Prometheus text exposition format.
-    pub fn render_prometheus(&self) -> String {
-        let mut out = crate::admin::build_info();
-        out.push_str(&self.render_series());
-        out
+    /// The counters and gauges in OpenMetrics, through `prometheus-client`
+    /// ([`crate::exposition`]).
+    pub fn render_prometheus(self: &Arc<Self>) -> String {
+        let stats = Arc::clone(self);
+        crate::exposition::render(move |out| stats.write_series(out))
     }
 
-    fn render_series(&self) -> String {
-        let series = [
+    fn write_series(&self, out: &mut crate::exposition::Series<'_, '_>) -> std::fmt::Result {
+        let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        // (name, help, value): the counters (the encoder adds `_total`).
+        for (name, help, value) in [
             (
-                "ferry_relay_records_acked_total",
-                "counter",
+                "ferry_relay_records_acked",
                 "Records the broker acknowledged, rejection markers included.",
-                self.records_acked.load(Ordering::Relaxed),
+                &self.records_acked,
             ),
             (
-                "ferry_relay_rows_rejected_total",
-                "counter",
+                "ferry_relay_rows_rejected",
                 "Outbox rows sent as rejection markers (no tenant, too large, unreadable).",
-                self.rows_rejected.load(Ordering::Relaxed),
+                &self.rows_rejected,
             ),
             (
-                "ferry_relay_transactions_total",
-                "counter",
+                "ferry_relay_transactions",
                 "Committed transactions relayed.",
-                self.transactions.load(Ordering::Relaxed),
+                &self.transactions,
             ),
             (
-                "ferry_relay_retries_total",
-                "counter",
+                "ferry_relay_retries",
                 "Failed relay steps retried (the slot was not advanced).",
-                self.retries.load(Ordering::Relaxed),
+                &self.retries,
             ),
+        ] {
+            out.counter(name, help, load(value))?;
+        }
+        for (name, help, value) in [
             (
                 "ferry_relay_slot_lag_bytes",
-                "gauge",
                 "WAL bytes between the server's position and the slot's confirmed position.",
-                self.slot_lag_bytes.load(Ordering::Relaxed),
+                &self.slot_lag_bytes,
             ),
             (
                 "ferry_relay_active",
-                "gauge",
                 "1 when this relay holds the slot's lease, 0 while it stands by.",
-                self.active.load(Ordering::Relaxed),
+                &self.active,
             ),
             (
                 "ferry_relay_failing",
-                "gauge",
                 "1 from a failed step until Postgres answers again.",
-                self.failing.load(Ordering::Relaxed),
+                &self.failing,
             ),
             (
                 "ferry_relay_confirmed_lsn",
-                "gauge",
                 "The slot's confirmed WAL position, as a number.",
-                self.confirmed_lsn.load(Ordering::Relaxed),
+                &self.confirmed_lsn,
             ),
-        ];
-        let mut out = String::new();
-        for (name, kind, help, value) in series {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-            ));
+        ] {
+            out.gauge(name, help, load(value) as i64)?;
         }
-        out
+        Ok(())
     }
 }
 

@@ -191,7 +191,7 @@ pub async fn serve_metrics(
                     (
                         [(
                             axum::http::header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4; charset=utf-8",
+                            crate::exposition::CONTENT_TYPE,
                         )],
                         render(),
                     )

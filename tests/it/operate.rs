@@ -195,7 +195,7 @@ async fn an_operators_pause_reaches_the_owner_and_resume_replays_in_order() {
             last + 1
         ),
         "# TYPE ferry_relay_slot_lag_bytes gauge",
-        "# TYPE ferry_retries_total counter",
+        "# TYPE ferry_retries counter",
     ] {
         assert!(
             text.lines().any(|l| l.starts_with(series)),
