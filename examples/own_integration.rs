@@ -52,13 +52,7 @@ impl Handler for NamesOnly {
             Ok(Some(payload)) => payload,
             Ok(None) => return Outcome::Ignored,
             Err(reason) => {
-                return Outcome::Failed(Failure {
-                    class: FailureClass::Permanent,
-                    message: reason.to_string(),
-                    status: None,
-                    response: None,
-                    retry_after: None,
-                });
+                return Outcome::Failed(Failure::new(FailureClass::Permanent, reason.to_string()));
             }
         };
         let done = match &payload {

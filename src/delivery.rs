@@ -39,6 +39,18 @@ pub struct Failure {
 }
 
 impl Failure {
+    /// A failure of `class` with no HTTP answer behind it (a bad payload, a missing id): the
+    /// message says why.
+    pub fn new(class: FailureClass, message: impl Into<String>) -> Failure {
+        Failure {
+            class,
+            message: message.into(),
+            status: None,
+            response: None,
+            retry_after: None,
+        }
+    }
+
     /// What went wrong, in a few stable words, for the retry metrics and the attempt history:
     /// `rate_limited` (429), `server_error` (5xx), `timeout` (408, or no answer at all: a
     /// timeout or a broken connection), `unauthorized` (401/403), `rejected` (another 4xx) or

@@ -282,13 +282,14 @@ fn is_currency_code(c: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::outbox::{RawRecord, decode as decode_record};
 
     const ID: &str = "0b6c6f0e-2f4a-4c6e-9a51-3f1f0c2d9e11";
 
-    fn product(id: &str) -> proto::Product {
+    /// A product for tests (the decoder's too).
+    pub(crate) fn product(id: &str) -> proto::Product {
         proto::Product {
             id: id.to_owned(),
             name: "Lamp".to_owned(),

@@ -486,19 +486,10 @@ fn is_valid_traceparent(t: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shop::tests::product;
     use crate::shop::{EventPayload, proto};
 
     const ID: &str = "0b6c6f0e-2f4a-4c6e-9a51-3f1f0c2d9e11";
-
-    fn product(id: &str) -> proto::Product {
-        proto::Product {
-            id: id.to_owned(),
-            name: "Lamp".to_owned(),
-            description: "A lamp".to_owned(),
-            price_minor: 1999,
-            currency: "EUR".to_owned(),
-        }
-    }
 
     fn record<'a>(
         key: Option<&'a [u8]>,

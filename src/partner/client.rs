@@ -475,7 +475,7 @@ fn segment(s: &str) -> Result<String, Failure> {
 }
 
 /// Percent-encodes a path segment or query value (ids are ours or the partner's: keep it safe).
-fn encode(s: &str) -> String {
+pub(super) fn encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {

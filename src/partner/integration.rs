@@ -101,13 +101,7 @@ impl From<Failure> for Refusal {
 }
 
 fn permanent(message: String) -> Refusal {
-    Refusal::Failed(Failure {
-        class: FailureClass::Permanent,
-        message,
-        status: None,
-        response: None,
-        retry_after: None,
-    })
+    Refusal::Failed(Failure::new(FailureClass::Permanent, message))
 }
 
 impl Integration {

@@ -416,23 +416,11 @@ fn holds(answer: &Value, wanted: &Value) -> bool {
 }
 
 fn permanent(message: String) -> Failure {
-    Failure {
-        class: FailureClass::Permanent,
-        message,
-        status: None,
-        response: None,
-        retry_after: None,
-    }
+    Failure::new(FailureClass::Permanent, message)
 }
 
 fn retryable(message: String) -> Failure {
-    Failure {
-        class: FailureClass::Retryable,
-        message,
-        status: None,
-        response: None,
-        retry_after: None,
-    }
+    Failure::new(FailureClass::Retryable, message)
 }
 
 #[cfg(test)]

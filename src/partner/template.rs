@@ -221,21 +221,13 @@ fn describe(slot: &Slot) -> String {
     }
 }
 
-/// Percent-encodes one path segment or query value (RFC 3986 unreserved characters kept).
+/// Percent-encodes one path segment or query value as the client does, a lone `.` or `..`
+/// included (which a URL would otherwise resolve as a step).
 pub fn encode_segment(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    match out.as_str() {
-        // A segment a URL would resolve as a step.
+    match s {
         "." => "%2E".to_owned(),
         ".." => "%2E%2E".to_owned(),
-        _ => out,
+        other => super::client::encode(other),
     }
 }
 

@@ -19,7 +19,7 @@ pub(crate) async fn start(db: &TestDb) -> (String, CancellationToken) {
 }
 
 /// Stats of an instance that owns partition 0: the one that reports the database's gauges.
-fn owner_of_partition_0() -> Arc<ConsumeStats> {
+pub(crate) fn owner_of_partition_0() -> Arc<ConsumeStats> {
     let stats = ConsumeStats::default();
     stats
         .partition_view

@@ -642,23 +642,10 @@ async fn metrics_answer_while_postgres_is_down() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let consumer = format!("http://{}/metrics", listener.local_addr().unwrap());
     // An instance that owns partition 0: it reports the database's gauges.
-    let stats = ferry::consumer::runtime::ConsumeStats::default();
-    stats
-        .partition_view
-        .lock()
-        .unwrap()
-        .push(ferry::consumer::runtime::PartitionView {
-            topic: kafka.topic.clone(),
-            partition: 0,
-            committed_offset: None,
-            settled_offset: None,
-            high_watermark: None,
-            lag: None,
-            in_flight: 0,
-        });
+    let stats = crate::admin::owner_of_partition_0();
     let admin = Admin {
         pool,
-        stats: Arc::new(stats),
+        stats,
         token: Some(access::Token::new("t")),
         hosts: Vec::new(),
     };
