@@ -34,6 +34,10 @@ pub struct NamesOnly {
 }
 
 impl Handler for NamesOnly {
+    fn integration(&self) -> &str {
+        INTEGRATION
+    }
+
     async fn handle(&self, event: &OutboxEvent, _attempt: &Attempt) -> Outcome {
         let call = Call {
             account: event.tenant_id.to_string(),

@@ -154,6 +154,23 @@ pub enum Op {
     Failures(Option<u32>),
     /// `GET /v1/events/{id}`: an event's attempts and the operator actions on it.
     Event(uuid::Uuid),
+    /// `GET /v1/webhooks/{id}`: a tenant's webhook endpoint.
+    Webhook(String),
+    /// `PUT /v1/webhooks/{id}`: set its URL (and secret, else a new one).
+    SetWebhook(String, WebhookSet, Action),
+    /// `POST /v1/webhooks/{id}/rotate`: a new secret, the old one kept for a while.
+    RotateWebhook(String, Option<String>, Action),
+    /// `DELETE /v1/webhooks/{id}`.
+    RemoveWebhook(String, Action),
+}
+
+/// A webhook endpoint, as `ferry ctl webhook set` gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookSet {
+    /// Where the tenant's events go.
+    pub url: String,
+    /// Its secret (`whsec_...`); Ferry makes one when `None`.
+    pub secret: Option<String>,
 }
 
 /// Parses a tenant id from the command line (the rules of [`crate::outbox::TenantId`]).
@@ -206,6 +223,9 @@ pub struct Client {
     http: reqwest::Client,
     base: reqwest::Url,
     token: Option<String>,
+    /// The integration the tenant, event and failure routes read and act on (`--integration`);
+    /// `None`: the serving consumer's own for a tenant or an event, every one for the lists.
+    integration: Option<String>,
 }
 
 impl Client {
@@ -236,7 +256,22 @@ impl Client {
             http,
             base,
             token: token.filter(|t| !t.is_empty()),
+            integration: None,
         })
+    }
+
+    /// The same client, reading and acting on `integration`'s tenants and events.
+    pub fn for_integration(mut self, integration: Option<String>) -> Self {
+        self.integration = integration.filter(|i| !i.is_empty());
+        self
+    }
+
+    /// The `?integration=` of a scoped route, when one is named.
+    fn scope(&self) -> Vec<(&'static str, String)> {
+        self.integration
+            .iter()
+            .map(|i| ("integration", i.clone()))
+            .collect()
     }
 
     /// The URL of `segments` under the base, each segment percent-encoded (a tenant id may hold
@@ -275,13 +310,21 @@ impl Client {
             }
             (
                 Method::POST,
-                self.url(&["v1", "tenants", tenant, what], &[]),
+                self.url(&["v1", "tenants", tenant, what], &self.scope()),
                 Some(body),
             )
         };
         match op {
-            Op::Tenants => (Method::GET, self.url(&["v1", "tenants"], &[]), None),
-            Op::Tenant(t) => (Method::GET, self.url(&["v1", "tenants", t], &[]), None),
+            Op::Tenants => (
+                Method::GET,
+                self.url(&["v1", "tenants"], &self.scope()),
+                None,
+            ),
+            Op::Tenant(t) => (
+                Method::GET,
+                self.url(&["v1", "tenants", t], &self.scope()),
+                None,
+            ),
             Op::Resume(t, a) => post(t, "resume", a, None),
             Op::Retry(t, a) => post(t, "retry", a, None),
             Op::Skip(t, a) => post(t, "skip", a, None),
@@ -303,16 +346,41 @@ impl Client {
             ),
             Op::Partitions => (Method::GET, self.url(&["v1", "partitions"], &[]), None),
             Op::Failures(limit) => {
-                let query: Vec<(&str, String)> =
-                    limit.iter().map(|n| ("limit", n.to_string())).collect();
+                let mut query = self.scope();
+                query.extend(limit.iter().map(|n| ("limit", n.to_string())));
                 (Method::GET, self.url(&["v1", "failures"], &query), None)
             }
             Op::Event(id) => (
                 Method::GET,
-                self.url(&["v1", "events", &id.to_string()], &[]),
+                self.url(&["v1", "events", &id.to_string()], &self.scope()),
                 None,
             ),
+            Op::Webhook(t) => (Method::GET, self.webhook_url(t, None), None),
+            Op::SetWebhook(t, set, a) => (
+                Method::PUT,
+                self.webhook_url(t, None),
+                Some(
+                    json!({"url": set.url, "secret": set.secret, "actor": a.actor, "reason": a.reason}),
+                ),
+            ),
+            Op::RotateWebhook(t, keep, a) => (
+                Method::POST,
+                self.webhook_url(t, Some("rotate")),
+                Some(json!({"keep": keep, "actor": a.actor, "reason": a.reason})),
+            ),
+            Op::RemoveWebhook(t, a) => (
+                Method::DELETE,
+                self.webhook_url(t, None),
+                Some(json!({"actor": a.actor, "reason": a.reason})),
+            ),
         }
+    }
+
+    /// `/v1/webhooks/{tenant}[/{what}]`, scoped.
+    fn webhook_url(&self, tenant: &str, what: Option<&str>) -> reqwest::Url {
+        let mut segments = vec!["v1", "webhooks", tenant];
+        segments.extend(what);
+        self.url(&segments, &self.scope())
     }
 
     async fn call(
@@ -397,6 +465,9 @@ pub async fn run(
 /// A tenant as `GET /v1/tenants` and `GET /v1/tenants/{id}` answer it.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct TenantRow {
+    /// The integration whose state this is (absent from a consumer older than several).
+    #[serde(default)]
+    pub integration: Option<String>,
     /// The tenant.
     pub tenant_id: String,
     /// Whether the integration is on.
@@ -444,6 +515,9 @@ pub struct PartitionRow {
 /// A failed event as `GET /v1/failures` answers it.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct FailureRow {
+    /// The integration it failed in.
+    #[serde(default)]
+    pub integration: Option<String>,
     /// The event.
     pub event_id: String,
     /// Its tenant.
@@ -555,7 +629,40 @@ pub fn render(op: &Op, answer: Value, now: DateTime<Utc>) -> Result<String, Stri
         Op::Partitions => partitions_table(&read::<List<PartitionRow>>(answer)?.data),
         Op::Failures(_) => failures_table(&read::<List<FailureRow>>(answer)?.data, now),
         Op::Event(_) => event_view(&read(answer)?, now),
+        Op::Webhook(_) | Op::SetWebhook(..) | Op::RotateWebhook(..) => webhook_view(&answer),
+        Op::RemoveWebhook(..) => format!("{}: webhook endpoint removed\n", text("tenant_id")),
     })
+}
+
+/// `ferry ctl webhook ...`: the endpoint, and its secret when the change made one (shown once:
+/// the tenant must be given it).
+pub fn webhook_view(answer: &Value) -> String {
+    let field = |name: &str| plain(&answer[name]);
+    let mut pairs = vec![
+        ("tenant", field("tenant_id")),
+        ("integration", field("integration")),
+        ("url", field("url")),
+        (
+            "state",
+            match answer["disabled_at"].as_str() {
+                Some(at) => format!("disabled since {at}: {}", field("disabled_reason")),
+                None => "enabled".to_owned(),
+            },
+        ),
+    ];
+    if let Some(until) = answer["previous_until"].as_str() {
+        pairs.push(("previous secret", format!("still signs until {until}")));
+    }
+    if let Some(secret) = answer["secret"].as_str() {
+        pairs.push(("secret", secret.to_owned()));
+    }
+    if answer["resumed"].as_bool() == Some(true) {
+        pairs.push((
+            "tenant",
+            "resumed: its parked events are delivered in order".to_owned(),
+        ));
+    }
+    key_values(&pairs)
 }
 
 /// The text of `s` cut to `max` characters, the cut shown by an ellipsis; control characters
@@ -665,6 +772,7 @@ pub fn tenants_table(tenants: &[TenantRow], now: DateTime<Utc>) -> String {
         .map(|t| {
             vec![
                 t.tenant_id.clone(),
+                or_dash(t.integration.as_deref()),
                 t.state.clone(),
                 or_dash(t.pause_cause.as_deref()),
                 or_dash(t.backlog),
@@ -679,6 +787,7 @@ pub fn tenants_table(tenants: &[TenantRow], now: DateTime<Utc>) -> String {
     table(
         &[
             "TENANT",
+            "INTEGRATION",
             "STATE",
             "CAUSE",
             "BACKLOG",
@@ -719,8 +828,9 @@ pub fn tenant_view(t: &TenantRow, now: DateTime<Utc>) -> String {
     let response = t.partner_response.as_ref();
     key_values(&[
         ("tenant", t.tenant_id.clone()),
+        ("integration", or_dash(t.integration.as_deref())),
         (
-            "integration",
+            "switched",
             or_dash(
                 t.integration_enabled
                     .map(|on| if on { "on" } else { "off" }),
@@ -788,6 +898,7 @@ pub fn failures_table(failures: &[FailureRow], now: DateTime<Utc>) -> String {
         .map(|f| {
             vec![
                 f.event_id.clone(),
+                or_dash(f.integration.as_deref()),
                 or_dash(f.tenant_id.as_deref()),
                 or_dash(f.event_type.as_deref()),
                 or_dash(f.outcome.as_deref()),
@@ -806,7 +917,16 @@ pub fn failures_table(failures: &[FailureRow], now: DateTime<Utc>) -> String {
         .collect();
     table(
         &[
-            "EVENT", "TENANT", "TYPE", "OUTCOME", "ATTEMPTS", "AT", "STATUS", "UPDATED", "ERROR",
+            "EVENT",
+            "INTEGRATION",
+            "TENANT",
+            "TYPE",
+            "OUTCOME",
+            "ATTEMPTS",
+            "AT",
+            "STATUS",
+            "UPDATED",
+            "ERROR",
         ],
         &rows,
         "no failed events on record",
@@ -888,6 +1008,7 @@ mod tests {
 
     fn paused(tenant: &str, reason: &str) -> TenantRow {
         TenantRow {
+            integration: Some("partner".into()),
             tenant_id: tenant.into(),
             integration_enabled: Some(true),
             state: "paused".into(),
@@ -947,12 +1068,14 @@ mod tests {
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), 3, "{out}");
         assert!(
-            lines[0].starts_with("TENANT  STATE   CAUSE      BACKLOG  SINCE    NEXT-RETRY  REASON"),
+            lines[0].starts_with(
+                "TENANT  INTEGRATION  STATE   CAUSE      BACKLOG  SINCE    NEXT-RETRY  REASON"
+            ),
             "{out}"
         );
         assert!(
             lines[1].starts_with(
-                "acme    paused  permanent  145      12m ago  -           partner answered 422"
+                "acme    partner      paused  permanent  145      12m ago  -           partner answered 422"
             ),
             "{out}"
         );
@@ -1011,7 +1134,7 @@ mod tests {
     #[test]
     fn answers_render_from_the_apis_json() {
         let tenants = json!({"data": [{
-            "tenant_id": "acme", "integration_enabled": true, "state": "draining",
+            "integration": "hooks", "tenant_id": "acme", "integration_enabled": true, "state": "draining",
             "pause_cause": null, "pause_reason": null, "paused_event_id": null, "paused_at": null,
             "next_retry_at": null, "backlog": 0, "failed_attempts": null, "partner_response": null,
             "some_future_field": 1
@@ -1021,7 +1144,7 @@ mod tests {
             out.lines()
                 .nth(1)
                 .unwrap()
-                .starts_with("acme    draining  -"),
+                .starts_with("acme    hooks        draining  -"),
             "{out}"
         );
 
@@ -1053,7 +1176,7 @@ mod tests {
         );
 
         let failures = json!({"data": [{
-            "event_id": "e1", "tenant_id": "acme", "event_type": "ProductCreated",
+            "integration": "partner", "event_id": "e1", "tenant_id": "acme", "event_type": "ProductCreated",
             "outcome": "failed", "attempts": 3, "last_error": "HTTP 503",
             "last_response": {"status": 503, "body": ""}, "partition": 2, "offset": 10,
             "updated_at": "2026-11-28T15:59:00Z"
@@ -1061,7 +1184,7 @@ mod tests {
         let out = render(&Op::Failures(None), failures, now()).unwrap();
         assert!(
             out.lines().nth(1).unwrap()
-                == "e1     acme    ProductCreated  failed   3         2@10  503     1m ago   HTTP 503",
+                == "e1     partner      acme    ProductCreated  failed   3         2@10  503     1m ago   HTTP 503",
             "{out}"
         );
     }

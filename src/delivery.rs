@@ -117,8 +117,25 @@ pub struct Attempt {
     pub offset: i64,
 }
 
+/// Whether `name` may name an integration: 1 to 64 of `a-z`, `0-9`, `_` and `-` (it is a
+/// metrics label, a consumer group's suffix and a path segment as it is).
+pub fn is_integration_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
 /// Handles one event. Implemented by the partner integration, and by scripted handlers in tests.
 pub trait Handler: Send + Sync + 'static {
+    /// The integration's name (`a-z`, `0-9`, `_`, `-`). Every record the consumer keeps is
+    /// filed under it: tenants' switches and state, the dedupe record, attempts, the parked
+    /// backlog, mappings. Integrations that share a database run with names of their own, each
+    /// as a consumer group of its own, and an event addressed to one of them
+    /// ([`OutboxEvent::integration`]) is recorded as ignored by the others.
+    fn integration(&self) -> &str;
+
     /// Whether this integration can act on `event`, asked as it arrives, before it waits its
     /// turn: its type is one it knows ([`BadEventReason::UnknownEventType`] if not, which
     /// `consume.unknown_event_types` then ignores or pauses on) and its payload holds what the

@@ -38,6 +38,15 @@ pub fn render<F>(write: F) -> String
 where
     F: Fn(&mut Series<'_, '_>) -> std::fmt::Result + Send + Sync + 'static,
 {
+    render_labelled(Vec::new(), write)
+}
+
+/// As [`render`], with `labels` on every series `write` writes (a consumer's `integration`).
+pub fn render_labelled<F>(labels: Vec<(&'static str, String)>, write: F) -> String
+where
+    F: Fn(&mut Series<'_, '_>) -> std::fmt::Result + Send + Sync + 'static,
+{
+    use std::borrow::Cow;
     let mut registry = Registry::default();
     registry.register_collector(Box::new(Scrape(|series: &mut Series<'_, '_>| {
         series.info(
@@ -46,7 +55,13 @@ where
             &[("version", env!("CARGO_PKG_VERSION"))],
         )
     })));
-    registry.register_collector(Box::new(Scrape(write)));
+    registry
+        .sub_registry_with_labels(
+            labels
+                .into_iter()
+                .map(|(name, value)| (Cow::Borrowed(name), Cow::Owned(value))),
+        )
+        .register_collector(Box::new(Scrape(write)));
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
@@ -186,5 +201,26 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} in:\n{text}");
         }
+    }
+
+    #[test]
+    fn labels_given_go_on_every_series_but_the_build() {
+        let text = render_labelled(vec![("integration", "webhooks".to_owned())], |s| {
+            s.counter("ferry_things", "Things.", 3)?;
+            s.counters(
+                "ferry_outcomes",
+                "Outcomes.",
+                &[(vec![("outcome", "delivered".to_owned())], 7)],
+            )
+        });
+        assert!(
+            text.contains("ferry_things_total{integration=\"webhooks\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ferry_outcomes_total{integration=\"webhooks\",outcome=\"delivered\"} 7"),
+            "{text}"
+        );
+        assert!(!text.contains("ferry_build_info{integration"), "{text}");
     }
 }

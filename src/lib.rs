@@ -44,3 +44,4 @@ pub mod smoke;
 pub mod store;
 pub mod telemetry;
 pub mod tenant;
+pub mod webhook;

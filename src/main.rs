@@ -189,8 +189,23 @@ struct CtlArgs {
     /// Print the API's JSON answer instead of a table, for scripts.
     #[arg(long, global = true)]
     json: bool,
+    /// The integration whose tenants and events to read and act on [default: the consumer's
+    /// own; `tenants` and `failures` list every one]. Any consumer sharing the database can
+    /// act on any integration's tenants.
+    #[arg(long, global = true, env = "FERRY_CTL_INTEGRATION", value_parser = parse_integration)]
+    integration: Option<String>,
     #[command(subcommand)]
     command: CtlCommand,
+}
+
+fn parse_integration(name: &str) -> Result<String, String> {
+    if ferry::delivery::is_integration_name(name) {
+        Ok(name.to_owned())
+    } else {
+        Err(format!(
+            "{name:?} is not an integration's name (1 to 64 of a-z, 0-9, _ and -)"
+        ))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -239,6 +254,50 @@ enum CtlCommand {
         #[arg(value_parser = ferry::ctl::parse_event_id)]
         event_id: uuid::Uuid,
     },
+    /// A tenant's webhook endpoint (a webhooks integration; `--integration` names it unless
+    /// the consumer at --url runs it): show, set, rotate its secret, remove.
+    Webhook {
+        #[command(subcommand)]
+        action: WebhookAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum WebhookAction {
+    /// The endpoint: URL, whether it is disabled and why, a secret being rotated out.
+    Show {
+        /// The tenant id.
+        #[arg(value_parser = ferry::ctl::parse_tenant)]
+        tenant: String,
+    },
+    /// Set the endpoint (enabled again if it was disabled; a tenant paused in the integration
+    /// is resumed). Prints the secret: give it to the tenant.
+    Set {
+        /// The tenant id.
+        #[arg(value_parser = ferry::ctl::parse_tenant)]
+        tenant: String,
+        /// Where its events go (http:// or https://). (`--url` is the admin API's.)
+        #[arg(long)]
+        endpoint: String,
+        /// Its secret (`whsec_` and base64) [default: a new one].
+        #[arg(long, env = "FERRY_WEBHOOK_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+        #[command(flatten)]
+        who: Who,
+    },
+    /// A new secret; the old one keeps signing for `--keep`. Prints the new secret.
+    Rotate {
+        /// The tenant id.
+        #[arg(value_parser = ferry::ctl::parse_tenant)]
+        tenant: String,
+        /// How long the old secret keeps signing [default: 24h].
+        #[arg(long)]
+        keep: Option<String>,
+        #[command(flatten)]
+        who: Who,
+    },
+    /// Remove the endpoint: the tenant's events are recorded as ignored from then on.
+    Remove(CtlTenant),
 }
 
 #[derive(Debug, Subcommand)]
@@ -304,6 +363,33 @@ impl CtlCommand {
             CtlCommand::Partitions => Op::Partitions,
             CtlCommand::Failures { limit } => Op::Failures(limit),
             CtlCommand::Event { event_id } => Op::Event(event_id),
+            CtlCommand::Webhook { action } => action.into_op(),
+        }
+    }
+}
+
+impl WebhookAction {
+    fn into_op(self) -> ferry::ctl::Op {
+        use ferry::ctl::{Op, WebhookSet};
+        match self {
+            WebhookAction::Show { tenant } => Op::Webhook(tenant),
+            WebhookAction::Set {
+                tenant,
+                endpoint,
+                secret,
+                who,
+            } => Op::SetWebhook(
+                tenant,
+                WebhookSet {
+                    url: endpoint,
+                    secret,
+                },
+                who.action(),
+            ),
+            WebhookAction::Rotate { tenant, keep, who } => {
+                Op::RotateWebhook(tenant, keep, who.action())
+            }
+            WebhookAction::Remove(a) => Op::RemoveWebhook(a.tenant, a.who.action()),
         }
     }
 }
@@ -313,7 +399,10 @@ impl CtlCommand {
 async fn ctl_command(args: CtlArgs) -> ExitCode {
     let op = args.command.into_op();
     let answer = match ferry::ctl::Client::new(&args.url, args.token) {
-        Ok(client) => ferry::ctl::run(&client, &op, args.json, chrono::Utc::now()).await,
+        Ok(client) => {
+            let client = client.for_integration(args.integration);
+            ferry::ctl::run(&client, &op, args.json, chrono::Utc::now()).await
+        }
         Err(e) => Err(e),
     };
     match answer {
@@ -531,30 +620,54 @@ async fn tenant_command(
     output: Output,
 ) -> anyhow::Result<()> {
     let pool = ferry::store::connect(&config.database).await?;
+    let spec = configured_integration(config)?;
+    let integration = integration_name(spec.as_ref());
+    let on = Integration {
+        pool: &pool,
+        name: integration,
+    };
     match action {
         TenantAction::Enable(switch) => {
-            // The backfill the integration `ferry consume` runs says: its file's query, else
-            // (the built-in shop integration) the shop's products.
-            let spec = match &config.consume.integration {
-                Some(file) => Some(ferry::partner::spec::Spec::load(file)?),
-                None => None,
-            };
+            // The backfill that integration says: its file's query, else the shop's products.
             let source = match spec.as_ref().map(|s| s.backfill.as_ref()) {
                 None => ferry::tenant::BackfillSource::Products,
                 Some(Some(query)) => ferry::tenant::BackfillSource::Query(query),
                 Some(None) => ferry::tenant::BackfillSource::Nothing,
             };
-            tenant_enable(&pool, switch, source).await
+            tenant_enable(on, switch, source).await
         }
-        TenantAction::Disable(switch) => tenant_disable(&pool, switch).await,
+        TenantAction::Disable(switch) => tenant_disable(on, switch).await,
         TenantAction::Status { tenants } => tenant_status(&pool, tenants, output).await,
     }
+}
+
+/// The integration file `ferry consume` runs with this configuration, if any (else the built-in
+/// shop integration).
+fn configured_integration(config: &Config) -> anyhow::Result<Option<ferry::partner::spec::Spec>> {
+    Ok(match &config.consume.integration {
+        Some(file) => Some(ferry::partner::spec::Spec::load(file)?),
+        None => None,
+    })
+}
+
+/// The name of the integration `spec` declares, or the built-in one's.
+fn integration_name(spec: Option<&ferry::partner::spec::Spec>) -> &str {
+    spec.map_or(ferry::partner::integration::INTEGRATION, |s| {
+        s.name.as_str()
+    })
+}
+
+/// The database and the integration a `ferry tenant` command switches tenants in.
+#[derive(Clone, Copy)]
+struct Integration<'a> {
+    pool: &'a sqlx::PgPool,
+    name: &'a str,
 }
 
 /// `ferry tenant enable`: each tenant switched on, its backfill written from `source`, then
 /// (unless `--no-wait`) waited for.
 async fn tenant_enable(
-    pool: &sqlx::PgPool,
+    Integration { pool, name }: Integration<'_>,
     Switch {
         tenants,
         no_wait,
@@ -565,7 +678,7 @@ async fn tenant_enable(
     for raw in tenants {
         let tenant = ferry::tenant::tenant_id(&raw)?;
         let mut bar = Bar::new();
-        let enabled = ferry::tenant::enable(pool, &tenant, source, |b| {
+        let enabled = ferry::tenant::enable(pool, name, &tenant, source, |b| {
             bar.show(
                 &format!("{tenant}: backfill written "),
                 b.written,
@@ -581,7 +694,7 @@ async fn tenant_enable(
         }
         if !no_wait {
             let mut bar = Bar::new();
-            ferry::tenant::wait(pool, &tenant, &enabled.events, wait_timeout, |w| {
+            ferry::tenant::wait(pool, name, &tenant, &enabled.events, wait_timeout, |w| {
                 bar.show(
                     &format!("{tenant}: delivered         "),
                     w.settled,
@@ -592,7 +705,7 @@ async fn tenant_enable(
             .await?;
         }
         println!(
-            "{tenant}: integration enabled, {} objects backfilled",
+            "{tenant}: {name} enabled, {} objects backfilled",
             enabled.events.len() - 1
         );
     }
@@ -602,7 +715,7 @@ async fn tenant_enable(
 /// `ferry tenant disable`: each tenant switched off, then (unless `--no-wait`) its rollback
 /// waited for.
 async fn tenant_disable(
-    pool: &sqlx::PgPool,
+    Integration { pool, name }: Integration<'_>,
     Switch {
         tenants,
         no_wait,
@@ -611,13 +724,13 @@ async fn tenant_disable(
 ) -> anyhow::Result<()> {
     for raw in tenants {
         let tenant = ferry::tenant::tenant_id(&raw)?;
-        let mapped = ferry::tenant::status(pool, &tenant)
+        let mapped = ferry::tenant::status(pool, name, &tenant)
             .await?
             .map_or(0, |s| s.mapped);
-        let event = ferry::tenant::disable(pool, &tenant).await?;
+        let event = ferry::tenant::disable(pool, name, &tenant).await?;
         if !no_wait {
             let mut bar = Bar::new();
-            ferry::tenant::wait(pool, &tenant, &[event], wait_timeout, |w| {
+            ferry::tenant::wait(pool, name, &tenant, &[event], wait_timeout, |w| {
                 let left = w.status.as_ref().map_or(0, |s| s.mapped);
                 let done = if w.settled == w.total {
                     mapped as u64
@@ -633,12 +746,12 @@ async fn tenant_disable(
             })
             .await?;
         }
-        println!("{tenant}: integration disabled, {mapped} mapped objects rolled back");
+        println!("{tenant}: {name} disabled, {mapped} mapped objects rolled back");
     }
     Ok(())
 }
 
-/// `ferry tenant status`: a table of the tenants.
+/// `ferry tenant status`: a table of the tenants, a row per integration that knows each.
 async fn tenant_status(
     pool: &sqlx::PgPool,
     tenants: Vec<String>,
@@ -648,25 +761,30 @@ async fn tenant_status(
         let mut found = Vec::new();
         for raw in tenants {
             let tenant = ferry::tenant::tenant_id(&raw)?;
-            let status = ferry::tenant::status(pool, &tenant).await?;
-            found.push(serde_json::json!({"tenant": tenant.as_str(), "status": status}));
+            let integrations = ferry::tenant::statuses(pool, &tenant).await?;
+            found
+                .push(serde_json::json!({"tenant": tenant.as_str(), "integrations": integrations}));
         }
         return print_json(&found);
     }
-    println!("| tenant | integration | state | mapped objects | parked events | reason |");
-    println!("|---|---|---|---|---|---|");
+    println!("| tenant | integration | on | state | mapped objects | parked events | reason |");
+    println!("|---|---|---|---|---|---|---|");
     for raw in tenants {
         let tenant = ferry::tenant::tenant_id(&raw)?;
-        match ferry::tenant::status(pool, &tenant).await? {
-            Some(s) => println!(
-                "| {tenant} | {} | {} | {} | {} | {} |",
+        let statuses = ferry::tenant::statuses(pool, &tenant).await?;
+        if statuses.is_empty() {
+            println!("| {tenant} | (none) | off (never enabled) | | | | |");
+        }
+        for s in statuses {
+            println!(
+                "| {tenant} | {} | {} | {} | {} | {} | {} |",
+                s.integration,
                 if s.integration_enabled { "on" } else { "off" },
                 s.state,
                 s.mapped,
                 s.parked,
                 s.pause_reason.unwrap_or_default()
-            ),
-            None => println!("| {tenant} | off (never enabled) | | | | |"),
+            );
         }
     }
     Ok(())
@@ -872,26 +990,31 @@ async fn topic_ready(
 async fn consume(config: &Config) -> anyhow::Result<()> {
     use ferry::partner::{client::PartnerClient, integration, rest, spec::Spec};
     let pool = ferry::store::connect(&config.database).await?;
+    let options = ferry::consumer::runtime::ConsumeOptions::configured(&config.consume);
     match &config.consume.integration {
         Some(file) => {
             let spec = Spec::load(file)?;
-            let client = PartnerClient::for_spec(&config.partner, &spec.partner)?;
             tracing::info!(file = %file.display(), integration = %spec.name, "running the integration file");
-            consume_with(
-                config,
-                pool.clone(),
-                rest::RestIntegration::new(spec, client, pool),
-            )
-            .await
+            if spec.webhooks.is_some() {
+                let timeout = config.partner.timeout;
+                let hooks = ferry::webhook::WebhookIntegration::new(spec, timeout, pool.clone())?;
+                // Each tenant has an endpoint of its own: many refusing at once is many
+                // tenants' trouble, never one partner's, so the breaker never opens (and its
+                // deliveries are never classed partner-wide).
+                let options = ferry::consumer::runtime::ConsumeOptions {
+                    breaker_min_tenants: usize::MAX,
+                    ..options
+                };
+                return consume_with(config, pool.clone(), hooks, options).await;
+            }
+            let client = PartnerClient::for_spec(&config.partner, &spec.partner)?;
+            let rest = rest::RestIntegration::new(spec, client, pool.clone());
+            consume_with(config, pool, rest, options).await
         }
         None => {
             let client = PartnerClient::new(&config.partner)?;
-            consume_with(
-                config,
-                pool.clone(),
-                integration::Integration::new(client, pool),
-            )
-            .await
+            let shop = integration::Integration::new(client, pool.clone());
+            consume_with(config, pool, shop, options).await
         }
     }
 }
@@ -901,6 +1024,7 @@ async fn consume_with<H: ferry::delivery::Handler>(
     config: &Config,
     pool: sqlx::PgPool,
     handler: H,
+    options: ferry::consumer::runtime::ConsumeOptions,
 ) -> anyhow::Result<()> {
     let shutdown = ferry::shutdown::on_signals()?;
     let handler = std::sync::Arc::new(handler);
@@ -916,6 +1040,7 @@ async fn consume_with<H: ferry::delivery::Handler>(
         listener,
         ferry::admin::Admin {
             pool: pool.clone(),
+            integration: handler.integration().to_owned(),
             stats: std::sync::Arc::clone(&stats),
             token: Some(admin_token(config, &pool).await?),
             hosts: ferry::admin::access::hosts(config.admin.addr, &config.admin.hosts),
@@ -927,7 +1052,7 @@ async fn consume_with<H: ferry::delivery::Handler>(
         config,
         pool,
         handler,
-        ferry::consumer::runtime::ConsumeOptions::configured(&config.consume),
+        options,
         std::sync::Arc::clone(&stats),
         shutdown,
     )
@@ -1014,6 +1139,17 @@ async fn verify(
     use ferry::partner::verify;
     let pool = ferry::store::connect(&config.database).await?;
     let client = ferry::partner::client::PartnerClient::new(&config.partner)?;
+    let spec = configured_integration(config)?;
+    let integration = integration_name(spec.as_ref());
+    if let Some(spec) = spec.as_ref().filter(|s| s.webhooks.is_some()) {
+        let check = HookCheck {
+            pool: &pool,
+            client: &client,
+            simulator,
+            latency_since,
+        };
+        return verify_webhooks(spec, check, output).await;
+    }
     let order_violations = if simulator {
         let report = client
             .simulator_report()
@@ -1024,13 +1160,66 @@ async fn verify(
         None
     };
     let found = verify::Verification {
-        tenants: verify::verify(&pool, &client, &tenants).await?,
-        latency: verify::latency(&pool, None).await?,
+        tenants: verify::verify(&pool, integration, &client, &tenants).await?,
+        latency: verify::latency(&pool, integration, None).await?,
         window: match latency_since {
-            Some(since) => Some((since, verify::latency(&pool, Some(since)).await?)),
+            Some(since) => Some((
+                since,
+                verify::latency(&pool, integration, Some(since)).await?,
+            )),
             None => None,
         },
         order_violations,
+    };
+    match output {
+        Output::Text => print!("{}", found.render()),
+        Output::Json => print_json(&found)?,
+    }
+    let bad = found.failures();
+    if bad > 0 {
+        return Err(DriftFound(bad).into());
+    }
+    Ok(())
+}
+
+/// What `ferry verify` of a webhooks integration reads.
+struct HookCheck<'a> {
+    pool: &'a sqlx::PgPool,
+    client: &'a ferry::partner::client::PartnerClient,
+    simulator: bool,
+    latency_since: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// `ferry verify` of a webhooks integration: Ferry's records against what each endpoint
+/// received (the simulator's receiver; without `--simulator`, only what Ferry lost).
+async fn verify_webhooks(
+    spec: &ferry::partner::spec::Spec,
+    check: HookCheck<'_>,
+    output: Output,
+) -> anyhow::Result<()> {
+    use ferry::webhook::verify;
+    let received = if check.simulator {
+        check
+            .client
+            .receiver_report()
+            .await
+            .map_err(|f| anyhow::anyhow!(f.message))?
+    } else {
+        ferry::webhook::receiver::Report::default()
+    };
+    let types: Vec<String> = spec.events.keys().cloned().collect();
+    let mut tenants = verify::verify(check.pool, &spec.name, &types, &received).await?;
+    if !check.simulator {
+        // Nothing to compare the deliveries with: only what was owed and never settled counts.
+        for t in tenants.values_mut() {
+            t.seen.received = t.delivered;
+        }
+    }
+    let found = verify::HookVerification {
+        integration: spec.name.clone(),
+        tenants: tenants.into_values().collect(),
+        latency: ferry::partner::verify::latency(check.pool, &spec.name, check.latency_since)
+            .await?,
     };
     match output {
         Output::Text => print!("{}", found.render()),

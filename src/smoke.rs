@@ -121,6 +121,7 @@ pub async fn run(config: &Config, timeout: Duration) -> Result<SmokeReport, Smok
         traceparent: None,
         created_at: Utc::now(),
         deliver_before: None,
+        integration: None,
     };
     let record = WireRecord::from_row(&row, None);
 

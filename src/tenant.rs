@@ -23,7 +23,6 @@ use uuid::Uuid;
 use crate::outbox::TenantId;
 use crate::outbox::control::Control;
 use crate::outbox::writer::{self, JsonPayload, NewEvent};
-use crate::partner::integration::INTEGRATION;
 use crate::partner::spec::BackfillSpec;
 use crate::shop::{EventPayload, proto};
 
@@ -37,8 +36,8 @@ pub enum TenantError {
     #[error("invalid tenant id {0:?}: {1}")]
     InvalidId(String, String),
     /// Disabling a tenant that was never enabled.
-    #[error("tenant {0:?} has no integration to disable (it was never enabled)")]
-    NotEnabled(String),
+    #[error("tenant {0:?} has no {1} integration to disable (it was never enabled)")]
+    NotEnabled(String, String),
     /// The events were not all settled in time.
     #[error(
         "gave up waiting after {waited:?}: {settled} of {total} events settled for tenant {tenant:?} \
@@ -99,30 +98,36 @@ pub enum BackfillSource<'a> {
 /// `source`, reporting each page written to `progress`.
 pub async fn enable(
     pool: &PgPool,
+    integration: &str,
     tenant: &TenantId,
     source: BackfillSource<'_>,
     mut progress: impl FnMut(Backfill),
 ) -> Result<Enabled, TenantError> {
     let mut tx = pool.begin().await?;
     let was_enabled: bool = sqlx::query_scalar(
-        "SELECT integration_enabled FROM tenants WHERE tenant_id = $1 FOR UPDATE",
+        "SELECT integration_enabled FROM tenants WHERE integration = $2 AND tenant_id = $1 FOR UPDATE",
     )
     .bind(tenant.as_str())
+    .bind(integration)
     .fetch_optional(&mut *tx)
     .await?
     .unwrap_or(false);
     sqlx::query(
-        "INSERT INTO tenants (tenant_id, integration_enabled) VALUES ($1, true) \
-         ON CONFLICT (tenant_id) DO UPDATE SET integration_enabled = true, updated_at = now()",
+        "INSERT INTO tenants (integration, tenant_id, integration_enabled) VALUES ($2, $1, true) \
+         ON CONFLICT (integration, tenant_id) DO UPDATE SET integration_enabled = true, updated_at = now()",
     )
     .bind(tenant.as_str())
+    .bind(integration)
     .execute(&mut *tx)
     .await?;
+    // The marker and the backfill are this integration's alone: another one that runs for
+    // the same tenant already has its objects, and records them as ignored.
     let marker = NewEvent::new(
         tenant.clone(),
         tenant.as_str(),
-        Control::enabled(INTEGRATION),
-    );
+        Control::enabled(integration),
+    )
+    .for_integration(integration);
     writer::append(&mut tx, &marker).await?;
     let total: Option<i64> = match source {
         BackfillSource::Products => Some(
@@ -146,8 +151,12 @@ pub async fn enable(
     loop {
         let mut tx = pool.begin().await?;
         let page = match source {
-            BackfillSource::Products => products_page(&mut tx, tenant, &mut after).await?,
-            BackfillSource::Query(spec) => query_page(&mut tx, spec, tenant, &mut after).await?,
+            BackfillSource::Products => {
+                products_page(&mut tx, integration, tenant, &mut after).await?
+            }
+            BackfillSource::Query(spec) => {
+                query_page(&mut tx, integration, spec, tenant, &mut after).await?
+            }
             BackfillSource::Nothing => Vec::new(),
         };
         if page.is_empty() {
@@ -168,6 +177,7 @@ pub async fn enable(
 /// One page of the shop's products after `after`, written as creates in `tx`; their ids.
 async fn products_page(
     tx: &mut sqlx::PgConnection,
+    integration: &str,
     tenant: &TenantId,
     after: &mut String,
 ) -> Result<Vec<Uuid>, TenantError> {
@@ -206,6 +216,7 @@ async fn products_page(
                     product: Some(product),
                 }),
             )
+            .for_integration(integration)
         })
         .collect();
     writer::append_many(&mut *tx, &creates).await?;
@@ -218,6 +229,7 @@ async fn products_page(
 /// ascending order; the aggregate id) and `payload` (jsonb).
 async fn query_page(
     tx: &mut sqlx::PgConnection,
+    integration: &str,
     spec: &BackfillSpec,
     tenant: &TenantId,
     after: &mut String,
@@ -240,7 +252,7 @@ async fn query_page(
                 aggregate_type: spec.aggregate_type.clone(),
                 body,
             };
-            NewEvent::new(tenant.clone(), key, payload)
+            NewEvent::new(tenant.clone(), key, payload).for_integration(integration)
         })
         .collect();
     writer::append_many(&mut *tx, &events).await?;
@@ -250,23 +262,32 @@ async fn query_page(
 /// Switches the integration off for `tenant`: from now on its events are ignored, and the
 /// `TenantIntegrationDisabled` event written here makes the integration delete every object it
 /// mapped. Returns that event's id.
-pub async fn disable(pool: &PgPool, tenant: &TenantId) -> Result<Uuid, TenantError> {
+pub async fn disable(
+    pool: &PgPool,
+    integration: &str,
+    tenant: &TenantId,
+) -> Result<Uuid, TenantError> {
     let mut tx = pool.begin().await?;
     let known: Option<bool> = sqlx::query_scalar(
         "UPDATE tenants SET integration_enabled = false, updated_at = now() \
-         WHERE tenant_id = $1 RETURNING true",
+         WHERE integration = $2 AND tenant_id = $1 RETURNING true",
     )
     .bind(tenant.as_str())
+    .bind(integration)
     .fetch_optional(&mut *tx)
     .await?;
     if known.is_none() {
-        return Err(TenantError::NotEnabled(tenant.to_string()));
+        return Err(TenantError::NotEnabled(
+            tenant.to_string(),
+            integration.to_owned(),
+        ));
     }
     let marker = NewEvent::new(
         tenant.clone(),
         tenant.as_str(),
-        Control::disabled(INTEGRATION),
-    );
+        Control::disabled(integration),
+    )
+    .for_integration(integration);
     writer::append(&mut tx, &marker).await?;
     tx.commit().await?;
     Ok(marker.id)
@@ -275,6 +296,8 @@ pub async fn disable(pool: &PgPool, tenant: &TenantId) -> Result<Uuid, TenantErr
 /// A tenant as an operator sees it.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
 pub struct TenantStatus {
+    /// The integration.
+    pub integration: String,
     /// Whether the integration is on.
     pub integration_enabled: bool,
     /// `active`, `paused`, `draining` or `disabled`.
@@ -287,26 +310,50 @@ pub struct TenantStatus {
     pub parked: i64,
 }
 
-/// The tenant's state, or `None` if Ferry has never heard of it.
-pub async fn status(pool: &PgPool, tenant: &TenantId) -> Result<Option<TenantStatus>, TenantError> {
-    Ok(sqlx::query_as(
-        "SELECT t.integration_enabled, t.state, t.pause_reason, \
-                (SELECT count(*) FROM integration_mappings m WHERE m.tenant_id = t.tenant_id AND m.integration = $2) AS mapped, \
-                (SELECT count(*) FROM parked_events p WHERE p.tenant_id = t.tenant_id) AS parked \
-         FROM tenants t WHERE t.tenant_id = $1",
-    )
+const STATUS: &str = "SELECT t.integration, t.integration_enabled, t.state, t.pause_reason, \
+        (SELECT count(*) FROM integration_mappings m \
+          WHERE m.integration = t.integration AND m.tenant_id = t.tenant_id) AS mapped, \
+        (SELECT count(*) FROM parked_events p \
+          WHERE p.integration = t.integration AND p.tenant_id = t.tenant_id) AS parked \
+     FROM tenants t";
+
+/// The tenant's state in `integration`, or `None` if it has never heard of it.
+pub async fn status(
+    pool: &PgPool,
+    integration: &str,
+    tenant: &TenantId,
+) -> Result<Option<TenantStatus>, TenantError> {
+    Ok(sqlx::query_as(&format!(
+        "{STATUS} WHERE t.integration = $2 AND t.tenant_id = $1"
+    ))
     .bind(tenant.as_str())
-    .bind(INTEGRATION)
+    .bind(integration)
     .fetch_optional(pool)
     .await?)
 }
 
-/// How many of `events` are settled (delivered, ignored, expired or skipped).
-pub async fn settled(pool: &PgPool, events: &[Uuid]) -> Result<u64, TenantError> {
+/// The tenant's state in every integration that has heard of it, by name.
+pub async fn statuses(pool: &PgPool, tenant: &TenantId) -> Result<Vec<TenantStatus>, TenantError> {
+    Ok(sqlx::query_as(&format!(
+        "{STATUS} WHERE t.tenant_id = $1 ORDER BY t.integration"
+    ))
+    .bind(tenant.as_str())
+    .fetch_all(pool)
+    .await?)
+}
+
+/// How many of `events` `integration` settled (delivered, ignored, expired or skipped).
+pub async fn settled(
+    pool: &PgPool,
+    integration: &str,
+    events: &[Uuid],
+) -> Result<u64, TenantError> {
     let n: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM deliveries WHERE event_id = ANY($1) AND settled_at IS NOT NULL",
+        "SELECT count(*) FROM deliveries \
+         WHERE integration = $2 AND event_id = ANY($1) AND settled_at IS NOT NULL",
     )
     .bind(events)
+    .bind(integration)
     .fetch_one(pool)
     .await?;
     Ok(n as u64)
@@ -331,6 +378,7 @@ pub const POLL: Duration = Duration::from_millis(500);
 /// reported, not an error: an operator may resume it while this waits.
 pub async fn wait(
     pool: &PgPool,
+    integration: &str,
     tenant: &TenantId,
     events: &[Uuid],
     timeout: Duration,
@@ -339,9 +387,9 @@ pub async fn wait(
     let started = std::time::Instant::now();
     loop {
         let now = Waiting {
-            settled: settled(pool, events).await?,
+            settled: settled(pool, integration, events).await?,
             total: events.len() as u64,
-            status: status(pool, tenant).await?,
+            status: status(pool, integration, tenant).await?,
         };
         progress(&now);
         if now.settled == now.total {

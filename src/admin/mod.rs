@@ -27,6 +27,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 pub mod access;
+pub mod webhooks;
 
 use crate::consumer::latency::Histogram;
 use crate::consumer::ledger;
@@ -41,6 +42,9 @@ pub const MAX_BODY: usize = 16 * 1024;
 pub struct Admin {
     /// The database the consumer records into.
     pub pool: PgPool,
+    /// The integration the serving consumer runs: what a tenant route acts on unless its
+    /// `?integration=` names another (every integration's records share the database).
+    pub integration: String,
     /// The consumer's live counters.
     pub stats: Arc<ConsumeStats>,
     /// The bearer token every data and action route needs; `None` (no check) only for an API
@@ -131,6 +135,13 @@ pub fn router(admin: Admin) -> Router {
         .route("/v1/failures", get(failures))
         .route("/v1/events/{event}", get(event_history))
         .route("/v1/kill-switch", get(get_kill_switch).put(put_kill_switch))
+        .route(
+            "/v1/webhooks/{tenant}",
+            get(webhooks::get_endpoint)
+                .put(webhooks::put_endpoint)
+                .delete(webhooks::delete_endpoint),
+        )
+        .route("/v1/webhooks/{tenant}/rotate", post(webhooks::rotate))
         .route_layer(middleware::from_fn_with_state(admin.clone(), authorize));
     let hosted = Router::new()
         .route("/", get(|| async { Redirect::to("/dashboard") }))
@@ -214,9 +225,44 @@ async fn authorize(
     }
 }
 
+/// `?integration=NAME`: which integration's records a tenant or event route reads or changes;
+/// the serving consumer's own when absent.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scope {
+    /// The integration.
+    pub integration: Option<String>,
+}
+
+impl Admin {
+    /// The integration `scope` names, checked, or this consumer's own.
+    fn scoped(&self, scope: Result<Query<Scope>, QueryRejection>) -> Result<String, ApiError> {
+        let Query(scope) = scope?;
+        match scope.integration {
+            None => Ok(self.integration.clone()),
+            Some(name) => integration_name(name),
+        }
+    }
+}
+
+/// `name`, when it can name an integration.
+fn integration_name(name: String) -> Result<String, ApiError> {
+    if crate::delivery::is_integration_name(&name) {
+        Ok(name)
+    } else {
+        Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            format!("integration {name:?} is not an integration's name (a-z, 0-9, _ and -)"),
+        ))
+    }
+}
+
 /// A tenant as the operator sees it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct TenantView {
+    /// The integration whose state this is.
+    pub integration: String,
     /// The tenant.
     pub tenant_id: String,
     /// Whether the integration is on.
@@ -241,33 +287,46 @@ pub struct TenantView {
     pub partner_response: Option<serde_json::Value>,
 }
 
-const TENANT_VIEW: &str = "SELECT t.tenant_id, t.integration_enabled, t.state, t.pause_cause, t.pause_reason, \
-        t.paused_event_id, t.paused_at, t.next_retry_at, \
-        (SELECT count(*) FROM parked_events p WHERE p.tenant_id = t.tenant_id) AS backlog, \
+const TENANT_VIEW: &str = "SELECT t.integration, t.tenant_id, t.integration_enabled, t.state, \
+        t.pause_cause, t.pause_reason, t.paused_event_id, t.paused_at, t.next_retry_at, \
+        (SELECT count(*) FROM parked_events p \
+          WHERE p.integration = t.integration AND p.tenant_id = t.tenant_id) AS backlog, \
         d.attempts AS failed_attempts, d.last_response AS partner_response \
-     FROM tenants t LEFT JOIN deliveries d ON d.event_id = t.paused_event_id";
+     FROM tenants t \
+     LEFT JOIN deliveries d ON d.integration = t.integration AND d.event_id = t.paused_event_id";
 
-/// `GET /v1/tenants`: the tenants that are not active (paused, draining, disabled), oldest
-/// pause first.
-async fn list_tenants(State(admin): State<Admin>) -> Result<Response, ApiError> {
+/// `GET /v1/tenants[?integration=NAME]`: the tenants that are not active (paused, draining,
+/// disabled) in every integration, or in the one named; oldest pause first.
+async fn list_tenants(
+    State(admin): State<Admin>,
+    scope: Result<Query<Scope>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(scope) = scope?;
+    let only = scope.integration.map(integration_name).transpose()?;
     let tenants: Vec<TenantView> = sqlx::query_as(&format!(
-        "{TENANT_VIEW} WHERE t.state <> 'active' ORDER BY t.paused_at NULLS LAST, t.tenant_id LIMIT 1000"
+        "{TENANT_VIEW} WHERE t.state <> 'active' AND ($1::text IS NULL OR t.integration = $1) \
+         ORDER BY t.paused_at NULLS LAST, t.tenant_id, t.integration LIMIT 1000"
     ))
+    .bind(only)
     .fetch_all(&admin.pool)
     .await?;
     Ok(axum::Json(json!({"data": tenants})).into_response())
 }
 
-/// `GET /v1/tenants/{tenant}`.
+/// `GET /v1/tenants/{tenant}[?integration=NAME]`.
 async fn get_tenant(
     State(admin): State<Admin>,
     Path(tenant): Path<String>,
+    scope: Result<Query<Scope>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let found: Option<TenantView> =
-        sqlx::query_as(&format!("{TENANT_VIEW} WHERE t.tenant_id = $1"))
-            .bind(&tenant)
-            .fetch_optional(&admin.pool)
-            .await?;
+    let integration = admin.scoped(scope)?;
+    let found: Option<TenantView> = sqlx::query_as(&format!(
+        "{TENANT_VIEW} WHERE t.integration = $2 AND t.tenant_id = $1"
+    ))
+    .bind(&tenant)
+    .bind(&integration)
+    .fetch_optional(&admin.pool)
+    .await?;
     match found {
         Some(t) => Ok(axum::Json(t).into_response()),
         None => Err(unknown_tenant(&tenant)),
@@ -315,20 +374,38 @@ fn audited(actor: &str, reason: &str) -> Result<(), ApiError> {
 async fn resume(
     State(admin): State<Admin>,
     Path(tenant): Path<String>,
+    scope: Result<Query<Scope>, QueryRejection>,
     body: Result<axum::Json<Action>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    let integration = admin.scoped(scope)?;
     let axum::Json(action) = body?;
     action.check()?;
-    ledger::resume(&admin.pool, &tenant, &action.actor, &action.reason).await?;
-    Ok(accepted(json!({"tenant_id": tenant, "state": "draining"})))
+    ledger::resume(
+        &admin.pool,
+        &integration,
+        &tenant,
+        &action.actor,
+        &action.reason,
+    )
+    .await?;
+    Ok(accepted(
+        json!({"integration": integration, "tenant_id": tenant, "state": "draining"}),
+    ))
 }
 
 /// Why an action on a paused tenant did nothing: the tenant is unknown, or in another state.
-async fn not_paused(pool: &PgPool, tenant: &str, what: &'static str) -> Result<ApiError, ApiError> {
+async fn not_paused(
+    pool: &PgPool,
+    integration: &str,
+    tenant: &str,
+    what: &'static str,
+) -> Result<ApiError, ApiError> {
     let mut conn = pool.acquire().await?;
-    Ok(ledger::wrong_state(&mut conn, tenant, "not_paused", what)
-        .await?
-        .into())
+    Ok(
+        ledger::wrong_state(&mut conn, integration, tenant, "not_paused", what)
+            .await?
+            .into(),
+    )
 }
 
 /// `POST /v1/tenants/{tenant}/retry` `{"actor", "reason"}`: a paused tenant's backlog is
@@ -336,12 +413,23 @@ async fn not_paused(pool: &PgPool, tenant: &str, what: &'static str) -> Result<A
 async fn retry(
     State(admin): State<Admin>,
     Path(tenant): Path<String>,
+    scope: Result<Query<Scope>, QueryRejection>,
     body: Result<axum::Json<Action>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    let integration = admin.scoped(scope)?;
     let axum::Json(action) = body?;
     action.check()?;
-    ledger::retry_now(&admin.pool, &tenant, &action.actor, &action.reason).await?;
-    Ok(accepted(json!({"tenant_id": tenant, "state": "draining"})))
+    ledger::retry_now(
+        &admin.pool,
+        &integration,
+        &tenant,
+        &action.actor,
+        &action.reason,
+    )
+    .await?;
+    Ok(accepted(
+        json!({"integration": integration, "tenant_id": tenant, "state": "draining"}),
+    ))
 }
 
 /// `POST /v1/tenants/{tenant}/pause` `{"actor", "reason"}`: the owning instance stops
@@ -350,12 +438,23 @@ async fn retry(
 async fn pause(
     State(admin): State<Admin>,
     Path(tenant): Path<String>,
+    scope: Result<Query<Scope>, QueryRejection>,
     body: Result<axum::Json<Action>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    let integration = admin.scoped(scope)?;
     let axum::Json(action) = body?;
     action.check()?;
-    ledger::pause_by_operator(&admin.pool, &tenant, &action.actor, &action.reason).await?;
-    Ok(accepted(json!({"tenant_id": tenant, "state": "paused"})))
+    ledger::pause_by_operator(
+        &admin.pool,
+        &integration,
+        &tenant,
+        &action.actor,
+        &action.reason,
+    )
+    .await?;
+    Ok(accepted(
+        json!({"integration": integration, "tenant_id": tenant, "state": "paused"}),
+    ))
 }
 
 /// A replay, as asked for.
@@ -376,8 +475,10 @@ pub struct Replay {
 async fn replay(
     State(admin): State<Admin>,
     Path(tenant): Path<String>,
+    scope: Result<Query<Scope>, QueryRejection>,
     body: Result<axum::Json<Replay>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    let integration = admin.scoped(scope)?;
     let axum::Json(replay) = body?;
     audited(&replay.actor, &replay.reason)?;
     let since = chrono::DateTime::parse_from_rfc3339(replay.since.trim())
@@ -399,10 +500,17 @@ async fn replay(
             format!("since {since} is in the future: there is nothing to replay"),
         ));
     }
-    let events =
-        ledger::replay_since(&admin.pool, &tenant, since, &replay.actor, &replay.reason).await?;
+    let events = ledger::replay_since(
+        &admin.pool,
+        &integration,
+        &tenant,
+        since,
+        &replay.actor,
+        &replay.reason,
+    )
+    .await?;
     Ok(accepted(
-        json!({"tenant_id": tenant, "events": events, "since": since}),
+        json!({"integration": integration, "tenant_id": tenant, "events": events, "since": since}),
     ))
 }
 
@@ -452,17 +560,21 @@ async fn partitions(State(admin): State<Admin>) -> Response {
     axum::Json(json!({"data": view})).into_response()
 }
 
-/// `?limit=N` (1 to 1000).
+/// `?limit=N` (1 to 1000) `&integration=NAME` (every one when absent).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limit {
     /// How many, at most.
     pub limit: Option<i64>,
+    /// Only this integration's.
+    pub integration: Option<String>,
 }
 
 /// A failed event, as the operator sees it.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct FailureView {
+    /// The integration it failed in.
+    pub integration: String,
     /// The event.
     pub event_id: uuid::Uuid,
     /// Its tenant.
@@ -491,7 +603,8 @@ async fn failures(
     State(admin): State<Admin>,
     query: Result<Query<Limit>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(Limit { limit }) = query?;
+    let Query(Limit { limit, integration }) = query?;
+    let only = integration.map(integration_name).transpose()?;
     let limit = limit.unwrap_or(50);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::new(
@@ -501,20 +614,29 @@ async fn failures(
         ));
     }
     let rows: Vec<FailureView> = sqlx::query_as(
-        "SELECT event_id, tenant_id, event_type, outcome, attempts, last_error, last_response,                 partition, \"offset\", updated_at          FROM deliveries WHERE outcome IN ('failed', 'bad_event') AND settled_at IS NULL          ORDER BY updated_at DESC LIMIT $1",
+        "SELECT integration, event_id, tenant_id, event_type, outcome, attempts, last_error, \
+                last_response, partition, \"offset\", updated_at \
+         FROM deliveries \
+         WHERE outcome IN ('failed', 'bad_event') AND settled_at IS NULL \
+           AND ($2::text IS NULL OR integration = $2) \
+         ORDER BY updated_at DESC LIMIT $1",
     )
     .bind(limit)
+    .bind(only)
     .fetch_all(&admin.pool)
     .await?;
     Ok(axum::Json(json!({"data": rows})).into_response())
 }
 
-/// `GET /v1/events/{id}`: what happened to one event: its outcome, every attempt recorded (with
-/// the partner's answers), whether it is parked, and what operators did to it.
+/// `GET /v1/events/{id}[?integration=NAME]`: what happened to one event in one integration: its
+/// outcome, every attempt recorded (with the partner's answers), whether it is parked, and what
+/// operators did to it.
 async fn event_history(
     State(admin): State<Admin>,
     Path(event): Path<String>,
+    scope: Result<Query<Scope>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let integration = admin.scoped(scope)?;
     let id = uuid::Uuid::parse_str(event.trim()).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -523,26 +645,33 @@ async fn event_history(
         )
     })?;
     let delivery: Option<serde_json::Value> =
-        sqlx::query_scalar("SELECT to_jsonb(d) - 'event_id' FROM deliveries d WHERE event_id = $1")
-            .bind(id)
+        sqlx::query_scalar(
+            "SELECT to_jsonb(d) - 'event_id' FROM deliveries d WHERE integration = $2 AND event_id = $1",
+        )
+        .bind(id)
+        .bind(&integration)
             .fetch_optional(&admin.pool)
             .await?;
     let attempts: Vec<serde_json::Value> = sqlx::query_scalar(
-        "SELECT to_jsonb(a) - 'event_id' FROM delivery_attempts a WHERE event_id = $1 ORDER BY attempt",
+        "SELECT to_jsonb(a) - 'event_id' FROM delivery_attempts a \
+         WHERE integration = $2 AND event_id = $1 ORDER BY attempt",
     )
     .bind(id)
+    .bind(&integration)
     .fetch_all(&admin.pool)
     .await?;
     let parked: Option<serde_json::Value> = sqlx::query_scalar(
-        "SELECT jsonb_build_object('seq', seq, 'tenant_id', tenant_id, 'topic', topic,                 'partition', partition, 'offset', \"offset\", 'parked_at', parked_at)          FROM parked_events WHERE event_id = $1 ORDER BY seq LIMIT 1",
+        "SELECT jsonb_build_object('seq', seq, 'tenant_id', tenant_id, 'topic', topic,                 'partition', partition, 'offset', \"offset\", 'parked_at', parked_at)          FROM parked_events WHERE integration = $2 AND event_id = $1 ORDER BY seq LIMIT 1",
     )
     .bind(id)
+    .bind(&integration)
     .fetch_optional(&admin.pool)
     .await?;
     let actions: Vec<serde_json::Value> = sqlx::query_scalar(
-        "SELECT jsonb_build_object('at', at, 'actor', actor, 'action', action, 'reason', reason,                 'details', details)          FROM operator_actions WHERE event_id = $1 ORDER BY at",
+        "SELECT jsonb_build_object('at', at, 'actor', actor, 'action', action, 'reason', reason,                 'details', details)          FROM operator_actions WHERE integration = $2 AND event_id = $1 ORDER BY at",
     )
     .bind(id)
+    .bind(&integration)
     .fetch_all(&admin.pool)
     .await?;
     if delivery.is_none() && parked.is_none() && attempts.is_empty() {
@@ -550,12 +679,13 @@ async fn event_history(
             StatusCode::NOT_FOUND,
             "unknown_event",
             format!(
-                "no event {id} has reached Ferry's records (not consumed yet, or never written)"
+                "no event {id} has reached {integration}'s records (not consumed yet, or never written)"
             ),
         ));
     }
     Ok(axum::Json(json!({
         "event_id": id,
+        "integration": integration,
         "delivery": delivery,
         "attempts": attempts,
         "parked": parked,
@@ -569,16 +699,25 @@ async fn event_history(
 async fn skip(
     State(admin): State<Admin>,
     Path(tenant): Path<String>,
+    scope: Result<Query<Scope>, QueryRejection>,
     body: Result<axum::Json<Action>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    let integration = admin.scoped(scope)?;
     let axum::Json(action) = body?;
     action.check()?;
-    if let Some(skipped) =
-        ledger::skip_failed(&admin.pool, &tenant, &action.actor, &action.reason).await?
-    {
+    let skipped = ledger::skip_failed(
+        &admin.pool,
+        &integration,
+        &tenant,
+        &action.actor,
+        &action.reason,
+    )
+    .await?;
+    if let Some(skipped) = skipped {
         return Ok((
             StatusCode::ACCEPTED,
             axum::Json(json!({
+                "integration": integration,
                 "tenant_id": tenant,
                 "state": "draining",
                 "skipped": {"event_id": skipped.event_id, "partition": skipped.partition, "offset": skipped.offset},
@@ -586,7 +725,13 @@ async fn skip(
         )
             .into_response());
     }
-    Err(not_paused(&admin.pool, &tenant, "with nothing parked to skip").await?)
+    Err(not_paused(
+        &admin.pool,
+        &integration,
+        &tenant,
+        "with nothing parked to skip",
+    )
+    .await?)
 }
 
 /// The kill switch, as set.
@@ -641,12 +786,15 @@ async fn put_kill_switch(
 async fn metrics(State(admin): State<Admin>) -> Response {
     let reporting = reports_database(&admin.stats);
     let database = if reporting {
-        Some(read_database_gauges(&admin.pool).await)
+        Some(read_database_gauges(&admin.pool, &admin.integration).await)
     } else {
         None
     };
     let stats = Arc::clone(&admin.stats);
-    let text = crate::exposition::render(move |out| {
+    // Every series names the integration: consumers of several share a Prometheus, and each
+    // integration's own partition-0 owner exports its database gauges.
+    let labels = vec![("integration", admin.integration.clone())];
+    let text = crate::exposition::render_labelled(labels, move |out| {
         instance_metrics(&stats, out)?;
         labelled_metrics(&stats, out)?;
         database_metrics(reporting, database.as_ref(), out)?;
@@ -823,8 +971,9 @@ struct DatabaseGauges {
 }
 
 /// The database's gauges, `None` when Postgres does not answer within 2 s.
-async fn read_database_gauges(pool: &PgPool) -> Option<DatabaseGauges> {
-    match tokio::time::timeout(std::time::Duration::from_secs(2), database_gauges(pool)).await {
+async fn read_database_gauges(pool: &PgPool, integration: &str) -> Option<DatabaseGauges> {
+    let read = database_gauges(pool, integration);
+    match tokio::time::timeout(std::time::Duration::from_secs(2), read).await {
         Ok(Ok(gauges)) => Some(gauges),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "metrics: the database's gauges left out");
@@ -839,13 +988,14 @@ async fn read_database_gauges(pool: &PgPool) -> Option<DatabaseGauges> {
     }
 }
 
-async fn database_gauges(pool: &PgPool) -> Result<DatabaseGauges, sqlx::Error> {
+async fn database_gauges(pool: &PgPool, integration: &str) -> Result<DatabaseGauges, sqlx::Error> {
     let (paused, parked, oldest_pause_seconds): (i64, i64, f64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM tenants WHERE state IN ('paused', 'draining')), \
-                (SELECT count(*) FROM parked_events), \
+        "SELECT (SELECT count(*) FROM tenants WHERE integration = $1 AND state IN ('paused', 'draining')), \
+                (SELECT count(*) FROM parked_events WHERE integration = $1), \
                 coalesce((SELECT extract(epoch FROM now() - min(paused_at))::float8 FROM tenants \
-                          WHERE state IN ('paused', 'draining')), 0)",
+                          WHERE integration = $1 AND state IN ('paused', 'draining')), 0)",
     )
+    .bind(integration)
     .fetch_one(pool)
     .await?;
     // The change feed's slots on this database: WAL not confirmed yet.

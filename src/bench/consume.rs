@@ -246,6 +246,10 @@ impl Scripted {
 }
 
 impl Handler for Scripted {
+    fn integration(&self) -> &str {
+        "bench"
+    }
+
     async fn handle(&self, event: &OutboxEvent, _attempt: &Attempt) -> Outcome {
         self.first.get_or_init(Instant::now);
         if Some(event.tenant_id.as_str()) == self.failing {
@@ -521,6 +525,7 @@ async fn fill(
             traceparent: None,
             created_at: chrono::Utc::now(),
             deliver_before: None,
+            integration: None,
         };
         let r = WireRecord::from_row(&row, None);
         let delivery = producer

@@ -513,6 +513,7 @@ async fn write(
                             }),
                             deliver_before: None,
                             traceparent: None,
+                            integration: None,
                         }
                     })
                     .collect();

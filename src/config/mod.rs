@@ -5,13 +5,12 @@
 //! [`reference::SETTINGS`]: `ferry config reference` prints it (as `docs/configuration.md`
 //! holds it) and `ferry config check` prints the effective values and their sources.
 
+mod layers;
 pub mod reference;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-use serde::Deserialize;
 
 /// The default outbox topic (one topic for all of a tenant's events, so order holds across
 /// aggregate types).
@@ -324,122 +323,6 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    #[serde(default)]
-    database: FileDatabase,
-    #[serde(default)]
-    kafka: FileKafka,
-    #[serde(default)]
-    relay: FileRelay,
-    #[serde(default)]
-    partner: FilePartner,
-    #[serde(default)]
-    consume: FileConsume,
-    #[serde(default)]
-    admin: FileAdmin,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileAdmin {
-    addr: Option<String>,
-    token: Option<String>,
-    #[serde(default)]
-    hosts: Vec<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConsume {
-    max_in_flight: Option<u64>,
-    retry_base_ms: Option<DurationSetting>,
-    retry_max_ms: Option<DurationSetting>,
-    pause_after_attempts: Option<u64>,
-    pause_after_ms: Option<DurationSetting>,
-    retry_after_max_ms: Option<DurationSetting>,
-    auto_resume_after_ms: Option<DurationSetting>,
-    unknown_event_types: Option<String>,
-    integration: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FilePartner {
-    url: Option<String>,
-    token: Option<String>,
-    timeout_ms: Option<DurationSetting>,
-    rate_limit: Option<u64>,
-    tenant_rate_limit: Option<u64>,
-    max_response_bytes: Option<u64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileRelay {
-    slot: Option<String>,
-    publication: Option<String>,
-    table: Option<String>,
-    mode: Option<String>,
-    batch_changes: Option<u32>,
-    poll_interval_ms: Option<DurationSetting>,
-    max_message_bytes: Option<usize>,
-    topic_partitions: Option<i32>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileDatabase {
-    url: Option<String>,
-    max_connections: Option<u32>,
-    schema: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileKafka {
-    brokers: Option<String>,
-    topic: Option<String>,
-    group_id: Option<String>,
-    #[serde(default)]
-    properties: BTreeMap<String, String>,
-}
-
-/// A duration as the file writes it: text with a unit (`"30s"`, `"200ms"`, `"1m 30s"`), or a
-/// bare number of milliseconds (what the `_ms` keys took before units were allowed).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-enum DurationSetting {
-    Millis(u64),
-    Text(String),
-}
-
-/// The duration `key` is set to: the environment's text over the file's value.
-fn duration(
-    key: &'static str,
-    env: Option<String>,
-    file: Option<DurationSetting>,
-) -> Result<Option<Duration>, ConfigError> {
-    let text = match (env, file) {
-        (Some(text), _) | (None, Some(DurationSetting::Text(text))) => text,
-        (None, Some(DurationSetting::Millis(ms))) => return Ok(Some(Duration::from_millis(ms))),
-        (None, None) => return Ok(None),
-    };
-    if let Ok(ms) = text.trim().parse::<u64>() {
-        return Ok(Some(Duration::from_millis(ms)));
-    }
-    humantime::parse_duration(text.trim())
-        .map(Some)
-        .map_err(|e| ConfigError::Invalid {
-            key,
-            value: text.clone(),
-            reason: format!(
-                "not a duration like 30s, 200ms or 1m 30s (a bare number is milliseconds): {e}"
-            ),
-        })
-}
-
 impl Config {
     /// The Kafka settings, for a command that talks to Kafka: an error naming the setting when
     /// no broker is configured (the others need none).
@@ -465,267 +348,33 @@ impl Config {
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
         let file = match path {
-            None => FileConfig::default(),
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.to_owned(),
-                    source,
-                })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Parse {
-                    path: path.to_owned(),
-                    source: Box::new(source),
-                })?
-            }
+            None => layers::FileConfig::default(),
+            Some(path) => layers::FileConfig::read(path)?,
         };
-        let env = |names: &[&str]| {
-            names
-                .iter()
-                .find_map(|n| env(n).filter(|v| !v.trim().is_empty()))
-        };
-
-        let url = env(&["FERRY_DATABASE_URL", "DATABASE_URL"])
-            .or(file.database.url)
-            .ok_or(ConfigError::Missing {
-                setting: "the Postgres URL",
-                key: "database.url",
-                env: "FERRY_DATABASE_URL",
-            })?;
-        let max_connections = match env(&["FERRY_DATABASE_MAX_CONNECTIONS"]) {
-            Some(v) => v.trim().parse().map_err(|_| ConfigError::Invalid {
-                key: "database.max_connections",
-                value: v.clone(),
-                reason: "not a whole number".to_owned(),
-            })?,
-            None => file.database.max_connections.unwrap_or(10),
-        };
-        let ferry_schema = env(&["FERRY_DATABASE_SCHEMA"])
-            .or(file.database.schema)
-            .unwrap_or_else(|| DEFAULT_SCHEMA.to_owned());
-        // Empty when unset: only the commands that talk to Kafka require it
-        // (`Config::require_kafka`); `ferry migrate` or `ferry tenant` need no broker.
-        let brokers = env(&["FERRY_KAFKA_BROKERS", "KAFKA_BROKERS"])
-            .or(file.kafka.brokers)
-            .unwrap_or_default();
-        let topic = env(&["FERRY_KAFKA_TOPIC"])
-            .or(file.kafka.topic)
-            .unwrap_or_else(|| DEFAULT_TOPIC.to_owned());
-        let group_id = env(&["FERRY_KAFKA_GROUP_ID"])
-            .or(file.kafka.group_id)
-            .unwrap_or_else(|| DEFAULT_GROUP_ID.to_owned());
-
-        let mut properties = file.kafka.properties;
-        if let Some(list) = env(&["FERRY_KAFKA_PROPERTIES"]) {
-            for pair in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                match pair.split_once('=') {
-                    Some((name, value)) if !name.trim().is_empty() => {
-                        properties.insert(name.trim().to_owned(), value.trim().to_owned());
-                    }
-                    _ => {
-                        return Err(ConfigError::Invalid {
-                            key: "kafka.properties",
-                            value: pair.to_owned(),
-                            reason:
-                                "FERRY_KAFKA_PROPERTIES takes name=value pairs separated by commas"
-                                    .to_owned(),
-                        });
-                    }
-                }
-            }
-        }
-
-        let number = |key: &'static str, var: &str| -> Result<Option<u64>, ConfigError> {
-            env(&[var])
-                .map(|v| {
-                    v.trim().parse::<u64>().map_err(|_| ConfigError::Invalid {
-                        key,
-                        value: v.clone(),
-                        reason: "not a whole number".to_owned(),
-                    })
-                })
-                .transpose()
-        };
-        let defaults = RelayConfig::default();
-        let table = env(&["FERRY_RELAY_TABLE"])
-            .or(file.relay.table)
-            .unwrap_or_else(|| format!("{}.{}", defaults.schema, defaults.table));
-        let (schema, table) = match table.split_once('.') {
-            Some((s, t)) => (s.to_owned(), t.to_owned()),
-            None => ("public".to_owned(), table),
-        };
-        let relay = RelayConfig {
-            slot: env(&["FERRY_RELAY_SLOT"])
-                .or(file.relay.slot)
-                .unwrap_or(defaults.slot),
-            publication: env(&["FERRY_RELAY_PUBLICATION"])
-                .or(file.relay.publication)
-                .unwrap_or(defaults.publication),
-            schema,
-            table,
-            mode: match env(&["FERRY_RELAY_MODE"]).or(file.relay.mode) {
-                Some(m) => m.parse().map_err(|reason| ConfigError::Invalid {
-                    key: "relay.mode",
-                    value: m.clone(),
-                    reason,
-                })?,
-                None => defaults.mode,
-            },
-            batch_changes: number("relay.batch_changes", "FERRY_RELAY_BATCH_CHANGES")?
-                .map(|n| n.min(u64::from(u32::MAX)) as u32)
-                .or(file.relay.batch_changes)
-                .unwrap_or(defaults.batch_changes),
-            poll_interval: duration(
-                "relay.poll_interval_ms",
-                env(&["FERRY_RELAY_POLL_INTERVAL_MS"]),
-                file.relay.poll_interval_ms,
-            )?
-            .unwrap_or(defaults.poll_interval),
-            status_interval: defaults.status_interval,
-            max_message_bytes: number("relay.max_message_bytes", "FERRY_RELAY_MAX_MESSAGE_BYTES")?
-                .map(|n| n as usize)
-                .or(file.relay.max_message_bytes)
-                .unwrap_or(defaults.max_message_bytes),
-            topic_partitions: number("relay.topic_partitions", "FERRY_RELAY_TOPIC_PARTITIONS")?
-                .map(|n| n.min(10_000) as i32)
-                .or(file.relay.topic_partitions)
-                .unwrap_or(defaults.topic_partitions),
-        };
-
-        let partner = PartnerConfig {
-            url: env(&["FERRY_PARTNER_URL"]).or(file.partner.url),
-            token: env(&["FERRY_PARTNER_TOKEN"])
-                .or(file.partner.token)
-                .unwrap_or_default(),
-            timeout: duration(
-                "partner.timeout_ms",
-                env(&["FERRY_PARTNER_TIMEOUT_MS"]),
-                file.partner.timeout_ms,
-            )?
-            .unwrap_or(PartnerConfig::default().timeout),
-            rate_limit: rate(
-                "partner.rate_limit",
-                number("partner.rate_limit", "FERRY_PARTNER_RATE_LIMIT")?
-                    .or(file.partner.rate_limit),
-            )?,
-            tenant_rate_limit: rate(
-                "partner.tenant_rate_limit",
-                number(
-                    "partner.tenant_rate_limit",
-                    "FERRY_PARTNER_TENANT_RATE_LIMIT",
-                )?
-                .or(file.partner.tenant_rate_limit),
-            )?,
-            max_response_bytes: number(
-                "partner.max_response_bytes",
-                "FERRY_PARTNER_MAX_RESPONSE_BYTES",
-            )?
-            .or(file.partner.max_response_bytes)
-            .unwrap_or(PartnerConfig::default().max_response_bytes),
-        };
-
-        let c = file.consume;
-        let ms = |key, var, file: Option<DurationSetting>| duration(key, env(&[var]), file);
-        let consume = ConsumeConfig {
-            max_in_flight: number("consume.max_in_flight", "FERRY_CONSUME_MAX_IN_FLIGHT")?
-                .or(c.max_in_flight)
-                .map(|n| n.min(1_000_000) as usize),
-            retry_base: ms(
-                "consume.retry_base_ms",
-                "FERRY_CONSUME_RETRY_BASE_MS",
-                c.retry_base_ms,
-            )?,
-            retry_max: ms(
-                "consume.retry_max_ms",
-                "FERRY_CONSUME_RETRY_MAX_MS",
-                c.retry_max_ms,
-            )?,
-            pause_after_attempts: number(
-                "consume.pause_after_attempts",
-                "FERRY_CONSUME_PAUSE_AFTER_ATTEMPTS",
-            )?
-            .or(c.pause_after_attempts)
-            .map(|n| n.min(u64::from(u32::MAX)) as u32),
-            pause_after: ms(
-                "consume.pause_after_ms",
-                "FERRY_CONSUME_PAUSE_AFTER_MS",
-                c.pause_after_ms,
-            )?,
-            retry_after_max: ms(
-                "consume.retry_after_max_ms",
-                "FERRY_CONSUME_RETRY_AFTER_MAX_MS",
-                c.retry_after_max_ms,
-            )?,
-            auto_resume_after: ms(
-                "consume.auto_resume_after_ms",
-                "FERRY_CONSUME_AUTO_RESUME_AFTER_MS",
-                c.auto_resume_after_ms,
-            )?,
-            unknown_event_types: match env(&["FERRY_CONSUME_UNKNOWN_EVENT_TYPES"])
-                .or(c.unknown_event_types)
-            {
-                Some(v) => v.trim().parse().map_err(|reason| ConfigError::Invalid {
-                    key: "consume.unknown_event_types",
-                    value: v.clone(),
-                    reason,
-                })?,
-                None => UnknownEventTypes::default(),
-            },
-            integration: env(&["FERRY_CONSUME_INTEGRATION"])
-                .or(c.integration)
-                .filter(|p| !p.trim().is_empty())
-                .map(PathBuf::from),
-        };
-
-        let admin_addr = env(&["FERRY_ADMIN_ADDR"]).or(file.admin.addr);
-        let admin = AdminConfig {
-            addr: match admin_addr {
-                Some(a) => a.trim().parse().map_err(|_| ConfigError::Invalid {
-                    key: "admin.addr",
-                    value: a.clone(),
-                    reason: "expected an address like 127.0.0.1:9190".to_owned(),
-                })?,
-                None => AdminConfig::default().addr,
-            },
-            token: env(&["FERRY_ADMIN_TOKEN"])
-                .or(file.admin.token)
-                .filter(|t| !t.is_empty()),
-            hosts: match env(&["FERRY_ADMIN_HOSTS"]) {
-                Some(list) => list
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|h| !h.is_empty())
-                    .map(str::to_owned)
-                    .collect(),
-                None => file.admin.hosts,
-            },
-        };
-
+        let layers = layers::Layers::new(&env);
         let config = Config {
-            database: DatabaseConfig {
-                url,
-                max_connections,
-                schema: ferry_schema,
-            },
-            kafka: KafkaConfig {
-                brokers,
-                topic,
-                group_id,
-                properties,
-            },
-            relay,
-            partner,
-            consume,
-            admin,
+            database: layers.database(file.database)?,
+            kafka: layers.kafka(file.kafka)?,
+            relay: layers.relay(file.relay)?,
+            partner: layers.partner(file.partner)?,
+            consume: layers.consume(file.consume)?,
+            admin: layers.admin(file.admin)?,
         };
         config.validate()?;
         Ok(config)
     }
 
+    /// The checks no single value's parse makes: ranges, shapes, and settings against each
+    /// other, a section at a time.
     fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, value: &str, reason: &str| ConfigError::Invalid {
-            key,
-            value: value.to_owned(),
-            reason: reason.to_owned(),
-        };
+        self.validate_database()?;
+        self.validate_kafka()?;
+        self.validate_partner()?;
+        self.validate_consume()?;
+        self.validate_relay()
+    }
+
+    fn validate_database(&self) -> Result<(), ConfigError> {
         let url = &self.database.url;
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err(invalid(
@@ -741,13 +390,6 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        if self.partner.max_response_bytes < 1024 {
-            return Err(invalid(
-                "partner.max_response_bytes",
-                &self.partner.max_response_bytes.to_string(),
-                "at least 1024: the partner's answers are JSON documents",
-            ));
-        }
         if !is_schema_name(&self.database.schema) {
             return Err(invalid(
                 "database.schema",
@@ -755,6 +397,21 @@ impl Config {
                 "expected a lower-case identifier (letters, digits, _; at most 63), not pg_*",
             ));
         }
+        Ok(())
+    }
+
+    fn validate_partner(&self) -> Result<(), ConfigError> {
+        if self.partner.max_response_bytes < 1024 {
+            return Err(invalid(
+                "partner.max_response_bytes",
+                &self.partner.max_response_bytes.to_string(),
+                "at least 1024: the partner's answers are JSON documents",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_kafka(&self) -> Result<(), ConfigError> {
         for broker in self
             .kafka
             .brokers
@@ -768,6 +425,13 @@ impl Config {
             .map_err(|reason| invalid("kafka.topic", &self.kafka.topic, &reason))?;
         validate_kafka_security(&self.kafka.properties)
             .map_err(|(key, value, reason)| invalid(key, &value, &reason))?;
+        if self.kafka.group_id.trim().is_empty() {
+            return Err(invalid(
+                "kafka.group_id",
+                &self.kafka.group_id,
+                "must not be empty",
+            ));
+        }
         if let Some(url) = &self.partner.url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
@@ -780,6 +444,10 @@ impl Config {
         if self.partner.timeout.is_zero() {
             return Err(invalid("partner.timeout_ms", "0", "must be at least 1"));
         }
+        Ok(())
+    }
+
+    fn validate_consume(&self) -> Result<(), ConfigError> {
         let c = &self.consume;
         if c.max_in_flight == Some(0) {
             return Err(invalid("consume.max_in_flight", "0", "must be at least 1"));
@@ -809,6 +477,10 @@ impl Config {
                 &format!("must not exceed consume.retry_max_ms ({})", max.as_millis()),
             ));
         }
+        Ok(())
+    }
+
+    fn validate_relay(&self) -> Result<(), ConfigError> {
         let r = &self.relay;
         for (key, value) in [
             ("relay.slot", &r.slot),
@@ -835,14 +507,16 @@ impl Config {
                 "must be at least 1024",
             ));
         }
-        if self.kafka.group_id.trim().is_empty() {
-            return Err(invalid(
-                "kafka.group_id",
-                &self.kafka.group_id,
-                "must not be empty",
-            ));
-        }
         Ok(())
+    }
+}
+
+/// A setting's value `value` rejected for `reason`.
+fn invalid(key: &'static str, value: &str, reason: &str) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        value: value.to_owned(),
+        reason: reason.to_owned(),
     }
 }
 

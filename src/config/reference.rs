@@ -256,13 +256,9 @@ pub fn markdown() -> String {
 fn source(
     setting: &Setting,
     file: Option<&toml::Table>,
-    env: &impl Fn(&str) -> Option<String>,
+    env: &dyn Fn(&str) -> Option<String>,
 ) -> String {
-    if let Some(var) = setting
-        .env
-        .iter()
-        .find(|v| env(v).is_some_and(|x| !x.is_empty()))
-    {
+    if let Some((var, _)) = super::layers::first_set(env, setting.env) {
         return format!("environment {var}");
     }
     let (section, name) = setting.key.split_once('.').unwrap_or(("", setting.key));

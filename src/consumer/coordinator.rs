@@ -71,6 +71,8 @@ pub(super) struct Coordinator<H: Handler> {
     /// How many partitions the topic has: a tenant's partition is found by its key's hash.
     partition_count: i32,
     pool: PgPool,
+    /// The integration's name, which files every record this consumer writes.
+    integration: Arc<str>,
     handler: Arc<H>,
     options: ConsumeOptions,
     stats: Arc<ConsumeStats>,
@@ -155,7 +157,8 @@ impl<H: Handler> Coordinator<H> {
         shutdown: CancellationToken,
     ) -> Result<Self, ConsumeError> {
         let topic = config.kafka.topic.clone();
-        let paused = paused_tenants(&pool).await?;
+        let integration: Arc<str> = Arc::from(handler.integration());
+        let paused = paused_tenants(&pool, &integration).await?;
         let killed: bool = sqlx::query_scalar("SELECT kill_switch FROM control")
             .fetch_one(&pool)
             .await?;
@@ -216,6 +219,7 @@ impl<H: Handler> Coordinator<H> {
                 lag: tokio::time::interval(LAG_INTERVAL),
             },
             pool,
+            integration,
             handler,
             options,
             stats,
@@ -429,7 +433,15 @@ impl<H: Handler> Coordinator<H> {
                 records.push(raw);
                 self.pending.positions.push(position);
             }
-            let parked = settlement::pause(&self.pool, &tenant, &r.pause, &records, &[]).await?;
+            let parked = settlement::pause(
+                &self.pool,
+                &self.integration,
+                &tenant,
+                &r.pause,
+                &records,
+                &[],
+            )
+            .await?;
             self.stats.parked.fetch_add(parked, Relaxed);
             self.copies
                 .written(records.iter().filter_map(|r| r.event_id));
@@ -460,6 +472,7 @@ impl<H: Handler> Coordinator<H> {
         }
         self.in_lookup += arrivals.len();
         let pool = self.pool.clone();
+        let integration = Arc::clone(&self.integration);
         self.lookup_epochs.push_back(self.copies.epoch());
         // A task of its own: it must progress (and give its connection back) while the loop
         // awaits something else.
@@ -473,7 +486,7 @@ impl<H: Handler> Coordinator<H> {
             let settled = if ids.is_empty() {
                 Ok(HashSet::new())
             } else {
-                ledger::settled_ids(&pool, &ids).await
+                ledger::settled_ids(&pool, &integration, &ids).await
             };
             (arrivals, settled)
         }));
@@ -516,6 +529,13 @@ impl<H: Handler> Coordinator<H> {
         else {
             return Ok(None);
         };
+        // Addressed to another integration (its backfill, a replay for its partner): settled
+        // here without a record, in any order, as nothing is sent for it.
+        if intake::for_another(&m, &self.integration) {
+            self.stats.count(ledger::SettledAs::Ignored);
+            self.pending.positions.push(position);
+            return Ok(None);
+        }
         let arrival = intake::arrival(&*self.handler, &m, &self.topic, position);
         if matches!(arrival, Arrival::Bad(_)) {
             self.stats.bad_events.fetch_add(1, Relaxed);
@@ -649,7 +669,15 @@ impl<H: Handler> Coordinator<H> {
             records.push(raw);
             positions.push(position);
         }
-        let parked = settlement::pause(&self.pool, &tenant, &pause, &records, &log).await?;
+        let parked = settlement::pause(
+            &self.pool,
+            &self.integration,
+            &tenant,
+            &pause,
+            &records,
+            &log,
+        )
+        .await?;
         self.stats.parked.fetch_add(parked, Relaxed);
         self.copies
             .written(records.iter().filter_map(|r| r.event_id));
@@ -793,7 +821,7 @@ impl<H: Handler> Coordinator<H> {
         // Those taken from the tenant's queue were admitted before: they are not copies of
         // themselves.
         self.copies.dropped(ids.iter().copied());
-        let settled = ledger::settled_ids(&self.pool, &ids).await?;
+        let settled = ledger::settled_ids(&self.pool, &self.integration, &ids).await?;
         self.admit(arrivals, &settled);
         Ok(())
     }
@@ -811,8 +839,13 @@ impl<H: Handler> Coordinator<H> {
     /// shutdown.
     async fn flush(&mut self, mode: CommitMode) -> Result<(), ConsumeError> {
         let pending = std::mem::take(&mut self.pending);
-        let written =
-            settlement::write_pending(self.pool.clone(), pending, Arc::clone(&self.stats)).await?;
+        let written = settlement::write_pending(
+            self.pool.clone(),
+            Arc::clone(&self.integration),
+            pending,
+            Arc::clone(&self.stats),
+        )
+        .await?;
         self.last_flush = Instant::now();
         self.durable(written, mode).await
     }
@@ -838,7 +871,8 @@ impl<H: Handler> Coordinator<H> {
                 {
                     self.flush(CommitMode::Async).await?;
                 }
-                let flipped = settlement::finish_drain(&self.pool, &tenant).await?;
+                let flipped =
+                    settlement::finish_drain(&self.pool, &self.integration, &tenant).await?;
                 if flipped {
                     tracing::info!(%tenant, "backlog replayed; tenant live again");
                 }
@@ -849,7 +883,7 @@ impl<H: Handler> Coordinator<H> {
                 self.tenants.drain_ended(&tenant, false);
                 self.stats.failed.fetch_add(1, Relaxed);
                 let pause = attempt::pause_for(&failure, event_id, attempts, &self.options);
-                settlement::pause(&self.pool, &tenant, &pause, &[], &[]).await?;
+                settlement::pause(&self.pool, &self.integration, &tenant, &pause, &[], &[]).await?;
             }
             Drained::Error(tenant, e) => {
                 self.tenants.drain_ended(&tenant, false);
@@ -873,10 +907,12 @@ impl<H: Handler> Coordinator<H> {
         }
         self.killed.send_replace(on);
         self.stats.kill_switch.store(u64::from(on), Relaxed);
-        let now = paused_tenants(&self.pool).await?;
+        let now = paused_tenants(&self.pool, &self.integration).await?;
         self.obey_pauses(now);
         if !on {
-            for (tenant, partition) in ledger::tenants_to_drain(&self.pool).await? {
+            for (tenant, partition) in
+                ledger::tenants_to_drain(&self.pool, &self.integration).await?
+            {
                 let partition = partition.unwrap_or_else(|| {
                     broker::partition_for_key(tenant.as_bytes(), self.partition_count)
                 });
@@ -1012,6 +1048,7 @@ impl<H: Handler> Coordinator<H> {
             let len = self.pending.len();
             let task = tokio::spawn(settlement::write_pending(
                 self.pool.clone(),
+                Arc::clone(&self.integration),
                 std::mem::take(&mut self.pending),
                 Arc::clone(&self.stats),
             ));
@@ -1058,7 +1095,7 @@ impl<H: Handler> Coordinator<H> {
                     .store(self.ownership.len() as u64, Relaxed);
                 // Obey the pauses other instances recorded before any record of the new
                 // partitions is handed over.
-                let now = paused_tenants(&self.pool).await?;
+                let now = paused_tenants(&self.pool, &self.integration).await?;
                 self.obey_pauses(now);
                 let _ = reply.send(());
             }
@@ -1153,8 +1190,8 @@ impl<H: Handler> Coordinator<H> {
 }
 
 /// The tenants whose records are parked rather than delivered: paused, or replaying a backlog.
-async fn paused_tenants(pool: &PgPool) -> Result<HashSet<String>, sqlx::Error> {
-    Ok(ledger::inactive_tenants(pool)
+async fn paused_tenants(pool: &PgPool, integration: &str) -> Result<HashSet<String>, sqlx::Error> {
+    Ok(ledger::inactive_tenants(pool, integration)
         .await?
         .into_iter()
         .filter(|(_, state)| state == "paused" || state == "draining")

@@ -35,8 +35,9 @@ pub(super) async fn drain<H: Handler>(
     guard: &Guard<'_>,
 ) -> Drained {
     let mut after = 0;
+    let integration = handler.integration();
     loop {
-        let page = match ledger::parked_backlog(pool, tenant, after, 500).await {
+        let page = match ledger::parked_backlog(pool, integration, tenant, after, 500).await {
             Ok(page) => page,
             Err(e) => return Drained::Error(tenant.to_owned(), e),
         };
@@ -50,6 +51,7 @@ pub(super) async fn drain<H: Handler>(
         }
         let replay = Replay {
             pool,
+            integration,
             tenant,
             settlements: Vec::new(),
             attempts: Vec::new(),
@@ -65,6 +67,7 @@ pub(super) async fn drain<H: Handler>(
 /// One page's replay: what settled, their attempts, and the last sequence number replayed.
 struct Replay<'a> {
     pool: &'a PgPool,
+    integration: &'a str,
     tenant: &'a str,
     settlements: Vec<ledger::Settlement>,
     attempts: Vec<ledger::AttemptLog>,
@@ -83,7 +86,7 @@ impl Replay<'_> {
         let ids: Vec<uuid::Uuid> = page.iter().filter_map(|(_, r)| r.event_id).collect();
         // Ids settled in this page are added as it goes: a copy parked behind its original
         // settles as a duplicate.
-        let mut settled = ledger::settled_ids(self.pool, &ids)
+        let mut settled = ledger::settled_ids(self.pool, self.integration, &ids)
             .await
             .map_err(|e| Drained::Error(tenant.clone(), e))?;
         for (seq, raw) in page {
@@ -137,6 +140,7 @@ impl Replay<'_> {
     async fn keep(&self) -> Result<(), sqlx::Error> {
         ledger::unpark(
             self.pool,
+            self.integration,
             self.tenant,
             self.through,
             &self.settlements,

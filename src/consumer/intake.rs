@@ -99,6 +99,21 @@ pub(super) fn parked_record<M: Message>(m: &M, topic: &str) -> ParkedRecord {
     }
 }
 
+/// Whether the record `m` is addressed to an integration other than `integration`: its
+/// `integration` header names another (as written, or JSON-quoted by a converter).
+pub(super) fn for_another<M: Message>(m: &M, integration: &str) -> bool {
+    let Some(headers) = m.headers() else {
+        return false;
+    };
+    headers.iter().any(|h| {
+        h.key == outbox::header::INTEGRATION
+            && h.value
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .map(|v| v.trim().trim_matches('"'))
+                .is_some_and(|v| !v.is_empty() && v != integration)
+    })
+}
+
 /// The record as an event `handler` admits, or why not: the wire contract's decoder, then the
 /// integration's own check of the type and payload ([`Handler::admit`]).
 pub(super) fn decode<H: Handler>(

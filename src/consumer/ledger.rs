@@ -2,6 +2,11 @@
 //! (`deliveries`), the parked backlog of paused tenants (`parked_events`), and tenant state
 //! (`tenants`). Every write is batched: one transaction for many events, because a commit costs
 //! a disk flush and per-event commits would cap throughput at the commit rate.
+//!
+//! Every record is filed under its integration (`integration`, the first argument after the
+//! connection): each integration is a consumer group of its own on the same outbox topic, so
+//! two of them settle the same event id each for itself, and a tenant paused for one partner
+//! keeps flowing to another.
 
 use std::collections::HashSet;
 
@@ -112,10 +117,16 @@ impl Settlement {
 /// The event ids among `ids` already settled: a redelivered event is skipped, not handled again.
 /// (Planned afresh on every call, as every statement on a pool from [`crate::store::connect`]: a
 /// plan cached while `deliveries` was nearly empty scans it.)
-pub async fn settled_ids(pool: &PgPool, ids: &[Uuid]) -> Result<HashSet<Uuid>, sqlx::Error> {
+pub async fn settled_ids(
+    pool: &PgPool,
+    integration: &str,
+    ids: &[Uuid],
+) -> Result<HashSet<Uuid>, sqlx::Error> {
     let found: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT event_id FROM deliveries WHERE event_id = ANY($1) AND settled_at IS NOT NULL",
+        "SELECT event_id FROM deliveries \
+         WHERE integration = $1 AND event_id = ANY($2) AND settled_at IS NOT NULL",
     )
+    .bind(integration)
     .bind(ids)
     .fetch_all(pool)
     .await?;
@@ -128,6 +139,7 @@ pub async fn settled_ids(pool: &PgPool, ids: &[Uuid]) -> Result<HashSet<Uuid>, s
 /// unsettled when its tenant paused) is settled now, its attempts added up.
 pub async fn record_settled(
     conn: &mut sqlx::PgConnection,
+    integration: &str,
     batch: &[Settlement],
 ) -> Result<u64, sqlx::Error> {
     if batch.is_empty() {
@@ -159,11 +171,12 @@ pub async fn record_settled(
     }
     let result = sqlx::query(
         "INSERT INTO deliveries (event_id, tenant_id, event_type, outcome, attempts, last_error, \
-                                 topic, partition, \"offset\", written_at, acked_at, settled_at) \
-         SELECT *, now() FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], \
-                                     $6::text[], $7::text[], $8::int[], $9::bigint[], \
-                                     $10::timestamptz[], $11::timestamptz[]) \
-         ON CONFLICT (event_id) DO UPDATE SET outcome = EXCLUDED.outcome, \
+                                 topic, partition, \"offset\", written_at, acked_at, settled_at, \
+                                 integration) \
+         SELECT *, now(), $12 FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], \
+                                          $6::text[], $7::text[], $8::int[], $9::bigint[], \
+                                          $10::timestamptz[], $11::timestamptz[]) \
+         ON CONFLICT (integration, event_id) DO UPDATE SET outcome = EXCLUDED.outcome, \
              attempts = deliveries.attempts + EXCLUDED.attempts, written_at = EXCLUDED.written_at, \
              acked_at = EXCLUDED.acked_at, settled_at = now(), updated_at = now(), \
              event_type = coalesce(deliveries.event_type, EXCLUDED.event_type), \
@@ -183,6 +196,7 @@ pub async fn record_settled(
     .bind(&offsets)
     .bind(&written)
     .bind(&acked)
+    .bind(integration)
     .execute(conn)
     .await?;
     Ok(result.rows_affected())
@@ -241,12 +255,13 @@ const PARK_CHUNK: usize = 500;
 /// failure is added to the reason and becomes the failing event.
 pub async fn park(
     pool: &PgPool,
+    integration: &str,
     tenant: &str,
     pause: Option<&Pause>,
     records: &[ParkedRecord],
 ) -> Result<u64, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let parked = park_in(&mut tx, tenant, pause, records).await?;
+    let parked = park_in(&mut tx, integration, tenant, pause, records).await?;
     tx.commit().await?;
     Ok(parked)
 }
@@ -254,21 +269,28 @@ pub async fn park(
 /// [`park`], inside the caller's transaction.
 pub async fn park_in(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    integration: &str,
     tenant: &str,
     pause: Option<&Pause>,
     records: &[ParkedRecord],
 ) -> Result<u64, sqlx::Error> {
     if let Some(p) = pause {
-        pause_tenant(tx, tenant, p).await?;
+        pause_tenant(tx, integration, tenant, p).await?;
         if let Some(event_id) = p.event_id {
-            record_failing_event(tx, tenant, p, event_id, records).await?;
+            let failing = Failing {
+                integration,
+                tenant,
+                pause: p,
+                event_id,
+            };
+            record_failing_event(tx, &failing, records).await?;
         }
     }
     let mut parked = 0;
     // A statement per chunk: a paused tenant's whole queue (thousands of records) would
     // otherwise be encoded into one statement, and the process's peak memory with it.
     for records in records.chunks(PARK_CHUNK) {
-        parked += park_chunk(tx, records).await?;
+        parked += park_chunk(tx, integration, records).await?;
     }
     Ok(parked)
 }
@@ -280,6 +302,7 @@ pub async fn park_in(
 /// count them settled.
 pub async fn park_held(
     pool: &PgPool,
+    integration: &str,
     records: &[ParkedRecord],
 ) -> Result<(u64, HashSet<String>), sqlx::Error> {
     let mut tx = pool.begin().await?;
@@ -287,9 +310,11 @@ pub async fn park_held(
     tenants.sort_unstable();
     tenants.dedup();
     let held: HashSet<String> = sqlx::query_scalar(
-        "SELECT tenant_id FROM tenants WHERE tenant_id = ANY($1) AND state IN ('paused', 'draining') \
+        "SELECT tenant_id FROM tenants \
+         WHERE integration = $1 AND tenant_id = ANY($2) AND state IN ('paused', 'draining') \
          ORDER BY tenant_id FOR SHARE",
     )
+    .bind(integration)
     .bind(&tenants)
     .fetch_all(&mut *tx)
     .await?
@@ -303,7 +328,7 @@ pub async fn park_held(
     let mut parked = 0;
     if live.is_empty() {
         for chunk in records.chunks(PARK_CHUNK) {
-            parked += park_chunk(&mut tx, chunk).await?;
+            parked += park_chunk(&mut tx, integration, chunk).await?;
         }
     } else {
         let kept: Vec<ParkedRecord> = records
@@ -312,7 +337,7 @@ pub async fn park_held(
             .cloned()
             .collect();
         for chunk in kept.chunks(PARK_CHUNK) {
-            parked += park_chunk(&mut tx, chunk).await?;
+            parked += park_chunk(&mut tx, integration, chunk).await?;
         }
     }
     tx.commit().await?;
@@ -321,11 +346,16 @@ pub async fn park_held(
 
 /// Marks `tenant` paused for `p` (an operator's pause stays the operator's, the failure added to
 /// its reason).
-async fn pause_tenant(conn: &mut PgConnection, tenant: &str, p: &Pause) -> Result<(), sqlx::Error> {
+async fn pause_tenant(
+    conn: &mut PgConnection,
+    integration: &str,
+    tenant: &str,
+    p: &Pause,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO tenants (tenant_id, state, pause_cause, pause_reason, paused_event_id, paused_at, next_retry_at, updated_at) \
-         VALUES ($1, 'paused', $2, $3, $4, now(), $5, now()) \
-         ON CONFLICT (tenant_id) DO UPDATE SET state = 'paused', paused_event_id = $4, updated_at = now(), \
+        "INSERT INTO tenants (tenant_id, state, pause_cause, pause_reason, paused_event_id, paused_at, next_retry_at, updated_at, integration) \
+         VALUES ($1, 'paused', $2, $3, $4, now(), $5, now(), $6) \
+         ON CONFLICT (integration, tenant_id) DO UPDATE SET state = 'paused', paused_event_id = $4, updated_at = now(), \
              pause_cause = CASE WHEN tenants.state = 'paused' AND tenants.pause_cause = 'operator' \
                                 THEN 'operator' ELSE $2 END, \
              pause_reason = CASE WHEN tenants.state = 'paused' AND tenants.pause_cause = 'operator' \
@@ -340,6 +370,7 @@ async fn pause_tenant(conn: &mut PgConnection, tenant: &str, p: &Pause) -> Resul
     .bind(&p.reason)
     .bind(p.event_id)
     .bind(p.next_retry_at)
+    .bind(integration)
     .execute(conn)
     .await?;
     Ok(())
@@ -347,13 +378,25 @@ async fn pause_tenant(conn: &mut PgConnection, tenant: &str, p: &Pause) -> Resul
 
 /// The failing event's record: why, after how many attempts, what the partner said. Not
 /// settled: it stays parked until replayed or skipped.
+/// The event a tenant was paused on, for [`record_failing_event`].
+struct Failing<'a> {
+    integration: &'a str,
+    tenant: &'a str,
+    pause: &'a Pause,
+    event_id: Uuid,
+}
+
 async fn record_failing_event(
     conn: &mut PgConnection,
-    tenant: &str,
-    p: &Pause,
-    event_id: Uuid,
+    failing: &Failing<'_>,
     records: &[ParkedRecord],
 ) -> Result<(), sqlx::Error> {
+    let Failing {
+        integration,
+        tenant,
+        pause: p,
+        event_id,
+    } = *failing;
     let at = records.iter().find(|r| r.event_id == Some(event_id));
     // Its type as the record's header names it (readable even when the payload is not).
     let event_type = at.and_then(|r| {
@@ -366,9 +409,9 @@ async fn record_failing_event(
     });
     sqlx::query(
         "INSERT INTO deliveries (event_id, tenant_id, outcome, attempts, last_error, last_response, \
-                                 topic, partition, \"offset\", event_type) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-         ON CONFLICT (event_id) DO UPDATE SET outcome = $3, attempts = deliveries.attempts + $4, \
+                                 topic, partition, \"offset\", event_type, integration) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+         ON CONFLICT (integration, event_id) DO UPDATE SET outcome = $3, attempts = deliveries.attempts + $4, \
              last_error = $5, last_response = $6, \
              event_type = coalesce(deliveries.event_type, EXCLUDED.event_type), updated_at = now() \
          WHERE deliveries.settled_at IS NULL",
@@ -383,13 +426,18 @@ async fn record_failing_event(
     .bind(at.map(|r| r.partition))
     .bind(at.map(|r| r.offset))
     .bind(event_type)
+    .bind(integration)
     .execute(conn)
     .await?;
     Ok(())
 }
 
 /// Parks one chunk of records, in order; how many were new.
-async fn park_chunk(conn: &mut PgConnection, records: &[ParkedRecord]) -> Result<u64, sqlx::Error> {
+async fn park_chunk(
+    conn: &mut PgConnection,
+    integration: &str,
+    records: &[ParkedRecord],
+) -> Result<u64, sqlx::Error> {
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD;
     let headers: Vec<serde_json::Value> = records
@@ -404,13 +452,14 @@ async fn park_chunk(conn: &mut PgConnection, records: &[ParkedRecord]) -> Result
         })
         .collect();
     let result = sqlx::query(
-        "INSERT INTO parked_events (tenant_id, event_id, topic, partition, \"offset\", record_key, headers, value, record_timestamp) \
-         SELECT t, e, tp, p, o, k, h, v, ts FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::int[], $5::bigint[], \
+        "INSERT INTO parked_events (tenant_id, event_id, topic, partition, \"offset\", record_key, headers, value, record_timestamp, integration) \
+         SELECT t, e, tp, p, o, k, h, v, ts, $10 FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::int[], $5::bigint[], \
                                                $6::bytea[], $7::jsonb[], $8::bytea[], $9::timestamptz[]) \
               WITH ORDINALITY AS r(t, e, tp, p, o, k, h, v, ts, n) \
-         WHERE EXISTS (SELECT 1 FROM tenants x WHERE x.tenant_id = r.t AND x.state IN ('paused', 'draining')) \
+         WHERE EXISTS (SELECT 1 FROM tenants x WHERE x.integration = $10 AND x.tenant_id = r.t \
+                                                 AND x.state IN ('paused', 'draining')) \
          ORDER BY n \
-         ON CONFLICT (topic, partition, \"offset\") DO NOTHING",
+         ON CONFLICT (integration, topic, partition, \"offset\") DO NOTHING",
     )
     .bind(records.iter().map(|r| r.tenant_id.as_str()).collect::<Vec<_>>())
     .bind(records.iter().map(|r| r.event_id).collect::<Vec<_>>())
@@ -421,6 +470,7 @@ async fn park_chunk(conn: &mut PgConnection, records: &[ParkedRecord]) -> Result
     .bind(headers)
     .bind(records.iter().map(|r| r.value.as_deref()).collect::<Vec<_>>())
     .bind(records.iter().map(|r| r.timestamp).collect::<Vec<_>>())
+    .bind(integration)
     .execute(conn)
     .await?;
     Ok(result.rows_affected())
@@ -428,10 +478,15 @@ async fn park_chunk(conn: &mut PgConnection, records: &[ParkedRecord]) -> Result
 
 /// Tenants not active (paused, draining, disabled): loaded on every partition assignment so
 /// whichever instance owns a tenant obeys its state.
-pub async fn inactive_tenants(pool: &PgPool) -> Result<Vec<(String, String)>, sqlx::Error> {
+pub async fn inactive_tenants(
+    pool: &PgPool,
+    integration: &str,
+) -> Result<Vec<(String, String)>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT tenant_id, state FROM tenants WHERE state <> 'active' ORDER BY tenant_id",
+        "SELECT tenant_id, state FROM tenants WHERE integration = $1 AND state <> 'active' \
+         ORDER BY tenant_id",
     )
+    .bind(integration)
     .fetch_all(pool)
     .await
 }
@@ -439,6 +494,7 @@ pub async fn inactive_tenants(pool: &PgPool) -> Result<Vec<(String, String)>, sq
 /// A tenant's parked backlog in order, oldest first, `limit` at a time after `after_seq`.
 pub async fn parked_backlog(
     pool: &PgPool,
+    integration: &str,
     tenant: &str,
     after_seq: i64,
     limit: i64,
@@ -458,11 +514,13 @@ pub async fn parked_backlog(
     );
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT seq, tenant_id, event_id, topic, partition, \"offset\", record_key, headers, value, record_timestamp \
-         FROM parked_events WHERE tenant_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+         FROM parked_events WHERE integration = $4 AND tenant_id = $1 AND seq > $2 \
+         ORDER BY seq LIMIT $3",
     )
     .bind(tenant)
     .bind(after_seq)
     .bind(limit)
+    .bind(integration)
     .fetch_all(pool)
     .await?;
     let b64 = base64::engine::general_purpose::STANDARD;
@@ -519,11 +577,12 @@ pub async fn parked_backlog(
 /// paused.
 pub async fn request_resume(
     pool: &PgPool,
+    integration: &str,
     tenant: &str,
     actor: &str,
     reason: &str,
 ) -> Result<bool, sqlx::Error> {
-    match resume(pool, tenant, actor, reason).await {
+    match resume(pool, integration, tenant, actor, reason).await {
         Ok(()) => Ok(true),
         Err(ActionError::Postgres(e)) => Err(e),
         Err(_) => Ok(false),
@@ -533,12 +592,13 @@ pub async fn request_resume(
 /// [`request_resume`], saying why nothing was done.
 pub async fn resume(
     pool: &PgPool,
+    integration: &str,
     tenant: &str,
     actor: &str,
     reason: &str,
 ) -> Result<(), ActionError> {
     let what = "not paused: nothing to resume";
-    drain_by_operator(pool, tenant, actor, reason, "resume", what).await
+    drain_by_operator(pool, integration, tenant, actor, reason, "resume", what).await
 }
 
 /// Retries a paused tenant now (audited): its owner replays the backlog at once instead of at
@@ -546,17 +606,19 @@ pub async fn resume(
 /// because it says "the cause may have gone" rather than "the cause was fixed".
 pub async fn retry_now(
     pool: &PgPool,
+    integration: &str,
     tenant: &str,
     actor: &str,
     reason: &str,
 ) -> Result<(), ActionError> {
     let what = "not paused: nothing to retry";
-    drain_by_operator(pool, tenant, actor, reason, "retry", what).await
+    drain_by_operator(pool, integration, tenant, actor, reason, "retry", what).await
 }
 
 /// Moves a paused tenant to `draining` and audits it as `action`, in one transaction.
 async fn drain_by_operator(
     pool: &PgPool,
+    integration: &str,
     tenant: &str,
     actor: &str,
     reason: &str,
@@ -564,22 +626,34 @@ async fn drain_by_operator(
     what: &'static str,
 ) -> Result<(), ActionError> {
     let mut tx = pool.begin().await?;
-    if !start_drain(&mut tx, tenant).await? {
-        return Err(wrong_state(&mut tx, tenant, "not_paused", what).await?);
+    if !start_drain(&mut tx, integration, tenant).await? {
+        return Err(wrong_state(&mut tx, integration, tenant, "not_paused", what).await?);
     }
-    audit(&mut tx, actor, action, tenant, reason, json!({})).await?;
+    let action = Action {
+        integration,
+        tenant,
+        actor,
+        action,
+        reason,
+    };
+    audit(&mut tx, &action, json!({})).await?;
     tx.commit().await?;
     Ok(())
 }
 
 /// Moves a paused tenant to `draining` (its owner replays the backlog); false if it was not
 /// paused.
-async fn start_drain(conn: &mut sqlx::PgConnection, tenant: &str) -> Result<bool, sqlx::Error> {
+async fn start_drain(
+    conn: &mut sqlx::PgConnection,
+    integration: &str,
+    tenant: &str,
+) -> Result<bool, sqlx::Error> {
     let changed = sqlx::query(
         "UPDATE tenants SET state = 'draining', next_retry_at = NULL, updated_at = now() \
-         WHERE tenant_id = $1 AND state = 'paused'",
+         WHERE integration = $2 AND tenant_id = $1 AND state = 'paused'",
     )
     .bind(tenant)
+    .bind(integration)
     .execute(conn)
     .await?
     .rows_affected();
@@ -602,6 +676,7 @@ pub struct Skipped {
 /// transaction. `None` when the tenant is not paused or has nothing parked.
 pub async fn skip_failed(
     pool: &PgPool,
+    integration: &str,
     tenant: &str,
     actor: &str,
     reason: &str,
@@ -609,15 +684,17 @@ pub async fn skip_failed(
     let mut tx = pool.begin().await?;
     // Resumed first, in this transaction: that checks the tenant is paused and holds its row;
     // with nothing parked the transaction is dropped, and it stays paused.
-    if !start_drain(&mut tx, tenant).await? {
+    if !start_drain(&mut tx, integration, tenant).await? {
         return Ok(None);
     }
     let oldest: Option<(Option<Uuid>, String, i32, i64)> = sqlx::query_as(
         "DELETE FROM parked_events WHERE seq = \
-             (SELECT seq FROM parked_events WHERE tenant_id = $1 ORDER BY seq LIMIT 1) \
+             (SELECT seq FROM parked_events WHERE integration = $2 AND tenant_id = $1 \
+              ORDER BY seq LIMIT 1) \
          RETURNING event_id, topic, partition, \"offset\"",
     )
     .bind(tenant)
+    .bind(integration)
     .fetch_optional(&mut *tx)
     .await?;
     let Some((event_id, topic, partition, offset)) = oldest else {
@@ -625,9 +702,9 @@ pub async fn skip_failed(
     };
     if let Some(id) = event_id {
         sqlx::query(
-            "INSERT INTO deliveries (event_id, tenant_id, outcome, topic, partition, \"offset\", last_error, settled_at) \
-             VALUES ($1, $2, 'skipped', $3, $4, $5, $6, now()) \
-             ON CONFLICT (event_id) DO UPDATE SET outcome = 'skipped', settled_at = now(), updated_at = now(), \
+            "INSERT INTO deliveries (event_id, tenant_id, outcome, topic, partition, \"offset\", last_error, settled_at, integration) \
+             VALUES ($1, $2, 'skipped', $3, $4, $5, $6, now(), $7) \
+             ON CONFLICT (integration, event_id) DO UPDATE SET outcome = 'skipped', settled_at = now(), updated_at = now(), \
                  last_error = EXCLUDED.last_error || coalesce('; it had failed with: ' || deliveries.last_error, '') \
              WHERE deliveries.settled_at IS NULL",
         )
@@ -637,18 +714,20 @@ pub async fn skip_failed(
         .bind(partition)
         .bind(offset)
         .bind(format!("skipped by {actor}: {reason}"))
+        .bind(integration)
         .execute(&mut *tx)
         .await?;
     }
     sqlx::query(
-        "INSERT INTO operator_actions (actor, action, tenant_id, event_id, reason, details) \
-         VALUES ($1, 'skip', $2, $3, $4, $5)",
+        "INSERT INTO operator_actions (actor, action, tenant_id, event_id, reason, details, integration) \
+         VALUES ($1, 'skip', $2, $3, $4, $5, $6)",
     )
     .bind(actor)
     .bind(tenant)
     .bind(event_id)
     .bind(reason)
     .bind(json!({"topic": topic, "partition": partition, "offset": offset}))
+    .bind(integration)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -664,15 +743,21 @@ pub async fn skip_failed(
 /// first record was read from, if it has a backlog. The instance owning that partition drains
 /// it: the tenant id's own hash may name another partition (a record without a key, filed under
 /// `unknown`; a key written as a JSON string, hashed with its quotes).
-pub async fn tenants_to_drain(pool: &PgPool) -> Result<Vec<(String, Option<i32>)>, sqlx::Error> {
+pub async fn tenants_to_drain(
+    pool: &PgPool,
+    integration: &str,
+) -> Result<Vec<(String, Option<i32>)>, sqlx::Error> {
     sqlx::query_as(
         "UPDATE tenants SET state = 'draining', updated_at = now() \
-         WHERE state = 'draining' \
-            OR (state = 'paused' AND pause_cause = 'retryable' AND next_retry_at <= now()) \
+         WHERE integration = $1 \
+           AND (state = 'draining' \
+                OR (state = 'paused' AND pause_cause = 'retryable' AND next_retry_at <= now())) \
          RETURNING tenant_id, \
-                   (SELECT p.partition FROM parked_events p WHERE p.tenant_id = tenants.tenant_id \
+                   (SELECT p.partition FROM parked_events p \
+                     WHERE p.integration = $1 AND p.tenant_id = tenants.tenant_id \
                      ORDER BY p.seq LIMIT 1)",
     )
+    .bind(integration)
     .fetch_all(pool)
     .await
 }
@@ -681,33 +766,42 @@ pub async fn tenants_to_drain(pool: &PgPool) -> Result<Vec<(String, Option<i32>)
 /// settlements and the attempts at them in the same transaction.
 pub async fn unpark(
     pool: &PgPool,
+    integration: &str,
     tenant: &str,
     through_seq: i64,
     settlements: &[Settlement],
     attempts: &[AttemptLog],
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
-    record_settled(&mut tx, settlements).await?;
-    record_attempts(&mut tx, attempts).await?;
-    sqlx::query("DELETE FROM parked_events WHERE tenant_id = $1 AND seq <= $2")
-        .bind(tenant)
-        .bind(through_seq)
-        .execute(&mut *tx)
-        .await?;
+    record_settled(&mut tx, integration, settlements).await?;
+    record_attempts(&mut tx, integration, attempts).await?;
+    sqlx::query(
+        "DELETE FROM parked_events WHERE integration = $3 AND tenant_id = $1 AND seq <= $2",
+    )
+    .bind(tenant)
+    .bind(through_seq)
+    .bind(integration)
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(())
 }
 
 /// Flips a drained tenant back to live delivery if its backlog is empty (the caller is the only
 /// one parking for it, so nothing can arrive in between). Returns whether it flipped.
-pub async fn finish_drain(pool: &PgPool, tenant: &str) -> Result<bool, sqlx::Error> {
+pub async fn finish_drain(
+    pool: &PgPool,
+    integration: &str,
+    tenant: &str,
+) -> Result<bool, sqlx::Error> {
     let flipped = sqlx::query(
         "UPDATE tenants SET state = 'active', pause_cause = NULL, pause_reason = NULL, \
                 paused_event_id = NULL, paused_at = NULL, next_retry_at = NULL, updated_at = now() \
-         WHERE tenant_id = $1 AND state = 'draining' \
-           AND NOT EXISTS (SELECT 1 FROM parked_events WHERE tenant_id = $1)",
+         WHERE integration = $2 AND tenant_id = $1 AND state = 'draining' \
+           AND NOT EXISTS (SELECT 1 FROM parked_events WHERE integration = $2 AND tenant_id = $1)",
     )
     .bind(tenant)
+    .bind(integration)
     .execute(pool)
     .await?
     .rows_affected();
@@ -743,19 +837,21 @@ pub struct AttemptLog {
 /// go on after the highest one recorded, so the history reads in order.
 pub async fn record_attempts(
     conn: &mut sqlx::PgConnection,
+    integration: &str,
     attempts: &[AttemptLog],
 ) -> Result<u64, sqlx::Error> {
     if attempts.is_empty() {
         return Ok(0);
     }
     let result = sqlx::query(
-        "INSERT INTO delivery_attempts (event_id, attempt, started_at, finished_at, outcome, error, response, instance) \
-         SELECT a.e, a.n + coalesce((SELECT max(attempt) FROM delivery_attempts d WHERE d.event_id = a.e \
+        "INSERT INTO delivery_attempts (event_id, attempt, started_at, finished_at, outcome, error, response, instance, integration) \
+         SELECT a.e, a.n + coalesce((SELECT max(attempt) FROM delivery_attempts d \
+                                     WHERE d.integration = $9 AND d.event_id = a.e \
                                        AND d.started_at < a.s), 0), \
-                a.s, a.f, a.o, a.err, a.r, a.i \
+                a.s, a.f, a.o, a.err, a.r, a.i, $9 \
          FROM UNNEST($1::uuid[], $2::int[], $3::timestamptz[], $4::timestamptz[], $5::text[], \
                      $6::text[], $7::jsonb[], $8::text[]) AS a(e, n, s, f, o, err, r, i) \
-         ON CONFLICT (event_id, attempt) DO NOTHING",
+         ON CONFLICT (integration, event_id, attempt) DO NOTHING",
     )
     .bind(attempts.iter().map(|a| a.event_id).collect::<Vec<_>>())
     .bind(attempts.iter().map(|a| a.attempt).collect::<Vec<_>>())
@@ -765,6 +861,7 @@ pub async fn record_attempts(
     .bind(attempts.iter().map(|a| a.error.as_deref()).collect::<Vec<_>>())
     .bind(attempts.iter().map(|a| a.response.clone()).collect::<Vec<_>>())
     .bind(attempts.iter().map(|a| a.instance.as_str()).collect::<Vec<_>>())
+    .bind(integration)
     .execute(conn)
     .await?;
     Ok(result.rows_affected())
@@ -796,13 +893,15 @@ pub enum ActionError {
 /// Why an action found `tenant` in the wrong state (or found no such tenant).
 pub async fn wrong_state(
     conn: &mut sqlx::PgConnection,
+    integration: &str,
     tenant: &str,
     code: &'static str,
     what: &'static str,
 ) -> Result<ActionError, sqlx::Error> {
     let state: Option<String> =
-        sqlx::query_scalar("SELECT state FROM tenants WHERE tenant_id = $1")
+        sqlx::query_scalar("SELECT state FROM tenants WHERE integration = $2 AND tenant_id = $1")
             .bind(tenant)
+            .bind(integration)
             .fetch_optional(conn)
             .await?;
     Ok(match state {
@@ -822,6 +921,7 @@ pub async fn wrong_state(
 /// operator resumes it.
 pub async fn pause_by_operator(
     pool: &PgPool,
+    integration: &str,
     tenant: &str,
     actor: &str,
     reason: &str,
@@ -830,23 +930,32 @@ pub async fn pause_by_operator(
     let changed = sqlx::query(
         "UPDATE tenants SET state = 'paused', pause_cause = 'operator', pause_reason = $2, \
                 paused_event_id = NULL, paused_at = now(), next_retry_at = NULL, updated_at = now() \
-         WHERE tenant_id = $1 AND state = 'active'",
+         WHERE integration = $3 AND tenant_id = $1 AND state = 'active'",
     )
     .bind(tenant)
     .bind(format!("paused by {actor}: {reason}"))
+    .bind(integration)
     .execute(&mut *tx)
     .await?
     .rows_affected();
     if changed != 1 {
         return Err(wrong_state(
             &mut tx,
+            integration,
             tenant,
             "not_active",
             "only an active tenant can be paused",
         )
         .await?);
     }
-    audit(&mut tx, actor, "pause", tenant, reason, json!({})).await?;
+    let action = Action {
+        integration,
+        tenant,
+        actor,
+        action: "pause",
+        reason,
+    };
+    audit(&mut tx, &action, json!({})).await?;
     tx.commit().await?;
     Ok(())
 }
@@ -859,6 +968,7 @@ pub async fn pause_by_operator(
 /// replay and before everything committed after it. Returns how many events were written.
 pub async fn replay_since(
     pool: &PgPool,
+    integration: &str,
     tenant: &str,
     since: DateTime<Utc>,
     actor: &str,
@@ -866,10 +976,11 @@ pub async fn replay_since(
 ) -> Result<u64, ActionError> {
     let mut tx = pool.begin().await?;
     let known: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM tenants WHERE tenant_id = $1) \
+        "SELECT EXISTS (SELECT 1 FROM tenants WHERE integration = $2 AND tenant_id = $1) \
              OR EXISTS (SELECT 1 FROM outbox WHERE tenant_id = $1)",
     )
     .bind(tenant)
+    .bind(integration)
     .fetch_one(&mut *tx)
     .await?;
     if !known {
@@ -879,49 +990,67 @@ pub async fn replay_since(
     // position); rows not consumed yet follow in the order they were written. A tenant's events
     // all live on one partition, so offsets compare. The rows are inserted in that order (which
     // is the WAL's, hence the change feed's), and their `created_at` keeps it for readers.
+    // The copies are this integration's alone: every other one records them as ignored, so a
+    // replay for one partner sends nothing twice to another.
     let written = sqlx::query(
-        "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, tenant_id, traceparent, deliver_before, created_at) \
+        "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, tenant_id, traceparent, deliver_before, created_at, integration) \
          SELECT gen_random_uuid(), aggregatetype, aggregateid, type, payload, tenant_id, NULL, deliver_before, \
-                now() + n * interval '1 microsecond' \
+                now() + n * interval '1 microsecond', $3 \
          FROM (SELECT o.*, row_number() OVER (ORDER BY d.\"offset\" NULLS LAST, o.created_at, o.id) AS n \
-               FROM outbox o LEFT JOIN deliveries d ON d.event_id = o.id \
-               WHERE o.tenant_id = $1 AND o.created_at >= $2) history \
+               FROM outbox o LEFT JOIN deliveries d ON d.integration = $3 AND d.event_id = o.id \
+               WHERE o.tenant_id = $1 AND o.created_at >= $2 \
+                 AND (o.integration IS NULL OR o.integration = $3)) history \
          ORDER BY n",
     )
     .bind(tenant)
     .bind(since)
+    .bind(integration)
     .execute(&mut *tx)
     .await?
     .rows_affected();
-    audit(
-        &mut tx,
-        actor,
-        "replay",
+    let action = Action {
+        integration,
         tenant,
+        actor,
+        action: "replay",
         reason,
-        json!({"since": since, "events": written}),
-    )
-    .await?;
+    };
+    audit(&mut tx, &action, json!({"since": since, "events": written})).await?;
     tx.commit().await?;
     Ok(written)
 }
 
-async fn audit(
+/// An operator's action on one integration's tenant, for the audit trail.
+#[derive(Debug, Clone, Copy)]
+pub struct Action<'a> {
+    /// The integration.
+    pub integration: &'a str,
+    /// The tenant.
+    pub tenant: &'a str,
+    /// Who.
+    pub actor: &'a str,
+    /// What (`resume`, `webhook_set`...).
+    pub action: &'a str,
+    /// Why.
+    pub reason: &'a str,
+}
+
+/// Records `action`, with `details`, in `operator_actions`.
+pub async fn audit(
     conn: &mut sqlx::PgConnection,
-    actor: &str,
-    action: &str,
-    tenant: &str,
-    reason: &str,
+    action: &Action<'_>,
     details: serde_json::Value,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO operator_actions (actor, action, tenant_id, reason, details) VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO operator_actions (actor, action, tenant_id, reason, details, integration) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
-    .bind(actor)
-    .bind(action)
-    .bind(tenant)
-    .bind(reason)
+    .bind(action.actor)
+    .bind(action.action)
+    .bind(action.tenant)
+    .bind(action.reason)
     .bind(details)
+    .bind(action.integration)
     .execute(conn)
     .await?;
     Ok(())

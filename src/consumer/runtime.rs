@@ -110,6 +110,20 @@ pub enum ConsumeError {
     /// The thread that polls Kafka ended while the consumer ran.
     #[error("kafka: the poll thread stopped")]
     PollerStopped,
+    /// The consumer group is another integration's: sharing it, each would read only some of
+    /// the partitions, and the other's events would never reach this partner.
+    #[error(
+        "consumer group {group:?} belongs to integration {owner:?}, not {integration:?}: give \
+         each integration a group of its own (kafka.group_id, FERRY_KAFKA_GROUP_ID)"
+    )]
+    GroupTaken {
+        /// The group.
+        group: String,
+        /// The integration that claimed it first.
+        owner: String,
+        /// This consumer's integration.
+        integration: String,
+    },
 }
 
 impl ConsumeError {
@@ -122,6 +136,7 @@ impl ConsumeError {
             ConsumeError::Kafka(e) => !is_fatal(e),
             ConsumeError::Postgres(e) => postgres_is_transient(e),
             ConsumeError::Poller(_) | ConsumeError::PollerStopped => true,
+            ConsumeError::GroupTaken { .. } => false,
         }
     }
 }
@@ -297,6 +312,7 @@ pub async fn run<H: Handler>(
     shutdown: CancellationToken,
 ) -> Result<(), ConsumeError> {
     use std::sync::atomic::Ordering::Relaxed;
+    claim_group(&pool, &config.kafka.group_id, handler.integration()).await?;
     loop {
         let started = Coordinator::start(
             config,
@@ -322,6 +338,40 @@ pub async fn run<H: Handler>(
             other => return other,
         }
     }
+}
+
+/// Claims the consumer group `group` for `integration`, the first time it is used; refused
+/// when another integration claimed it.
+async fn claim_group(pool: &PgPool, group: &str, integration: &str) -> Result<(), ConsumeError> {
+    let owner: Option<String> = sqlx::query_scalar(
+        "WITH claimed AS (INSERT INTO consumer_groups (group_id, integration) VALUES ($1, $2) \
+                          ON CONFLICT (group_id) DO NOTHING RETURNING integration) \
+         SELECT integration FROM claimed \
+         UNION ALL SELECT integration FROM consumer_groups WHERE group_id = $1 \
+         LIMIT 1",
+    )
+    .bind(group)
+    .bind(integration)
+    .fetch_optional(pool)
+    .await?;
+    // None: another instance claimed it as this statement ran (its snapshot predates that).
+    let owner = match owner {
+        Some(owner) => owner,
+        None => {
+            sqlx::query_scalar("SELECT integration FROM consumer_groups WHERE group_id = $1")
+                .bind(group)
+                .fetch_one(pool)
+                .await?
+        }
+    };
+    if owner == integration {
+        return Ok(());
+    }
+    Err(ConsumeError::GroupTaken {
+        group: group.to_owned(),
+        owner,
+        integration: integration.to_owned(),
+    })
 }
 
 /// Waits until Postgres answers a query (or `shutdown`), trying at growing intervals from

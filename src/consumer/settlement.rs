@@ -73,6 +73,7 @@ pub(super) type Written = Result<Durable, sqlx::Error>;
 /// once it is durable ([`mark_and_commit`]).
 pub(super) async fn write_pending(
     pool: PgPool,
+    integration: Arc<str>,
     pending: Pending,
     stats: Arc<ConsumeStats>,
 ) -> Written {
@@ -85,7 +86,7 @@ pub(super) async fn write_pending(
     let (mut ids, mut live) = (Vec::new(), Vec::new());
     if !parked.is_empty() {
         let (records, positions): (Vec<ParkedRecord>, Vec<Position>) = parked.into_iter().unzip();
-        let (n, live_tenants) = ledger::park_held(&pool, &records).await?;
+        let (n, live_tenants) = ledger::park_held(&pool, &integration, &records).await?;
         stats
             .parked
             .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
@@ -102,8 +103,8 @@ pub(super) async fn write_pending(
         let (batch, positions): (Vec<Settlement>, Vec<Position>) = settlements.into_iter().unzip();
         ids.extend(batch.iter().map(|s| s.event_id));
         let mut tx = pool.begin().await?;
-        ledger::record_settled(&mut tx, &batch).await?;
-        ledger::record_attempts(&mut tx, &attempts).await?;
+        ledger::record_settled(&mut tx, &integration, &batch).await?;
+        ledger::record_attempts(&mut tx, &integration, &attempts).await?;
         tx.commit().await?;
         settled.extend(positions);
     }
@@ -119,22 +120,27 @@ pub(super) async fn write_pending(
 /// how many were parked. The tenant's later records are parked behind them as they arrive.
 pub(super) async fn pause(
     pool: &PgPool,
+    integration: &str,
     tenant: &str,
     pause: &Pause,
     records: &[ParkedRecord],
     attempts: &[AttemptLog],
 ) -> Result<u64, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    ledger::record_attempts(&mut tx, attempts).await?;
-    let parked = ledger::park_in(&mut tx, tenant, Some(pause), records).await?;
+    ledger::record_attempts(&mut tx, integration, attempts).await?;
+    let parked = ledger::park_in(&mut tx, integration, tenant, Some(pause), records).await?;
     tx.commit().await?;
     Ok(parked)
 }
 
 /// Flips a tenant whose backlog was replayed live, if nothing is parked for it any more;
 /// whether it flipped.
-pub(super) async fn finish_drain(pool: &PgPool, tenant: &str) -> Result<bool, sqlx::Error> {
-    ledger::finish_drain(pool, tenant).await
+pub(super) async fn finish_drain(
+    pool: &PgPool,
+    integration: &str,
+    tenant: &str,
+) -> Result<bool, sqlx::Error> {
+    ledger::finish_drain(pool, integration, tenant).await
 }
 
 /// A settle batch being written.

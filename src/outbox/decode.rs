@@ -207,6 +207,7 @@ pub fn decode(record: &RawRecord<'_>) -> Result<OutboxEvent, BadEvent> {
             .and_then(DateTime::<Utc>::from_timestamp_millis),
         event_type,
         payload,
+        integration: optional(header::INTEGRATION).filter(|i| !i.is_empty()),
     })
 }
 
@@ -345,13 +346,14 @@ fn router_envelope(value: Option<&[u8]>) -> Option<RouterEnvelope> {
     }
     // A payload of the application's own with a field named `payload` is told apart by the
     // placed fields: scalars, and at least one of them a field of the contract.
-    const CONTRACT: [&str; 6] = [
+    const CONTRACT: [&str; 7] = [
         header::ID,
         header::EVENT_TYPE,
         header::AGGREGATE_TYPE,
         header::AGGREGATE_ID,
         header::TRACEPARENT,
         header::DELIVER_BEFORE,
+        header::INTEGRATION,
     ];
     let placed = map.contains_key("payload")
         && map.keys().any(|k| CONTRACT.contains(&k.as_str()))

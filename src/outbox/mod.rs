@@ -43,6 +43,9 @@ pub mod header {
     /// limit, a row without tenant): the record carries the row's identity and this reason, in
     /// order, so the consumer records a bad event instead of the row vanishing.
     pub const REJECTED: &str = "ferryRejected";
+    /// The outbox `integration` column, where set: the one integration the event is for (a
+    /// tenant's backfill, an operator's replay). Every other integration records it as ignored.
+    pub const INTEGRATION: &str = "integration";
 }
 
 /// A tenant of our platform: the Kafka key, the unit of ordering and of isolation.
@@ -216,9 +219,17 @@ pub struct OutboxEvent {
     pub event_type: String,
     /// The payload, as it arrived.
     pub payload: Payload,
+    /// The one integration the event is for, when its row names one; `None`: for every one.
+    pub integration: Option<String>,
 }
 
 impl OutboxEvent {
+    /// Whether the integration named `integration` acts on the event: every one does, unless
+    /// the event names another.
+    pub fn is_for(&self, integration: &str) -> bool {
+        self.integration.as_deref().is_none_or(|i| i == integration)
+    }
+
     /// The event's type.
     pub fn event_type(&self) -> &str {
         &self.event_type

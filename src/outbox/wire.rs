@@ -30,6 +30,10 @@ pub struct OutboxRow {
     pub created_at: DateTime<Utc>,
     /// `deliver_before`.
     pub deliver_before: Option<DateTime<Utc>>,
+    /// `integration`: the one integration the event is for, or `None` for all (a table without
+    /// the column reads as `None`).
+    #[sqlx(default)]
+    pub integration: Option<String>,
 }
 
 /// A Kafka record of the wire contract, owned, ready to produce.
@@ -64,6 +68,9 @@ impl WireRecord {
         if let Some(t) = row.deliver_before {
             let text = t.to_rfc3339_opts(SecondsFormat::Micros, true);
             headers.push((header::DELIVER_BEFORE, text.into_bytes()));
+        }
+        if let Some(i) = &row.integration {
+            headers.push((header::INTEGRATION, i.clone().into_bytes()));
         }
         WireRecord {
             key: row.tenant_id.clone().into_bytes(),
@@ -173,6 +180,7 @@ mod tests {
             traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
             created_at: Utc::now(),
             deliver_before: Some(deliver_before),
+            integration: Some("webhooks".to_owned()),
         };
         let record = WireRecord::from_row(&row, None);
         let event = decode(&record.as_raw()).unwrap();
@@ -184,6 +192,8 @@ mod tests {
         assert_eq!(event.aggregate_type.as_deref(), Some("Product"));
         assert_eq!(event.traceparent, row.traceparent);
         assert_eq!(event.deliver_before, Some(deliver_before));
+        assert_eq!(event.integration.as_deref(), Some("webhooks"));
+        assert!(event.is_for("webhooks") && !event.is_for("partner"));
         assert_eq!(
             event.occurred_at.unwrap().timestamp_millis(),
             row.created_at.timestamp_millis()

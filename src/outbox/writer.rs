@@ -81,6 +81,8 @@ pub struct NewEvent<P> {
     pub deliver_before: Option<DateTime<Utc>>,
     /// W3C trace context; [`NewEvent::new`] captures the current span's.
     pub traceparent: Option<String>,
+    /// The one integration the event is for (a tenant's backfill), or `None`: every one.
+    pub integration: Option<String>,
 }
 
 impl<P: OutboxPayload> NewEvent<P> {
@@ -93,7 +95,14 @@ impl<P: OutboxPayload> NewEvent<P> {
             payload,
             deliver_before: None,
             traceparent: current_traceparent(),
+            integration: None,
         }
+    }
+
+    /// Addresses the event to the integration named `integration` alone.
+    pub fn for_integration(mut self, integration: &str) -> Self {
+        self.integration = Some(integration.to_owned());
+        self
     }
 
     /// Sets the delivery deadline.
@@ -130,6 +139,7 @@ pub async fn append_many<P: OutboxPayload>(
     let mut tenants = Vec::with_capacity(events.len());
     let mut traceparents = Vec::with_capacity(events.len());
     let mut deadlines = Vec::with_capacity(events.len());
+    let mut integrations = Vec::with_capacity(events.len());
     for e in events {
         ids.push(e.id);
         aggregate_types.push(e.payload.aggregate_type());
@@ -139,13 +149,15 @@ pub async fn append_many<P: OutboxPayload>(
         tenants.push(e.tenant_id.as_str());
         traceparents.push(e.traceparent.as_deref());
         deadlines.push(e.deliver_before);
+        integrations.push(e.integration.as_deref());
     }
     // WITH ORDINALITY + ORDER BY: the rows reach the WAL, and so Kafka, in the given order.
     sqlx::query(
-        "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, tenant_id, traceparent, deliver_before) \
-         SELECT id, aggregatetype, aggregateid, type, payload, tenant_id, traceparent, deliver_before \
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[], $7::text[], $8::timestamptz[]) \
-              WITH ORDINALITY AS e(id, aggregatetype, aggregateid, type, payload, tenant_id, traceparent, deliver_before, n) \
+        "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, tenant_id, traceparent, deliver_before, integration) \
+         SELECT id, aggregatetype, aggregateid, type, payload, tenant_id, traceparent, deliver_before, integration \
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[], $7::text[], \
+                     $8::timestamptz[], $9::text[]) \
+              WITH ORDINALITY AS e(id, aggregatetype, aggregateid, type, payload, tenant_id, traceparent, deliver_before, integration, n) \
          ORDER BY n",
     )
     .bind(&ids)
@@ -156,6 +168,7 @@ pub async fn append_many<P: OutboxPayload>(
     .bind(&tenants)
     .bind(&traceparents)
     .bind(&deadlines)
+    .bind(&integrations)
     .execute(conn)
     .await?;
     Ok(())

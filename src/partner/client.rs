@@ -371,7 +371,16 @@ impl PartnerClient {
     pub async fn simulator_report(
         &self,
     ) -> Result<std::collections::BTreeMap<String, super::sim::AccountReport>, Failure> {
-        let path = "/_sim/report";
+        self.simulator_get("/_sim/report").await
+    }
+
+    /// What the simulator's webhook receiver saw, per tenant (`GET /_sim/hooks/report`).
+    pub async fn receiver_report(&self) -> Result<crate::webhook::receiver::Report, Failure> {
+        self.simulator_get("/_sim/hooks/report").await
+    }
+
+    /// One of the simulator's control routes, read with its token.
+    async fn simulator_get<T: DeserializeOwned>(&self, path: &str) -> Result<T, Failure> {
         let response = self
             .http
             .get(format!("{}{path}", self.base))
@@ -406,7 +415,7 @@ impl PartnerClient {
 
 /// Reads at most `limit` bytes of `response`'s body; whether that was all of it. A longer
 /// answer is cut off there (the connection is dropped rather than drained).
-async fn read_bounded(
+pub(crate) async fn read_bounded(
     mut response: reqwest::Response,
     limit: usize,
 ) -> Result<(String, bool), reqwest::Error> {

@@ -51,6 +51,10 @@ impl Integration {
 }
 
 impl Handler for Integration {
+    fn integration(&self) -> &str {
+        INTEGRATION
+    }
+
     fn admit(&self, event: &OutboxEvent) -> Result<(), BadEventReason> {
         if control::is_control(&event.event_type) {
             return Ok(());
@@ -138,7 +142,8 @@ impl Integration {
     /// enable|disable` committed sees the flag it set.
     async fn known(&self, tenant: &str, product_id: &str) -> Result<Known, Failure> {
         let (enabled, item, price): (bool, Option<String>, Option<String>) = sqlx::query_as(
-            "SELECT coalesce((SELECT integration_enabled FROM tenants WHERE tenant_id = $1), false), \
+            "SELECT coalesce((SELECT integration_enabled FROM tenants \
+                              WHERE integration = $2 AND tenant_id = $1), false), \
                     (SELECT foreign_id FROM integration_mappings \
                       WHERE integration = $2 AND object_type = $3 AND tenant_id = $1 AND local_id = $5), \
                     (SELECT foreign_id FROM integration_mappings \

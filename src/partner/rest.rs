@@ -114,6 +114,10 @@ pub fn payload_json(
 }
 
 impl Handler for RestIntegration {
+    fn integration(&self) -> &str {
+        &self.spec.name
+    }
+
     fn admit(&self, event: &OutboxEvent) -> Result<(), BadEventReason> {
         if control::is_control(&event.event_type) {
             return Ok(());
@@ -175,9 +179,11 @@ impl RestIntegration {
 
     async fn enabled(&self, tenant: &str) -> Result<bool, Failure> {
         sqlx::query_scalar(
-            "SELECT coalesce((SELECT integration_enabled FROM tenants WHERE tenant_id = $1), false)",
+            "SELECT coalesce((SELECT integration_enabled FROM tenants \
+                              WHERE integration = $2 AND tenant_id = $1), false)",
         )
         .bind(tenant)
+        .bind(&self.spec.name)
         .fetch_one(&self.pool)
         .await
         .map_err(db)

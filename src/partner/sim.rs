@@ -239,6 +239,8 @@ impl Default for SimState {
 pub struct Sim {
     token: String,
     state: Mutex<SimState>,
+    /// The tenants' webhook endpoints, served beside the shop's API.
+    pub hooks: crate::webhook::receiver::Receiver,
 }
 
 /// The simulator's shared state, for tests that run it in-process.
@@ -250,6 +252,7 @@ impl Sim {
         Arc::new(Sim {
             token: token.into(),
             state: Mutex::new(SimState::default()),
+            hooks: crate::webhook::receiver::Receiver::default(),
         })
     }
 
@@ -349,9 +352,11 @@ pub fn router(sim: SimHandle) -> Router {
                 .put(update_one::<ShopPrice>)
                 .delete(delete_one::<ShopPrice>),
         );
+    let (hooks, hooks_control) = crate::webhook::receiver::router(sim.hooks.clone());
     // The simulator's own control routes need its token too: a fault set by a stranger
     // would be a test's false failure.
     let control = Router::new()
+        .merge(hooks_control)
         .route("/_sim/faults", put(put_faults).get(get_faults))
         .route("/_sim/report", get(get_report))
         .route("/_sim/accounts/{account}", get(get_account))
@@ -364,6 +369,7 @@ pub fn router(sim: SimHandle) -> Router {
     Router::new()
         .nest("/v1/accounts/{account}", api)
         .merge(control)
+        .merge(hooks)
         .route("/healthz", get(|| async { "ok" }))
         .with_state(sim)
 }

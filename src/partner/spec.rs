@@ -60,6 +60,17 @@ struct File {
     #[serde(default)]
     objects: BTreeMap<String, FileObject>,
     backfill: Option<FileBackfill>,
+    webhooks: Option<FileWebhooks>,
+}
+
+/// `[webhooks]`: the file declares a webhooks integration (each tenant's events to that
+/// tenant's own endpoint) rather than a partner's objects.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileWebhooks {
+    source: Option<String>,
+    type_prefix: Option<String>,
+    timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,7 +105,7 @@ struct FilePayload {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileEvent {
-    our_id: String,
+    our_id: Option<String>,
     message: Option<String>,
 }
 
@@ -144,6 +155,20 @@ pub struct Spec {
     pub objects: Vec<ObjectSpec>,
     /// What `ferry tenant enable` writes after its marker, if the file says.
     pub backfill: Option<BackfillSpec>,
+    /// Set when the file declares a webhooks integration (`[webhooks]`): each tenant's events
+    /// to its own endpoint, and no partner objects.
+    pub webhooks: Option<WebhookSpec>,
+}
+
+/// How a webhooks integration writes its deliveries (`[webhooks]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookSpec {
+    /// The CloudEvents `source` of every event: who sends them (`https://shop.example`).
+    pub source: String,
+    /// Put before the event type to make the CloudEvents `type` (`com.example.shop.`).
+    pub type_prefix: String,
+    /// How long one delivery may take; `None` for Ferry's `partner.timeout_ms`.
+    pub timeout: Option<Duration>,
 }
 
 /// A tenant's backfill: a query of the application's tables, each row written to the outbox as
@@ -180,7 +205,8 @@ pub struct PartnerSpec {
 /// One event type the integration acts on.
 #[derive(Debug, Clone)]
 pub struct EventSpec {
-    /// Where our id of the object is in the payload.
+    /// Where our id of the object is in the payload (required by a REST integration; in a
+    /// webhooks integration, the CloudEvents `subject` when given, else the aggregate id).
     pub our_id: Vec<String>,
     /// The protobuf message its payload is, when it comes as bytes.
     pub message: Option<prost_reflect::MessageDescriptor>,
@@ -282,9 +308,23 @@ impl Spec {
         check.name(&file.name)?;
         let partner = check.partner(&file.partner)?;
         let protos = check.protos(&file.payload)?;
-        let events = check.events(&file.events, protos.as_ref())?;
-        let objects = check.objects(&file.objects, &events)?;
-        let backfill = check.backfill(file.backfill, &objects)?;
+        let webhooks = file
+            .webhooks
+            .as_ref()
+            .map(|w| check.webhooks(w))
+            .transpose()?;
+        let events = check.events(&file.events, protos.as_ref(), webhooks.is_none())?;
+        let objects = match webhooks {
+            None => check.objects(&file.objects, &events)?,
+            Some(_) if !file.objects.is_empty() => {
+                return Err(check.invalid(
+                    "objects",
+                    "a webhooks integration sends each event to its tenant's endpoint: it has no objects",
+                ));
+            }
+            Some(_) => Vec::new(),
+        };
+        let backfill = check.backfill(file.backfill, &objects, &events, webhooks.is_some())?;
         Ok(Spec {
             file: path.to_owned(),
             name: file.name,
@@ -293,6 +333,7 @@ impl Spec {
             events,
             objects,
             backfill,
+            webhooks,
         })
     }
 
@@ -304,6 +345,21 @@ impl Spec {
             self.file.display(),
             self.name
         );
+        if let Some(w) = &self.webhooks {
+            let _ = writeln!(
+                out,
+                "webhooks: to each tenant's endpoint, source {:?}",
+                w.source
+            );
+            for event in self.events.keys() {
+                let _ = writeln!(
+                    out,
+                    "  {event}: a CloudEvent of type {:?}, signed",
+                    format!("{}{event}", w.type_prefix)
+                );
+            }
+            return out;
+        }
         let url = self.partner.url.as_deref().unwrap_or("Ferry's partner.url");
         let _ = writeln!(out, "partner: {url}");
         for (event, declared) in &self.events {
@@ -363,12 +419,7 @@ impl Check<'_> {
     }
 
     fn name(&self, name: &str) -> Result<(), SpecError> {
-        let ok = !name.is_empty()
-            && name.len() <= 64
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-        if ok {
+        if crate::delivery::is_integration_name(name) {
             Ok(())
         } else {
             Err(self.invalid(
@@ -436,9 +487,17 @@ impl Check<'_> {
         &self,
         b: Option<FileBackfill>,
         objects: &[ObjectSpec],
+        events: &BTreeMap<String, EventSpec>,
+        webhooks: bool,
     ) -> Result<Option<BackfillSpec>, SpecError> {
         let Some(b) = b else { return Ok(None) };
-        if !objects.iter().any(|o| o.upserted_by(&b.event_type)) {
+        if webhooks && !events.contains_key(&b.event_type) {
+            return Err(self.invalid(
+                "backfill.event_type",
+                format!("{:?} is not an event type of `events`", b.event_type),
+            ));
+        }
+        if !webhooks && !objects.iter().any(|o| o.upserted_by(&b.event_type)) {
             return Err(self.invalid(
                 "backfill.event_type",
                 format!("{:?} creates or updates no object type", b.event_type),
@@ -480,10 +539,32 @@ impl Check<'_> {
             .map_err(|e| self.invalid("payload.proto_files", e.to_string()))
     }
 
+    fn webhooks(&self, w: &FileWebhooks) -> Result<WebhookSpec, SpecError> {
+        let timeout = match &w.timeout {
+            Some(t) => Some(humantime::parse_duration(t).map_err(|e| {
+                self.invalid(
+                    "webhooks.timeout",
+                    format!("{t:?} is not a duration like \"10s\": {e}"),
+                )
+            })?),
+            None => None,
+        };
+        let source = w.source.clone().unwrap_or_else(|| "ferry".to_owned());
+        if source.trim().is_empty() {
+            return Err(self.invalid("webhooks.source", "must not be empty (a URI reference)"));
+        }
+        Ok(WebhookSpec {
+            source,
+            type_prefix: w.type_prefix.clone().unwrap_or_default(),
+            timeout,
+        })
+    }
+
     fn events(
         &self,
         events: &BTreeMap<String, FileEvent>,
         protos: Option<&prost_reflect::DescriptorPool>,
+        our_id_required: bool,
     ) -> Result<BTreeMap<String, EventSpec>, SpecError> {
         let mut out = BTreeMap::new();
         for (name, e) in events {
@@ -494,7 +575,16 @@ impl Check<'_> {
                     "is Ferry's own event (enable and disable are handled for every integration)",
                 ));
             }
-            let our_id = field_path(&e.our_id).map_err(|why| self.invalid(key("our_id"), why))?;
+            let our_id = match &e.our_id {
+                Some(path) => field_path(path).map_err(|why| self.invalid(key("our_id"), why))?,
+                None if our_id_required => {
+                    return Err(self.invalid(
+                        key("our_id"),
+                        "is required: where our id of the object is in the payload",
+                    ));
+                }
+                None => Vec::new(),
+            };
             let message = match (&e.message, protos) {
                 (None, _) => None,
                 (Some(m), None) => {
@@ -825,6 +915,50 @@ delete = { path = "/people/{id}" }
         assert_eq!(person.create.method, reqwest::Method::POST);
         assert!(person.upserted_by("ContactSaved"));
         assert!(person.delete_on.contains("ContactRemoved"));
+    }
+
+    #[test]
+    fn the_webhooks_file_is_a_webhooks_integration_without_objects() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("integrations/webhooks.toml");
+        let spec = Spec::load_with(&file, |_| None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(spec.name, "webhooks");
+        let w = spec.webhooks.as_ref().expect("a webhooks integration");
+        assert!(w.type_prefix.ends_with('.'), "{w:?}");
+        assert!(spec.objects.is_empty());
+        assert!(spec.events["ProductCreated"].message.is_some());
+        assert!(spec.describe().contains("a CloudEvent of type"));
+    }
+
+    #[test]
+    fn a_webhooks_file_is_refused_with_objects_and_a_rest_file_without_our_id() {
+        const HOOKS: &str = r#"
+name = "hooks"
+[webhooks]
+source = "https://shop.example"
+[events.ContactSaved]
+"#;
+        // Input tried: a minimal webhooks file (valid), then with an object type added.
+        let spec = parse(HOOKS).unwrap();
+        assert_eq!(spec.webhooks.unwrap().source, "https://shop.example");
+        let with_objects = format!(
+            "{HOOKS}{}",
+            &MINIMAL[MINIMAL.find("[objects.person]").unwrap()..]
+        );
+        let e = parse(&with_objects).unwrap_err().to_string();
+        assert!(e.contains("`objects`") && e.contains("no objects"), "{e}");
+        // Input tried: a REST file whose event names no `our_id`.
+        let e = parse(&MINIMAL.replace("our_id = \"id\"\n", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`events.ContactRemoved.our_id`: is required"),
+            "{e}"
+        );
+        // Input tried: a timeout that is not a duration.
+        let e = parse(&HOOKS.replace("[webhooks]\n", "[webhooks]\ntimeout = \"soon\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`webhooks.timeout`"), "{e}");
     }
 
     #[test]

@@ -55,6 +55,7 @@ type Product = (String, String, String, i64, String);
 /// The expected state of a tenant with the integration off is nothing.
 pub async fn verify(
     pool: &PgPool,
+    integration: &str,
     client: &PartnerClient,
     also: &[String],
 ) -> Result<Vec<TenantDrift>, VerifyError> {
@@ -64,7 +65,8 @@ pub async fn verify(
     .fetch_all(pool)
     .await?;
     let enabled: HashMap<String, bool> =
-        sqlx::query_as("SELECT tenant_id, integration_enabled FROM tenants")
+        sqlx::query_as("SELECT tenant_id, integration_enabled FROM tenants WHERE integration = $1")
+            .bind(integration)
             .fetch_all(pool)
             .await?
             .into_iter()
@@ -183,25 +185,30 @@ pub struct Latency {
     pub all_p99_ms: f64,
 }
 
-/// The latency of the delivered events on record, those written since `since` when given.
+/// The latency of the events `integration` delivered, those written since `since` when given.
 pub async fn latency(
     pool: &PgPool,
+    integration: &str,
     since: Option<chrono::DateTime<chrono::Utc>>,
 ) -> Result<Latency, sqlx::Error> {
-    let (events,): (i64,) =
-        sqlx::query_as("SELECT count(*) FROM deliveries WHERE settled_at IS NOT NULL")
-            .fetch_one(pool)
-            .await?;
+    let (events,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM deliveries WHERE integration = $1 AND settled_at IS NOT NULL",
+    )
+    .bind(integration)
+    .fetch_one(pool)
+    .await?;
     type Row = (i64, Option<f64>, Option<f64>);
     let percentiles = |healthy_only: bool| {
         sqlx::query_as::<_, Row>(
             "WITH unhealthy AS ( \
-                 SELECT tenant_id FROM deliveries WHERE attempts > 1 OR outcome IN ('failed', 'bad_event') \
-                 UNION SELECT tenant_id FROM parked_events \
-                 UNION SELECT tenant_id FROM tenants WHERE state <> 'active'), \
+                 SELECT tenant_id FROM deliveries \
+                 WHERE integration = $3 AND (attempts > 1 OR outcome IN ('failed', 'bad_event')) \
+                 UNION SELECT tenant_id FROM parked_events WHERE integration = $3 \
+                 UNION SELECT tenant_id FROM tenants WHERE integration = $3 AND state <> 'active'), \
              ms AS ( \
                  SELECT extract(epoch FROM acked_at - written_at) * 1000 AS ms FROM deliveries \
-                 WHERE outcome = 'delivered' AND acked_at IS NOT NULL AND written_at IS NOT NULL \
+                 WHERE integration = $3 AND outcome = 'delivered' \
+                   AND acked_at IS NOT NULL AND written_at IS NOT NULL \
                    AND ($2::timestamptz IS NULL OR written_at >= $2) \
                    AND NOT ($1 AND tenant_id IN (SELECT tenant_id FROM unhealthy))) \
              SELECT count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::float8, \
@@ -209,6 +216,7 @@ pub async fn latency(
         )
         .bind(healthy_only)
         .bind(since)
+        .bind(integration)
         .fetch_one(pool)
     };
     let (healthy, p50, p99) = percentiles(true).await?;

@@ -364,6 +364,7 @@ fn row_from_tuple(columns: &[Column], tuple: Vec<Datum>) -> Result<OutboxRow, Ba
     let traceparent = text("traceparent");
     let created_at = text("created_at");
     let deliver_before = text("deliver_before");
+    let integration = text("integration").filter(|i| !i.is_empty());
     let payload = values.remove("payload");
 
     let id = id_text.as_deref().and_then(|t| Uuid::parse_str(t).ok());
@@ -409,6 +410,7 @@ fn row_from_tuple(columns: &[Column], tuple: Vec<Datum>) -> Result<OutboxRow, Ba
         traceparent,
         created_at,
         deliver_before,
+        integration,
     })
 }
 

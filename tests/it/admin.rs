@@ -46,6 +46,7 @@ pub(crate) async fn start_with(
     let stop = CancellationToken::new();
     let admin = Admin {
         pool: db.pool.clone(),
+        integration: "partner".to_owned(),
         stats,
         token: Some(ferry::admin::access::Token::new(TOKEN)),
         hosts: ferry::admin::access::hosts(listener.local_addr().unwrap(), &[]),
@@ -197,7 +198,7 @@ async fn an_operator_sees_why_a_tenant_is_paused_and_resumes_it() {
     let (url, stop) = start(&db).await;
     let records = vec![crate::ledger::record(10), crate::ledger::record(11)];
     let pause = crate::ledger::pause_422(records[0].event_id);
-    ledger::park(&db.pool, "acme", Some(&pause), &records)
+    ledger::park(&db.pool, "partner", "acme", Some(&pause), &records)
         .await
         .unwrap();
     let (get, post) = (reqwest::Method::GET, reqwest::Method::POST);
@@ -309,7 +310,7 @@ async fn an_operator_sees_why_a_tenant_is_paused_and_resumes_it() {
     );
 
     // Paused again by the same event: this time the operator skips it.
-    ledger::park(&db.pool, "acme", Some(&pause), &[])
+    ledger::park(&db.pool, "partner", "acme", Some(&pause), &[])
         .await
         .unwrap();
     let skip = format!("{url}/v1/tenants/acme/skip");
@@ -367,7 +368,10 @@ async fn the_kill_switch_is_set_audited_and_metrics_are_scraped() {
         .map(str::to_owned)
         .unwrap_or_else(|| body.to_string());
     assert_eq!(status, StatusCode::OK);
-    assert!(text.contains("ferry_metrics_database_reporter 0"), "{text}");
+    assert!(
+        text.contains("ferry_metrics_database_reporter{integration=\"partner\"} 0"),
+        "{text}"
+    );
     assert!(!text.contains("ferry_parked_events"), "{text}");
     other_stop.cancel();
     let put = reqwest::Method::PUT;
@@ -414,18 +418,18 @@ async fn the_kill_switch_is_set_audited_and_metrics_are_scraped() {
             "ferry_build_info{{version=\"{}\"}} 1",
             env!("CARGO_PKG_VERSION")
         ),
-        "ferry_metrics_database_reporter 1",
-        "ferry_consumer_records_received_total 0",
-        "ferry_consumer_kill_switch 0",
-        "ferry_tenants_paused 0",
-        "ferry_parked_events 0",
-        "ferry_tenant_paused_oldest_seconds 0",
-        "ferry_deliveries_total{outcome=\"delivered\"} 0",
-        "ferry_delivery_latency_seconds_bucket{le=\"0.1\"} 0",
-        "ferry_delivery_latency_seconds_bucket{le=\"+Inf\"} 0",
-        "ferry_delivery_latency_seconds_count 0",
-        "ferry_intake_latency_seconds_count 0",
-        "ferry_handling_seconds_count 0",
+        "ferry_metrics_database_reporter{integration=\"partner\"} 1",
+        "ferry_consumer_records_received_total{integration=\"partner\"} 0",
+        "ferry_consumer_kill_switch{integration=\"partner\"} 0",
+        "ferry_tenants_paused{integration=\"partner\"} 0",
+        "ferry_parked_events{integration=\"partner\"} 0",
+        "ferry_tenant_paused_oldest_seconds{integration=\"partner\"} 0",
+        "ferry_deliveries_total{integration=\"partner\",outcome=\"delivered\"} 0",
+        "ferry_delivery_latency_seconds_bucket{integration=\"partner\",le=\"0.1\"} 0",
+        "ferry_delivery_latency_seconds_bucket{integration=\"partner\",le=\"+Inf\"} 0",
+        "ferry_delivery_latency_seconds_count{integration=\"partner\"} 0",
+        "ferry_intake_latency_seconds_count{integration=\"partner\"} 0",
+        "ferry_handling_seconds_count{integration=\"partner\"} 0",
     ] {
         assert!(text.lines().any(|l| l == series), "{series} in:\n{text}");
     }
@@ -435,7 +439,7 @@ async fn the_kill_switch_is_set_audited_and_metrics_are_scraped() {
 
 /// A tenant row, integration on, active.
 async fn active_tenant(db: &TestDb, tenant: &str) {
-    sqlx::query("INSERT INTO tenants (tenant_id, integration_enabled) VALUES ($1, true)")
+    sqlx::query("INSERT INTO tenants (integration, tenant_id, integration_enabled) VALUES ('partner', $1, true)")
         .bind(tenant)
         .execute(&db.pool)
         .await
@@ -638,6 +642,7 @@ async fn failures_and_an_events_history_are_one_call_away() {
     let failed = records[0].event_id.unwrap();
     ledger::park(
         &db.pool,
+        "partner",
         "acme",
         Some(&crate::ledger::pause_422(Some(failed))),
         &records,
@@ -648,6 +653,7 @@ async fn failures_and_an_events_history_are_one_call_away() {
     let now = chrono::Utc::now();
     ledger::record_attempts(
         &mut conn,
+        "partner",
         &[ledger::AttemptLog {
             event_id: failed,
             attempt: 1,

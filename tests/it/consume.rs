@@ -39,6 +39,8 @@ pub(crate) struct Recorder {
     pub rate_limited: Mutex<HashSet<String>>,
     /// When each call started, by the wall clock: (tenant, seq, start).
     pub started_at: Mutex<Vec<(String, i64, chrono::DateTime<Utc>)>>,
+    /// The integration it stands for; empty: the reference shop's (`partner`).
+    pub integration: String,
 }
 
 impl Recorder {
@@ -57,6 +59,14 @@ impl Recorder {
 }
 
 impl Handler for Recorder {
+    fn integration(&self) -> &str {
+        if self.integration.is_empty() {
+            ferry::partner::integration::INTEGRATION
+        } else {
+            &self.integration
+        }
+    }
+
     // The reference shop's admission: its types, and a payload each can be read from.
     fn admit(&self, event: &OutboxEvent) -> Result<(), ferry::outbox::BadEventReason> {
         match ferry::shop::decode(event)? {
@@ -190,6 +200,7 @@ pub(crate) fn row(tenant: &str, seq: i64) -> OutboxRow {
         traceparent: None,
         created_at: Utc::now(),
         deliver_before: None,
+        integration: None,
     }
 }
 
@@ -364,9 +375,15 @@ async fn tenants_flow_in_order_while_a_failing_tenant_is_paused_alone() {
     )
     .await;
     assert!(
-        ferry::consumer::ledger::request_resume(&db.pool, "tenant-7", "test", "partner fixed")
-            .await
-            .unwrap()
+        ferry::consumer::ledger::request_resume(
+            &db.pool,
+            "partner",
+            "tenant-7",
+            "test",
+            "partner fixed"
+        )
+        .await
+        .unwrap()
     );
     wait_for("tenant-7 live again", Duration::from_secs(30), || async {
         let state: String =
@@ -838,7 +855,7 @@ async fn a_bad_event_behind_an_event_in_flight_is_parked_after_it() {
         || async { (stats.parked.load(Ordering::Relaxed) == 3).then_some(()) },
     )
     .await;
-    let backlog = ferry::consumer::ledger::parked_backlog(&db.pool, "slow", 0, 10)
+    let backlog = ferry::consumer::ledger::parked_backlog(&db.pool, "partner", "slow", 0, 10)
         .await
         .unwrap();
     let offsets: Vec<i64> = backlog.iter().map(|(_, r)| r.offset).collect();
@@ -877,6 +894,10 @@ struct SeenWriter {
 }
 
 impl Handler for SeenWriter {
+    fn integration(&self) -> &str {
+        "seen"
+    }
+
     async fn handle(&self, event: &OutboxEvent, _attempt: &Attempt) -> Outcome {
         let seq: i64 = event
             .aggregate_id
@@ -1124,13 +1145,19 @@ async fn an_unknown_event_type_is_recorded_as_ignored_when_the_policy_says_so() 
     let db = TestDb::migrated().await;
     let kafka = fresh_topic(1).await;
     let cfg = config(&db, &kafka);
-    sqlx::query("INSERT INTO tenants (tenant_id) VALUES ('held')")
+    sqlx::query("INSERT INTO tenants (integration, tenant_id) VALUES ('partner', 'held')")
         .execute(&db.pool)
         .await
         .unwrap();
-    ferry::consumer::ledger::pause_by_operator(&db.pool, "held", "test", "held for the test")
-        .await
-        .unwrap();
+    ferry::consumer::ledger::pause_by_operator(
+        &db.pool,
+        "partner",
+        "held",
+        "test",
+        "held for the test",
+    )
+    .await
+    .unwrap();
     let unknown = |tenant: &str| OutboxRow {
         event_type: "PriceChanged".into(),
         payload: b"{\"price\": 3}".to_vec(),
@@ -1158,7 +1185,7 @@ async fn an_unknown_event_type_is_recorded_as_ignored_when_the_policy_says_so() 
         || async { (stats.parked.load(Ordering::Relaxed) == 3).then_some(()) },
     )
     .await;
-    ferry::consumer::ledger::resume(&db.pool, "held", "test", "go on")
+    ferry::consumer::ledger::resume(&db.pool, "partner", "held", "test", "go on")
         .await
         .unwrap();
     wait_for(

@@ -55,6 +55,7 @@ fn the_debezium_connector_is_configured_for_the_wire_contract() {
         ("aggregateid", header::AGGREGATE_ID),
         ("traceparent", header::TRACEPARENT),
         ("deliver_before", header::DELIVER_BEFORE),
+        ("integration", header::INTEGRATION),
     ];
     for (column, name) in expected {
         assert!(

@@ -26,6 +26,7 @@ async fn start_with(db: &TestDb, stats: Arc<ConsumeStats>) -> (String, Cancellat
     let stop = CancellationToken::new();
     let admin = Admin {
         pool: db.pool.clone(),
+        integration: "partner".to_owned(),
         stats,
         token: Some(ferry::admin::access::Token::new(TOKEN)),
         hosts: ferry::admin::access::hosts(listener.local_addr().unwrap(), &[]),
@@ -107,7 +108,7 @@ async fn an_operator_finds_a_paused_tenant_and_resumes_it() {
     let (url, stop) = start(&db).await;
     let records = vec![crate::ledger::record(10), crate::ledger::record(11)];
     let pause = crate::ledger::pause_422(records[0].event_id);
-    ledger::park(&db.pool, "acme", Some(&pause), &records)
+    ledger::park(&db.pool, "partner", "acme", Some(&pause), &records)
         .await
         .unwrap();
 
@@ -115,7 +116,7 @@ async fn an_operator_finds_a_paused_tenant_and_resumes_it() {
     assert_eq!(run.code, Some(0), "{run}");
     let lines: Vec<&str> = run.stdout.lines().collect();
     assert!(
-        lines[0].starts_with("TENANT  STATE   CAUSE      BACKLOG  SINCE"),
+        lines[0].starts_with("TENANT  INTEGRATION  STATE   CAUSE      BACKLOG  SINCE"),
         "{run}"
     );
     let acme = lines
@@ -123,6 +124,7 @@ async fn an_operator_finds_a_paused_tenant_and_resumes_it() {
         .find(|l| l.starts_with("acme "))
         .unwrap_or_else(|| panic!("a row for acme: {run}"));
     for cell in [
+        "partner",
         "paused",
         "permanent",
         "2",
@@ -185,7 +187,7 @@ async fn an_operator_finds_a_paused_tenant_and_resumes_it() {
     assert!(run.stderr.contains("(not_paused, HTTP 409)"), "{run}");
 
     // Paused again by the same event: skipped this time, by a named actor.
-    ledger::park(&db.pool, "acme", Some(&pause), &[])
+    ledger::park(&db.pool, "partner", "acme", Some(&pause), &[])
         .await
         .unwrap();
     let args = [
@@ -210,6 +212,79 @@ async fn an_operator_finds_a_paused_tenant_and_resumes_it() {
         audited(&db).await.last().unwrap(),
         &("ann".into(), "skip".into(), "obsolete product".into())
     );
+    stop.cancel();
+    db.drop().await;
+}
+
+/// Several integrations share the database: `tenants` lists a tenant once per integration it is
+/// paused in, and `--integration` names the one a command reads or acts on (the consumer's own
+/// by default). Input tried: a name that cannot be an integration's.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_integration_a_command_acts_on_is_named() {
+    let db = TestDb::migrated().await;
+    let (url, stop) = start(&db).await;
+    for integration in ["partner", "hooks"] {
+        let records = vec![crate::ledger::record(10)];
+        let pause = crate::ledger::pause_422(records[0].event_id);
+        ledger::park(&db.pool, integration, "acme", Some(&pause), &records)
+            .await
+            .unwrap();
+    }
+    let run = ctl(&url, &["tenants"]).await;
+    let rows: Vec<&str> = run.stdout.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "acme in each integration: {run}");
+    assert!(
+        rows.iter().any(|r| r.starts_with("acme    hooks ")),
+        "{run}"
+    );
+    assert!(
+        rows.iter().any(|r| r.starts_with("acme    partner ")),
+        "{run}"
+    );
+    let run = ctl(&url, &["tenants", "--integration", "hooks"]).await;
+    assert_eq!(run.stdout.lines().count(), 2, "hooks' alone: {run}");
+
+    let run = ctl(&url, &["--integration", "hooks", "tenant", "acme"]).await;
+    assert!(
+        run.stdout.lines().any(|l| l == "integration     hooks"),
+        "{run}"
+    );
+    let run = ctl(
+        &url,
+        &[
+            "resume",
+            "acme",
+            "--integration",
+            "hooks",
+            "--reason",
+            "endpoint back",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, Some(0), "{run}");
+    let states: Vec<(String, String)> =
+        sqlx::query_as("SELECT integration, state FROM tenants ORDER BY integration")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        states,
+        [
+            ("hooks".to_owned(), "draining".to_owned()),
+            ("partner".to_owned(), "paused".to_owned())
+        ],
+        "the resume was hooks' alone"
+    );
+    let audit: (String, String) =
+        sqlx::query_as("SELECT integration, reason FROM operator_actions WHERE action = 'resume'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(audit, ("hooks".to_owned(), "endpoint back".to_owned()));
+
+    let run = ctl(&url, &["tenants", "--integration", "Hooks!"]).await;
+    assert_eq!(run.code, Some(2), "refused by the command line: {run}");
+    assert!(run.stderr.contains("not an integration's name"), "{run}");
     stop.cancel();
     db.drop().await;
 }
@@ -335,7 +410,7 @@ async fn the_kill_switch_goes_on_and_off() {
 async fn an_operator_pauses_retries_and_replays_a_tenant() {
     let db = TestDb::migrated().await;
     let (url, stop) = start(&db).await;
-    sqlx::query("INSERT INTO tenants (tenant_id, integration_enabled) VALUES ('acme', true)")
+    sqlx::query("INSERT INTO tenants (integration, tenant_id, integration_enabled) VALUES ('partner', 'acme', true)")
         .execute(&db.pool)
         .await
         .unwrap();
@@ -355,7 +430,8 @@ async fn an_operator_pauses_retries_and_replays_a_tenant() {
     let run = ctl(&url, &["tenants"]).await;
     let row = run.stdout.lines().nth(1).unwrap_or_default().to_owned();
     assert!(
-        row.starts_with("acme    paused  operator") && row.contains("partner asked to hold"),
+        row.starts_with("acme    partner      paused  operator")
+            && row.contains("partner asked to hold"),
         "{run}"
     );
     let run = ctl(&url, &["pause", "acme", "--reason", "again"]).await;
@@ -447,13 +523,14 @@ async fn failures_partitions_and_an_events_history() {
     let records = vec![crate::ledger::record(10), crate::ledger::record(11)];
     let failed = records[0].event_id.unwrap();
     let pause = crate::ledger::pause_422(Some(failed));
-    ledger::park(&db.pool, "acme", Some(&pause), &records)
+    ledger::park(&db.pool, "partner", "acme", Some(&pause), &records)
         .await
         .unwrap();
     let started = chrono::Utc::now();
     let mut conn = db.pool.acquire().await.unwrap();
     ledger::record_attempts(
         &mut conn,
+        "partner",
         &[ledger::AttemptLog {
             event_id: failed,
             attempt: 1,

@@ -280,12 +280,26 @@ async fn an_operator_sees_a_paused_tenant_and_resumes_it_in_the_browser() {
     let db = TestDb::migrated().await;
     let records = vec![crate::ledger::record(10), crate::ledger::record(11)];
     let pause = crate::ledger::pause_422(records[0].event_id);
-    ledger::park(&db.pool, "acme", Some(&pause), &records)
+    ledger::park(&db.pool, "partner", "acme", Some(&pause), &records)
         .await
         .unwrap();
+    // acme is paused in a second integration too, its own row: one dashboard shows both, and
+    // acts on the one asked.
+    let hooks_records = vec![crate::ledger::record(20)];
+    let hooks_pause = crate::ledger::pause_422(hooks_records[0].event_id);
+    ledger::park(
+        &db.pool,
+        "hooks",
+        "acme",
+        Some(&hooks_pause),
+        &hooks_records,
+    )
+    .await
+    .unwrap();
     let stats = std::sync::Arc::new(ferry::consumer::runtime::ConsumeStats::default());
     let (url, stop) = start_with(&db, std::sync::Arc::clone(&stats)).await;
-    let acme = r#"tr[data-tenant="acme"]"#;
+    let acme = r#"tr[data-tenant="acme"][data-integration="partner"]"#;
+    let acme_hooks = r#"tr[data-tenant="acme"][data-integration="hooks"]"#;
 
     // No token: asked for, nothing shown.
     browser.goto(&format!("{url}/dashboard")).await;
@@ -331,6 +345,27 @@ async fn an_operator_sees_a_paused_tenant_and_resumes_it_in_the_browser() {
     assert_eq!(
         browser.text(&format!("{acme} td.backlog")).await.unwrap(),
         "2"
+    );
+    assert_eq!(
+        browser
+            .text(&format!("{acme} td.integration"))
+            .await
+            .unwrap(),
+        "partner"
+    );
+    assert_eq!(
+        browser
+            .text(&format!("{acme_hooks} td.integration"))
+            .await
+            .unwrap(),
+        "hooks"
+    );
+    assert_eq!(
+        browser
+            .text(&format!("{acme_hooks} td.backlog"))
+            .await
+            .unwrap(),
+        "1"
     );
     assert!(
         browser
@@ -386,11 +421,18 @@ async fn an_operator_sees_a_paused_tenant_and_resumes_it_in_the_browser() {
     )
     .await;
     wait_for("acme's backlog drawn", Duration::from_secs(20), || async {
-        let points: usize = attr(r#"tr[data-tenant="acme"] td.trend polyline"#, "data-points")
-            .await?
-            .parse()
-            .ok()?;
-        let last = attr(r#"tr[data-tenant="acme"] td.trend polyline"#, "data-last").await?;
+        let points: usize = attr(
+            r#"tr[data-tenant="acme"][data-integration="partner"] td.trend polyline"#,
+            "data-points",
+        )
+        .await?
+        .parse()
+        .ok()?;
+        let last = attr(
+            r#"tr[data-tenant="acme"][data-integration="partner"] td.trend polyline"#,
+            "data-last",
+        )
+        .await?;
         (points >= 2 && last == "2").then_some(())
     })
     .await;
@@ -400,8 +442,21 @@ async fn an_operator_sees_a_paused_tenant_and_resumes_it_in_the_browser() {
         .await
         .unwrap();
     assert!(
-        failure.contains("acme") && failure.contains("name is required"),
+        failure.contains("acme")
+            && failure.contains("name is required")
+            && failure.contains("partner"),
         "the failing event among the recent failures: {failure}"
+    );
+    let hooks_failed = hooks_records[0].event_id.unwrap();
+    let hooks_failure = browser
+        .text(&format!(
+            r#"#failures tr[data-event="{hooks_failed}"] td.integration"#
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        hooks_failure, "hooks",
+        "every integration's failures, each named"
     );
     assert_eq!(
         browser.text("#partitions-note").await.unwrap(),
@@ -430,13 +485,15 @@ async fn an_operator_sees_a_paused_tenant_and_resumes_it_in_the_browser() {
         .wait_text(
             "the API's error for the refused resume",
             "#action-result",
-            |t| t.contains("Resume acme failed: 413 body_too_large"),
+            |t| t.contains("Resume acme in partner failed: 413 body_too_large"),
         )
         .await;
-    let state: String = sqlx::query_scalar("SELECT state FROM tenants WHERE tenant_id = 'acme'")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let state: String = sqlx::query_scalar(
+        "SELECT state FROM tenants WHERE integration = 'partner' AND tenant_id = 'acme'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
     assert_eq!(state, "paused");
 
     // Resume, as a named operator with a reason.
@@ -445,12 +502,15 @@ async fn an_operator_sees_a_paused_tenant_and_resumes_it_in_the_browser() {
     browser.click(&format!("{acme} button.resume")).await;
 
     let audit = wait_for("acme draining, the resume audited", PAGE, || async {
-        let state: String = sqlx::query_scalar("SELECT state FROM tenants WHERE tenant_id = 'acme'")
-            .fetch_one(&db.pool)
-            .await
-            .ok()?;
+        let state: String = sqlx::query_scalar(
+            "SELECT state FROM tenants WHERE integration = 'partner' AND tenant_id = 'acme'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .ok()?;
         let audit: Option<(String, String)> = sqlx::query_as(
-            "SELECT actor, reason FROM operator_actions WHERE tenant_id = 'acme' AND action = 'resume'",
+            "SELECT actor, reason FROM operator_actions \
+             WHERE integration = 'partner' AND tenant_id = 'acme' AND action = 'resume'",
         )
         .fetch_optional(&db.pool)
         .await
@@ -487,7 +547,24 @@ async fn an_operator_sees_a_paused_tenant_and_resumes_it_in_the_browser() {
         "nothing to resume while draining"
     );
     let said = browser.text("#action-result").await.unwrap();
-    assert!(said.contains("acme: resumed by night-ops"), "{said}");
+    assert!(
+        said.contains("acme in partner: resumed by night-ops"),
+        "{said}"
+    );
+    let hooks_state: String = sqlx::query_scalar(
+        "SELECT state FROM tenants WHERE integration = 'hooks' AND tenant_id = 'acme'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(hooks_state, "paused", "the resume was partner's alone");
+    assert_eq!(
+        browser
+            .text(&format!("{acme_hooks} td.state"))
+            .await
+            .unwrap(),
+        "paused"
+    );
 
     // The kill switch, on with a reason: stored, audited, shown.
     browser

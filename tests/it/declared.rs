@@ -52,7 +52,7 @@ fn disabled(tenant: &str) -> OutboxRow {
 
 async fn enable(pool: &sqlx::PgPool, tenants: &[&str]) {
     for tenant in tenants {
-        sqlx::query("INSERT INTO tenants (tenant_id, integration_enabled) VALUES ($1, true)")
+        sqlx::query("INSERT INTO tenants (integration, tenant_id, integration_enabled) VALUES ('partner', $1, true)")
             .bind(tenant)
             .execute(pool)
             .await
@@ -246,9 +246,15 @@ async fn enabling_tenants_backfills_from_the_files_query_during_live_changes_wit
     let mut backfilled = 0;
     for t in 0..3 {
         let id = tenant::tenant_id(&format!("shop-{t}")).unwrap();
-        let enabled = tenant::enable(&db.pool, &id, BackfillSource::Query(&backfill), |_| {})
-            .await
-            .unwrap();
+        let enabled = tenant::enable(
+            &db.pool,
+            "partner",
+            &id,
+            BackfillSource::Query(&backfill),
+            |_| {},
+        )
+        .await
+        .unwrap();
         backfilled += enabled.events.len() - 1;
     }
     live.await.unwrap();
@@ -299,10 +305,11 @@ async fn the_guides_file_delivers_json_events_written_by_plain_sql() {
     })
     .unwrap_or_else(|e| panic!("{e}"));
     let (relay_stop, relay_task, _) = crate::relay::start_relay(&cfg).await;
+    let name = spec.name.clone();
     let (stop, task) = run(&cfg, &db.pool, spec);
     let school = ferry::tenant::tenant_id("school-1").unwrap();
     let source = ferry::tenant::BackfillSource::Nothing;
-    ferry::tenant::enable(&db.pool, &school, source, |_| {})
+    ferry::tenant::enable(&db.pool, &name, &school, source, |_| {})
         .await
         .unwrap();
     let script = r#"

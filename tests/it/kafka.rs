@@ -39,6 +39,7 @@ fn row(tenant: &str, n: usize) -> OutboxRow {
         traceparent: None,
         created_at: Utc::now(),
         deliver_before: None,
+        integration: None,
     }
 }
 

@@ -191,7 +191,7 @@ async fn the_relay_and_the_consumer_go_through_a_broker_requiring_tls_and_sasl()
 
     let (db, mut cfg, sim, sim_stop) = setup_sim(Duration::from_secs(10)).await;
     cfg.kafka = kafka;
-    sqlx::query("INSERT INTO tenants (tenant_id, integration_enabled) VALUES ('acme', true)")
+    sqlx::query("INSERT INTO tenants (integration, tenant_id, integration_enabled) VALUES ('partner', 'acme', true)")
         .execute(&db.pool)
         .await
         .unwrap();

@@ -32,14 +32,24 @@ async fn settlement_is_batched_and_a_replay_never_rewrites_it() {
         .map(|(id, o)| settlement(*id, o))
         .collect();
     let mut conn = db.pool.acquire().await.unwrap();
-    assert_eq!(ledger::record_settled(&mut conn, &batch).await.unwrap(), 3);
+    assert_eq!(
+        ledger::record_settled(&mut conn, "partner", &batch)
+            .await
+            .unwrap(),
+        3
+    );
 
     // A redelivery of the second event, now "expired", beside a new event.
     let fresh = Uuid::now_v7();
     let mut replay = settlement(ids[1], 1);
     replay.outcome = SettledAs::Expired;
     let again = [replay, settlement(fresh, 3)];
-    assert_eq!(ledger::record_settled(&mut conn, &again).await.unwrap(), 1);
+    assert_eq!(
+        ledger::record_settled(&mut conn, "partner", &again)
+            .await
+            .unwrap(),
+        1
+    );
     let outcome: String = sqlx::query_scalar("SELECT outcome FROM deliveries WHERE event_id = $1")
         .bind(ids[1])
         .fetch_one(&db.pool)
@@ -48,7 +58,7 @@ async fn settlement_is_batched_and_a_replay_never_rewrites_it() {
     assert_eq!(outcome, "delivered", "the first record stands");
 
     let unknown = Uuid::now_v7();
-    let found = ledger::settled_ids(&db.pool, &[ids[0], unknown, fresh])
+    let found = ledger::settled_ids(&db.pool, "partner", &[ids[0], unknown, fresh])
         .await
         .unwrap();
     assert_eq!(found, [ids[0], fresh].into_iter().collect());
@@ -82,12 +92,17 @@ async fn the_dedupe_lookup_is_planned_for_the_table_as_it_is() {
     let probe: Vec<Uuid> = (0..500).map(|_| Uuid::now_v7()).collect();
     for pool in [&ferrys, &plain] {
         for _ in 0..10 {
-            assert!(ledger::settled_ids(pool, &probe).await.unwrap().is_empty());
+            assert!(
+                ledger::settled_ids(pool, "partner", &probe)
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
         }
     }
     sqlx::query(
-        "INSERT INTO deliveries (event_id, tenant_id, outcome, settled_at) \
-         SELECT gen_random_uuid(), 'acme', 'delivered', now() FROM generate_series(1, 50000)",
+        "INSERT INTO deliveries (integration, event_id, tenant_id, outcome, settled_at) \
+         SELECT 'partner', gen_random_uuid(), 'acme', 'delivered', now() FROM generate_series(1, 50000)",
     )
     .execute(&db.pool)
     .await
@@ -109,7 +124,7 @@ async fn the_dedupe_lookup_is_planned_for_the_table_as_it_is() {
     };
     for pool in [&ferrys, &plain] {
         for _ in 0..3 {
-            let found = ledger::settled_ids(pool, &asked).await.unwrap();
+            let found = ledger::settled_ids(pool, "partner", &asked).await.unwrap();
             assert_eq!(found, known.iter().copied().collect());
         }
     }
@@ -169,7 +184,7 @@ async fn parking_pauses_the_tenant_keeps_order_and_parks_a_record_once() {
     let records: Vec<ParkedRecord> = [10, 11, 14].into_iter().map(record).collect();
     let pause = pause_422(records[0].event_id);
     assert_eq!(
-        ledger::park(&db.pool, "acme", Some(&pause), &records)
+        ledger::park(&db.pool, "partner", "acme", Some(&pause), &records)
             .await
             .unwrap(),
         3
@@ -177,7 +192,9 @@ async fn parking_pauses_the_tenant_keeps_order_and_parks_a_record_once() {
     // A redelivery after a crash parks nothing twice; later records join the backlog.
     let more = vec![records[2].clone(), record(15)];
     assert_eq!(
-        ledger::park(&db.pool, "acme", None, &more).await.unwrap(),
+        ledger::park(&db.pool, "partner", "acme", None, &more)
+            .await
+            .unwrap(),
         1
     );
 
@@ -190,12 +207,12 @@ async fn parking_pauses_the_tenant_keeps_order_and_parks_a_record_once() {
     assert_eq!((state.as_str(), cause.as_str()), ("paused", "permanent"));
     assert!(reason.contains("422"));
     assert_eq!(
-        ledger::inactive_tenants(&db.pool).await.unwrap(),
+        ledger::inactive_tenants(&db.pool, "partner").await.unwrap(),
         vec![("acme".to_owned(), "paused".to_owned())]
     );
 
     // The backlog comes back in order, bytes intact, a page at a time.
-    let first = ledger::parked_backlog(&db.pool, "acme", 0, 3)
+    let first = ledger::parked_backlog(&db.pool, "partner", "acme", 0, 3)
         .await
         .unwrap();
     let offsets: Vec<i64> = first.iter().map(|(_, r)| r.offset).collect();
@@ -204,7 +221,7 @@ async fn parking_pauses_the_tenant_keeps_order_and_parks_a_record_once() {
         first[0].1, records[0],
         "headers, key, value and identity round-trip"
     );
-    let rest = ledger::parked_backlog(&db.pool, "acme", first[2].0, 3)
+    let rest = ledger::parked_backlog(&db.pool, "partner", "acme", first[2].0, 3)
         .await
         .unwrap();
     assert_eq!(rest.iter().map(|(_, r)| r.offset).collect::<Vec<_>>(), [15]);
@@ -223,7 +240,7 @@ async fn parking_pauses_the_tenant_keeps_order_and_parks_a_record_once() {
     assert_eq!((outcome.as_str(), attempts, offset), ("failed", 1, 10));
     assert_eq!(response["status"], 422);
     assert!(
-        ledger::settled_ids(&db.pool, &[failed])
+        ledger::settled_ids(&db.pool, "partner", &[failed])
             .await
             .unwrap()
             .is_empty()
@@ -232,13 +249,13 @@ async fn parking_pauses_the_tenant_keeps_order_and_parks_a_record_once() {
     let mut conn = db.pool.acquire().await.unwrap();
     let replayed = settlement(failed, 10);
     assert_eq!(
-        ledger::record_settled(&mut conn, std::slice::from_ref(&replayed))
+        ledger::record_settled(&mut conn, "partner", std::slice::from_ref(&replayed))
             .await
             .unwrap(),
         1
     );
     assert_eq!(
-        ledger::record_settled(&mut conn, &[replayed])
+        ledger::record_settled(&mut conn, "partner", &[replayed])
             .await
             .unwrap(),
         0
@@ -253,7 +270,7 @@ async fn parking_pauses_the_tenant_keeps_order_and_parks_a_record_once() {
             .unwrap();
     assert_eq!((outcome.as_str(), attempts), ("delivered", 2));
     assert_eq!(
-        ledger::settled_ids(&db.pool, &[failed])
+        ledger::settled_ids(&db.pool, "partner", &[failed])
             .await
             .unwrap()
             .len(),
@@ -267,12 +284,12 @@ async fn records_of_a_tenant_live_again_are_not_parked() {
     let db = TestDb::migrated().await;
     let records: Vec<ParkedRecord> = [20, 21].into_iter().map(record).collect();
     // The tenant is active (no pause): a late batch of an instance that lost the partition.
-    sqlx::query("INSERT INTO tenants (tenant_id, integration_enabled) VALUES ('acme', true)")
+    sqlx::query("INSERT INTO tenants (integration, tenant_id, integration_enabled) VALUES ('partner', 'acme', true)")
         .execute(&db.pool)
         .await
         .unwrap();
     assert_eq!(
-        ledger::park(&db.pool, "acme", None, &records)
+        ledger::park(&db.pool, "partner", "acme", None, &records)
             .await
             .unwrap(),
         0,
@@ -303,14 +320,14 @@ async fn a_backlog_names_the_partition_its_records_came_from() {
         attempts: 0,
         response: None,
     };
-    ledger::park(&db.pool, "unknown", Some(&pause), &[keyless])
+    ledger::park(&db.pool, "partner", "unknown", Some(&pause), &[keyless])
         .await
         .unwrap();
     sqlx::query("UPDATE tenants SET state = 'draining' WHERE tenant_id = 'unknown'")
         .execute(&db.pool)
         .await
         .unwrap();
-    let drain = ledger::tenants_to_drain(&db.pool).await.unwrap();
+    let drain = ledger::tenants_to_drain(&db.pool, "partner").await.unwrap();
     assert_eq!(drain, [("unknown".to_owned(), Some(5))]);
     assert_ne!(ferry::broker::partition_for_key(b"unknown", 8), 5);
     db.drop().await;

@@ -25,6 +25,7 @@ async fn admin(db: &TestDb, stats: &Arc<ConsumeStats>) -> (String, CancellationT
     let stop = CancellationToken::new();
     let admin = Admin {
         pool: db.pool.clone(),
+        integration: "partner".to_owned(),
         stats: Arc::clone(stats),
         token: Some(ferry::admin::access::Token::new(TOKEN)),
         hosts: ferry::admin::access::hosts(listener.local_addr().unwrap(), &[]),
@@ -87,7 +88,7 @@ async fn an_operators_pause_reaches_the_owner_and_resume_replays_in_order() {
     let kafka = fresh_topic(1).await;
     let cfg = config(&db, &kafka);
     for tenant in ["held", "busy"] {
-        sqlx::query("INSERT INTO tenants (tenant_id, integration_enabled) VALUES ($1, true)")
+        sqlx::query("INSERT INTO tenants (integration, tenant_id, integration_enabled) VALUES ('partner', $1, true)")
             .bind(tenant)
             .execute(&db.pool)
             .await
@@ -181,16 +182,16 @@ async fn an_operators_pause_reaches_the_owner_and_resume_replays_in_order() {
     for series in [
         "ferry_consumer_in_flight",
         "ferry_consumer_queued",
-        "ferry_consumer_tenants_held 0",
-        "ferry_deliveries_total{outcome=\"parked\"} 5",
-        "ferry_deliveries_total{outcome=\"delivered\"} 20",
-        "ferry_deliveries_total{outcome=\"ignored\"} 0",
+        "ferry_consumer_tenants_held{integration=\"partner\"} 0",
+        "ferry_deliveries_total{integration=\"partner\",outcome=\"parked\"} 5",
+        "ferry_deliveries_total{integration=\"partner\",outcome=\"delivered\"} 20",
+        "ferry_deliveries_total{integration=\"partner\",outcome=\"ignored\"} 0",
         &format!(
-            "ferry_consumer_lag{{topic=\"{}\",partition=\"0\"}} 0",
+            "ferry_consumer_lag{{integration=\"partner\",topic=\"{}\",partition=\"0\"}} 0",
             kafka.topic
         ),
         &format!(
-            "ferry_consumer_committed_offset{{topic=\"{}\",partition=\"0\"}} {}",
+            "ferry_consumer_committed_offset{{integration=\"partner\",topic=\"{}\",partition=\"0\"}} {}",
             kafka.topic,
             last + 1
         ),
@@ -274,7 +275,7 @@ async fn a_failing_events_every_attempt_is_on_record() {
     let text = get(&format!("{url}/metrics")).await;
     let retries: HashMap<&str, u64> = text
         .lines()
-        .filter_map(|l| l.strip_prefix("ferry_retries_total{cause=\""))
+        .filter_map(|l| l.strip_prefix("ferry_retries_total{integration=\"partner\",cause=\""))
         .filter_map(|l| l.split_once("\"} "))
         .map(|(cause, n)| (cause, n.parse().unwrap()))
         .collect();
@@ -350,7 +351,7 @@ async fn an_operators_pause_stops_the_retries_and_stays_the_operators() {
     let db = TestDb::migrated().await;
     let kafka = fresh_topic(1).await;
     let cfg = config(&db, &kafka);
-    sqlx::query("INSERT INTO tenants (tenant_id, integration_enabled) VALUES ('stuck', true)")
+    sqlx::query("INSERT INTO tenants (integration, tenant_id, integration_enabled) VALUES ('partner', 'stuck', true)")
         .execute(&db.pool)
         .await
         .unwrap();

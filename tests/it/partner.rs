@@ -110,6 +110,7 @@ pub(crate) fn product(tenant: &str, id: &str, name: &str, price: i64, created: b
         traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
         created_at: Utc::now(),
         deliver_before: None,
+        integration: None,
     }
 }
 
@@ -145,6 +146,7 @@ async fn setup(timeout: Duration) -> (TestDb, ferry::config::Config, SimHandle, 
         let tenant = ferry::tenant::tenant_id(&tenant).unwrap();
         ferry::tenant::enable(
             &db.pool,
+            "partner",
             &tenant,
             ferry::tenant::BackfillSource::Products,
             |_| {},
@@ -180,7 +182,7 @@ async fn our_products_reach_the_partner_through_relay_and_consumer_with_zero_dri
         if settled < load.events() as i64 {
             return None;
         }
-        let report = ferry::partner::verify::verify(&db.pool, &client, &[])
+        let report = ferry::partner::verify::verify(&db.pool, "partner", &client, &[])
             .await
             .unwrap();
         report.iter().all(|d| d.drift() == 0).then_some(report)
@@ -417,6 +419,7 @@ async fn hostile_tenant_ids_and_reused_product_ids_never_reach_another_account()
         let tenant = ferry::tenant::tenant_id(tenant).unwrap();
         ferry::tenant::enable(
             &db.pool,
+            "partner",
             &tenant,
             ferry::tenant::BackfillSource::Products,
             |_| {},
@@ -874,7 +877,7 @@ async fn verify_exits_3_on_drift() {
         "{}",
         String::from_utf8_lossy(&clean.stderr)
     );
-    sqlx::query("INSERT INTO tenants (tenant_id, integration_enabled) VALUES ('acme', true)")
+    sqlx::query("INSERT INTO tenants (integration, tenant_id, integration_enabled) VALUES ('partner', 'acme', true)")
         .execute(&db.pool)
         .await
         .unwrap();

@@ -645,6 +645,7 @@ async fn metrics_answer_while_postgres_is_down() {
     let stats = crate::admin::owner_of_partition_0();
     let admin = Admin {
         pool,
+        integration: "partner".to_owned(),
         stats,
         token: Some(access::Token::new("t")),
         hosts: Vec::new(),
@@ -662,10 +663,14 @@ async fn metrics_answer_while_postgres_is_down() {
     ));
     let (status, body) = scrape(&consumer, Some("t")).await;
     assert!(
-        status.is_success() && body.contains("\nferry_metrics_database_up 1\n"),
+        status.is_success()
+            && body.contains("\nferry_metrics_database_up{integration=\"partner\"} 1\n"),
         "{body}"
     );
-    assert!(body.contains("\nferry_parked_events 0\n"), "{body}");
+    assert!(
+        body.contains("\nferry_parked_events{integration=\"partner\"} 0\n"),
+        "{body}"
+    );
     assert_eq!(scrape(&format!("{relay}/ready"), None).await.0, 200);
 
     proxy.cut();
@@ -675,7 +680,10 @@ async fn metrics_answer_while_postgres_is_down() {
     .await;
     let (status, body) = scrape(&consumer, Some("t")).await;
     assert_eq!(status, 200, "the consumer's scrape answers: {body}");
-    assert!(body.contains("\nferry_metrics_database_up 0\n"), "{body}");
+    assert!(
+        body.contains("\nferry_metrics_database_up{integration=\"partner\"} 0\n"),
+        "{body}"
+    );
     assert!(
         !body.contains("ferry_parked_events"),
         "the database's gauges left out: {body}"
@@ -699,7 +707,7 @@ async fn metrics_answer_while_postgres_is_down() {
         Duration::from_secs(30),
         || async {
             let (_, body) = scrape(&consumer, Some("t")).await;
-            body.contains("\nferry_metrics_database_up 1\n")
+            body.contains("\nferry_metrics_database_up{integration=\"partner\"} 1\n")
                 .then_some(())
         },
     )

@@ -4,8 +4,9 @@
 use crate::support::TestDb;
 
 /// Ferry's own tables, in its schema. (The shop's `products` is the example application's.)
-const FERRY_TABLES: [&str; 8] = [
+const FERRY_TABLES: [&str; 10] = [
     "_sqlx_migrations",
+    "consumer_groups",
     "control",
     "deliveries",
     "delivery_attempts",
@@ -13,6 +14,7 @@ const FERRY_TABLES: [&str; 8] = [
     "operator_actions",
     "parked_events",
     "tenants",
+    "webhook_endpoints",
 ];
 
 /// The tables of `schema`, sorted.
@@ -117,26 +119,27 @@ async fn constraints_reject_what_the_design_forbids() {
     assert_eq!(sqlstate(&db, empty_tenant).await.as_deref(), Some(CHECK));
 
     // A paused tenant always says why.
-    let silent_pause = "INSERT INTO tenants (tenant_id, state) VALUES ('acme', 'paused')";
+    let silent_pause =
+        "INSERT INTO tenants (integration, tenant_id, state) VALUES ('partner', 'acme', 'paused')";
     assert_eq!(sqlstate(&db, silent_pause).await.as_deref(), Some(CHECK));
-    let pause = "INSERT INTO tenants (tenant_id, state, pause_cause, pause_reason, paused_at) \
-                 VALUES ('acme', 'paused', 'permanent', 'partner said 422', now())";
+    let pause = "INSERT INTO tenants (integration, tenant_id, state, pause_cause, pause_reason, paused_at) \
+                 VALUES ('partner', 'acme', 'paused', 'permanent', 'partner said 422', now())";
     assert_eq!(sqlstate(&db, pause).await, None);
-    let unknown_state = "INSERT INTO tenants (tenant_id, state) VALUES ('beta', 'sleeping')";
+    let unknown_state = "INSERT INTO tenants (integration, tenant_id, state) VALUES ('partner', 'beta', 'sleeping')";
     assert_eq!(sqlstate(&db, unknown_state).await.as_deref(), Some(CHECK));
 
     // A record is parked once, however often it is redelivered.
-    let park = "INSERT INTO parked_events (tenant_id, topic, partition, \"offset\") VALUES ('acme', 't', 0, 7)";
+    let park = "INSERT INTO parked_events (integration, tenant_id, topic, partition, \"offset\") VALUES ('partner', 'acme', 't', 0, 7)";
     assert_eq!(sqlstate(&db, park).await, None);
     assert_eq!(sqlstate(&db, park).await.as_deref(), Some(UNIQUE));
 
     // One delivery record per event id: the dedupe record.
-    let delivery = "INSERT INTO deliveries (event_id, tenant_id, outcome) \
-                    VALUES ('0b6c6f0e-2f4a-4c6e-9a51-3f1f0c2d9e11', 'acme', 'delivered')";
+    let delivery = "INSERT INTO deliveries (integration, event_id, tenant_id, outcome) \
+                    VALUES ('partner', '0b6c6f0e-2f4a-4c6e-9a51-3f1f0c2d9e11', 'acme', 'delivered')";
     assert_eq!(sqlstate(&db, delivery).await, None);
     assert_eq!(sqlstate(&db, delivery).await.as_deref(), Some(UNIQUE));
-    let bad_outcome = "INSERT INTO deliveries (event_id, tenant_id, outcome) \
-                       VALUES (gen_random_uuid(), 'acme', 'lost')";
+    let bad_outcome = "INSERT INTO deliveries (integration, event_id, tenant_id, outcome) \
+                       VALUES ('partner', gen_random_uuid(), 'acme', 'lost')";
     assert_eq!(sqlstate(&db, bad_outcome).await.as_deref(), Some(CHECK));
 
     // The control row is a singleton.
@@ -189,7 +192,8 @@ async fn migrate_the_old_layout(db: &TestDb) -> sqlx::PgPool {
 
 /// Upgrade in place: a database migrated by the layout before Ferry had a schema of its own is
 /// adopted by the next `migrate`, with every row kept. Input tried: the old layout with a
-/// paused tenant, a mapping, a settled event, a parked record and an outbox row.
+/// paused tenant, a mapping, a settled event, a parked record and an outbox row. The rows are
+/// filed under the one integration the mappings name (`courses`), as migration 0008 adopts them.
 #[tokio::test]
 async fn a_database_of_the_old_layout_is_upgraded_in_place_with_nothing_lost() {
     let db = TestDb::empty().await;
@@ -198,7 +202,7 @@ async fn a_database_of_the_old_layout_is_upgraded_in_place_with_nothing_lost() {
         "INSERT INTO tenants (tenant_id, state, pause_cause, pause_reason, paused_at) \
          VALUES ('acme', 'paused', 'permanent', 'partner said 422', now())",
         "INSERT INTO integration_mappings (integration, object_type, local_id, foreign_id, tenant_id) \
-         VALUES ('partner', 'shop_item', 'p-1', 'item-1', 'acme')",
+         VALUES ('courses', 'shop_item', 'p-1', 'item-1', 'acme')",
         "INSERT INTO deliveries (event_id, tenant_id, outcome, settled_at) \
          VALUES ('018f0000-0000-7000-8000-000000000001', 'acme', 'delivered', now())",
         "INSERT INTO parked_events (tenant_id, topic, partition, \"offset\") VALUES ('acme', 't', 0, 7)",
@@ -231,8 +235,20 @@ async fn a_database_of_the_old_layout_is_upgraded_in_place_with_nothing_lost() {
             .unwrap();
         assert_eq!(n, rows, "{table}");
     }
+    for table in ["tenants", "deliveries", "parked_events"] {
+        let named: Vec<String> =
+            sqlx::query_scalar(&format!("SELECT DISTINCT integration FROM ferry.{table}"))
+                .fetch_all(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            named,
+            ["courses"],
+            "{table}: filed under the mappings' integration"
+        );
+    }
     // A sequence moved with its table: the next parked record is numbered after the first.
-    sqlx::query("INSERT INTO parked_events (tenant_id, topic, partition, \"offset\") VALUES ('acme', 't', 0, 8)")
+    sqlx::query("INSERT INTO parked_events (integration, tenant_id, topic, partition, \"offset\") VALUES ('courses', 'acme', 't', 0, 8)")
         .execute(&db.pool)
         .await
         .unwrap();

@@ -34,7 +34,7 @@ pub(crate) async fn everything_settled_and_verified(
         },
     )
     .await;
-    ferry::partner::verify::verify(pool, client, &[])
+    ferry::partner::verify::verify(pool, "partner", client, &[])
         .await
         .unwrap()
 }
@@ -83,9 +83,13 @@ async fn a_tenant_off_is_ignored_then_enabling_it_backfills_during_live_changes_
     for t in 0..3 {
         let id = tenant::tenant_id(&format!("shop-{t}")).unwrap();
         let mut last = None;
-        let enabled = tenant::enable(&db.pool, &id, tenant::BackfillSource::Products, |b| {
-            last = Some(b)
-        })
+        let enabled = tenant::enable(
+            &db.pool,
+            "partner",
+            &id,
+            tenant::BackfillSource::Products,
+            |b| last = Some(b),
+        )
         .await
         .unwrap();
         assert!(!enabled.was_enabled);
@@ -106,7 +110,7 @@ async fn a_tenant_off_is_ignored_then_enabling_it_backfills_during_live_changes_
         assert_eq!(r.order_violations, 0, "{account}: {r:?}");
         assert_eq!(r.duplicate_objects, 0, "{account}: {r:?}");
     }
-    let status = tenant::status(&db.pool, &tenant::tenant_id("shop-0").unwrap())
+    let status = tenant::status(&db.pool, "partner", &tenant::tenant_id("shop-0").unwrap())
         .await
         .unwrap()
         .unwrap();
@@ -139,9 +143,15 @@ async fn disabling_a_tenant_rolls_back_everything_ferry_created_and_ignores_what
         tenant::tenant_id("shop-1").unwrap(),
     );
     for t in [&gone, &kept] {
-        tenant::enable(&db.pool, t, tenant::BackfillSource::Products, |_| {})
-            .await
-            .unwrap();
+        tenant::enable(
+            &db.pool,
+            "partner",
+            t,
+            tenant::BackfillSource::Products,
+            |_| {},
+        )
+        .await
+        .unwrap();
     }
     ferry::load::run(&db.pool, &load(2, 300, 3)).await.unwrap();
     let report = everything_settled_and_verified(&db.pool, &client).await;
@@ -156,11 +166,12 @@ async fn disabling_a_tenant_rolls_back_everything_ferry_created_and_ignores_what
     .execute(&db.pool)
     .await
     .unwrap();
-    let disabled = tenant::disable(&db.pool, &gone).await.unwrap();
+    let disabled = tenant::disable(&db.pool, "partner", &gone).await.unwrap();
     // Changes after the switch: ignored for shop-0, delivered for shop-1.
     ferry::load::run(&db.pool, &load(2, 100, 4)).await.unwrap();
     tenant::wait(
         &db.pool,
+        "partner",
         &gone,
         &[disabled],
         Duration::from_secs(60),
@@ -181,7 +192,10 @@ async fn disabling_a_tenant_rolls_back_everything_ferry_created_and_ignores_what
         "the partner holds nothing of shop-0: {state:?}"
     );
     assert!(!sim.account("shop-1").items.is_empty(), "shop-1 untouched");
-    let status = tenant::status(&db.pool, &gone).await.unwrap().unwrap();
+    let status = tenant::status(&db.pool, "partner", &gone)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((status.integration_enabled, status.mapped), (false, 0));
     let ignored: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM deliveries WHERE tenant_id = 'shop-0' AND outcome = 'ignored'",
@@ -206,8 +220,10 @@ async fn bad_tenant_commands_are_refused_with_what_was_wrong() {
         assert!(e.to_string().contains(&format!("{raw:?}")), "{e}");
     }
     let never = tenant::tenant_id("never-enabled").unwrap();
-    let e = tenant::disable(&db.pool, &never).await.unwrap_err();
-    assert!(matches!(e, TenantError::NotEnabled(_)), "{e}");
+    let e = tenant::disable(&db.pool, "partner", &never)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, TenantError::NotEnabled(_, _)), "{e}");
     let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
         .fetch_one(&db.pool)
         .await
@@ -215,12 +231,25 @@ async fn bad_tenant_commands_are_refused_with_what_was_wrong() {
     assert_eq!(outbox, 0, "a refused disable writes nothing");
     // Nobody consuming: the wait gives up with the tenant's state, not forever.
     let id = tenant::tenant_id("nobody-listens").unwrap();
-    let enabled = tenant::enable(&db.pool, &id, tenant::BackfillSource::Products, |_| {})
-        .await
-        .unwrap();
-    let e = tenant::wait(&db.pool, &id, &enabled.events, Duration::ZERO, |_| {})
-        .await
-        .unwrap_err();
+    let enabled = tenant::enable(
+        &db.pool,
+        "partner",
+        &id,
+        tenant::BackfillSource::Products,
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let e = tenant::wait(
+        &db.pool,
+        "partner",
+        &id,
+        &enabled.events,
+        Duration::ZERO,
+        |_| {},
+    )
+    .await
+    .unwrap_err();
     assert!(
         e.to_string().contains("0 of 1 events settled") && e.to_string().contains("ferry consume"),
         "{e}"
@@ -236,6 +265,7 @@ async fn read_commands_print_json_with_o_json() {
     let db = crate::support::TestDb::migrated().await;
     tenant::enable(
         &db.pool,
+        "partner",
         &tenant::tenant_id("acme").unwrap(),
         tenant::BackfillSource::Products,
         |_| {},
@@ -271,8 +301,13 @@ async fn read_commands_print_json_with_o_json() {
     };
     let status = run(&["tenant", "status", "acme", "nobody"]).await.unwrap();
     assert_eq!(status[0]["tenant"], "acme");
-    assert_eq!(status[0]["status"]["integration_enabled"], true);
-    assert!(status[1]["status"].is_null(), "never enabled: {status}");
+    assert_eq!(status[0]["integrations"][0]["integration"], "partner");
+    assert_eq!(status[0]["integrations"][0]["integration_enabled"], true);
+    assert_eq!(
+        status[1]["integrations"],
+        serde_json::json!([]),
+        "never enabled: {status}"
+    );
     let relay = run(&["relay", "status"]).await.unwrap();
     assert_eq!(
         relay["slot"].as_str().map(str::to_owned),

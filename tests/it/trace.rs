@@ -68,6 +68,7 @@ async fn trace_chain(exporter: InMemorySpanExporter) {
     let tenant = TenantId::new("traced").unwrap();
     ferry::tenant::enable(
         &db.pool,
+        "partner",
         &tenant,
         ferry::tenant::BackfillSource::Products,
         |_| {},
