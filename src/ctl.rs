@@ -606,8 +606,16 @@ pub fn render(op: &Op, answer: Value, now: DateTime<Utc>) -> Result<String, Stri
         }
         Op::Skip(..) => {
             let skipped = &answer["skipped"];
+            let dead = &answer["dead_letter"];
+            let exported = match dead["topic"].as_str() {
+                Some(topic) => format!(
+                    ", exported to {topic} (partition {}, offset {})",
+                    dead["partition"], dead["offset"]
+                ),
+                None => String::new(),
+            };
             format!(
-                "{}: {}; skipped event {} (partition {}, offset {})\n",
+                "{}: {}; skipped event {} (partition {}, offset {}){exported}\n",
                 text("tenant_id"),
                 text("state"),
                 skipped["event_id"].as_str().unwrap_or("-"),

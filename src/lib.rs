@@ -31,6 +31,7 @@ pub mod broker;
 pub mod config;
 pub mod consumer;
 pub mod ctl;
+pub mod dead_letter;
 pub mod delivery;
 pub mod exposition;
 pub mod load;

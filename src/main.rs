@@ -121,6 +121,13 @@ enum Command {
         #[command(subcommand)]
         action: TenantAction,
     },
+    /// The events operators gave up on, exported to the dead-letter topic
+    /// (`consume.dead_letter_topic`): list them, or copy a tenant's back into its stream.
+    #[command(display_order = 6)]
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
     /// Development: write products and their outbox events like our platform does.
     #[command(display_order = 21)]
     Load {
@@ -170,6 +177,7 @@ impl Command {
             Command::PartnerSim { .. } => "partner-sim",
             Command::Verify { .. } => "verify",
             Command::Tenant { .. } => "tenant",
+            Command::DeadLetters { .. } => "dead-letters",
             Command::Load { .. } => "load",
             Command::Bench { .. } => "bench",
             Command::Ctl(_) => "ctl",
@@ -259,6 +267,25 @@ enum CtlCommand {
     Webhook {
         #[command(subcommand)]
         action: WebhookAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadLetterAction {
+    /// The integration's dead letters: which event, where it is in the topic, who gave up on
+    /// it and why, whether it was copied back.
+    List {
+        /// Only this tenant's.
+        tenant: Option<String>,
+    },
+    /// Write the tenant's dead letters not copied yet back into its stream: each a new event
+    /// in the outbox, addressed to this integration alone, in the order they were exported.
+    CopyBack {
+        /// The tenant id.
+        #[arg(value_parser = ferry::ctl::parse_tenant)]
+        tenant: String,
+        #[command(flatten)]
+        who: Who,
     },
 }
 
@@ -902,6 +929,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             latency_since,
         } => verify(&config, tenants, simulator, latency_since, output).await,
         Command::Tenant { action } => tenant_command(&config, action, output).await,
+        Command::DeadLetters { action } => dead_letters_command(&config, action, output).await,
         Command::Migrate => {
             let pool = ferry::store::connect(&config.database).await?;
             ferry::store::migrate(&pool).await?;
@@ -1019,6 +1047,31 @@ async fn consume(config: &Config) -> anyhow::Result<()> {
     }
 }
 
+/// The terminal policy's dead-letter topic, when `consume.dead_letter_topic` names one: made
+/// with as many partitions as the outbox topic if missing.
+async fn dead_letters(
+    config: &Config,
+) -> anyhow::Result<Option<std::sync::Arc<ferry::dead_letter::DeadLetters>>> {
+    let Some(topic) = &config.consume.dead_letter_topic else {
+        return Ok(None);
+    };
+    let kafka = config.require_kafka()?;
+    let partitions = {
+        let kafka = kafka.clone();
+        tokio::task::spawn_blocking(move || ferry::broker::partition_count(&kafka, &kafka.topic))
+            .await?
+            .ok()
+            .flatten()
+            .unwrap_or(1)
+    };
+    ferry::broker::ensure_topic(kafka, topic, partitions as i32)
+        .await
+        .with_context(|| format!("the dead-letter topic {topic}"))?;
+    let letters = ferry::dead_letter::DeadLetters::new(kafka, topic)?;
+    tracing::info!(topic = %topic, "an operator's skip exports to the dead-letter topic");
+    Ok(Some(std::sync::Arc::new(letters)))
+}
+
 /// `ferry consume` with `handler`: the admin API, then the consumer until a signal.
 async fn consume_with<H: ferry::delivery::Handler>(
     config: &Config,
@@ -1044,6 +1097,7 @@ async fn consume_with<H: ferry::delivery::Handler>(
             stats: std::sync::Arc::clone(&stats),
             token: Some(admin_token(config, &pool).await?),
             hosts: ferry::admin::access::hosts(config.admin.addr, &config.admin.hosts),
+            dead_letters: dead_letters(config).await?,
         },
         shutdown.clone(),
     ));
@@ -1180,6 +1234,46 @@ async fn verify(
         return Err(DriftFound(bad).into());
     }
     Ok(())
+}
+
+/// `ferry dead-letters list|copy-back`.
+async fn dead_letters_command(
+    config: &Config,
+    action: DeadLetterAction,
+    output: Output,
+) -> anyhow::Result<()> {
+    let pool = ferry::store::connect(&config.database).await?;
+    let spec = configured_integration(config)?;
+    let integration = integration_name(spec.as_ref());
+    match action {
+        DeadLetterAction::List { tenant } => {
+            let rows = ferry::dead_letter::list(&pool, integration, tenant.as_deref()).await?;
+            match output {
+                Output::Json => print_json(&rows)?,
+                Output::Text => print!("{}", ferry::dead_letter::table(&rows)),
+            }
+            Ok(())
+        }
+        DeadLetterAction::CopyBack { tenant, who } => {
+            let topic = config.consume.dead_letter_topic.as_deref().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "consume.dead_letter_topic (FERRY_CONSUME_DEAD_LETTER_TOPIC) is not set: \
+                     there is no dead-letter topic to copy from"
+                )
+            })?;
+            let letters = ferry::dead_letter::DeadLetters::new(config.require_kafka()?, topic)?;
+            let action = who.action();
+            let giving = ferry::dead_letter::GiveUp {
+                integration,
+                tenant: &tenant,
+                actor: &action.actor,
+                reason: &action.reason,
+            };
+            let n = ferry::dead_letter::copy_back(&pool, &letters, giving).await?;
+            println!("{tenant}: {n} dead letters written back into its stream ({integration})");
+            Ok(())
+        }
+    }
 }
 
 /// What `ferry verify` of a webhooks integration reads.

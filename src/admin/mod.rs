@@ -52,6 +52,9 @@ pub struct Admin {
     pub token: Option<access::Token>,
     /// The `Host` values answered ([`access::hosts`]); empty: any.
     pub hosts: Vec<String>,
+    /// The terminal policy: where `skip` exports the event it gives up on
+    /// (`consume.dead_letter_topic`); `None`, skipped with an audit row.
+    pub dead_letters: Option<Arc<crate::dead_letter::DeadLetters>>,
 }
 
 /// An error answered as JSON.
@@ -97,6 +100,20 @@ impl From<ledger::ActionError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, code, e.to_string())
             }
             ledger::ActionError::Postgres(e) => e.into(),
+        }
+    }
+}
+
+impl From<crate::dead_letter::DeadLetterError> for ApiError {
+    fn from(e: crate::dead_letter::DeadLetterError) -> Self {
+        match e {
+            crate::dead_letter::DeadLetterError::Postgres(e) => e.into(),
+            // Nothing was skipped: the event stays parked, the tenant paused.
+            other => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "dead_letter_unavailable",
+                format!("{other}; nothing was skipped"),
+            ),
         }
     }
 }
@@ -705,6 +722,30 @@ async fn skip(
     let integration = admin.scoped(scope)?;
     let axum::Json(action) = body?;
     action.check()?;
+    if let Some(letters) = &admin.dead_letters {
+        let who = crate::dead_letter::GiveUp {
+            integration: &integration,
+            tenant: &tenant,
+            actor: &action.actor,
+            reason: &action.reason,
+        };
+        return match crate::dead_letter::skip_to_dead_letters(&admin.pool, letters, who).await? {
+            Some(e) => Ok(accepted(json!({
+                "integration": integration,
+                "tenant_id": tenant,
+                "state": "draining",
+                "skipped": {"event_id": e.event_id, "partition": e.from.0, "offset": e.from.1},
+                "dead_letter": {"topic": letters.topic(), "partition": e.to.0, "offset": e.to.1},
+            }))),
+            None => Err(not_paused(
+                &admin.pool,
+                &integration,
+                &tenant,
+                "with nothing parked to skip",
+            )
+            .await?),
+        };
+    }
     let skipped = ledger::skip_failed(
         &admin.pool,
         &integration,

@@ -10,6 +10,8 @@
 //!    committed offset fell behind while the failing tenant was paused and parked.
 //! 4. Memory: one tenant paused while its 100,000 events arrive and are parked; the process's
 //!    peak RSS over that run (the high-water mark is reset when the run starts).
+//! 5. Two integrations at once: run 1's records consumed by two integrations side by side (each
+//!    a group of its own, one database), each delivering every event, against run 1's one.
 //!
 //! Each run reads a topic filled beforehand, in a database of its own, with a group of its own,
 //! timed from the consumer's start to the last delivery.
@@ -100,6 +102,8 @@ pub struct ConsumeBenchReport {
     pub parked_elapsed: Duration,
     /// Memory: the process's peak RSS over the run, in KiB.
     pub parked_peak_rss_kb: u64,
+    /// Two integrations side by side on run 1's records, until both delivered every event.
+    pub two_integrations: Duration,
 }
 
 impl ConsumeBenchReport {
@@ -126,6 +130,11 @@ impl ConsumeBenchReport {
     /// The healthy tenants' throughput with a failing tenant, against the all-healthy run.
     pub fn isolation_ratio(&self) -> f64 {
         self.isolation_healthy.as_secs_f64() / self.isolation_failing.as_secs_f64().max(1e-9)
+    }
+
+    /// Events per second of the two integrations together, against one integration's (run 1).
+    pub fn two_integrations_ratio(&self) -> f64 {
+        2.0 * self.ferry.as_secs_f64() / self.two_integrations.as_secs_f64().max(1e-9)
     }
 
     /// Peak RSS of the memory run in MB.
@@ -160,6 +169,15 @@ impl ConsumeBenchReport {
             o.handler_ms,
             self.classic.as_secs_f64(),
             per_s(o.events, self.classic)
+        ));
+        s.push_str(&format!(
+            "| 5. two integrations at once, each every event | {} | {} | {} ms | 256 each | {:.2} s | {:.0} | {:.2}x |\n",
+            2 * o.events,
+            o.tenants,
+            o.handler_ms,
+            self.two_integrations.as_secs_f64(),
+            per_s(2 * o.events, self.two_integrations),
+            self.two_integrations_ratio()
         ));
         s.push_str(&format!(
             "| 2. overhead, the broker's client alone (ceiling) | {} | {} | | | {:.2} s | {:.0} | 1.0x |\n",
@@ -204,12 +222,13 @@ impl ConsumeBenchReport {
             self.parked,
         ));
         s.push_str(&format!(
-            "speedup={:.1} overhead_events_per_s={:.0} isolation_ratio={:.2} max_commit_lag_ms={} parked_peak_rss_mb={:.0}\n",
+            "speedup={:.1} overhead_events_per_s={:.0} isolation_ratio={:.2} max_commit_lag_ms={} parked_peak_rss_mb={:.0} two_integrations_ratio={:.2}\n",
             self.speedup(),
             self.overhead_events_per_s(),
             self.isolation_ratio(),
             self.max_commit_lag.as_millis(),
             self.parked_peak_rss_mb(),
+            self.two_integrations_ratio(),
         ));
         s
     }
@@ -222,6 +241,8 @@ fn healthy_events(events: usize) -> usize {
 
 /// The benchmark's handler: takes `delay` per event; fails every event of `failing` with a 422.
 struct Scripted {
+    /// The integration it stands for.
+    name: &'static str,
     delay: Duration,
     failing: Option<&'static str>,
     /// A tenant not counted in `healthy` (the isolation runs count the other tenants only).
@@ -236,6 +257,7 @@ struct Scripted {
 impl Scripted {
     fn new(delay: Duration, failing: Option<&'static str>) -> Self {
         Scripted {
+            name: "bench",
             delay,
             failing,
             uncounted: failing,
@@ -247,7 +269,7 @@ impl Scripted {
 
 impl Handler for Scripted {
     fn integration(&self) -> &str {
-        "bench"
+        self.name
     }
 
     async fn handle(&self, event: &OutboxEvent, _attempt: &Attempt) -> Outcome {
@@ -310,6 +332,8 @@ pub async fn run(
     )
     .await?
     .elapsed;
+    // 5. The same records, two integrations at once.
+    let two_integrations = side_by_side(config, &topic, delay, options.events).await?;
 
     // 2. Overhead, against what the broker serves a consumer that does nothing with the records.
     let big = fill(config, mock, options.overhead_events, options.tenants, 4).await?;
@@ -370,6 +394,7 @@ pub async fn run(
         parked: memory.parked,
         parked_elapsed: memory.elapsed,
         parked_peak_rss_kb: memory.peak_rss_kb,
+        two_integrations,
     })
 }
 
@@ -637,6 +662,63 @@ async fn consume(
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+}
+
+/// Consumes `topic` from the start with two integrations at once, each a group of its own, in
+/// one fresh database: from the first event either handler saw until both delivered `events`.
+async fn side_by_side(
+    config: &Config,
+    topic: &str,
+    delay: Duration,
+    events: usize,
+) -> Result<Duration, BenchError> {
+    let (pool, url) = fresh_database(&config.database, "ferry_bench_consume").await?;
+    let stop = CancellationToken::new();
+    let mut running = Vec::new();
+    for name in ["bench-a", "bench-b"] {
+        let mut cfg = config.clone();
+        cfg.database.url = url.clone();
+        cfg.kafka.topic = topic.to_owned();
+        cfg.kafka.group_id = format!("ferry-bench-{name}-{}", Uuid::new_v4().simple());
+        let handler = Arc::new(Scripted {
+            name,
+            ..Scripted::new(delay, None)
+        });
+        let task = tokio::spawn({
+            let (pool, stop, handler) = (pool.clone(), stop.clone(), Arc::clone(&handler));
+            let stats = Arc::new(ConsumeStats::default());
+            async move {
+                runtime::run(&cfg, pool, handler, ConsumeOptions::default(), stats, stop).await
+            }
+        });
+        running.push((handler, task));
+    }
+    let until = Instant::now() + Duration::from_secs(1_800);
+    while !running
+        .iter()
+        .all(|(h, _)| h.healthy.load(Ordering::Relaxed) >= events as u64)
+    {
+        if Instant::now() > until || running.iter().any(|(_, t)| t.is_finished()) {
+            return Err(BenchError::Stalled(
+                "an integration stopped before it delivered every event".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let first = running
+        .iter()
+        .filter_map(|(h, _)| h.first.get().copied())
+        .min();
+    let elapsed = first.map_or(Duration::ZERO, |t| t.elapsed());
+    stop.cancel();
+    for (_, task) in running {
+        task.await
+            .expect("consumer panicked")
+            .map_err(|e| BenchError::Stalled(e.to_string()))?;
+    }
+    pool.close().await;
+    drop_database(&config.database, &url).await?;
+    Ok(elapsed)
 }
 
 #[cfg(test)]

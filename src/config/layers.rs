@@ -287,6 +287,11 @@ impl<'a> Layers<'a> {
                 .or(c.integration)
                 .filter(|p| !p.trim().is_empty())
                 .map(PathBuf::from),
+            dead_letter_topic: self
+                .text(&["FERRY_CONSUME_DEAD_LETTER_TOPIC"])
+                .or(c.dead_letter_topic)
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty()),
         })
     }
 
@@ -371,6 +376,7 @@ pub(super) struct FileConsume {
     auto_resume_after_ms: Option<DurationSetting>,
     unknown_event_types: Option<String>,
     integration: Option<String>,
+    dead_letter_topic: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

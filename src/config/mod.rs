@@ -81,6 +81,10 @@ pub struct ConsumeConfig {
     /// The integration file `ferry consume` runs (`docs/integrations.md`); unset, the
     /// built-in shop integration (`partner::integration`).
     pub integration: Option<PathBuf>,
+    /// The terminal policy: unset, an event an operator gives up on (`skip`) is settled as
+    /// skipped with an audit row; set, it is exported with its attempts to this topic first
+    /// (`ferry dead-letters copy-back` writes it back into the tenant's stream).
+    pub dead_letter_topic: Option<String>,
 }
 
 /// What an event of a type the integration does not know does (`consume.unknown_event_types`).
@@ -467,6 +471,10 @@ impl Config {
             if value.is_some_and(|d| d.is_zero()) {
                 return Err(invalid(key, "0", "must be at least 1"));
             }
+        }
+        if let Some(topic) = &c.dead_letter_topic {
+            validate_topic(topic)
+                .map_err(|reason| invalid("consume.dead_letter_topic", topic, &reason))?;
         }
         if let (Some(base), Some(max)) = (c.retry_base, c.retry_max)
             && base > max

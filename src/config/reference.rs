@@ -217,6 +217,12 @@ pub const SETTINGS: &[Setting] = &[
         "the built-in shop integration",
     ),
     s(
+        "consume.dead_letter_topic",
+        &["FERRY_CONSUME_DEAD_LETTER_TOPIC"],
+        "the terminal policy: set, an event an operator skips is exported with its attempts to this topic (`ferry dead-letters copy-back` writes it back); unset, skipped with an audit row",
+        "unset: skip",
+    ),
+    s(
         "admin.addr",
         &["FERRY_ADMIN_ADDR"],
         "admin API address",
@@ -354,6 +360,7 @@ fn value_of(c: &Config, key: &str) -> String {
             .integration
             .as_ref()
             .map_or(String::new(), |p| p.display().to_string()),
+        "consume.dead_letter_topic" => c.consume.dead_letter_topic.clone().unwrap_or_default(),
         "admin.addr" => c.admin.addr.to_string(),
         "admin.token" => c.admin.token.clone().unwrap_or_default(),
         "admin.hosts" => c.admin.hosts.join(","),

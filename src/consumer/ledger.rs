@@ -499,76 +499,85 @@ pub async fn parked_backlog(
     after_seq: i64,
     limit: i64,
 ) -> Result<Vec<(i64, ParkedRecord)>, sqlx::Error> {
-    use base64::Engine as _;
-    type Row = (
-        i64,
-        String,
-        Option<Uuid>,
-        String,
-        i32,
-        i64,
-        Option<Vec<u8>>,
-        serde_json::Value,
-        Option<Vec<u8>>,
-        Option<DateTime<Utc>>,
-    );
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT seq, tenant_id, event_id, topic, partition, \"offset\", record_key, headers, value, record_timestamp \
-         FROM parked_events WHERE integration = $4 AND tenant_id = $1 AND seq > $2 \
-         ORDER BY seq LIMIT $3",
-    )
+    let rows: Vec<ParkedRow> = sqlx::query_as(&format!(
+        "SELECT {PARKED_COLUMNS} FROM parked_events \
+         WHERE integration = $4 AND tenant_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+    ))
     .bind(tenant)
     .bind(after_seq)
     .bind(limit)
     .bind(integration)
     .fetch_all(pool)
     .await?;
+    Ok(rows.into_iter().map(parked_of).collect())
+}
+
+/// The columns of a parked record, as [`ParkedRow`] reads them.
+const PARKED_COLUMNS: &str = "seq, tenant_id, event_id, topic, partition, \"offset\", record_key, \
+                              headers, value, record_timestamp";
+
+/// A parked record's row.
+type ParkedRow = (
+    i64,
+    String,
+    Option<Uuid>,
+    String,
+    i32,
+    i64,
+    Option<Vec<u8>>,
+    serde_json::Value,
+    Option<Vec<u8>>,
+    Option<DateTime<Utc>>,
+);
+
+/// The paused tenant's oldest parked record (the one that failed), locked for this
+/// transaction, with its sequence number.
+pub(crate) async fn oldest_parked(
+    conn: &mut PgConnection,
+    integration: &str,
+    tenant: &str,
+) -> Result<Option<(i64, ParkedRecord)>, sqlx::Error> {
+    let row: Option<ParkedRow> = sqlx::query_as(&format!(
+        "SELECT {PARKED_COLUMNS} FROM parked_events \
+         WHERE integration = $1 AND tenant_id = $2 ORDER BY seq LIMIT 1 FOR UPDATE"
+    ))
+    .bind(integration)
+    .bind(tenant)
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(parked_of))
+}
+
+/// A parked record from its row: headers back from their JSON form.
+fn parked_of(row: ParkedRow) -> (i64, ParkedRecord) {
+    use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(
-                seq,
-                tenant_id,
-                event_id,
-                topic,
-                partition,
-                offset,
-                key,
-                headers,
-                value,
-                timestamp,
-            )| {
-                let headers = headers
-                    .as_array()
-                    .map(|hs| {
-                        hs.iter()
-                            .map(|h| {
-                                (
-                                    h["name"].as_str().unwrap_or_default().to_owned(),
-                                    h["value"].as_str().and_then(|v| b64.decode(v).ok()),
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                (
-                    seq,
-                    ParkedRecord {
-                        tenant_id,
-                        event_id,
-                        topic,
-                        partition,
-                        offset,
-                        key,
-                        headers,
-                        value,
-                        timestamp,
-                    },
-                )
-            },
-        )
-        .collect())
+    let (seq, tenant_id, event_id, topic, partition, offset, key, headers, value, timestamp) = row;
+    let headers = headers
+        .as_array()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| {
+                    (
+                        h["name"].as_str().unwrap_or_default().to_owned(),
+                        h["value"].as_str().and_then(|v| b64.decode(v).ok()),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let record = ParkedRecord {
+        tenant_id,
+        event_id,
+        topic,
+        partition,
+        offset,
+        key,
+        headers,
+        value,
+        timestamp,
+    };
+    (seq, record)
 }
 
 /// Asks for a paused tenant to be resumed (an operator's call, audited): the consumer that owns
@@ -643,7 +652,7 @@ async fn drain_by_operator(
 
 /// Moves a paused tenant to `draining` (its owner replays the backlog); false if it was not
 /// paused.
-async fn start_drain(
+pub(crate) async fn start_drain(
     conn: &mut sqlx::PgConnection,
     integration: &str,
     tenant: &str,

@@ -50,6 +50,7 @@ pub(crate) async fn start_with(
         stats,
         token: Some(ferry::admin::access::Token::new(TOKEN)),
         hosts: ferry::admin::access::hosts(listener.local_addr().unwrap(), &[]),
+        dead_letters: None,
     };
     tokio::spawn(serve(listener, admin, stop.clone()));
     (url, stop)

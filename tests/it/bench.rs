@@ -89,6 +89,12 @@ async fn a_small_consume_benchmark_runs_and_reports() {
         text.contains("| 4. memory, one tenant paused | 201 parked |"),
         "{text}"
     );
+    // Two integrations at once, each delivering all 100 events.
+    assert!(
+        text.contains("| 5. two integrations at once, each every event | 200 |"),
+        "{text}"
+    );
+    assert!(report.two_integrations > std::time::Duration::ZERO);
     // The overhead run beside what the broker serves a consumer that does nothing.
     assert!(
         text.contains("| 2. overhead, the broker's client alone (ceiling) | 300 |"),
@@ -107,7 +113,8 @@ async fn a_small_consume_benchmark_runs_and_reports() {
             "overhead_events_per_s",
             "isolation_ratio",
             "max_commit_lag_ms",
-            "parked_peak_rss_mb"
+            "parked_peak_rss_mb",
+            "two_integrations_ratio"
         ],
         "{last}"
     );

@@ -30,6 +30,7 @@ async fn start_with(db: &TestDb, stats: Arc<ConsumeStats>) -> (String, Cancellat
         stats,
         token: Some(ferry::admin::access::Token::new(TOKEN)),
         hosts: ferry::admin::access::hosts(listener.local_addr().unwrap(), &[]),
+        dead_letters: None,
     };
     tokio::spawn(serve(listener, admin, stop.clone()));
     (url, stop)

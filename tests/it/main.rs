@@ -7,6 +7,7 @@ mod consume;
 mod contract;
 mod ctl;
 mod dashboard;
+mod dead_letters;
 mod declared;
 mod decoder;
 mod deploy;

@@ -29,6 +29,7 @@ async fn admin(db: &TestDb, stats: &Arc<ConsumeStats>) -> (String, CancellationT
         stats: Arc::clone(stats),
         token: Some(ferry::admin::access::Token::new(TOKEN)),
         hosts: ferry::admin::access::hosts(listener.local_addr().unwrap(), &[]),
+        dead_letters: None,
     };
     tokio::spawn(serve(listener, admin, stop.clone()));
     (url, stop)

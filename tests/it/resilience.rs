@@ -649,6 +649,7 @@ async fn metrics_answer_while_postgres_is_down() {
         stats,
         token: Some(access::Token::new("t")),
         hosts: Vec::new(),
+        dead_letters: None,
     };
     tokio::spawn(ferry::admin::serve(listener, admin, stop.clone()));
     let (relay_stop, relay_task, stats) = crate::relay::start_relay(&cfg).await;

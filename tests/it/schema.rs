@@ -4,10 +4,11 @@
 use crate::support::TestDb;
 
 /// Ferry's own tables, in its schema. (The shop's `products` is the example application's.)
-const FERRY_TABLES: [&str; 10] = [
+const FERRY_TABLES: [&str; 11] = [
     "_sqlx_migrations",
     "consumer_groups",
     "control",
+    "dead_letters",
     "deliveries",
     "delivery_attempts",
     "integration_mappings",

@@ -350,6 +350,7 @@ async fn start_admin(db: &TestDb) -> (String, CancellationToken) {
         stats: Arc::new(ConsumeStats::default()),
         token: Some(ferry::admin::access::Token::new(ADMIN_TOKEN)),
         hosts: ferry::admin::access::hosts(listener.local_addr().unwrap(), &[]),
+        dead_letters: None,
     };
     tokio::spawn(serve(listener, admin, stop.clone()));
     (url, stop)
