@@ -537,6 +537,15 @@ impl<H: Handler> Coordinator<H> {
             return Ok(None);
         }
         let arrival = intake::arrival(&*self.handler, &m, &self.topic, position);
+        // One of Ferry's own switches for another integration, written before the header said
+        // so (its payload names it): not this integration's either.
+        if let Arrival::Event(item) = &arrival
+            && !item.event.is_for(&self.integration)
+        {
+            self.stats.count(ledger::SettledAs::Ignored);
+            self.pending.positions.push(position);
+            return Ok(None);
+        }
         if matches!(arrival, Arrival::Bad(_)) {
             self.stats.bad_events.fetch_add(1, Relaxed);
         }

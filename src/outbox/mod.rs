@@ -112,6 +112,24 @@ pub mod control {
         event_type == TENANT_ENABLED || event_type == TENANT_DISABLED
     }
 
+    /// The integration one of Ferry's own events switches (both messages carry it as field 1),
+    /// when it names one; `None` for any other event.
+    pub fn integration_of(event: &super::OutboxEvent) -> Option<String> {
+        use prost::Message;
+        if !is_control(&event.event_type) {
+            return None;
+        }
+        let named = match &event.payload {
+            super::Payload::Protobuf(bytes) => {
+                super::proto::TenantIntegrationEnabled::decode(bytes.as_slice())
+                    .ok()?
+                    .integration
+            }
+            super::Payload::Json(doc) => doc["integration"].as_str()?.to_owned(),
+        };
+        (!named.is_empty()).then_some(named)
+    }
+
     /// One of Ferry's own events, to write.
     #[derive(Debug, Clone, PartialEq)]
     pub enum Control {
@@ -225,9 +243,13 @@ pub struct OutboxEvent {
 
 impl OutboxEvent {
     /// Whether the integration named `integration` acts on the event: every one does, unless
-    /// the event names another.
+    /// the event names another, in its `integration` header or, for one of Ferry's own
+    /// switches written before that header existed, in its payload.
     pub fn is_for(&self, integration: &str) -> bool {
-        self.integration.as_deref().is_none_or(|i| i == integration)
+        match &self.integration {
+            Some(named) => named == integration,
+            None => control::integration_of(self).is_none_or(|named| named == integration),
+        }
     }
 
     /// The event's type.

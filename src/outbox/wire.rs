@@ -163,6 +163,27 @@ mod tests {
     }
 
     #[test]
+    fn a_switch_without_the_header_is_for_the_integration_its_payload_names() {
+        use crate::outbox::writer::OutboxPayload;
+        let marker = crate::outbox::control::Control::disabled("shop");
+        let row = OutboxRow {
+            id: Uuid::now_v7(),
+            tenant_id: "acme".to_owned(),
+            aggregate_type: "Tenant".to_owned(),
+            aggregate_id: "acme".to_owned(),
+            event_type: marker.event_type().to_owned(),
+            payload: marker.to_bytes(),
+            traceparent: None,
+            created_at: Utc::now(),
+            deliver_before: None,
+            integration: None,
+        };
+        let event = decode(&WireRecord::from_row(&row, None).as_raw()).unwrap();
+        assert!(event.is_for("shop"));
+        assert!(!event.is_for("webhooks"), "the payload names another");
+    }
+
+    #[test]
     fn a_row_round_trips_through_the_decoder() {
         let payload = EventPayload::ProductDeleted(proto::ProductDeleted {
             product_id: "p-9".to_owned(),
