@@ -368,8 +368,9 @@ impl DeadLetters {
     }
 }
 
-/// Reads `wanted` from `topic`: each partition assigned from its first wanted offset, read
-/// until its last one.
+/// Reads `wanted` (sorted by partition and offset) from `topic`: each partition assigned once,
+/// at its first wanted offset, and read forward through its last, records between them passed
+/// over.
 fn read_letters(
     kafka: &KafkaConfig,
     topic: &str,
@@ -384,11 +385,15 @@ fn read_letters(
         .create()
         .map_err(kafka_error)?;
     let mut out = Vec::with_capacity(wanted.len());
+    let mut assigned = None;
     for (id, partition, offset) in wanted {
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        tpl.add_partition_offset(topic, *partition, rdkafka::Offset::Offset(*offset))
-            .map_err(kafka_error)?;
-        consumer.assign(&tpl).map_err(kafka_error)?;
+        if assigned != Some(*partition) {
+            let mut tpl = rdkafka::TopicPartitionList::new();
+            tpl.add_partition_offset(topic, *partition, rdkafka::Offset::Offset(*offset))
+                .map_err(kafka_error)?;
+            consumer.assign(&tpl).map_err(kafka_error)?;
+            assigned = Some(*partition);
+        }
         let gone = || DeadLetterError::Gone {
             topic: topic.to_owned(),
             partition: *partition,
@@ -399,9 +404,10 @@ fn read_letters(
             match consumer.poll(Duration::from_millis(500)) {
                 Some(Ok(m)) if m.offset() == *offset => break m.detach(),
                 Some(Ok(m)) if m.offset() > *offset => return Err(gone()),
+                Some(Ok(_)) => {} // a record between two wanted ones
                 Some(Err(e)) => return Err(kafka_error(e)),
-                _ if std::time::Instant::now() > deadline => return Err(gone()),
-                _ => {}
+                None if std::time::Instant::now() > deadline => return Err(gone()),
+                None => {}
             }
         };
         out.push(letter_of(*id, &message));

@@ -1225,15 +1225,7 @@ async fn verify(
         },
         order_violations,
     };
-    match output {
-        Output::Text => print!("{}", found.render()),
-        Output::Json => print_json(&found)?,
-    }
-    let bad = found.failures();
-    if bad > 0 {
-        return Err(DriftFound(bad).into());
-    }
-    Ok(())
+    report(&found.render(), &found, found.failures(), output)
 }
 
 /// `ferry dead-letters list|copy-back`.
@@ -1276,6 +1268,24 @@ async fn dead_letters_command(
     }
 }
 
+/// Prints a verification (`text` or `found` as JSON); an error (exit 3) when it found
+/// `failures`.
+fn report(
+    text: &str,
+    found: &impl serde::Serialize,
+    failures: u64,
+    output: Output,
+) -> anyhow::Result<()> {
+    match output {
+        Output::Text => print!("{text}"),
+        Output::Json => print_json(found)?,
+    }
+    if failures > 0 {
+        return Err(DriftFound(failures).into());
+    }
+    Ok(())
+}
+
 /// What `ferry verify` of a webhooks integration reads.
 struct HookCheck<'a> {
     pool: &'a sqlx::PgPool,
@@ -1315,15 +1325,7 @@ async fn verify_webhooks(
         latency: ferry::partner::verify::latency(check.pool, &spec.name, check.latency_since)
             .await?,
     };
-    match output {
-        Output::Text => print!("{}", found.render()),
-        Output::Json => print_json(&found)?,
-    }
-    let bad = found.failures();
-    if bad > 0 {
-        return Err(DriftFound(bad).into());
-    }
-    Ok(())
+    report(&found.render(), &found, found.failures(), output)
 }
 
 /// `ferry smoke`: one round trip through Postgres and Kafka.

@@ -394,19 +394,45 @@ async fn resume(
     scope: Result<Query<Scope>, QueryRejection>,
     body: Result<axum::Json<Action>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    act(&admin, TenantOp::Resume, &tenant, scope, body).await
+}
+
+/// An audited action on one tenant's state.
+#[derive(Debug, Clone, Copy)]
+enum TenantOp {
+    Resume,
+    Retry,
+    Pause,
+}
+
+/// Runs `op` on `tenant` in the scoped integration, as asked by `body`.
+async fn act(
+    admin: &Admin,
+    op: TenantOp,
+    tenant: &str,
+    scope: Result<Query<Scope>, QueryRejection>,
+    body: Result<axum::Json<Action>, JsonRejection>,
+) -> Result<Response, ApiError> {
     let integration = admin.scoped(scope)?;
     let axum::Json(action) = body?;
     action.check()?;
-    ledger::resume(
-        &admin.pool,
-        &integration,
-        &tenant,
-        &action.actor,
-        &action.reason,
-    )
-    .await?;
+    let (pool, who, why) = (&admin.pool, action.actor.as_str(), action.reason.as_str());
+    let state = match op {
+        TenantOp::Resume => {
+            ledger::resume(pool, &integration, tenant, who, why).await?;
+            "draining"
+        }
+        TenantOp::Retry => {
+            ledger::retry_now(pool, &integration, tenant, who, why).await?;
+            "draining"
+        }
+        TenantOp::Pause => {
+            ledger::pause_by_operator(pool, &integration, tenant, who, why).await?;
+            "paused"
+        }
+    };
     Ok(accepted(
-        json!({"integration": integration, "tenant_id": tenant, "state": "draining"}),
+        json!({"integration": integration, "tenant_id": tenant, "state": state}),
     ))
 }
 
@@ -433,20 +459,7 @@ async fn retry(
     scope: Result<Query<Scope>, QueryRejection>,
     body: Result<axum::Json<Action>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let integration = admin.scoped(scope)?;
-    let axum::Json(action) = body?;
-    action.check()?;
-    ledger::retry_now(
-        &admin.pool,
-        &integration,
-        &tenant,
-        &action.actor,
-        &action.reason,
-    )
-    .await?;
-    Ok(accepted(
-        json!({"integration": integration, "tenant_id": tenant, "state": "draining"}),
-    ))
+    act(&admin, TenantOp::Retry, &tenant, scope, body).await
 }
 
 /// `POST /v1/tenants/{tenant}/pause` `{"actor", "reason"}`: the owning instance stops
@@ -458,20 +471,7 @@ async fn pause(
     scope: Result<Query<Scope>, QueryRejection>,
     body: Result<axum::Json<Action>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let integration = admin.scoped(scope)?;
-    let axum::Json(action) = body?;
-    action.check()?;
-    ledger::pause_by_operator(
-        &admin.pool,
-        &integration,
-        &tenant,
-        &action.actor,
-        &action.reason,
-    )
-    .await?;
-    Ok(accepted(
-        json!({"integration": integration, "tenant_id": tenant, "state": "paused"}),
-    ))
+    act(&admin, TenantOp::Pause, &tenant, scope, body).await
 }
 
 /// A replay, as asked for.

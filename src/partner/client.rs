@@ -228,12 +228,7 @@ impl PartnerClient {
         if status == StatusCode::NO_CONTENT {
             return Ok(None);
         }
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let retry_after = retry_after(&response);
         let (text, whole) = read_bounded(response, self.max_response_bytes)
             .await
             .map_err(|e| transport(method, path, &e))?;
@@ -413,6 +408,16 @@ impl PartnerClient {
     }
 }
 
+/// The answer's `Retry-After`, when it gives seconds.
+pub(crate) fn retry_after(response: &reqwest::Response) -> Option<Duration> {
+    response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
 /// Reads at most `limit` bytes of `response`'s body; whether that was all of it. A longer
 /// answer is cut off there (the connection is dropped rather than drained).
 pub(crate) async fn read_bounded(
@@ -439,7 +444,7 @@ pub fn is_not_found(failure: &Failure) -> bool {
     failure.status == Some(404)
 }
 
-fn transport(method: &Method, path: &str, e: &reqwest::Error) -> Failure {
+pub(crate) fn transport(method: &Method, path: &str, e: &reqwest::Error) -> Failure {
     let what = if e.is_timeout() {
         "timed out"
     } else if e.is_connect() {

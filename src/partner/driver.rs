@@ -90,7 +90,7 @@ impl Driver<'_> {
     ) -> Result<String, Failure> {
         let belongs = |r: &Remote| parent.is_none() || r.parent.as_deref() == parent;
         if let Some(id) = mapped {
-            match api.update(&self.keyed(api, "update"), id).await {
+            match api.update(&self.keyed_on(api, "update", id), id).await {
                 Ok(remote) if belongs(&remote) => return Ok(remote.id),
                 // Gone, or under another parent: found again below.
                 Ok(_) => {}
@@ -101,7 +101,8 @@ impl Driver<'_> {
         let id = match api.find(self.call, our_id).await? {
             Some(found) if belongs(&found) => {
                 if !found.current {
-                    api.update(&self.keyed(api, "update"), &found.id).await?;
+                    api.update(&self.keyed_on(api, "update", &found.id), &found.id)
+                        .await?;
                 }
                 found.id
             }
@@ -131,7 +132,7 @@ impl Driver<'_> {
             None => api.find(self.call, our_id).await?.map(|r| r.id),
         };
         if let Some(id) = id {
-            match api.delete(&self.keyed(api, "delete"), &id).await {
+            match api.delete(&self.keyed_on(api, "delete", &id), &id).await {
                 Err(f) if !is_not_found(&f) => return Err(f),
                 _ => {}
             }
@@ -171,10 +172,22 @@ impl Driver<'_> {
         Ok(())
     }
 
-    /// The call with the idempotency key of this event's `action` on `api`'s object.
+    /// The call with the idempotency key of this event's `action` on `api`'s object: the same
+    /// on every retry of the event, so a lost answer is replayed, not done twice.
     fn keyed<O: ObjectApi>(&self, api: &O, action: &str) -> Call {
         self.call
             .keyed(format!("{}/{}/{action}", self.event_id, api.key()))
+    }
+
+    /// As [`Self::keyed`], for an `action` on the partner's object `id`: the key names the
+    /// object, so an event handled again after the object it acted on was replaced acts on the
+    /// new one rather than being answered with the old one's response. (A crash before a batch
+    /// settles hands an update and the delete after it out again: the update, finding its
+    /// object deleted, heals it back under the create's key, and the delete must then delete
+    /// that one, not replay its first answer.)
+    fn keyed_on<O: ObjectApi>(&self, api: &O, action: &str, id: &str) -> Call {
+        self.call
+            .keyed(format!("{}/{}/{action}/{id}", self.event_id, api.key()))
     }
 
     /// Upserts one mapping: one statement, atomic on its own.

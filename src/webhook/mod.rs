@@ -202,7 +202,10 @@ impl WebhookIntegration {
         }
         let response = tracing::Instrument::instrument(request.send(), span.clone())
             .await
-            .map_err(|e| unanswered(tenant, &e))?;
+            .map_err(|e| {
+                let to = format!("to {tenant}'s endpoint");
+                crate::partner::client::transport(&reqwest::Method::POST, &to, &e)
+            })?;
         span.record("http.response.status_code", response.status().as_u16());
         self.answer(tenant, response).await
     }
@@ -217,12 +220,7 @@ impl WebhookIntegration {
         if (200..300).contains(&status) {
             return Ok(Delivered::Sent);
         }
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let retry_after = crate::partner::client::retry_after(&response);
         let (text, _) = crate::partner::client::read_bounded(response, KEEP_BODY)
             .await
             .unwrap_or_default();
@@ -245,19 +243,4 @@ impl WebhookIntegration {
             retry_after,
         })
     }
-}
-
-/// No answer: a timeout, a refused or broken connection. Retried.
-fn unanswered(tenant: &str, e: &reqwest::Error) -> Failure {
-    let what = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "could not connect"
-    } else {
-        "failed"
-    };
-    Failure::new(
-        FailureClass::Retryable,
-        format!("POST to {tenant}'s endpoint: the request {what}: {e}"),
-    )
 }

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use ferry::admin::{Admin, serve};
 use ferry::consumer::ledger;
 use ferry::consumer::runtime::ConsumeStats;
 use reqwest::StatusCode;
@@ -41,19 +40,14 @@ pub(crate) async fn start_with(
     db: &TestDb,
     stats: Arc<ConsumeStats>,
 ) -> (String, CancellationToken) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let stop = CancellationToken::new();
-    let admin = Admin {
-        pool: db.pool.clone(),
-        integration: "partner".to_owned(),
+    crate::support::AdminUnderTest {
+        integration: "partner",
+        token: TOKEN,
         stats,
-        token: Some(ferry::admin::access::Token::new(TOKEN)),
-        hosts: ferry::admin::access::hosts(listener.local_addr().unwrap(), &[]),
         dead_letters: None,
-    };
-    tokio::spawn(serve(listener, admin, stop.clone()));
-    (url, stop)
+    }
+    .serve(db)
+    .await
 }
 
 async fn call(

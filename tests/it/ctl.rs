@@ -5,13 +5,12 @@
 
 use std::sync::Arc;
 
-use ferry::admin::{Admin, serve};
 use ferry::consumer::ledger;
 use ferry::consumer::runtime::ConsumeStats;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::TestDb;
+use crate::support::{AdminUnderTest, TestDb};
 
 const TOKEN: &str = "ctl-test-token";
 
@@ -21,19 +20,14 @@ async fn start(db: &TestDb) -> (String, CancellationToken) {
 
 /// The admin API over `stats`, as a consumer would serve it.
 async fn start_with(db: &TestDb, stats: Arc<ConsumeStats>) -> (String, CancellationToken) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let stop = CancellationToken::new();
-    let admin = Admin {
-        pool: db.pool.clone(),
-        integration: "partner".to_owned(),
+    AdminUnderTest {
+        integration: "partner",
+        token: TOKEN,
         stats,
-        token: Some(ferry::admin::access::Token::new(TOKEN)),
-        hosts: ferry::admin::access::hosts(listener.local_addr().unwrap(), &[]),
         dead_letters: None,
-    };
-    tokio::spawn(serve(listener, admin, stop.clone()));
-    (url, stop)
+    }
+    .serve(db)
+    .await
 }
 
 /// What one run of the binary did, shown whole in assertion messages.

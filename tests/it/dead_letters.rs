@@ -6,7 +6,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry::admin::{Admin, serve};
 use ferry::consumer::runtime::ConsumeStats;
 use ferry::dead_letter::{DeadLetters, GiveUp, copy_back, header};
 use rdkafka::Message as _;
@@ -15,24 +14,21 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::consume::{Recorder, produce_rows, row, start};
-use crate::support::{TestDb, config, fresh_topic, kafka_config, read_all, unique, wait_for};
+use crate::support::{
+    AdminUnderTest, TestDb, config, fresh_topic, kafka_config, read_all, unique, wait_for,
+};
 
 const TOKEN: &str = "dead-letter-test-token";
 
 async fn start_admin(db: &TestDb, letters: Arc<DeadLetters>) -> (String, CancellationToken) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let stop = CancellationToken::new();
-    let admin = Admin {
-        pool: db.pool.clone(),
-        integration: "partner".to_owned(),
+    AdminUnderTest {
+        integration: "partner",
+        token: TOKEN,
         stats: Arc::new(ConsumeStats::default()),
-        token: Some(ferry::admin::access::Token::new(TOKEN)),
-        hosts: ferry::admin::access::hosts(listener.local_addr().unwrap(), &[]),
         dead_letters: Some(letters),
-    };
-    tokio::spawn(serve(listener, admin, stop.clone()));
-    (url, stop)
+    }
+    .serve(db)
+    .await
 }
 
 async fn skip(url: &str) -> (u16, serde_json::Value) {

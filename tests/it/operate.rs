@@ -8,31 +8,25 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry::admin::{Admin, serve};
 use ferry::consumer::runtime::{ConsumeOptions, ConsumeStats};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::consume::{Recorder, produce_rows, row, start_with};
-use crate::support::{TestDb, config, fresh_topic, wait_for};
+use crate::support::{AdminUnderTest, TestDb, config, fresh_topic, wait_for};
 
 const TOKEN: &str = "operate-test-token";
 
 /// The admin API over a running consumer's counters.
 async fn admin(db: &TestDb, stats: &Arc<ConsumeStats>) -> (String, CancellationToken) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let stop = CancellationToken::new();
-    let admin = Admin {
-        pool: db.pool.clone(),
-        integration: "partner".to_owned(),
+    AdminUnderTest {
+        integration: "partner",
+        token: TOKEN,
         stats: Arc::clone(stats),
-        token: Some(ferry::admin::access::Token::new(TOKEN)),
-        hosts: ferry::admin::access::hosts(listener.local_addr().unwrap(), &[]),
         dead_letters: None,
-    };
-    tokio::spawn(serve(listener, admin, stop.clone()));
-    (url, stop)
+    }
+    .serve(db)
+    .await
 }
 
 async fn post(url: &str, body: Value) -> (reqwest::StatusCode, Value) {

@@ -251,6 +251,57 @@ async fn a_lost_create_response_creates_no_duplicate() {
     db.drop().await;
 }
 
+/// Guarantee: nothing left behind when events are handled again. A crash after an update and
+/// the delete after it reached the partner, before their settlement was durable, hands both
+/// out again: the update, finding its item deleted, heals it back, and the delete must delete
+/// that one (its idempotency key names the item it acts on), not get the first delete's answer
+/// replayed. Staged as the crash leaves it: their dedupe records gone, the topic read again.
+/// (Found by the chaos soak, seed 12: four tenants with such orphans.)
+#[tokio::test(flavor = "multi_thread")]
+async fn an_update_and_delete_handled_again_after_a_lost_settlement_leave_nothing_behind() {
+    let (db, cfg, sim, sim_stop) = setup(Duration::from_millis(500)).await;
+    let rows = [
+        product("tenant-a", "p-1", "Tea", 350, true),
+        product("tenant-a", "p-1", "Green tea", 360, false),
+        crate::example::deleted("tenant-a", "p-1"),
+    ];
+    produce_rows(&cfg.kafka, &rows).await;
+    let running = consume(&cfg, &db.pool, fast_retries());
+    wait_for("all three delivered", Duration::from_secs(30), || async {
+        (delivered(&db.pool).await == 3).then_some(())
+    })
+    .await;
+    running.stop().await;
+    assert!(sim.account("tenant-a").items.is_empty());
+
+    // The crash: the update's and the delete's settlement never became durable.
+    sqlx::query("DELETE FROM deliveries WHERE event_id = ANY($1)")
+        .bind([rows[1].id, rows[2].id])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut again = cfg.clone();
+    again.kafka.group_id = crate::support::unique("ferry-test-again");
+    let running = consume(&again, &db.pool, fast_retries());
+    wait_for("both handled again", Duration::from_secs(30), || async {
+        (delivered(&db.pool).await == 3).then_some(())
+    })
+    .await;
+    running.stop().await;
+    let state = sim.account("tenant-a");
+    assert!(
+        state.items.is_empty() && state.prices.is_empty(),
+        "nothing left on the partner: {state:?}"
+    );
+    let mapped: i64 = sqlx::query_scalar("SELECT count(*) FROM integration_mappings")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(mapped, 0);
+    sim_stop.cancel();
+    db.drop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_create_that_stopped_half_way_resumes_without_a_second_item() {
     let (db, cfg, sim, sim_stop) = setup(Duration::from_secs(5)).await;

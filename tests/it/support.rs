@@ -243,3 +243,35 @@ pub async fn topic_size(kafka: &KafkaConfig) -> i64 {
     .await
     .unwrap()
 }
+
+/// An admin API as a consumer of `integration` serves it, on a free loopback port, accepting
+/// `token`: its URL and what stops it.
+pub struct AdminUnderTest<'a> {
+    /// The integration the consumer runs.
+    pub integration: &'a str,
+    /// Its bearer token.
+    pub token: &'a str,
+    /// The consumer's counters.
+    pub stats: std::sync::Arc<ferry::consumer::runtime::ConsumeStats>,
+    /// Its dead-letter topic, if its terminal policy exports.
+    pub dead_letters: Option<std::sync::Arc<ferry::dead_letter::DeadLetters>>,
+}
+
+impl AdminUnderTest<'_> {
+    /// Serves it.
+    pub async fn serve(self, db: &TestDb) -> (String, tokio_util::sync::CancellationToken) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let admin = ferry::admin::Admin {
+            pool: db.pool.clone(),
+            integration: self.integration.to_owned(),
+            stats: self.stats,
+            token: Some(ferry::admin::access::Token::new(self.token)),
+            hosts: ferry::admin::access::hosts(addr, &[]),
+            dead_letters: self.dead_letters,
+        };
+        tokio::spawn(ferry::admin::serve(listener, admin, stop.clone()));
+        (format!("http://{addr}"), stop)
+    }
+}

@@ -5,7 +5,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry::admin::{Admin, serve};
 use ferry::consumer::runtime::{self, ConsumeOptions, ConsumeStats};
 use ferry::outbox::wire::OutboxRow;
 use ferry::partner::spec::Spec;
@@ -17,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::consume::{produce_rows, row};
 use crate::partner::{TOKEN as SIM_TOKEN, start_sim};
-use crate::support::{TestDb, config, fresh_topic, wait_for};
+use crate::support::{AdminUnderTest, TestDb, config, fresh_topic, wait_for};
 
 const ADMIN_TOKEN: &str = "webhooks-admin-token";
 
@@ -86,6 +85,23 @@ impl SimControl {
     }
 }
 
+/// The simulator, its receiver every one of `tenants`' endpoint, each with a secret Ferry made.
+async fn with_endpoints(db: &TestDb, tenants: &[&str]) -> (SimControl, CancellationToken) {
+    let (_sim, url, stop) = start_sim().await;
+    let sim = SimControl {
+        url,
+        http: reqwest::Client::new(),
+    };
+    for tenant in tenants {
+        let url = format!("{}/hooks/{tenant}", sim.url);
+        let endpoint = endpoints::set(&db.pool, "webhooks", tenant, &url, None)
+            .await
+            .unwrap();
+        sim.holds(tenant, &[&endpoint.secret]).await;
+    }
+    (sim, stop)
+}
+
 /// Runs the webhooks integration over `cfg`'s topic.
 fn run_webhooks(
     cfg: &ferry::config::Config,
@@ -124,18 +140,7 @@ async fn each_tenants_events_reach_its_own_endpoint_signed_in_order_through_a_ro
     let db = TestDb::migrated().await;
     let kafka = fresh_topic(2).await;
     let cfg = config(&db, &kafka);
-    let (_sim, sim_url, sim_stop) = start_sim().await;
-    let sim = SimControl {
-        url: sim_url.clone(),
-        http: reqwest::Client::new(),
-    };
-    for tenant in ["acme", "globex"] {
-        let url = format!("{sim_url}/hooks/{tenant}");
-        let endpoint = endpoints::set(&db.pool, "webhooks", tenant, &url, None)
-            .await
-            .unwrap();
-        sim.holds(tenant, &[&endpoint.secret]).await;
-    }
+    let (sim, sim_stop) = with_endpoints(&db, &["acme", "globex"]).await;
     let old = endpoints::get(&db.pool, "webhooks", "acme")
         .await
         .unwrap()
@@ -219,18 +224,8 @@ async fn an_endpoint_gone_parks_its_tenant_until_it_is_set_again() {
     let db = TestDb::migrated().await;
     let kafka = fresh_topic(1).await;
     let cfg = config(&db, &kafka);
-    let (_sim, sim_url, sim_stop) = start_sim().await;
-    let sim = SimControl {
-        url: sim_url.clone(),
-        http: reqwest::Client::new(),
-    };
-    for tenant in ["acme", "globex"] {
-        let url = format!("{sim_url}/hooks/{tenant}");
-        let endpoint = endpoints::set(&db.pool, "webhooks", tenant, &url, None)
-            .await
-            .unwrap();
-        sim.holds(tenant, &[&endpoint.secret]).await;
-    }
+    let (sim, sim_stop) = with_endpoints(&db, &["acme", "globex"]).await;
+    let sim_url = sim.url.clone();
     sim.fault("acme", Some(410)).await;
     let mut written = rows("acme", 1, 15);
     written.extend(rows("globex", 1, 15));
@@ -341,19 +336,14 @@ async fn an_endpoint_gone_parks_its_tenant_until_it_is_set_again() {
 
 /// The admin API of a consumer running the webhooks integration.
 async fn start_admin(db: &TestDb) -> (String, CancellationToken) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let stop = CancellationToken::new();
-    let admin = Admin {
-        pool: db.pool.clone(),
-        integration: "webhooks".to_owned(),
+    AdminUnderTest {
+        integration: "webhooks",
+        token: ADMIN_TOKEN,
         stats: Arc::new(ConsumeStats::default()),
-        token: Some(ferry::admin::access::Token::new(ADMIN_TOKEN)),
-        hosts: ferry::admin::access::hosts(listener.local_addr().unwrap(), &[]),
         dead_letters: None,
-    };
-    tokio::spawn(serve(listener, admin, stop.clone()));
-    (url, stop)
+    }
+    .serve(db)
+    .await
 }
 
 /// Bad input: an endpoint that is not an http(s) URL, a secret that is not one, an action
