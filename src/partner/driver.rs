@@ -89,6 +89,15 @@ impl Driver<'_> {
         parent: Option<&str>,
     ) -> Result<String, Failure> {
         let belongs = |r: &Remote| parent.is_none() || r.parent.as_deref() == parent;
+        // Handled again after its settlement was lost: this event created the object, and the
+        // events after it (handled again behind it, their repeats replayed by the partner
+        // without effect) may have changed it since. Bringing it back to this event's state
+        // would undo theirs.
+        if let Some(id) = mapped
+            && self.created_here(api.object_type(), our_id).await?
+        {
+            return Ok(id.to_owned());
+        }
         if let Some(id) = mapped {
             match api.update(&self.keyed_on(api, "update", id), id).await {
                 Ok(remote) if belongs(&remote) => return Ok(remote.id),
@@ -107,13 +116,18 @@ impl Driver<'_> {
                 found.id
             }
             _ => {
-                api.create(&self.keyed(api, "create"), our_id, parent)
+                let created = api
+                    .create(&self.keyed(api, "create"), our_id, parent)
                     .await?
-                    .id
+                    .id;
+                self.write_mapping(api.object_type(), our_id, &created, true)
+                    .await?;
+                return Ok(created);
             }
         };
         if mapped != Some(id.as_str()) {
-            self.write_mapping(api.object_type(), our_id, &id).await?;
+            self.write_mapping(api.object_type(), our_id, &id, false)
+                .await?;
         }
         Ok(id)
     }
@@ -138,6 +152,23 @@ impl Driver<'_> {
             }
         }
         self.forget(api.object_type(), our_id).await
+    }
+
+    /// Whether this event created `our_id`'s object of type `object_type`, as its mapping
+    /// says: the event is being handled again.
+    async fn created_here(&self, object_type: &str, our_id: &str) -> Result<bool, Failure> {
+        let by: Option<Option<uuid::Uuid>> = sqlx::query_scalar(
+            "SELECT created_by FROM integration_mappings \
+             WHERE integration = $1 AND object_type = $2 AND tenant_id = $3 AND local_id = $4",
+        )
+        .bind(self.integration)
+        .bind(object_type)
+        .bind(self.tenant)
+        .bind(our_id)
+        .fetch_optional(self.pool)
+        .await
+        .map_err(db)?;
+        Ok(by.flatten() == Some(self.event_id))
     }
 
     /// The partner's id of `our_id`'s object of type `object_type`, as mapped so far.
@@ -196,12 +227,14 @@ impl Driver<'_> {
         object_type: &str,
         local_id: &str,
         foreign_id: &str,
+        created: bool,
     ) -> Result<(), Failure> {
         sqlx::query(
-            "INSERT INTO integration_mappings (integration, object_type, local_id, foreign_id, tenant_id) \
-             VALUES ($1, $2, $3, $4, $5) \
+            "INSERT INTO integration_mappings (integration, object_type, local_id, foreign_id, tenant_id, created_by) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT (integration, object_type, tenant_id, local_id) \
-             DO UPDATE SET foreign_id = EXCLUDED.foreign_id, updated_at = now() \
+             DO UPDATE SET foreign_id = EXCLUDED.foreign_id, created_by = EXCLUDED.created_by, \
+                           updated_at = now() \
              WHERE integration_mappings.foreign_id <> EXCLUDED.foreign_id",
         )
         .bind(self.integration)
@@ -209,6 +242,7 @@ impl Driver<'_> {
         .bind(local_id)
         .bind(foreign_id)
         .bind(self.tenant)
+        .bind(created.then_some(self.event_id))
         .execute(self.pool)
         .await
         .map_err(db)?;
