@@ -100,6 +100,19 @@ pub struct GiveUp<'a> {
     pub reason: &'a str,
 }
 
+impl<'a> GiveUp<'a> {
+    /// The audit record of `action` by this actor on this tenant.
+    fn audited(self, action: &'a str) -> ledger::Action<'a> {
+        ledger::Action {
+            integration: self.integration,
+            tenant: self.tenant,
+            actor: self.actor,
+            action,
+            reason: self.reason,
+        }
+    }
+}
+
 /// A skip that exported its event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exported {
@@ -222,13 +235,7 @@ pub async fn skip_to_dead_letters(
     if let Some(id) = record.event_id {
         record_export(&mut tx, letters, who, (&record, id), to).await?;
     }
-    let action = ledger::Action {
-        integration: who.integration,
-        tenant: who.tenant,
-        actor: who.actor,
-        action: "dead_letter",
-        reason: who.reason,
-    };
+    let action = who.audited("dead_letter");
     let details = json!({
         "event_id": record.event_id,
         "from": {"topic": record.topic, "partition": record.partition, "offset": record.offset},
@@ -346,13 +353,7 @@ pub async fn copy_back(
         .execute(&mut *tx)
         .await?;
     }
-    let action = ledger::Action {
-        integration: who.integration,
-        tenant: who.tenant,
-        actor: who.actor,
-        action: "dead_letter_copy_back",
-        reason: who.reason,
-    };
+    let action = who.audited("dead_letter_copy_back");
     ledger::audit(&mut tx, &action, json!({"events": read.len()})).await?;
     tx.commit().await?;
     Ok(read.len() as u64)

@@ -157,24 +157,24 @@ impl Driver<'_> {
     /// Whether this event created `our_id`'s object of type `object_type`, as its mapping
     /// says: the event is being handled again.
     async fn created_here(&self, object_type: &str, our_id: &str) -> Result<bool, Failure> {
-        let by: Option<Option<uuid::Uuid>> = sqlx::query_scalar(
-            "SELECT created_by FROM integration_mappings \
-             WHERE integration = $1 AND object_type = $2 AND tenant_id = $3 AND local_id = $4",
-        )
-        .bind(self.integration)
-        .bind(object_type)
-        .bind(self.tenant)
-        .bind(our_id)
-        .fetch_optional(self.pool)
-        .await
-        .map_err(db)?;
-        Ok(by.flatten() == Some(self.event_id))
+        let mapping = self.mapping(object_type, our_id).await?;
+        Ok(mapping.and_then(|(_, by)| by) == Some(self.event_id))
     }
 
     /// The partner's id of `our_id`'s object of type `object_type`, as mapped so far.
     pub async fn mapped(&self, object_type: &str, our_id: &str) -> Result<Option<String>, Failure> {
-        sqlx::query_scalar(
-            "SELECT foreign_id FROM integration_mappings \
+        Ok(self.mapping(object_type, our_id).await?.map(|(id, _)| id))
+    }
+
+    /// The mapping of `our_id`'s object of type `object_type`: the partner's id, and the event
+    /// that created the object when Ferry did.
+    async fn mapping(
+        &self,
+        object_type: &str,
+        our_id: &str,
+    ) -> Result<Option<(String, Option<uuid::Uuid>)>, Failure> {
+        sqlx::query_as(
+            "SELECT foreign_id, created_by FROM integration_mappings \
              WHERE integration = $1 AND object_type = $2 AND tenant_id = $3 AND local_id = $4",
         )
         .bind(self.integration)

@@ -251,6 +251,30 @@ async fn a_lost_create_response_creates_no_duplicate() {
     db.drop().await;
 }
 
+/// Stages a crash that lost the settlement of `events` after they reached the partner: their
+/// dedupe records removed, the topic read again by a fresh group until `delivered` events are
+/// on record again.
+async fn handle_again(
+    db: &TestDb,
+    cfg: &ferry::config::Config,
+    events: &[Uuid],
+    delivered_then: i64,
+) {
+    sqlx::query("DELETE FROM deliveries WHERE event_id = ANY($1)")
+        .bind(events)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut again = cfg.clone();
+    again.kafka.group_id = crate::support::unique("ferry-test-again");
+    let running = consume(&again, &db.pool, fast_retries());
+    wait_for("handled again", Duration::from_secs(30), || async {
+        (delivered(&db.pool).await == delivered_then).then_some(())
+    })
+    .await;
+    running.stop().await;
+}
+
 /// Guarantee: nothing left behind when events are handled again. A crash after an update and
 /// the delete after it reached the partner, before their settlement was durable, hands both
 /// out again: the update, finding its item deleted, heals it back, and the delete must delete
@@ -275,19 +299,7 @@ async fn an_update_and_delete_handled_again_after_a_lost_settlement_leave_nothin
     assert!(sim.account("tenant-a").items.is_empty());
 
     // The crash: the update's and the delete's settlement never became durable.
-    sqlx::query("DELETE FROM deliveries WHERE event_id = ANY($1)")
-        .bind([rows[1].id, rows[2].id])
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    let mut again = cfg.clone();
-    again.kafka.group_id = crate::support::unique("ferry-test-again");
-    let running = consume(&again, &db.pool, fast_retries());
-    wait_for("both handled again", Duration::from_secs(30), || async {
-        (delivered(&db.pool).await == 3).then_some(())
-    })
-    .await;
-    running.stop().await;
+    handle_again(&db, &cfg, &[rows[1].id, rows[2].id], 3).await;
     let state = sim.account("tenant-a");
     assert!(
         state.items.is_empty() && state.prices.is_empty(),
@@ -321,19 +333,7 @@ async fn a_create_and_update_handled_again_after_a_lost_settlement_end_at_the_up
     })
     .await;
     running.stop().await;
-    sqlx::query("DELETE FROM deliveries WHERE event_id = ANY($1)")
-        .bind([rows[0].id, rows[1].id])
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    let mut again = cfg.clone();
-    again.kafka.group_id = crate::support::unique("ferry-test-again");
-    let running = consume(&again, &db.pool, fast_retries());
-    wait_for("both handled again", Duration::from_secs(30), || async {
-        (delivered(&db.pool).await == 2).then_some(())
-    })
-    .await;
-    running.stop().await;
+    handle_again(&db, &cfg, &[rows[0].id, rows[1].id], 2).await;
     let state = sim.account("tenant-a");
     assert_eq!(state.items.len(), 1, "{state:?}");
     assert_eq!(
