@@ -72,6 +72,22 @@ async fn a_tenant_paused_for_one_integration_keeps_flowing_to_another() {
         },
     )
     .await;
+    // Settlements are written in batches after the handler returns: wait for them too.
+    wait_for(
+        "every settlement on record",
+        Duration::from_secs(30),
+        || async {
+            let settled: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM deliveries WHERE settled_at IS NOT NULL \
+             AND (integration = 'hooks' OR tenant_id = 'globex')",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .ok()?;
+            (settled == 3 * PER_TENANT).then_some(())
+        },
+    )
+    .await;
     let in_order: Vec<i64> = (1..=PER_TENANT).collect();
     let hooks_calls = calls_of(&hooks);
     assert_eq!(
