@@ -454,6 +454,36 @@ async fn ctl_command(args: CtlArgs) -> ExitCode {
     }
 }
 
+/// `ferry bench pipeline`'s options.
+#[derive(Debug, clap::Args)]
+struct PipelineArgs {
+    /// Changes written per second.
+    #[arg(long, default_value_t = 1_000.0)]
+    rate: f64,
+    /// For how many seconds.
+    #[arg(long, default_value_t = 30.0)]
+    seconds: f64,
+    /// Distinct tenants.
+    #[arg(long, default_value_t = 50)]
+    tenants: usize,
+    /// `ferry consume` instances.
+    #[arg(long, default_value_t = 2)]
+    consumers: usize,
+    /// Partitions of the run's topic.
+    #[arg(long, default_value_t = 12)]
+    partitions: i32,
+    /// The integration file the consumers run.
+    #[arg(long, default_value = "integrations/shop.toml")]
+    integration: PathBuf,
+    /// The `ferry` executable the pipeline's processes are started from (this one when not
+    /// given): another build, to compare two side by side.
+    #[arg(long)]
+    children: Option<PathBuf>,
+    /// Changes written and delivered before the measured window.
+    #[arg(long, default_value_t = 500)]
+    warm_up: usize,
+}
+
 #[derive(Debug, Subcommand)]
 enum Bench {
     /// The consumer: key-ordered parallelism against one-in-flight, overhead, isolation of a failing
@@ -514,6 +544,10 @@ enum Bench {
         #[arg(long, default_value = "configured", value_parser = ["configured", "mock"])]
         broker: String,
     },
+    /// The demo's whole pipeline at a steady rate (relay, consumers, the partner simulator,
+    /// `ferry load`): CPU per process per 1,000 events, Postgres's time split by who caused
+    /// it, and commit-to-partner latency against a reader that does nothing else.
+    Pipeline(PipelineArgs),
     /// Commit-to-reader latency of the outbox at a steady write rate: the relay streaming
     /// the slot against the same relay peeking it.
     RelayLatency {
@@ -968,7 +1002,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             load(&config, &options).await
         }
-        Command::Bench { which } => bench(&config, which).await,
+        Command::Bench { which } => bench(&config, cli.config, which).await,
     }
 }
 
@@ -1423,7 +1457,7 @@ async fn load(config: &Config, options: &ferry::load::LoadOptions) -> anyhow::Re
 }
 
 /// `ferry bench ...`: the benchmarks, printed as tables.
-async fn bench(config: &Config, which: Bench) -> anyhow::Result<()> {
+async fn bench(config: &Config, config_file: Option<PathBuf>, which: Bench) -> anyhow::Result<()> {
     match which {
         Bench::Consume {
             events,
@@ -1471,6 +1505,7 @@ async fn bench(config: &Config, which: Bench) -> anyhow::Result<()> {
             let report = ferry::bench::relay::run(config, &options).await?;
             print!("{}", report.render());
         }
+        Bench::Pipeline(args) => bench_pipeline(config, config_file, args).await?,
         Bench::RelayLatency {
             rate,
             seconds,
@@ -1492,6 +1527,49 @@ async fn bench(config: &Config, which: Bench) -> anyhow::Result<()> {
             print!("{}", report.render());
         }
     }
+    Ok(())
+}
+
+/// `ferry bench pipeline`.
+async fn bench_pipeline(
+    config: &Config,
+    config_file: Option<PathBuf>,
+    args: PipelineArgs,
+) -> anyhow::Result<()> {
+    let PipelineArgs {
+        rate,
+        seconds,
+        tenants,
+        consumers,
+        partitions,
+        integration,
+        children,
+        warm_up,
+    } = args;
+    if !(rate.is_finite() && rate > 0.0 && seconds.is_finite() && seconds > 0.0) {
+        anyhow::bail!("--rate and --seconds must be positive numbers");
+    }
+    if consumers == 0 || tenants == 0 || partitions < 1 {
+        anyhow::bail!("--consumers, --tenants and --partitions must be at least 1");
+    }
+    let children = match children {
+        Some(path) => path,
+        None => std::env::current_exe()?,
+    };
+    let options = ferry::bench::pipeline::PipelineBenchOptions {
+        rate,
+        seconds,
+        tenants,
+        consumers,
+        partitions,
+        integration: std::path::absolute(integration)?,
+        children,
+        config_file: config_file.map(std::path::absolute).transpose()?,
+        warm_up,
+        secrets: Vec::new(),
+    };
+    let report = ferry::bench::pipeline::run(config, &options).await?;
+    print!("{}", report.render());
     Ok(())
 }
 

@@ -61,7 +61,8 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, StoreError> {
         .map_err(StoreError::Connect)
 }
 
-/// What every session of Ferry's sets at login: its name, Ferry's schema first in the
+/// What every session of Ferry's sets at login: its name (`ferry`, unless the URL gives one),
+/// Ferry's schema first in the
 /// `search_path` (`schema` must be a plain identifier, see
 /// [`crate::config::is_schema_name`]), and custom plans only.
 ///
@@ -73,7 +74,10 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, StoreError> {
 /// Planning each execution costs tens of microseconds and keeps every plan fit for the table's
 /// size.
 pub fn session(options: PgConnectOptions, schema: &str) -> PgConnectOptions {
-    options.application_name("ferry").options([
+    // A name the URL gives (`?application_name=...`) is kept: an operator telling instances
+    // apart in `pg_stat_activity`, or `ferry bench pipeline` its processes.
+    let name = options.get_application_name().unwrap_or("ferry").to_owned();
+    options.application_name(&name).options([
         ("plan_cache_mode", "force_custom_plan"),
         ("search_path", &format!("{schema},public")),
     ])

@@ -3,8 +3,11 @@
 //! with one machine-readable line.
 
 pub mod consume;
+pub mod cpu;
+pub mod pipeline;
 pub mod relay;
 pub mod relay_latency;
+pub mod statements;
 pub mod tansu;
 
 use std::collections::HashMap;
@@ -42,6 +45,9 @@ pub enum BenchError {
     /// The run did not finish in time.
     #[error("{0}")]
     Stalled(String),
+    /// The run could not be set up (an integration file, a child process, a port).
+    #[error("{0}")]
+    Setup(String),
 }
 
 /// Creates a fresh, migrated database on the configured server; returns its pool and URL.
@@ -56,7 +62,8 @@ pub async fn fresh_database(
         .execute(&mut conn)
         .await?;
     conn.close().await?;
-    let options = admin.database(&name);
+    // The benchmark's own sessions, told apart from those of the processes it measures.
+    let options = admin.database(&name).application_name("ferry-bench");
     let url = options.to_url_lossy().to_string();
     let pool = PgPoolOptions::new()
         .max_connections(16)

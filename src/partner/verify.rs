@@ -179,6 +179,8 @@ pub struct Latency {
     pub p50_ms: f64,
     /// 99th percentile, milliseconds.
     pub p99_ms: f64,
+    /// The slowest, milliseconds.
+    pub max_ms: f64,
     /// Delivered events of every tenant.
     pub all: u64,
     /// 99th percentile over every tenant, milliseconds.
@@ -197,7 +199,7 @@ pub async fn latency(
     .bind(integration)
     .fetch_one(pool)
     .await?;
-    type Row = (i64, Option<f64>, Option<f64>);
+    type Row = (i64, Option<f64>, Option<f64>, Option<f64>);
     let percentiles = |healthy_only: bool| {
         sqlx::query_as::<_, Row>(
             "WITH unhealthy AS ( \
@@ -212,20 +214,21 @@ pub async fn latency(
                    AND ($2::timestamptz IS NULL OR written_at >= $2) \
                    AND NOT ($1 AND tenant_id IN (SELECT tenant_id FROM unhealthy))) \
              SELECT count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::float8, \
-                    percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::float8 FROM ms",
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::float8, max(ms)::float8 FROM ms",
         )
         .bind(healthy_only)
         .bind(since)
         .bind(integration)
         .fetch_one(pool)
     };
-    let (healthy, p50, p99) = percentiles(true).await?;
-    let (all, _, all_p99) = percentiles(false).await?;
+    let (healthy, p50, p99, max) = percentiles(true).await?;
+    let (all, _, all_p99, _) = percentiles(false).await?;
     Ok(Latency {
         events: events as u64,
         healthy: healthy as u64,
         p50_ms: p50.unwrap_or(0.0),
         p99_ms: p99.unwrap_or(0.0),
+        max_ms: max.unwrap_or(0.0),
         all: all as u64,
         all_p99_ms: all_p99.unwrap_or(0.0),
     })
