@@ -18,10 +18,11 @@
 use std::sync::Arc;
 
 use ferry::delivery::{Attempt, Failure, FailureClass, Handler, Outcome};
+use ferry::mappings::Mappings;
 use ferry::outbox::OutboxEvent;
 use ferry::partner::api::{NewShopItem, ShopItem, ShopItemUpdate};
 use ferry::partner::client::{Call, PartnerClient};
-use ferry::partner::driver::{Driver, ObjectApi, Remote};
+use ferry::partner::driver::{self, Driver, ObjectApi, Remote};
 use ferry::shop::{self, EventPayload, proto};
 
 /// The integration's name in Ferry's mapping table: its mappings are its own.
@@ -31,6 +32,9 @@ pub const INTEGRATION: &str = "names";
 pub struct NamesOnly {
     pub client: PartnerClient,
     pub pool: sqlx::PgPool,
+    /// The mappings the driver learns, until the consumer writes them with their events'
+    /// settlements.
+    pub mappings: Mappings,
 }
 
 impl Handler for NamesOnly {
@@ -38,17 +42,18 @@ impl Handler for NamesOnly {
         INTEGRATION
     }
 
-    async fn handle(&self, event: &OutboxEvent, _attempt: &Attempt) -> Outcome {
+    async fn handle(&self, event: &OutboxEvent, attempt: &Attempt) -> Outcome {
         let call = Call {
             account: event.tenant_id.to_string(),
             ..Call::default()
         };
         let driver = Driver {
-            pool: &self.pool,
-            integration: INTEGRATION,
+            mappings: &self.mappings,
             tenant: event.tenant_id.as_str(),
             event_id: event.id,
             call: &call,
+            // A retry, or a redelivery: look for our id on the partner before creating.
+            heal: attempt.may_have_written(),
         };
         // The shop's events, read from their protobuf or JSON payload; any other type is not
         // this integration's.
@@ -66,9 +71,9 @@ impl Handler for NamesOnly {
                     client: &self.client,
                     name: &p.name,
                 };
-                match driver.mapped("named_item", &p.id).await {
-                    Ok(mapped) => driver
-                        .upsert(&item, &p.id, mapped.as_deref(), None)
+                match self.known(event, &p.id).await {
+                    Ok(known) => driver
+                        .upsert(&item, &p.id, known.of("named_item"), None)
                         .await
                         .map(drop),
                     Err(f) => Err(f),
@@ -79,8 +84,12 @@ impl Handler for NamesOnly {
                     client: &self.client,
                     name: "",
                 };
-                match driver.mapped("named_item", &d.product_id).await {
-                    Ok(mapped) => driver.delete(&item, &d.product_id, mapped.as_deref()).await,
+                match self.known(event, &d.product_id).await {
+                    Ok(known) => {
+                        driver
+                            .delete(&item, &d.product_id, known.of("named_item"))
+                            .await
+                    }
                     Err(f) => Err(f),
                 }
             }
@@ -91,6 +100,25 @@ impl Handler for NamesOnly {
             Ok(()) => Outcome::Done,
             Err(failure) => Outcome::Failed(failure),
         }
+    }
+
+    fn mappings(&self) -> Option<&Mappings> {
+        Some(&self.mappings)
+    }
+}
+
+impl NamesOnly {
+    /// What our id `our_id` maps to (one query, with what is staged over it).
+    async fn known(&self, event: &OutboxEvent, our_id: &str) -> Result<driver::Known, Failure> {
+        let tenant = event.tenant_id.as_str();
+        driver::known(
+            &self.pool,
+            &self.mappings,
+            (INTEGRATION, tenant),
+            our_id,
+            &["named_item"],
+        )
+        .await
     }
 }
 
@@ -164,6 +192,7 @@ async fn main() -> anyhow::Result<()> {
     let handler = Arc::new(NamesOnly {
         client: PartnerClient::new(&config.partner)?,
         pool: pool.clone(),
+        mappings: Mappings::default(),
     });
     let stats = Arc::new(ferry::consumer::runtime::ConsumeStats::default());
     ferry::consumer::runtime::run(

@@ -109,12 +109,27 @@ impl FailureClass {
 pub struct Attempt {
     /// Counts from 1.
     pub number: u32,
+    /// Whether the event may have been handled before, beyond this process's earlier
+    /// attempts: its record was fetched by an earlier owner of its partition (it lies below
+    /// the high watermark at assignment), or it comes from its tenant's parked backlog. An
+    /// earlier handling may have written to the partner, so a handler takes its healing steps
+    /// (a find by our id before a create); see [`Attempt::may_have_written`].
+    pub seen_before: bool,
     /// The topic of the record that carried the event.
     pub topic: String,
     /// Its partition.
     pub partition: i32,
     /// Its offset.
     pub offset: i64,
+}
+
+impl Attempt {
+    /// Whether an earlier handling of the event may have written to the partner: an earlier
+    /// attempt here, or [`Attempt::seen_before`]. When not, nothing can hold the event's
+    /// objects but what the mappings say, and a create needs no find first.
+    pub fn may_have_written(&self) -> bool {
+        self.number > 1 || self.seen_before
+    }
 }
 
 /// Whether `name` may name an integration: 1 to 64 of `a-z`, `0-9`, `_` and `-` (it is a
@@ -152,6 +167,13 @@ pub trait Handler: Send + Sync + 'static {
         event: &OutboxEvent,
         attempt: &Attempt,
     ) -> impl std::future::Future<Output = Outcome> + Send;
+
+    /// The mappings this integration stages while it handles events, if it keeps any: the
+    /// consumer writes what an event staged in the transaction that settles (or parks) it,
+    /// and drops what an attempt cut short staged ([`crate::mappings`]).
+    fn mappings(&self) -> Option<&crate::mappings::Mappings> {
+        None
+    }
 }
 
 /// When to retry a retryable failure, and when to stop retrying and pause the tenant.

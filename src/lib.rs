@@ -18,6 +18,7 @@
 //!   the simulator (`ferry partner-sim`);
 //! - [`tenant`]: switching a tenant's integration on (with its backfill) and off (`ferry tenant`);
 //! - [`load`]: the reference "our platform" writer (`ferry load`);
+//! - [`mappings`]: our ids to the partner's, staged until the settlement batch writes them;
 //! - [`smoke`]: the end-to-end round trip that proves a stack works;
 //! - [`bench`]: the benchmarks (`ferry bench ...`);
 //! - [`admin`]: the admin HTTP API each consumer serves (health, metrics, tenants, resume,
@@ -35,6 +36,7 @@ pub mod dead_letter;
 pub mod delivery;
 pub mod exposition;
 pub mod load;
+pub mod mappings;
 pub mod outbox;
 pub mod partner;
 pub mod relay;

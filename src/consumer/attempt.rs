@@ -30,6 +30,9 @@ pub(super) struct Item {
     pub(super) log: Vec<AttemptLog>,
     /// Log every attempt, the first too (a replayed backlog: it failed before).
     pub(super) log_every: bool,
+    /// It may have been handled before this process's first attempt (an earlier owner of its
+    /// partition, or its tenant's parked backlog): [`Attempt::seen_before`].
+    pub(super) seen_before: bool,
 }
 
 /// How an event's attempts ended.
@@ -47,6 +50,19 @@ pub(super) enum Done {
     /// recorded; whoever owns the partition next reads it again. (One that settled as it was
     /// revoked comes back `Settled`: the coordinator writes it before the revoke's commit.)
     Revoked(Item),
+}
+
+impl Done {
+    /// The event whose attempts ended.
+    pub(super) fn event_id(&self) -> uuid::Uuid {
+        match self {
+            Done::Settled(item, ..)
+            | Done::Duplicate(item)
+            | Done::Pause(item, ..)
+            | Done::Breaker(item, _)
+            | Done::Revoked(item) => item.event.id,
+        }
+    }
 }
 
 /// How a call ended.
@@ -417,6 +433,7 @@ pub(super) fn event_span(item: &Item) -> tracing::Span {
 pub(super) fn attempt_at(item: &Item, number: u32) -> Attempt {
     Attempt {
         number,
+        seen_before: item.seen_before,
         topic: item.raw.topic.clone(),
         partition: item.raw.partition,
         offset: item.raw.offset,

@@ -46,6 +46,7 @@ use super::tenants::{Lifecycle, TenantEffect, Tenants};
 use crate::broker;
 use crate::config::Config;
 use crate::delivery::{Failure, Handler};
+use crate::mappings::Staged;
 use crate::scheduler::Scheduler;
 
 /// A batch of arrivals with its dedupe lookup under way.
@@ -439,7 +440,7 @@ impl<H: Handler> Coordinator<H> {
                 &tenant,
                 &r.pause,
                 &records,
-                &[],
+                (&[], &Staged::default()),
             )
             .await?;
             self.stats.parked.fetch_add(parked, Relaxed);
@@ -536,7 +537,10 @@ impl<H: Handler> Coordinator<H> {
             self.pending.positions.push(position);
             return Ok(None);
         }
-        let arrival = intake::arrival(&*self.handler, &m, &self.topic, position);
+        let mut arrival = intake::arrival(&*self.handler, &m, &self.topic, position);
+        if let Arrival::Event(item) = &mut arrival {
+            item.seen_before = self.ownership.seen_before(position);
+        }
         // One of Ferry's own switches for another integration, written before the header said
         // so (its payload names it): not this integration's either.
         if let Arrival::Event(item) = &arrival
@@ -628,17 +632,18 @@ impl<H: Handler> Coordinator<H> {
         self.ownership.release(&claim);
         self.scheduler.complete(&tenant);
         match done {
-            Done::Revoked(item) => self.copies.dropped([item.event.id]),
+            Done::Revoked(item) => self.dropped(&item),
             // A failure of a partition lost meanwhile is the next owner's to meet: parking it
             // here could race the owner's own intake.
             Done::Breaker(item, _) | Done::Pause(item, _, _)
                 if !self.ownership.is_current(item.position) =>
             {
-                self.copies.dropped([item.event.id]);
+                self.dropped(&item);
             }
             Done::Settled(item, outcome, attempts) => {
                 self.stats.count(outcome);
-                self.pending.settle(item, outcome, attempts);
+                self.pending
+                    .settle(item, outcome, attempts, self.handler.mappings());
             }
             Done::Duplicate(item) => {
                 self.stats.duplicates.fetch_add(1, Relaxed);
@@ -670,6 +675,10 @@ impl<H: Handler> Coordinator<H> {
     ) -> Result<(), ConsumeError> {
         self.stats.failed.fetch_add(1, Relaxed);
         let pause = attempt::pause_for(failure, Some(item.event.id), attempts, &self.options);
+        let mappings = self.handler.mappings();
+        let learnt = mappings
+            .map(|m| m.take(&[item.event.id]))
+            .unwrap_or_default();
         let log = item.log;
         let mut records = vec![item.raw];
         let mut positions = vec![item.position];
@@ -684,9 +693,12 @@ impl<H: Handler> Coordinator<H> {
             &tenant,
             &pause,
             &records,
-            &log,
+            (&log, &learnt),
         )
         .await?;
+        if let Some(m) = mappings {
+            m.written(&learnt);
+        }
         self.stats.parked.fetch_add(parked, Relaxed);
         self.copies
             .written(records.iter().filter_map(|r| r.event_id));
@@ -694,6 +706,15 @@ impl<H: Handler> Coordinator<H> {
         self.apply_tenant(effects);
         self.pending.positions.extend(positions);
         Ok(())
+    }
+
+    /// `item`'s attempt ended unsettled, its partition no longer this instance's: the next
+    /// owner handles it again, and what it learnt is not written from here.
+    fn dropped(&mut self, item: &Item) {
+        self.copies.dropped([item.event.id]);
+        if let Some(m) = self.handler.mappings() {
+            m.discard(&[item.event.id]);
+        }
     }
 
     /// Applies what a breaker transition asks of Kafka.
@@ -753,7 +774,8 @@ impl<H: Handler> Coordinator<H> {
         match done {
             Done::Settled(item, outcome, attempts) => {
                 self.stats.count(outcome);
-                self.pending.settle(item, outcome, attempts);
+                self.pending
+                    .settle(item, outcome, attempts, self.handler.mappings());
                 let effect = self.breaker.probe_answered();
                 self.apply_breaker(effect)?;
                 tracing::info!(%tenant, "the partner answers again: breaker closed");
@@ -785,6 +807,9 @@ impl<H: Handler> Coordinator<H> {
     /// A batch became durable: mark its positions, commit what moved, and deliver what could
     /// not be parked.
     async fn durable(&mut self, durable: Durable, mode: CommitMode) -> Result<(), ConsumeError> {
+        if let Some(m) = self.handler.mappings() {
+            m.written(&durable.mappings);
+        }
         self.copies.written(durable.ids);
         self.forget_copies();
         settlement::mark_and_commit(
@@ -824,7 +849,13 @@ impl<H: Handler> Coordinator<H> {
         let arrivals: Vec<Arrival> = records
             .into_iter()
             .filter(|(_, position)| self.ownership.is_current(*position))
-            .map(|(record, position)| intake::arrival_again(&*self.handler, record, position))
+            .map(|(record, position)| {
+                let mut arrival = intake::arrival_again(&*self.handler, record, position);
+                if let Arrival::Event(item) = &mut arrival {
+                    item.seen_before = self.ownership.seen_before(position);
+                }
+                arrival
+            })
             .collect();
         let ids: Vec<Uuid> = arrivals.iter().filter_map(Arrival::event_id).collect();
         // Those taken from the tenant's queue were admitted before: they are not copies of
@@ -892,7 +923,9 @@ impl<H: Handler> Coordinator<H> {
                 self.tenants.drain_ended(&tenant, false);
                 self.stats.failed.fetch_add(1, Relaxed);
                 let pause = attempt::pause_for(&failure, event_id, attempts, &self.options);
-                settlement::pause(&self.pool, &self.integration, &tenant, &pause, &[], &[]).await?;
+                let nothing = (&[][..], &Staged::default());
+                settlement::pause(&self.pool, &self.integration, &tenant, &pause, &[], nothing)
+                    .await?;
             }
             Drained::Error(tenant, e) => {
                 self.tenants.drain_ended(&tenant, false);
@@ -1097,8 +1130,13 @@ impl<H: Handler> Coordinator<H> {
                 self.revoke(&partitions, lost).await?;
                 let _ = reply.send(());
             }
-            KafkaEvent::Assigned { partitions, reply } => {
+            KafkaEvent::Assigned {
+                partitions,
+                fresh_from,
+                reply,
+            } => {
                 self.ownership.assign(&partitions);
+                self.ownership.fresh_from(&fresh_from);
                 self.stats
                     .partitions
                     .store(self.ownership.len() as u64, Relaxed);

@@ -10,6 +10,7 @@ use super::settlement::settlement;
 use super::{intake, ledger};
 use crate::config::UnknownEventTypes;
 use crate::delivery::{Failure, Handler};
+use crate::mappings::Staged;
 
 /// What a drain task reports to the loop.
 pub(super) enum Drained {
@@ -55,6 +56,7 @@ pub(super) async fn drain<H: Handler>(
             tenant,
             settlements: Vec::new(),
             attempts: Vec::new(),
+            mappings: Staged::default(),
             through: after,
         };
         match replay.page(handler, guard, page).await {
@@ -71,6 +73,8 @@ struct Replay<'a> {
     tenant: &'a str,
     settlements: Vec<ledger::Settlement>,
     attempts: Vec<ledger::AttemptLog>,
+    /// What the replayed events learnt (the failing one's too): written with the page.
+    mappings: Staged,
     through: i64,
 }
 
@@ -99,10 +103,16 @@ impl Replay<'_> {
                     continue;
                 }
                 Err(Unreplayable::Refused(failure, id)) => {
-                    return Err(self.stop(Drained::Failed(tenant, failure, id, 0)).await);
+                    return Err(self
+                        .stop(handler, Drained::Failed(tenant, failure, id, 0))
+                        .await);
                 }
             };
-            match attempt::handle(handler, item, guard).await {
+            let done = attempt::handle(handler, item, guard).await;
+            if let Some(m) = handler.mappings() {
+                self.mappings.append(m.take(&[done.event_id()]));
+            }
+            match done {
                 Done::Settled(mut item, outcome, tries) => {
                     settled.insert(item.event.id);
                     guard.stats.count(outcome);
@@ -112,7 +122,7 @@ impl Replay<'_> {
                 Done::Duplicate(_) => {}
                 Done::Revoked(_) => {
                     // Keep what was replayed; the rest stays parked for the partition's owner.
-                    return Err(match self.keep().await {
+                    return Err(match self.keep(handler).await {
                         Ok(()) => Drained::Revoked(tenant),
                         Err(e) => Drained::Error(tenant, e),
                     });
@@ -120,39 +130,49 @@ impl Replay<'_> {
                 Done::Pause(mut item, failure, tries) => {
                     self.attempts.append(&mut item.log);
                     let id = Some(item.event.id);
-                    return Err(self.stop(Drained::Failed(tenant, failure, id, tries)).await);
+                    return Err(self
+                        .stop(handler, Drained::Failed(tenant, failure, id, tries))
+                        .await);
                 }
                 Done::Breaker(mut item, failure) => {
                     self.attempts.append(&mut item.log);
                     let id = Some(item.event.id);
-                    return Err(self.stop(Drained::Failed(tenant, failure, id, 1)).await);
+                    return Err(self
+                        .stop(handler, Drained::Failed(tenant, failure, id, 1))
+                        .await);
                 }
             }
             self.through = seq;
         }
-        self.keep()
+        self.keep(handler)
             .await
             .map_err(|e| Drained::Error(tenant.clone(), e))?;
         Ok(self.through)
     }
 
-    /// Records what settled and removes what was replayed, in one transaction.
-    async fn keep(&self) -> Result<(), sqlx::Error> {
-        ledger::unpark(
+    /// Records what settled and removes what was replayed, in one transaction. What the
+    /// replayed events learnt leaves the handler's overlay either way: written, or (the
+    /// transaction failed) learnt again when they are replayed again.
+    async fn keep<H: Handler>(&self, handler: &H) -> Result<(), sqlx::Error> {
+        let kept = ledger::unpark(
             self.pool,
             self.integration,
             self.tenant,
             self.through,
             &self.settlements,
-            &self.attempts,
+            (&self.attempts, &self.mappings),
         )
-        .await
+        .await;
+        if let Some(m) = handler.mappings() {
+            m.written(&self.mappings);
+        }
+        kept
     }
 
     /// Keeps what was replayed (if that fails it stays parked and is replayed again, deduped)
     /// and ends the drain with `report`.
-    async fn stop(&self, report: Drained) -> Drained {
-        let _ = self.keep().await;
+    async fn stop<H: Handler>(&self, handler: &H, report: Drained) -> Drained {
+        let _ = self.keep(handler).await;
         report
     }
 }
@@ -201,5 +221,7 @@ fn replayed_item<H: Handler>(
         position,
         log: Vec::new(),
         log_every: true,
+        // Parked after an attempt that failed, or behind one.
+        seen_before: true,
     })
 }

@@ -179,6 +179,8 @@ fn event_arrival(event: outbox::OutboxEvent, raw: ParkedRecord, position: Positi
         settled: false,
         log: Vec::new(),
         log_every: false,
+        // The coordinator tells, from the partition's ownership.
+        seen_before: true,
     })
 }
 

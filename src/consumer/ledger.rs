@@ -779,9 +779,10 @@ pub async fn unpark(
     tenant: &str,
     through_seq: i64,
     settlements: &[Settlement],
-    attempts: &[AttemptLog],
+    (attempts, mappings): (&[AttemptLog], &crate::mappings::Staged),
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
+    mappings.write(&mut tx, integration).await?;
     record_settled(&mut tx, integration, settlements).await?;
     record_attempts(&mut tx, integration, attempts).await?;
     sqlx::query(

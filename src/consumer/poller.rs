@@ -22,6 +22,9 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{ClientContext, TopicPartitionList};
 use tokio::sync::mpsc;
 
+/// How long an assignment waits for a partition's high watermark.
+const WATERMARK_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How often [`super::runtime::PartitionView`] is brought up to date, and librdkafka's
 /// statistics (with the high watermarks) come.
 pub(super) const LAG_INTERVAL: Duration = Duration::from_secs(2);
@@ -46,9 +49,13 @@ pub(super) enum KafkaEvent {
         reply: Reply,
     },
     /// These partitions were assigned, each in a generation of its own: read the paused
-    /// tenants, then answer; no record of theirs is handed over before.
+    /// tenants, then answer; no record of theirs is handed over before. `fresh_from`: each
+    /// partition's high watermark once it was assigned here. An earlier owner can only have
+    /// fetched records below it; a partition missing from it (its watermark could not be
+    /// read) counts every record as possibly handled before.
     Assigned {
         partitions: Vec<(i32, u64)>,
+        fresh_from: HashMap<i32, i64>,
         reply: Reply,
     },
     /// Each partition's high watermark, from librdkafka's statistics.
@@ -91,6 +98,28 @@ impl Context {
         if self.events.send(event(reply)).is_ok() {
             let _ = answer.recv();
         }
+    }
+
+    /// The high watermark of each of `partitions`, asked of the broker now that they are
+    /// assigned here (the previous owner let go before): every record an earlier owner fetched
+    /// lies below it. One that cannot be read is left out.
+    fn high_watermarks(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        partitions: &[(i32, u64)],
+    ) -> HashMap<i32, i64> {
+        partitions
+            .iter()
+            .filter_map(|&(p, _)| {
+                match consumer.fetch_watermarks(&self.topic, p, WATERMARK_TIMEOUT) {
+                    Ok((_, high)) => Some((p, high)),
+                    Err(e) => {
+                        tracing::warn!(partition = p, error = %e, "no high watermark at assignment: its records count as handled before");
+                        None
+                    }
+                }
+            })
+            .collect()
     }
 
     fn partitions(&self, list: &TopicPartitionList) -> Vec<i32> {
@@ -139,7 +168,7 @@ impl ConsumerContext for Context {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(list) = rebalance {
             let partitions: Vec<(i32, u64)> = self
                 .partitions(list)
@@ -151,7 +180,12 @@ impl ConsumerContext for Context {
                 .expect("generations")
                 .extend(partitions.iter().copied());
             tracing::info!(partitions = ?partitions.iter().map(|p| p.0).collect::<Vec<_>>(), "partitions assigned");
-            self.ask(|reply| KafkaEvent::Assigned { partitions, reply });
+            let fresh_from = self.high_watermarks(consumer, &partitions);
+            self.ask(|reply| KafkaEvent::Assigned {
+                partitions,
+                fresh_from,
+                reply,
+            });
         }
     }
 }

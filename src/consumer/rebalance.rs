@@ -39,6 +39,9 @@ pub(super) struct Ownership {
 /// A partition this instance owns.
 pub(super) struct Owned {
     generation: u64,
+    /// Records from this offset on were never fetched by an earlier owner (the high watermark
+    /// once assigned here); those below may have been handled before.
+    fresh_from: i64,
     /// What may be committed, once a record of it was read.
     pub(super) offsets: Option<PartitionOffsets>,
     /// Cancelled on revoke and shutdown: no new attempt starts for this partition's work.
@@ -82,6 +85,7 @@ impl Ownership {
                 partition,
                 Owned {
                     generation,
+                    fresh_from: i64::MAX,
                     offsets: None,
                     cancel: CancellationToken::new(),
                     abort: CancellationToken::new(),
@@ -90,6 +94,25 @@ impl Ownership {
                 },
             );
         }
+    }
+
+    /// Where each of the partitions just assigned starts being fresh (see
+    /// [`Self::seen_before`]).
+    pub(super) fn fresh_from(&mut self, highs: &std::collections::HashMap<i32, i64>) {
+        for (partition, high) in highs {
+            if let Some(owned) = self.partitions.get_mut(partition) {
+                owned.fresh_from = *high;
+            }
+        }
+    }
+
+    /// Whether the record at `position` may have been handled before: an earlier owner of its
+    /// partition may have fetched it.
+    pub(super) fn seen_before(&self, position: Position) -> bool {
+        self.partitions
+            .get(&position.partition)
+            .filter(|o| o.generation == position.generation)
+            .is_none_or(|owned| position.offset < owned.fresh_from)
     }
 
     /// Lets `partitions` go.

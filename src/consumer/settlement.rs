@@ -20,6 +20,7 @@ use super::ledger::{self, AttemptLog, ParkedRecord, Pause, SettledAs, Settlement
 use super::poller::Context;
 use super::rebalance::{Ownership, Position, blocking};
 use super::runtime::{ConsumeError, ConsumeStats};
+use crate::mappings::{Mappings, Staged};
 
 pub(super) fn settlement(item: &Item, outcome: SettledAs, attempts: u32) -> Settlement {
     Settlement::new(&item.event, &attempt_at(item, attempts), outcome)
@@ -36,6 +37,8 @@ pub(super) struct Pending {
     pub(super) parked: Vec<(ParkedRecord, Position)>,
     /// The attempt history of settled events that failed before they settled.
     pub(super) attempts: Vec<AttemptLog>,
+    /// The mappings the settled events learnt: written with their settlements.
+    pub(super) mappings: Staged,
 }
 
 impl Pending {
@@ -44,8 +47,18 @@ impl Pending {
         self.settlements.len() + self.positions.len() + self.parked.len()
     }
 
-    /// `item` settled as `outcome` after `attempts`: its record and its attempt history.
-    pub(super) fn settle(&mut self, mut item: Item, outcome: SettledAs, attempts: u32) {
+    /// `item` settled as `outcome` after `attempts`: its record, its attempt history, and
+    /// the mappings it learnt (from `mappings`, the handler's).
+    pub(super) fn settle(
+        &mut self,
+        mut item: Item,
+        outcome: SettledAs,
+        attempts: u32,
+        mappings: Option<&Mappings>,
+    ) {
+        if let Some(m) = mappings {
+            self.mappings.append(m.take(&[item.event.id]));
+        }
         self.settlements
             .push((settlement(&item, outcome, attempts), item.position));
         self.attempts.append(&mut item.log);
@@ -62,6 +75,8 @@ pub(super) struct Durable {
     /// Records set aside for parking whose tenant the database says is live: not parked, not
     /// settled; the coordinator delivers them.
     pub(super) live: Vec<(ParkedRecord, Position)>,
+    /// The mappings it wrote, for the handler's overlay to let go of.
+    pub(super) mappings: Staged,
 }
 
 /// A batch's result.
@@ -82,6 +97,7 @@ pub(super) async fn write_pending(
         positions: mut settled,
         parked,
         attempts,
+        mappings,
     } = pending;
     let (mut ids, mut live) = (Vec::new(), Vec::new());
     if !parked.is_empty() {
@@ -99,10 +115,11 @@ pub(super) async fn write_pending(
             }
         }
     }
-    if !settlements.is_empty() {
+    if !settlements.is_empty() || !mappings.is_empty() {
         let (batch, positions): (Vec<Settlement>, Vec<Position>) = settlements.into_iter().unzip();
         ids.extend(batch.iter().map(|s| s.event_id));
         let mut tx = pool.begin().await?;
+        mappings.write(&mut tx, &integration).await?;
         ledger::record_settled(&mut tx, &integration, &batch).await?;
         ledger::record_attempts(&mut tx, &integration, &attempts).await?;
         tx.commit().await?;
@@ -112,21 +129,24 @@ pub(super) async fn write_pending(
         positions: settled,
         ids,
         live,
+        mappings,
     })
 }
 
 /// Pauses `tenant` for `pause` and parks `records` (the failing event first, then the
-/// tenant's queue, in order) with the failing event's `attempts`, in one transaction; returns
-/// how many were parked. The tenant's later records are parked behind them as they arrive.
+/// tenant's queue, in order) with the failing event's `attempts` and the `mappings` it learnt
+/// before it failed, in one transaction; returns how many were parked. The tenant's later
+/// records are parked behind them as they arrive.
 pub(super) async fn pause(
     pool: &PgPool,
     integration: &str,
     tenant: &str,
     pause: &Pause,
     records: &[ParkedRecord],
-    attempts: &[AttemptLog],
+    (attempts, mappings): (&[AttemptLog], &Staged),
 ) -> Result<u64, sqlx::Error> {
     let mut tx = pool.begin().await?;
+    mappings.write(&mut tx, integration).await?;
     ledger::record_attempts(&mut tx, integration, attempts).await?;
     let parked = ledger::park_in(&mut tx, integration, tenant, Some(pause), records).await?;
     tx.commit().await?;

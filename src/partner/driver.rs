@@ -3,20 +3,30 @@
 //! by our id, create, update, delete); the driver does the rest:
 //!
 //! - **Mapping**: our id to the partner's, per tenant, integration and object type
-//!   (`integration_mappings`), written as soon as it is learnt, so a retry after a later step
-//!   failed starts from it.
-//! - **Healing**: before anything is created, the partner is asked for the object that carries
-//!   our id. A lost create answer, a lost mapping row, or a partner that ignores
-//!   `Idempotency-Key` never makes a second object. An object whose mapping points nowhere (the
-//!   partner answered 404, or it hangs under another parent) is found again the same way.
+//!   (`integration_mappings`), read once per event with the tenant's switch ([`known`]). A
+//!   mapping learnt is staged at once ([`Mappings`]): a retry after a later step failed, and
+//!   the tenant's next event, start from it; the consumer writes it in the transaction that
+//!   settles the event.
+//! - **Healing**: when an earlier handling of the event may have written to the partner
+//!   ([`Attempt::may_have_written`](crate::delivery::Attempt::may_have_written): a retry, a
+//!   redelivery to a new owner of the partition, a parked backlog), the partner is asked for
+//!   the object that carries our id before anything is created, so a lost create answer, a
+//!   lost mapping or a partner that ignores `Idempotency-Key` never makes a second object. A
+//!   first handling skips that call: nothing but what the mappings say can exist for it, and a
+//!   partner that answers the create with 409 Conflict (it holds our id already) is asked
+//!   then. An object whose mapping points nowhere (the partner answered 404, or it hangs under
+//!   another parent) is found again the same way.
 //! - **Idempotency keys**: every write carries `<event id>/<object>/<action>`, so a retried
 //!   step repeats the same request and the partner can tell it from a change.
 //! - **Deletes**: not found counts as deleted, and the object's mapping goes with it.
+
+use std::collections::HashMap;
 
 use sqlx::PgPool;
 
 use super::client::{Call, is_not_found};
 use crate::delivery::{Failure, FailureClass};
+use crate::mappings::{Mapped, MappingChange, Mappings};
 
 /// An object on the partner, as the driver sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,18 +71,90 @@ pub trait ObjectApi: Sync {
     fn delete(&self, call: &Call, id: &str) -> impl Future<Output = Result<(), Failure>> + Send;
 }
 
+/// What an event's handling starts from: the tenant's switch and the mappings of our id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Known {
+    /// Whether the tenant has the integration on.
+    pub enabled: bool,
+    /// Per object type, what our id maps to.
+    pub mapped: HashMap<String, Mapped>,
+}
+
+impl Known {
+    /// What `our_id`'s object of `object_type` maps to.
+    pub fn of(&self, object_type: &str) -> Option<&Mapped> {
+        self.mapped.get(object_type)
+    }
+}
+
+/// One query for what an event's handling starts from: `tenant`'s switch in `integration` and
+/// the mappings of `our_id` for each of `object_types`, with what is staged over them. The
+/// switch is read as each event is handled, which is after it was written: an event written
+/// after `ferry tenant enable|disable` committed sees the switch it set.
+pub async fn known(
+    pool: &PgPool,
+    staged: &Mappings,
+    (integration, tenant): (&str, &str),
+    our_id: &str,
+    object_types: &[&str],
+) -> Result<Known, Failure> {
+    // The overlay first: a version that leaves it between the two reads was committed before
+    // it left, so the query sees it; read the other way round, a batch committing in between
+    // would hide a mapping from both.
+    let staged: Vec<(&str, Option<Mapped>)> = object_types
+        .iter()
+        .filter_map(|o| Some((*o, staged.staged(tenant, o, our_id)?)))
+        .collect();
+    type Row = (bool, Option<String>, Option<String>, Option<uuid::Uuid>);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT t.enabled, m.object_type, m.foreign_id, m.created_by \
+         FROM (SELECT coalesce((SELECT integration_enabled FROM tenants \
+                                WHERE integration = $1 AND tenant_id = $2), false) AS enabled) t \
+         LEFT JOIN integration_mappings m ON m.integration = $1 AND m.tenant_id = $2 \
+              AND m.local_id = $3 AND m.object_type = ANY($4)",
+    )
+    .bind(integration)
+    .bind(tenant)
+    .bind(our_id)
+    .bind(object_types)
+    .fetch_all(pool)
+    .await
+    .map_err(db)?;
+    let mut known = Known {
+        enabled: rows.first().is_some_and(|r| r.0),
+        mapped: HashMap::new(),
+    };
+    for (_, object_type, foreign_id, created_by) in rows {
+        if let (Some(object_type), Some(foreign_id)) = (object_type, foreign_id) {
+            let mapped = Mapped {
+                foreign_id,
+                created_by,
+            };
+            known.mapped.insert(object_type, mapped);
+        }
+    }
+    for (object_type, version) in staged {
+        match version {
+            Some(mapped) => known.mapped.insert(object_type.to_owned(), mapped),
+            None => known.mapped.remove(object_type),
+        };
+    }
+    Ok(known)
+}
+
 /// The driver, for one event of one tenant.
 pub struct Driver<'a> {
-    /// Where the mappings are.
-    pub pool: &'a PgPool,
-    /// The integration's name in `integration_mappings`.
-    pub integration: &'a str,
+    /// Where learnt mappings are staged.
+    pub mappings: &'a Mappings,
     /// The tenant.
     pub tenant: &'a str,
     /// The event's id, the first part of every idempotency key.
     pub event_id: uuid::Uuid,
     /// Whose call it is and which event it serves.
     pub call: &'a Call,
+    /// Whether an earlier handling of the event may have written to the partner: look for our
+    /// id before creating.
+    pub heal: bool,
 }
 
 impl Driver<'_> {
@@ -80,25 +162,25 @@ impl Driver<'_> {
     /// object updated; else the one the partner holds under our id (updated if it differs);
     /// else a new one. `mapped` is the mapping as read when the event's handling began;
     /// `parent` the partner's id of the object this one belongs to. A mapping learnt here is
-    /// written before this returns.
+    /// staged before this returns.
     pub async fn upsert<O: ObjectApi>(
         &self,
         api: &O,
         our_id: &str,
-        mapped: Option<&str>,
+        mapped: Option<&Mapped>,
         parent: Option<&str>,
     ) -> Result<String, Failure> {
         let belongs = |r: &Remote| parent.is_none() || r.parent.as_deref() == parent;
-        // Handled again after its settlement was lost: this event created the object, and the
-        // events after it (handled again behind it, their repeats replayed by the partner
-        // without effect) may have changed it since. Bringing it back to this event's state
-        // would undo theirs.
-        if let Some(id) = mapped
-            && self.created_here(api.object_type(), our_id).await?
-        {
-            return Ok(id.to_owned());
-        }
-        if let Some(id) = mapped {
+        if let Some(m) = mapped {
+            // Handled again after its settlement was lost: this event created the object, and
+            // the events after it (handled again behind it, their repeats replayed by the
+            // partner without effect) may have changed it since. Bringing it back to this
+            // event's state would undo theirs.
+            if m.created_by == Some(self.event_id) {
+                return Ok(m.foreign_id.clone());
+            }
+            self.creation_durable(api.object_type(), our_id).await?;
+            let id = m.foreign_id.as_str();
             match api.update(&self.keyed_on(api, "update", id), id).await {
                 Ok(remote) if belongs(&remote) => return Ok(remote.id),
                 // Gone, or under another parent: found again below.
@@ -107,7 +189,13 @@ impl Driver<'_> {
                 Err(f) => return Err(f),
             }
         }
-        let id = match api.find(self.call, our_id).await? {
+        // A mapping that pointed nowhere is healed whatever the attempt.
+        let look_first = self.heal || mapped.is_some();
+        let found = match look_first {
+            true => api.find(self.call, our_id).await?,
+            false => None,
+        };
+        let id = match found {
             Some(found) if belongs(&found) => {
                 if !found.current {
                     api.update(&self.keyed_on(api, "update", &found.id), &found.id)
@@ -115,35 +203,58 @@ impl Driver<'_> {
                 }
                 found.id
             }
-            _ => {
-                let created = api
-                    .create(&self.keyed(api, "create"), our_id, parent)
-                    .await?
-                    .id;
-                self.write_mapping(api.object_type(), our_id, &created, true)
-                    .await?;
-                return Ok(created);
-            }
+            _ => return self.create(api, our_id, parent, look_first).await,
         };
-        if mapped != Some(id.as_str()) {
-            self.write_mapping(api.object_type(), our_id, &id, false)
-                .await?;
+        if mapped.map(|m| m.foreign_id.as_str()) != Some(id.as_str()) {
+            self.stage(api.object_type(), our_id, Some((&id, false)));
         }
         Ok(id)
     }
 
-    /// Deletes `our_id`'s object (the mapped one, else the one found by our id); not found
-    /// counts as deleted; then its mapping. Children the partner deletes with it are the
-    /// caller's to [`forget`](Self::forget).
+    /// Creates `our_id`'s object and stages its mapping. A partner that refuses the create
+    /// with 409 Conflict holds our id already: when no find came first, it is looked for.
+    async fn create<O: ObjectApi>(
+        &self,
+        api: &O,
+        our_id: &str,
+        parent: Option<&str>,
+        looked: bool,
+    ) -> Result<String, Failure> {
+        let created = match api.create(&self.keyed(api, "create"), our_id, parent).await {
+            Ok(created) => created.id,
+            Err(f) if f.status == Some(409) && !looked => {
+                let Some(found) = api.find(self.call, our_id).await? else {
+                    return Err(f);
+                };
+                if !found.current {
+                    api.update(&self.keyed_on(api, "update", &found.id), &found.id)
+                        .await?;
+                }
+                self.stage(api.object_type(), our_id, Some((&found.id, false)));
+                return Ok(found.id);
+            }
+            Err(f) => return Err(f),
+        };
+        self.stage(api.object_type(), our_id, Some((&created, true)));
+        Ok(created)
+    }
+
+    /// Deletes `our_id`'s object (the mapped one, else, when an earlier handling may have
+    /// created it, the one found by our id); not found counts as deleted; then its mapping.
+    /// Children the partner deletes with it are the caller's to [`forget`](Self::forget).
     pub async fn delete<O: ObjectApi>(
         &self,
         api: &O,
         our_id: &str,
-        mapped: Option<&str>,
+        mapped: Option<&Mapped>,
     ) -> Result<(), Failure> {
         let id = match mapped {
-            Some(id) => Some(id.to_owned()),
-            None => api.find(self.call, our_id).await?.map(|r| r.id),
+            Some(m) => {
+                self.creation_durable(api.object_type(), our_id).await?;
+                Some(m.foreign_id.clone())
+            }
+            None if self.heal => api.find(self.call, our_id).await?.map(|r| r.id),
+            None => None,
         };
         if let Some(id) = id {
             match api.delete(&self.keyed_on(api, "delete", &id), &id).await {
@@ -151,56 +262,27 @@ impl Driver<'_> {
                 _ => {}
             }
         }
-        self.forget(api.object_type(), our_id).await
-    }
-
-    /// Whether this event created `our_id`'s object of type `object_type`, as its mapping
-    /// says: the event is being handled again.
-    async fn created_here(&self, object_type: &str, our_id: &str) -> Result<bool, Failure> {
-        let mapping = self.mapping(object_type, our_id).await?;
-        Ok(mapping.and_then(|(_, by)| by) == Some(self.event_id))
-    }
-
-    /// The partner's id of `our_id`'s object of type `object_type`, as mapped so far.
-    pub async fn mapped(&self, object_type: &str, our_id: &str) -> Result<Option<String>, Failure> {
-        Ok(self.mapping(object_type, our_id).await?.map(|(id, _)| id))
-    }
-
-    /// The mapping of `our_id`'s object of type `object_type`: the partner's id, and the event
-    /// that created the object when Ferry did.
-    async fn mapping(
-        &self,
-        object_type: &str,
-        our_id: &str,
-    ) -> Result<Option<(String, Option<uuid::Uuid>)>, Failure> {
-        sqlx::query_as(
-            "SELECT foreign_id, created_by FROM integration_mappings \
-             WHERE integration = $1 AND object_type = $2 AND tenant_id = $3 AND local_id = $4",
-        )
-        .bind(self.integration)
-        .bind(object_type)
-        .bind(self.tenant)
-        .bind(our_id)
-        .fetch_optional(self.pool)
-        .await
-        .map_err(db)
-    }
-
-    /// Removes the mapping of `our_id`'s object of type `object_type`: an object the partner
-    /// deleted with its parent.
-    pub async fn forget(&self, object_type: &str, our_id: &str) -> Result<(), Failure> {
-        sqlx::query(
-            "DELETE FROM integration_mappings \
-             WHERE integration = $1 AND object_type = $2 AND tenant_id = $3 AND local_id = $4",
-        )
-        .bind(self.integration)
-        .bind(object_type)
-        .bind(self.tenant)
-        .bind(our_id)
-        .execute(self.pool)
-        .await
-        .map_err(db)?;
+        self.forget(api.object_type(), our_id);
         Ok(())
+    }
+
+    /// Waits until another event's creation of `our_id`'s object is durable, if it is staged
+    /// ([`Mappings::creation_durable`] says why).
+    async fn creation_durable(&self, object_type: &str, our_id: &str) -> Result<(), Failure> {
+        self.mappings
+            .creation_durable(
+                (self.tenant, object_type, our_id),
+                self.event_id,
+                crate::mappings::CREATION_WAIT,
+            )
+            .await
+            .map_err(|e| Failure::new(FailureClass::Retryable, e.to_string()))
+    }
+
+    /// Removes the mapping of `our_id`'s object of type `object_type` (staged): an object the
+    /// partner deleted, or deleted with its parent.
+    pub fn forget(&self, object_type: &str, our_id: &str) {
+        self.stage(object_type, our_id, None);
     }
 
     /// The call with the idempotency key of this event's `action` on `api`'s object: the same
@@ -221,32 +303,20 @@ impl Driver<'_> {
             .keyed(format!("{}/{}/{action}/{id}", self.event_id, api.key()))
     }
 
-    /// Upserts one mapping: one statement, atomic on its own.
-    async fn write_mapping(
-        &self,
-        object_type: &str,
-        local_id: &str,
-        foreign_id: &str,
-        created: bool,
-    ) -> Result<(), Failure> {
-        sqlx::query(
-            "INSERT INTO integration_mappings (integration, object_type, local_id, foreign_id, tenant_id, created_by) \
-             VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (integration, object_type, tenant_id, local_id) \
-             DO UPDATE SET foreign_id = EXCLUDED.foreign_id, created_by = EXCLUDED.created_by, \
-                           updated_at = now() \
-             WHERE integration_mappings.foreign_id <> EXCLUDED.foreign_id",
-        )
-        .bind(self.integration)
-        .bind(object_type)
-        .bind(local_id)
-        .bind(foreign_id)
-        .bind(self.tenant)
-        .bind(created.then_some(self.event_id))
-        .execute(self.pool)
-        .await
-        .map_err(db)?;
-        Ok(())
+    /// Stages a mapping of `local_id`'s object of `object_type`: to the partner's `id`
+    /// (`created`: by this event), or removed.
+    fn stage(&self, object_type: &str, local_id: &str, to: Option<(&str, bool)>) {
+        let mapped = to.map(|(id, created)| Mapped {
+            foreign_id: id.to_owned(),
+            created_by: created.then_some(self.event_id),
+        });
+        let change = MappingChange {
+            tenant: self.tenant.to_owned(),
+            object_type: object_type.to_owned(),
+            local_id: local_id.to_owned(),
+            mapped,
+        };
+        self.mappings.stage(self.event_id, change);
     }
 }
 

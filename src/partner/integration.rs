@@ -4,28 +4,30 @@
 //! partner for each object type ([`Item`], [`Price`]: [`ObjectApi`]); the generic
 //! [`Driver`] does the mapping, the healing, the idempotency keys and the deletes.
 //!
-//! - *Created*: an item, then its price. Each step looks for its object first (by mapping, then
-//!   by our id as the partner's `external_id`), so a create that stopped half-way resumes
-//!   without a second item, and a lost create response (or a lost mapping row) is healed by
-//!   finding the object instead of creating it again.
+//! - *Created*: an item, then its price. Each step looks for its object first: by mapping, then,
+//!   when an earlier handling may have written (a retry, a redelivery, a parked backlog), by
+//!   our id as the partner's `external_id`, so a create that stopped half-way resumes without a
+//!   second item, and a lost create response (or a lost mapping row) is healed by finding the
+//!   object instead of creating it again.
 //! - *Updated*: the mapped objects are replaced; a missing mapping or object is found or created
 //!   (drift healed).
 //! - *Deleted*: the item (and with it its price) is deleted; nothing to delete is done.
 //!
 //! Every write carries `Idempotency-Key: <event id>/<step>`, the event's log position and its
-//! trace context. A mapping is written as soon as it is learnt (an item created before its
-//! price failed too), so a retry finds it. The event's dedupe record is not the integration's
-//! to write: the consumer's settlement stage writes it with its batch, once. Handling an event
-//! again whose record was lost with its batch is safe: every step finds what an earlier
-//! attempt wrote (by mapping, else by our id) before it creates anything, and the batches keep
-//! each tenant's order, so the events after it are handled again too.
+//! trace context. A mapping is staged as soon as it is learnt (an item created before its price
+//! failed too), so a retry finds it, and the consumer's settlement stage writes it with the
+//! event's dedupe record, in its batch ([`crate::mappings`]). Handling an event again whose
+//! record was lost with its batch is safe: it counts as possibly written, so every step finds
+//! what an earlier attempt wrote (by mapping, else by our id) before it creates anything, and
+//! the batches keep each tenant's order, so the events after it are handled again too.
 
 use sqlx::PgPool;
 
 use super::api::{NewShopItem, NewShopPrice, ShopItem, ShopItemUpdate, ShopPrice, ShopPriceUpdate};
 use super::client::{Call, PartnerClient, is_not_found};
-use super::driver::{Driver, ObjectApi, Remote, db};
+use super::driver::{self, Driver, Known, ObjectApi, Remote, db};
 use crate::delivery::{Attempt, Failure, FailureClass, Handler, Outcome};
+use crate::mappings::{Mappings, TenantObjects};
 use crate::outbox::{BadEventReason, OutboxEvent, control};
 use crate::shop::{self, EventPayload, proto};
 
@@ -41,12 +43,18 @@ pub const PRICE: &str = "shop_price";
 pub struct Integration {
     client: PartnerClient,
     pool: PgPool,
+    /// Mappings learnt and not yet written with their events' settlements.
+    mappings: std::sync::Arc<Mappings>,
 }
 
 impl Integration {
     /// The integration over `client`, keeping its mappings in `pool`.
     pub fn new(client: PartnerClient, pool: PgPool) -> Self {
-        Integration { client, pool }
+        Integration {
+            client,
+            pool,
+            mappings: std::sync::Arc::default(),
+        }
     }
 }
 
@@ -67,6 +75,7 @@ impl Handler for Integration {
 
     async fn handle(&self, event: &OutboxEvent, attempt: &Attempt) -> Outcome {
         let call = Call::for_event(event, attempt);
+        let driver = self.driver(event, &call, attempt.may_have_written());
         let result = match event.event_type.as_str() {
             // The backfill's creates follow this event: nothing to send for it.
             control::TENANT_ENABLED => Ok(()),
@@ -74,7 +83,7 @@ impl Handler for Integration {
             control::TENANT_DISABLED => self.rollback(event, &call).await,
             // Admitted, so a shop event (read again here: admission keeps nothing).
             _ => match shop::decode(event) {
-                Ok(Some(payload)) => self.product(event, &call, &payload).await,
+                Ok(Some(payload)) => self.product(event, &driver, &payload).await,
                 Ok(None) => Err(permanent(format!(
                     "unknown event type `{}`",
                     event.event_type
@@ -87,6 +96,10 @@ impl Handler for Integration {
             Err(Refusal::Ignored) => Outcome::Ignored,
             Err(Refusal::Failed(failure)) => Outcome::Failed(failure),
         }
+    }
+
+    fn mappings(&self) -> Option<&Mappings> {
+        Some(&self.mappings)
     }
 }
 
@@ -113,22 +126,27 @@ impl Integration {
     async fn product(
         &self,
         event: &OutboxEvent,
-        call: &Call,
+        driver: &Driver<'_>,
         payload: &EventPayload,
     ) -> Result<(), Refusal> {
-        let known = self
-            .known(event.tenant_id.as_str(), payload.product_id())
-            .await?;
+        let known = driver::known(
+            &self.pool,
+            &self.mappings,
+            (INTEGRATION, event.tenant_id.as_str()),
+            payload.product_id(),
+            &[ITEM, PRICE],
+        )
+        .await?;
         if !known.enabled {
             return Err(Refusal::Ignored);
         }
         match payload {
             EventPayload::ProductCreated(proto::ProductCreated { product: Some(p) })
             | EventPayload::ProductUpdated(proto::ProductUpdated { product: Some(p) }) => {
-                Ok(self.upsert(event, call, p, known).await?)
+                Ok(self.upsert(driver, p, known).await?)
             }
             EventPayload::ProductDeleted(d) => {
-                Ok(self.delete(event, call, &d.product_id, known).await?)
+                Ok(self.delete(driver, &d.product_id, known).await?)
             }
             // Refused at admission.
             _ => Err(permanent("the event carries no product".to_owned())),
@@ -137,70 +155,30 @@ impl Integration {
 }
 
 impl Integration {
-    /// One query for what the event's handling starts from. The flag is read as each event is
-    /// handled, which is after it was written: an event written after `ferry tenant
-    /// enable|disable` committed sees the flag it set.
-    async fn known(&self, tenant: &str, product_id: &str) -> Result<Known, Failure> {
-        let (enabled, item, price): (bool, Option<String>, Option<String>) = sqlx::query_as(
-            "SELECT coalesce((SELECT integration_enabled FROM tenants \
-                              WHERE integration = $2 AND tenant_id = $1), false), \
-                    (SELECT foreign_id FROM integration_mappings \
-                      WHERE integration = $2 AND object_type = $3 AND tenant_id = $1 AND local_id = $5), \
-                    (SELECT foreign_id FROM integration_mappings \
-                      WHERE integration = $2 AND object_type = $4 AND tenant_id = $1 AND local_id = $5)",
-        )
-        .bind(tenant)
-        .bind(INTEGRATION)
-        .bind(ITEM)
-        .bind(PRICE)
-        .bind(product_id)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db)?;
-        Ok(Known {
-            enabled,
-            item,
-            price,
-        })
-    }
-
     /// The tenant's rollback: every object mapped for it is deleted on the partner (prices
     /// before items), each mapping row removed once its object is gone, so a retry resumes
     /// where this stopped; then whatever Ferry created that no mapping names (our id in
     /// `external_id`: a lost mapping row) is swept. Not found counts as deleted.
     async fn rollback(&self, event: &OutboxEvent, call: &Call) -> Result<(), Refusal> {
         let tenant = event.tenant_id.as_str();
-        loop {
-            let page: Vec<(String, String, String)> = sqlx::query_as(
-                "SELECT object_type, local_id, foreign_id FROM integration_mappings \
-                 WHERE integration = $1 AND tenant_id = $2 \
-                 ORDER BY object_type = $3 DESC, local_id LIMIT 100",
-            )
-            .bind(INTEGRATION)
-            .bind(tenant)
-            .bind(PRICE)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db)?;
-            if page.is_empty() {
-                break;
-            }
-            for (object_type, local_id, foreign_id) in page {
-                self.delete_object(call, event, &object_type, &local_id, &foreign_id)
-                    .await?;
-                sqlx::query(
-                    "DELETE FROM integration_mappings \
-                     WHERE integration = $1 AND object_type = $2 AND local_id = $3 AND foreign_id = $4 \
-                       AND tenant_id = $5",
-                )
-                .bind(INTEGRATION)
-                .bind(&object_type)
-                .bind(&local_id)
-                .bind(&foreign_id)
-                .bind(event.tenant_id.as_str())
-                .execute(&self.pool)
-                .await
-                .map_err(db)?;
+        let driver = self.driver(event, call, true);
+        for object_type in [PRICE, ITEM] {
+            let mut objects = TenantObjects::new(
+                &self.pool,
+                &self.mappings,
+                (INTEGRATION, tenant),
+                object_type,
+            );
+            loop {
+                let page = objects.next_page().await.map_err(db)?;
+                if page.is_empty() {
+                    break;
+                }
+                for (local_id, foreign_id) in page {
+                    self.delete_object(call, event, object_type, &local_id, &foreign_id)
+                        .await?;
+                    driver.forget(object_type, &local_id);
+                }
             }
         }
         for price in self.client.list_prices(call).await? {
@@ -241,25 +219,21 @@ impl Integration {
     /// The product's item, then its price, each through the generic driver.
     async fn upsert(
         &self,
-        event: &OutboxEvent,
-        call: &Call,
+        driver: &Driver<'_>,
         p: &proto::Product,
         known: Known,
     ) -> Result<(), Failure> {
-        let driver = self.driver(event, call);
         let item = Item {
             client: &self.client,
             product: p,
         };
-        let item_id = driver
-            .upsert(&item, &p.id, known.item.as_deref(), None)
-            .await?;
+        let item_id = driver.upsert(&item, &p.id, known.of(ITEM), None).await?;
         let price = Price {
             client: &self.client,
             product: p,
         };
         driver
-            .upsert(&price, &p.id, known.price.as_deref(), Some(&item_id))
+            .upsert(&price, &p.id, known.of(PRICE), Some(&item_id))
             .await?;
         Ok(())
     }
@@ -267,12 +241,10 @@ impl Integration {
     /// The product's item (and with it, on the partner, its price), then both mappings.
     async fn delete(
         &self,
-        event: &OutboxEvent,
-        call: &Call,
+        driver: &Driver<'_>,
         product_id: &str,
         known: Known,
     ) -> Result<(), Failure> {
-        let driver = self.driver(event, call);
         let item = Item {
             client: &self.client,
             product: &proto::Product {
@@ -280,20 +252,19 @@ impl Integration {
                 ..proto::Product::default()
             },
         };
-        driver
-            .delete(&item, product_id, known.item.as_deref())
-            .await?;
+        driver.delete(&item, product_id, known.of(ITEM)).await?;
         // The partner deleted the item's price with it.
-        driver.forget(PRICE, product_id).await
+        driver.forget(PRICE, product_id);
+        Ok(())
     }
 
-    fn driver<'a>(&'a self, event: &'a OutboxEvent, call: &'a Call) -> Driver<'a> {
+    fn driver<'a>(&'a self, event: &'a OutboxEvent, call: &'a Call, heal: bool) -> Driver<'a> {
         Driver {
-            pool: &self.pool,
-            integration: INTEGRATION,
+            mappings: &self.mappings,
             tenant: event.tenant_id.as_str(),
             event_id: event.id,
             call,
+            heal,
         }
     }
 }
@@ -419,14 +390,4 @@ impl ObjectApi for Price<'_> {
     async fn delete(&self, call: &Call, id: &str) -> Result<(), Failure> {
         self.client.delete_price(call, id).await
     }
-}
-
-/// What an event's handling starts from.
-struct Known {
-    /// The tenant has the integration on.
-    enabled: bool,
-    /// The product's item on the partner, if mapped.
-    item: Option<String>,
-    /// Its price, if mapped.
-    price: Option<String>,
 }

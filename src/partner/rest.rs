@@ -7,10 +7,11 @@
 //!   `consume.unknown_event_types` policy decides); a payload whose JSON form cannot be had
 //!   (protobuf without its message declared, or that does not decode) or that lacks our id is
 //!   a bad event, refused before it waits its turn.
-//! - **Creates and updates**: every object type the event upserts, parents first, each through
-//!   [`Driver::upsert`] (mapping, then a find by our id, then a create): a lost answer or a
-//!   partner that ignores idempotency keys never makes a second object. A child is created
-//!   under its parent's id, learnt in the same event.
+//! - **Creates and updates**: one query reads the tenant's switch and every mapping of our id;
+//!   then every object type the event upserts, parents first, each through [`Driver::upsert`]
+//!   (the mapping; when an earlier handling may have written, a find by our id; then a
+//!   create): a lost answer or a partner that ignores idempotency keys never makes a second
+//!   object. A child is created under its parent's id, learnt in the same event.
 //! - **Deletes**: children first, each through [`Driver::delete`]; not found counts as deleted.
 //! - **Enable and disable** (Ferry's own events): enable sends nothing (the backfill's events
 //!   follow it); disable deletes every object mapped for the tenant, children first, each
@@ -21,10 +22,11 @@ use serde_json::Value;
 use sqlx::PgPool;
 
 use super::client::{Call, PartnerClient, is_not_found};
-use super::driver::{Driver, ObjectApi, Remote, db};
+use super::driver::{self, Driver, ObjectApi, Remote, db};
 use super::spec::{Body, EventSpec, ObjectSpec, Request, Spec};
 use super::template::{Values, lookup, scalar_text};
 use crate::delivery::{Attempt, Failure, FailureClass, Handler, Outcome};
+use crate::mappings::{Mappings, TenantObjects};
 use crate::outbox::{BadEventReason, OutboxEvent, Payload, PayloadFormat, control};
 
 /// The handler of a declared integration.
@@ -33,6 +35,8 @@ pub struct RestIntegration {
     spec: std::sync::Arc<Spec>,
     client: PartnerClient,
     pool: PgPool,
+    /// Mappings learnt and not yet written with their events' settlements.
+    mappings: std::sync::Arc<Mappings>,
 }
 
 impl RestIntegration {
@@ -43,6 +47,7 @@ impl RestIntegration {
             spec: std::sync::Arc::new(spec),
             client,
             pool,
+            mappings: std::sync::Arc::default(),
         }
     }
 
@@ -127,10 +132,11 @@ impl Handler for RestIntegration {
 
     async fn handle(&self, event: &OutboxEvent, attempt: &Attempt) -> Outcome {
         let call = Call::for_event(event, attempt);
+        let heal = attempt.may_have_written();
         let done = match event.event_type.as_str() {
             control::TENANT_ENABLED => Ok(true),
             control::TENANT_DISABLED => self.rollback(event, &call).await.map(|()| true),
-            _ => self.apply(event, &call).await,
+            _ => self.apply(event, &self.driver(event, &call, heal)).await,
         };
         match done {
             Ok(true) => Outcome::Done,
@@ -138,18 +144,30 @@ impl Handler for RestIntegration {
             Err(failure) => Outcome::Failed(failure),
         }
     }
+
+    fn mappings(&self) -> Option<&Mappings> {
+        Some(&self.mappings)
+    }
 }
 
 impl RestIntegration {
     /// The event's creates, updates and deletes; `false` if the tenant has the integration off.
-    async fn apply(&self, event: &OutboxEvent, call: &Call) -> Result<bool, Failure> {
+    async fn apply(&self, event: &OutboxEvent, driver: &Driver<'_>) -> Result<bool, Failure> {
         let read = self
             .read(event)
             .map_err(|reason| permanent(reason.to_string()))?;
-        if !self.enabled(event.tenant_id.as_str()).await? {
+        let object_types: Vec<&str> = self.spec.objects.iter().map(|o| o.name.as_str()).collect();
+        let known = driver::known(
+            &self.pool,
+            &self.mappings,
+            (&self.spec.name, event.tenant_id.as_str()),
+            &read.our_id,
+            &object_types,
+        )
+        .await?;
+        if !known.enabled {
             return Ok(false);
         }
-        let driver = self.driver(event, call);
         let mut ids: Vec<(&str, String)> = Vec::new();
         for object in &self.spec.objects {
             if !object.upserted_by(&event.event_type) {
@@ -161,52 +179,42 @@ impl RestIntegration {
                 .and_then(|p| ids.iter().find(|(name, _)| *name == p))
                 .map(|(_, id)| id.clone());
             let api = self.object(object, event, &read, parent.as_deref());
-            let mapped = driver.mapped(&object.name, &read.our_id).await?;
             let id = driver
-                .upsert(&api, &read.our_id, mapped.as_deref(), parent.as_deref())
+                .upsert(
+                    &api,
+                    &read.our_id,
+                    known.of(&object.name),
+                    parent.as_deref(),
+                )
                 .await?;
             ids.push((&object.name, id));
         }
         for object in self.spec.objects.iter().rev() {
             if object.delete_on.contains(&event.event_type) {
                 let api = self.object(object, event, &read, None);
-                let mapped = driver.mapped(&object.name, &read.our_id).await?;
-                driver.delete(&api, &read.our_id, mapped.as_deref()).await?;
+                driver
+                    .delete(&api, &read.our_id, known.of(&object.name))
+                    .await?;
             }
         }
         Ok(true)
     }
 
-    async fn enabled(&self, tenant: &str) -> Result<bool, Failure> {
-        sqlx::query_scalar(
-            "SELECT coalesce((SELECT integration_enabled FROM tenants \
-                              WHERE integration = $2 AND tenant_id = $1), false)",
-        )
-        .bind(tenant)
-        .bind(&self.spec.name)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db)
-    }
-
     /// The tenant's rollback: every object mapped for it deleted on the partner, children
-    /// before parents, each mapping removed once its object is gone.
+    /// before parents, each mapping's removal staged once its object is gone (a retry resumes
+    /// where this stopped: what it removed is staged, and skipped).
     async fn rollback(&self, event: &OutboxEvent, call: &Call) -> Result<(), Failure> {
         let tenant = event.tenant_id.as_str();
         let none = Value::Null;
         for object in self.spec.objects.iter().rev() {
+            let mut objects = TenantObjects::new(
+                &self.pool,
+                &self.mappings,
+                (&self.spec.name, tenant),
+                &object.name,
+            );
             loop {
-                let page: Vec<(String, String)> = sqlx::query_as(
-                    "SELECT local_id, foreign_id FROM integration_mappings \
-                     WHERE integration = $1 AND tenant_id = $2 AND object_type = $3 \
-                     ORDER BY local_id LIMIT 100",
-                )
-                .bind(&self.spec.name)
-                .bind(tenant)
-                .bind(&object.name)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db)?;
+                let page = objects.next_page().await.map_err(db)?;
                 if page.is_empty() {
                     break;
                 }
@@ -225,22 +233,21 @@ impl RestIntegration {
                         Err(f) if !is_not_found(&f) => return Err(f),
                         _ => {}
                     }
-                    self.driver(event, &call)
-                        .forget(&object.name, &local_id)
-                        .await?;
+                    self.driver(event, &call, true)
+                        .forget(&object.name, &local_id);
                 }
             }
         }
         Ok(())
     }
 
-    fn driver<'a>(&'a self, event: &'a OutboxEvent, call: &'a Call) -> Driver<'a> {
+    fn driver<'a>(&'a self, event: &'a OutboxEvent, call: &'a Call, heal: bool) -> Driver<'a> {
         Driver {
-            pool: &self.pool,
-            integration: &self.spec.name,
+            mappings: &self.mappings,
             tenant: event.tenant_id.as_str(),
             event_id: event.id,
             call,
+            heal,
         }
     }
 

@@ -47,6 +47,7 @@ async fn the_example_integration_mirrors_names_end_to_end() {
     let handler = Arc::new(own_integration::NamesOnly {
         client: ferry::partner::client::PartnerClient::new(&cfg.partner).unwrap(),
         pool: db.pool.clone(),
+        mappings: Default::default(),
     });
     let stop = CancellationToken::new();
     let task = tokio::spawn({
