@@ -182,6 +182,7 @@ struct Pipeline {
 }
 
 const SIM_TOKEN: &str = "bench-token";
+const ADMIN_TOKEN: &str = "bench-admin-token";
 
 impl Pipeline {
     /// The database, topic and slot of the run, its tenants on, its processes started.
@@ -213,7 +214,8 @@ impl Pipeline {
         .execute(pool)
         .await?;
         let reader = Reader::start(&cfg, options.partitions)?;
-        let processes = Processes::start(&cfg, options, &run_id).await?;
+        let mut processes = Processes::start(&cfg, options, &run_id).await?;
+        processes.group_settled(options.partitions as usize).await?;
         Ok(Pipeline {
             options: options.clone(),
             pool: pool.clone(),
@@ -309,6 +311,8 @@ struct Processes {
     pids: Arc<Mutex<Vec<(String, i32)>>>,
     /// Where the broker listens (`kafka.brokers`' first), to find its process.
     broker_address: String,
+    /// Each consumer's admin API.
+    admins: Vec<String>,
     env: Vec<(String, String)>,
     logs: PathBuf,
     sim_url: String,
@@ -337,7 +341,7 @@ impl Processes {
             ),
             ("FERRY_PARTNER_URL".into(), sim_url.clone()),
             ("FERRY_PARTNER_TOKEN".into(), SIM_TOKEN.into()),
-            ("FERRY_ADMIN_TOKEN".into(), "bench-admin-token".into()),
+            ("FERRY_ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),
             (
                 "FERRY_CONSUME_INTEGRATION".into(),
                 options.integration.display().to_string(),
@@ -359,6 +363,7 @@ impl Processes {
             tenants: options.tenants,
             pids: Arc::default(),
             broker_address: broker_address(&cfg.kafka.brokers),
+            admins: Vec::new(),
             env,
             logs,
             sim_url,
@@ -373,6 +378,7 @@ impl Processes {
         )?;
         for n in 1..=options.consumers {
             let admin = format!("127.0.0.1:{}", free_port()?);
+            processes.admins.push(admin.clone());
             let env = [
                 ("FERRY_DATABASE_URL", url("ferry-consume")),
                 ("FERRY_ADMIN_ADDR", admin),
@@ -451,6 +457,42 @@ impl Processes {
             }
         }
         Ok(())
+    }
+
+    /// Waits until every consumer owns partitions and they own all `partitions` between them:
+    /// the group is settled, so no rebalance hands the window's records to a new owner (which
+    /// would handle them as possibly handled before).
+    async fn group_settled(&mut self, partitions: usize) -> Result<(), BenchError> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let http = reqwest::Client::new();
+        loop {
+            let mut owned = Vec::new();
+            for admin in &self.admins {
+                let view: Option<serde_json::Value> = match http
+                    .get(format!("http://{admin}/v1/partitions"))
+                    .bearer_auth(ADMIN_TOKEN)
+                    .send()
+                    .await
+                {
+                    Ok(r) => r.json().await.ok(),
+                    Err(_) => None,
+                };
+                let n = view
+                    .and_then(|v| Some(v.get("data")?.as_array()?.len()))
+                    .unwrap_or(0);
+                owned.push(n);
+            }
+            if owned.iter().all(|n| *n > 0) && owned.iter().sum::<usize>() == partitions {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(BenchError::Stalled(format!(
+                    "the consumers' group did not settle: partitions owned {owned:?} of {partitions}"
+                )));
+            }
+            self.check_alive()?;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     fn register(&self, label: &str, child: &tokio::process::Child) {
@@ -872,16 +914,17 @@ impl PipelineReport {
         };
         let events = self.events.max(1) as f64;
         let mut s = String::from(
-            "| statement (pg_stat_statements, costliest first) | who | calls per event | DB ms per 1,000 events | mean ms |\n|---|---|---|---|---|\n",
+            "| statement (pg_stat_statements, costliest first) | who | calls per event | executing, ms per 1,000 events | planning, ms per 1,000 events | mean ms |\n|---|---|---|---|---|---|\n",
         );
         for st in statements.iter().take(12) {
             s.push_str(&format!(
-                "| `{}` | {} | {:.2} | {:.0} | {:.3} |\n",
+                "| `{}` | {} | {:.2} | {:.0} | {:.0} | {:.3} |\n",
                 st.short(70).replace('|', "\\|"),
                 st.who(),
                 st.calls as f64 / events,
                 st.total_ms * 1000.0 / events,
-                st.total_ms / st.calls.max(1) as f64
+                st.plan_ms * 1000.0 / events,
+                (st.total_ms + st.plan_ms) / st.calls.max(1) as f64
             ));
         }
         let consumers: Vec<&Statement> = statements
@@ -889,9 +932,13 @@ impl PipelineReport {
             .filter(|st| st.who() == "consumers")
             .collect();
         s.push_str(&format!(
-            "\nthe consumers' statements: {:.2} per event, {:.3} ms of database time per event\n\n",
+            "\nthe consumers' statements: {:.2} per event, {:.3} ms of database time per event (planning included)\n\n",
             consumers.iter().map(|st| st.calls).sum::<i64>() as f64 / events,
-            consumers.iter().map(|st| st.total_ms).sum::<f64>() / events
+            consumers
+                .iter()
+                .map(|st| st.total_ms + st.plan_ms)
+                .sum::<f64>()
+                / events
         ));
         s
     }

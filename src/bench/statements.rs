@@ -16,6 +16,9 @@ pub struct Statement {
     pub calls: i64,
     /// Time spent executing it, in all, milliseconds.
     pub total_ms: f64,
+    /// Time spent planning it, in all, milliseconds (0 unless the server sets
+    /// `pg_stat_statements.track_planning`, as the local stack does).
+    pub plan_ms: f64,
 }
 
 impl Statement {
@@ -73,19 +76,20 @@ pub async fn reset(pool: &PgPool) -> Result<(), sqlx::Error> {
 
 /// What the run's database ran since the reset, costliest first.
 pub async fn read(pool: &PgPool) -> Result<Vec<Statement>, sqlx::Error> {
-    let rows: Vec<(String, i64, f64)> = sqlx::query_as(
-        "SELECT query, calls, total_exec_time FROM pg_stat_statements \
+    let rows: Vec<(String, i64, f64, f64)> = sqlx::query_as(
+        "SELECT query, calls, total_exec_time, total_plan_time FROM pg_stat_statements \
          WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-         ORDER BY total_exec_time DESC",
+         ORDER BY total_exec_time + total_plan_time DESC",
     )
     .fetch_all(pool)
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(query, calls, total_ms)| Statement {
+        .map(|(query, calls, total_ms, plan_ms)| Statement {
             query,
             calls,
             total_ms,
+            plan_ms,
         })
         .collect())
 }
@@ -99,6 +103,7 @@ mod tests {
             query: query.to_owned(),
             calls: 1,
             total_ms: 1.0,
+            plan_ms: 0.0,
         }
     }
 
