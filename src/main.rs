@@ -1557,6 +1557,7 @@ async fn bench_pipeline(
         None => std::env::current_exe()?,
     };
     let options = ferry::bench::pipeline::PipelineBenchOptions {
+        writer: std::env::current_exe()?,
         rate,
         seconds,
         tenants,

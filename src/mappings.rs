@@ -281,6 +281,13 @@ impl Staged {
         self.0.append(&mut more.0);
     }
 
+    /// Whether an object was created: a change names the event that created it.
+    pub fn creates(&self) -> bool {
+        self.0
+            .iter()
+            .any(|(_, c)| c.mapped.as_ref().is_some_and(|m| m.created_by.is_some()))
+    }
+
     /// Whether there is nothing to write.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()

@@ -4,6 +4,7 @@
 
 pub mod consume;
 pub mod cpu;
+pub mod decoding_floor;
 pub mod pipeline;
 pub mod relay;
 pub mod relay_latency;

@@ -60,6 +60,9 @@ pub struct PipelineBenchOptions {
     /// The `ferry` executable the relay, the consumers, the simulator and the writer are
     /// started from (another build of Ferry, to compare two side by side).
     pub children: PathBuf,
+    /// The `ferry` executable `ferry load` (the application's writer) is started from: this
+    /// build's, whichever build the pipeline's processes come from.
+    pub writer: PathBuf,
     /// The configuration file this run was given, passed on to the children.
     pub config_file: Option<PathBuf>,
     /// Changes of the warm-up.
@@ -229,10 +232,14 @@ impl Pipeline {
 
     /// The warm-up, then the measured window.
     async fn measure(&mut self) -> Result<PipelineReport, BenchError> {
-        let warm_up = self.options.warm_up;
-        self.processes.load(warm_up, self.options.rate, 1).await?;
-        self.settled(None, warm_up as u64).await?;
-        self.reader.wait_for(warm_up as u64).await?;
+        self.processes
+            .load(self.options.warm_up, self.options.rate, 1)
+            .await?;
+        // `ferry load` writes about as many as it is asked (its writers share the tenants):
+        // what it wrote is what is waited for.
+        let warm_up = self.written(None).await?;
+        self.settled(None, warm_up).await?;
+        self.reader.wait_for(warm_up).await?;
         let before = partner_requests(&self.sim_url).await?;
 
         if self.statements {
@@ -242,17 +249,17 @@ impl Pipeline {
         self.reader.window_from(since);
         let sampler = Sampler::start(&self.processes, &self.pool).await?;
         let started = Instant::now();
-        let events = self.options.events();
         self.processes
-            .load(events, self.options.rate, 7)
+            .load(self.options.events(), self.options.rate, 7)
             .await
             .inspect_err(|_| sampler.stop.cancel())?;
         let writing = started.elapsed();
-        let settled = self.settled(Some(since), events as u64).await;
+        let events = self.written(Some(since)).await?;
+        let settled = self.settled(Some(since), events).await;
         let window = started.elapsed();
         let cpu = sampler.finish().await;
         settled?;
-        let read_ms = self.reader.finish(events as u64).await?;
+        let read_ms = self.reader.finish(events).await?;
         let statements = match self.statements {
             true => Some(statements::read(&self.pool).await?),
             false => None,
@@ -261,7 +268,7 @@ impl Pipeline {
         let after = partner_requests(&self.sim_url).await?;
         Ok(PipelineReport {
             options: self.options.clone(),
-            events: events as u64,
+            events,
             writing,
             window,
             cpu,
@@ -272,6 +279,17 @@ impl Pipeline {
             order_violations: after.order_violations,
             duplicates: after.duplicates,
         })
+    }
+
+    /// The changes written to the outbox since `since` (or at all).
+    async fn written(&self, since: Option<DateTime<Utc>>) -> Result<u64, BenchError> {
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM outbox WHERE ($1::timestamptz IS NULL OR created_at >= $1)",
+        )
+        .bind(since)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n as u64)
     }
 
     /// Waits until `n` events written since `since` (or at all) are settled.
@@ -307,6 +325,8 @@ struct Processes {
     binary: PathBuf,
     /// Tenants `ferry load` writes for.
     tenants: usize,
+    /// Where `ferry load` comes from.
+    writer: PathBuf,
     /// Every process started, labelled, for the CPU sampler.
     pids: Arc<Mutex<Vec<(String, i32)>>>,
     /// Where the broker listens (`kafka.brokers`' first), to find its process.
@@ -361,6 +381,7 @@ impl Processes {
             children: Vec::new(),
             binary: options.children.clone(),
             tenants: options.tenants,
+            writer: options.writer.clone(),
             pids: Arc::default(),
             broker_address: broker_address(&cfg.kafka.brokers),
             admins: Vec::new(),
@@ -420,10 +441,9 @@ impl Processes {
     }
 
     /// `ferry load` writing `events` changes at `rate`, to its end. The writer is the
-    /// application, not the Ferry under test: always this executable's.
+    /// application, not the Ferry under test: the same build whatever `--children` says.
     async fn load(&self, events: usize, rate: f64, seed: u64) -> Result<(), BenchError> {
-        let writer = std::env::current_exe().map_err(|e| BenchError::Setup(e.to_string()))?;
-        let mut child = tokio::process::Command::new(writer)
+        let mut child = tokio::process::Command::new(&self.writer)
             .args(["load", "--tenants"])
             .arg(self.tenants.to_string())
             .args(["--events", &events.to_string(), "--rate", &rate.to_string()])

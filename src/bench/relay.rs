@@ -33,6 +33,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::decoding_floor::{self, Floor};
 use super::{BenchError, ReadRecord, drop_database, fresh_database, read_topic};
 use crate::broker;
 use crate::config::Config;
@@ -121,6 +122,8 @@ pub struct RelayBenchReport {
     pub ferry: RelayRun,
     /// The polling baseline.
     pub polling: RelayRun,
+    /// `pg_recvlogical` over the same backlog: the floor of decoding, or why it did not run.
+    pub floor: Result<Floor, String>,
 }
 
 impl RelayBenchReport {
@@ -153,6 +156,17 @@ impl RelayBenchReport {
         s.push_str("|----------------------|----------------|-------------|-----------|-----------|---------|-----------|---------|\n");
         s.push_str(&row("ferry relay (WAL)", &self.ferry, self.ratio()));
         s.push_str(&row("polling (baseline)", &self.polling, 1.0));
+        match &self.floor {
+            Ok(floor) => s.push_str(&format!(
+                "\nthe floor of decoding: pg_recvlogical took the same {} backlog rows from a slot of its own \
+                 at {:.0} rows/s ({:.2} s); the relay drained them at {:.2} of that rate.\n",
+                floor.rows,
+                floor.rows_per_s(),
+                floor.elapsed.as_secs_f64(),
+                self.ferry.backlog_rows_per_s() / floor.rows_per_s().max(1e-9)
+            )),
+            Err(why) => s.push_str(&format!("\nthe floor of decoding was not measured: {why}\n")),
+        }
         s.push_str(&format!(
             "\nbacklog rows/s: draining {rows} committed rows (the relay's capacity; the ratio is taken on it).\n\
              live rows/s: {rows} rows while the writers write (bounded by the writers when a relay keeps up): \
@@ -163,14 +177,17 @@ impl RelayBenchReport {
             rows = o.rows,
         ));
         // The last line is for machines.
+        let floor = self.floor.as_ref().map_or(0.0, Floor::rows_per_s);
         s.push_str(&format!(
-            "relay_rows_per_s={:.0} polling_rows_per_s={:.0} ratio={:.2} polling_skipped={} polling_reordered={} ferry_lost={}\n",
+            "relay_rows_per_s={:.0} polling_rows_per_s={:.0} ratio={:.2} polling_skipped={} polling_reordered={} ferry_lost={} \
+             recvlogical_rows_per_s={floor:.0} relay_over_recvlogical={:.2}\n",
             self.ferry.backlog_rows_per_s(),
             self.polling.backlog_rows_per_s(),
             self.ratio(),
             self.polling.missing,
             self.polling.reordered,
             self.ferry.missing,
+            self.ferry.backlog_rows_per_s() / floor.max(1e-9),
         ));
         s
     }
@@ -184,12 +201,13 @@ pub async fn run(
     let mut config = config.clone();
     // Kept alive for the whole run; dropped (and its brokers stopped) at the end.
     let started = options.broker.start_for_read_back(&mut config)?;
-    let ferry = run_ferry(&config, options, started.mock()).await?;
+    let (ferry, floor) = run_ferry(&config, options, started.mock()).await?;
     let polling = run_polling(&config, options, started.mock()).await?;
     Ok(RelayBenchReport {
         options: options.clone(),
         ferry,
         polling,
+        floor,
     })
 }
 
@@ -304,7 +322,7 @@ async fn run_ferry(
     config: &Config,
     options: &RelayBenchOptions,
     mock: Option<&Mock>,
-) -> Result<RelayRun, BenchError> {
+) -> Result<(RelayRun, Result<Floor, String>), BenchError> {
     let (pool, url, bench_config) = prepare(config, options, "ferry", mock).await?;
     // Live: the relay runs while the writers write.
     let ((ids, started, writers_elapsed), acked_at) =
@@ -317,8 +335,13 @@ async fn run_ferry(
     let mut ids = ids?;
     let elapsed = acked_at - started;
 
-    // Backlog: the same writers again while no relay runs, then a fresh relay drains it.
+    // Backlog: the same writers again while no relay runs, then pg_recvlogical decodes it from
+    // a slot of its own (the floor), then a fresh relay drains it.
+    let floor_slot = format!("{}_floor", bench_config.relay.slot);
+    decoding_floor::create_slot(&pool, &floor_slot).await?;
     ids.extend(write(&pool, options).await?);
+    let names = (floor_slot.as_str(), bench_config.relay.publication.as_str());
+    let floor = decoding_floor::read(&pool, &url, names, options.rows).await;
     let (started, acked_at) =
         relay_until_acked(&bench_config, options.rows, async { Instant::now() }).await?;
     let backlog_elapsed = acked_at - started;
@@ -328,7 +351,8 @@ async fn run_ferry(
         writers_elapsed,
         backlog_elapsed,
     };
-    finish(config, pool, &url, &bench_config, ids, timings).await
+    let run = finish(config, pool, &url, &bench_config, ids, timings).await?;
+    Ok((run, floor))
 }
 
 /// Runs a relay (its slot set up first) alongside `work` until it has acknowledged `rows`

@@ -109,9 +109,12 @@ impl Replay<'_> {
                 }
             };
             let done = attempt::handle(handler, item, guard).await;
-            if let Some(m) = handler.mappings() {
-                self.mappings.append(m.take(&[done.event_id()]));
-            }
+            let learnt = handler
+                .mappings()
+                .map(|m| m.take(&[done.event_id()]))
+                .unwrap_or_default();
+            let created = learnt.creates();
+            self.mappings.append(learnt);
             match done {
                 Done::Settled(mut item, outcome, tries) => {
                     settled.insert(item.event.id);
@@ -143,6 +146,15 @@ impl Replay<'_> {
                 }
             }
             self.through = seq;
+            // A creation must be durable before a later event of the page writes to its
+            // object (`Mappings::creation_durable`, which would otherwise wait for the end of
+            // the page, behind itself): what was replayed so far is kept at once.
+            if created {
+                self.keep(handler)
+                    .await
+                    .map_err(|e| Drained::Error(tenant.clone(), e))?;
+                self.kept();
+            }
         }
         self.keep(handler)
             .await
@@ -167,6 +179,13 @@ impl Replay<'_> {
             m.written(&self.mappings);
         }
         kept
+    }
+
+    /// What was kept is forgotten: the page goes on from there.
+    fn kept(&mut self) {
+        self.settlements.clear();
+        self.attempts.clear();
+        self.mappings = Staged::default();
     }
 
     /// Keeps what was replayed (if that fails it stays parked and is replayed again, deduped)

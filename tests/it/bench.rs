@@ -56,10 +56,69 @@ async fn a_small_relay_benchmark_runs_and_reports() {
             "ratio",
             "polling_skipped",
             "polling_reordered",
-            "ferry_lost"
+            "ferry_lost",
+            "recvlogical_rows_per_s",
+            "relay_over_recvlogical"
         ]
     );
-    assert!(last.ends_with("ferry_lost=0"), "{last}");
+    assert!(last.contains("ferry_lost=0"), "{last}");
+    // pg_recvlogical decoded the same backlog beside it.
+    let floor = report.floor.as_ref().expect("pg_recvlogical ran");
+    assert_eq!(floor.rows, 1_000);
+}
+
+/// The pipeline benchmark stays runnable: a small run (its processes started from this build's
+/// `ferry`) delivers every change, measures both latencies and labels every process it
+/// started. Nothing here is timed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_small_pipeline_benchmark_runs_and_reports() {
+    let mut config = stack_config();
+    config.kafka = crate::support::kafka_config("unused");
+    let options = ferry::bench::pipeline::PipelineBenchOptions {
+        rate: 100.0,
+        seconds: 2.0,
+        tenants: 5,
+        consumers: 1,
+        partitions: 2,
+        integration: std::path::absolute("integrations/shop.toml").unwrap(),
+        children: env!("CARGO_BIN_EXE_ferry").into(),
+        writer: env!("CARGO_BIN_EXE_ferry").into(),
+        config_file: None,
+        warm_up: 20,
+        secrets: Vec::new(),
+    };
+    let report = ferry::bench::pipeline::run(&config, &options)
+        .await
+        .expect("benchmark runs");
+    // `ferry load` writes about as many as asked (its 8 writers share the 5 tenants).
+    let events = report.events;
+    assert!((100..=200).contains(&events), "{events} written");
+    assert_eq!(
+        report.read_ms.len() as u64,
+        events,
+        "the reader read every change"
+    );
+    assert_eq!(report.delivered.healthy, events, "{:?}", report.delivered);
+    assert_eq!((report.order_violations, report.duplicates), (0, 0));
+    let labels: Vec<&str> = report.cpu.rows.iter().map(|(l, _)| l.as_str()).collect();
+    for process in [
+        "relay",
+        "consumer 1",
+        "partner simulator",
+        "writer (ferry load)",
+    ] {
+        assert!(
+            labels.contains(&process),
+            "{process} not sampled: {labels:?}"
+        );
+    }
+    let text = report.render();
+    let last = text.lines().last().unwrap();
+    assert!(
+        last.starts_with(&format!("rate=100 seconds=2 events={events} ")),
+        "{last}"
+    );
+    assert!(last.ends_with("order_violations=0 duplicates=0"), "{last}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -472,6 +472,59 @@ async fn an_update_waits_until_the_creation_of_its_object_is_durable() {
     db.drop().await;
 }
 
+/// Guarantee: a paused tenant's backlog replays in order without stalling on its own
+/// creations. A replayed update waits until the creation of its object is durable, and the
+/// replay keeps what it replayed as soon as an event created something, rather than at the
+/// end of its page (behind the waiting update). Staged: tenant-a's partner answers 503 until
+/// the tenant is paused with a create and an update parked, then recovers. Input tried: a
+/// create and an update of one product.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replayed_backlog_keeps_a_creation_before_the_update_after_it() {
+    let (db, cfg, sim, sim_stop) = setup(Duration::from_secs(5)).await;
+    sim.set_faults(Faults {
+        tenant_status: BTreeMap::from([("tenant-a".to_owned(), 503)]),
+        ..Faults::default()
+    });
+    let rows = [
+        product("tenant-a", "p-1", "Tea", 350, true),
+        product("tenant-a", "p-1", "Green tea", 360, false),
+    ];
+    produce_rows(&cfg.kafka, &rows).await;
+    let options = ConsumeOptions {
+        auto_resume_after: Duration::from_millis(500),
+        ..fast_retries()
+    };
+    let running = consume(&cfg, &db.pool, options);
+    wait_for("tenant-a paused", Duration::from_secs(60), || async {
+        let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM parked_events")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        (parked == 2).then_some(())
+    })
+    .await;
+    sim.set_faults(Faults::default());
+    wait_for("both delivered", Duration::from_secs(90), || async {
+        (delivered(&db.pool).await == 2).then_some(())
+    })
+    .await;
+    running.stop().await;
+    // The update went through at its first attempt: it never waited out the creation.
+    let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM deliveries WHERE event_id = $1")
+        .bind(rows[1].id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(attempts, 1);
+    let state = sim.account("tenant-a");
+    assert_eq!(
+        (state.items.len(), state.items[0].name.as_str()),
+        (1, "Green tea")
+    );
+    sim_stop.cancel();
+    db.drop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_create_that_stopped_half_way_resumes_without_a_second_item() {
     let (db, cfg, sim, sim_stop) = setup(Duration::from_secs(5)).await;
