@@ -598,10 +598,10 @@ struct Reader {
 
 impl Reader {
     fn start(cfg: &Config, partitions: i32) -> Result<Reader, BenchError> {
-        let mut c = broker::client_config(&cfg.kafka);
-        c.set("group.id", format!("{}-reader", cfg.kafka.group_id))
-            .set("enable.auto.commit", "false");
-        let consumer: StreamConsumer = c.create()?;
+        // The consumers' own settings (their fetch wait above all: librdkafka's default of
+        // 500 ms, which tansu holds a fetch for, would be the reader's and not theirs).
+        let group = format!("{}-reader", cfg.kafka.group_id);
+        let consumer: StreamConsumer = broker::consumer_config(&cfg.kafka, &group).create()?;
         // Assigned, not subscribed: no group join to wait for.
         let mut tpl = rdkafka::TopicPartitionList::new();
         for p in 0..partitions {
