@@ -354,6 +354,10 @@ impl<H: Handler> Coordinator<H> {
             }
             current
         });
+        // A held event's attempts may have staged mappings: the next owner handles it again.
+        if let Some(m) = self.handler.mappings() {
+            m.discard(&gone);
+        }
         self.copies.dropped(gone);
         tracing::debug!(
             dropped = dropped.len(),
@@ -771,6 +775,7 @@ impl<H: Handler> Coordinator<H> {
         done: Done,
     ) -> Result<(), ConsumeError> {
         self.ownership.release(&claim);
+        let event = done.event_id();
         match done {
             Done::Settled(item, outcome, attempts) => {
                 self.stats.count(outcome);
@@ -791,6 +796,10 @@ impl<H: Handler> Coordinator<H> {
                 self.breaker.probe_failed((tenant, item));
             }
             _ => {
+                // Its partition is gone: the next owner handles it again.
+                if let Some(m) = self.handler.mappings() {
+                    m.discard(&[event]);
+                }
                 let effect = self.breaker.probe_lost();
                 self.apply_breaker(effect)?;
             }

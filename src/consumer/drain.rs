@@ -109,12 +109,7 @@ impl Replay<'_> {
                 }
             };
             let done = attempt::handle(handler, item, guard).await;
-            let learnt = handler
-                .mappings()
-                .map(|m| m.take(&[done.event_id()]))
-                .unwrap_or_default();
-            let created = learnt.creates();
-            self.mappings.append(learnt);
+            let created = self.learnt(handler, done.event_id());
             match done {
                 Done::Settled(mut item, outcome, tries) => {
                     settled.insert(item.event.id);
@@ -179,6 +174,17 @@ impl Replay<'_> {
             m.written(&self.mappings);
         }
         kept
+    }
+
+    /// Takes what `event` learnt into the page's mappings; whether it created an object.
+    fn learnt<H: Handler>(&mut self, handler: &H, event: uuid::Uuid) -> bool {
+        let Some(mappings) = handler.mappings() else {
+            return false;
+        };
+        let learnt = mappings.take(&[event]);
+        let created = learnt.creates();
+        self.mappings.append(learnt);
+        created
     }
 
     /// What was kept is forgotten: the page goes on from there.
