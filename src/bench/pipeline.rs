@@ -164,6 +164,10 @@ pub async fn run(
         Ok(mut pipeline) => {
             let report = pipeline.measure().await;
             pipeline.processes.stop().await;
+            // The processes' logs are kept only when the run failed (its error names them).
+            if report.is_ok() {
+                let _ = std::fs::remove_dir_all(&pipeline.processes.logs);
+            }
             report
         }
         Err(e) => Err(e),
