@@ -22,7 +22,7 @@ use ferry::mappings::Mappings;
 use ferry::outbox::OutboxEvent;
 use ferry::partner::api::{NewShopItem, ShopItem, ShopItemUpdate};
 use ferry::partner::client::{Call, PartnerClient};
-use ferry::partner::driver::{self, Driver, ObjectApi, Remote};
+use ferry::partner::driver::{Driver, ObjectApi, Remote};
 use ferry::shop::{self, EventPayload, proto};
 
 /// The integration's name in Ferry's mapping table: its mappings are its own.
@@ -48,6 +48,8 @@ impl Handler for NamesOnly {
             ..Call::default()
         };
         let driver = Driver {
+            pool: &self.pool,
+            integration: INTEGRATION,
             mappings: &self.mappings,
             tenant: event.tenant_id.as_str(),
             event_id: event.id,
@@ -71,7 +73,7 @@ impl Handler for NamesOnly {
                     client: &self.client,
                     name: &p.name,
                 };
-                match self.known(event, &p.id).await {
+                match driver.known(&p.id, &["named_item"]).await {
                     Ok(known) => driver
                         .upsert(&item, &p.id, known.of("named_item"), None)
                         .await
@@ -84,7 +86,7 @@ impl Handler for NamesOnly {
                     client: &self.client,
                     name: "",
                 };
-                match self.known(event, &d.product_id).await {
+                match driver.known(&d.product_id, &["named_item"]).await {
                     Ok(known) => {
                         driver
                             .delete(&item, &d.product_id, known.of("named_item"))
@@ -104,21 +106,6 @@ impl Handler for NamesOnly {
 
     fn mappings(&self) -> Option<&Mappings> {
         Some(&self.mappings)
-    }
-}
-
-impl NamesOnly {
-    /// What our id `our_id` maps to (one query, with what is staged over it).
-    async fn known(&self, event: &OutboxEvent, our_id: &str) -> Result<driver::Known, Failure> {
-        let tenant = event.tenant_id.as_str();
-        driver::known(
-            &self.pool,
-            &self.mappings,
-            (INTEGRATION, tenant),
-            our_id,
-            &["named_item"],
-        )
-        .await
     }
 }
 

@@ -355,9 +355,7 @@ impl<H: Handler> Coordinator<H> {
             current
         });
         // A held event's attempts may have staged mappings: the next owner handles it again.
-        if let Some(m) = self.handler.mappings() {
-            m.discard(&gone);
-        }
+        self.discard_staged(&gone);
         self.copies.dropped(gone);
         tracing::debug!(
             dropped = dropped.len(),
@@ -716,8 +714,13 @@ impl<H: Handler> Coordinator<H> {
     /// owner handles it again, and what it learnt is not written from here.
     fn dropped(&mut self, item: &Item) {
         self.copies.dropped([item.event.id]);
+        self.discard_staged(&[item.event.id]);
+    }
+
+    /// What `events`' attempts staged is not written from here ([`crate::mappings`]).
+    fn discard_staged(&self, events: &[Uuid]) {
         if let Some(m) = self.handler.mappings() {
-            m.discard(&[item.event.id]);
+            m.discard(events);
         }
     }
 
@@ -797,9 +800,7 @@ impl<H: Handler> Coordinator<H> {
             }
             _ => {
                 // Its partition is gone: the next owner handles it again.
-                if let Some(m) = self.handler.mappings() {
-                    m.discard(&[event]);
-                }
+                self.discard_staged(&[event]);
                 let effect = self.breaker.probe_lost();
                 self.apply_breaker(effect)?;
             }

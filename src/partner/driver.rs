@@ -3,7 +3,8 @@
 //! by our id, create, update, delete); the driver does the rest:
 //!
 //! - **Mapping**: our id to the partner's, per tenant, integration and object type
-//!   (`integration_mappings`), read once per event with the tenant's switch ([`known`]). A
+//!   (`integration_mappings`), read once per event with the tenant's switch
+//!   ([`Driver::known`]). A
 //!   mapping learnt is staged at once ([`Mappings`]): a retry after a later step failed, and
 //!   the tenant's next event, start from it; the consumer writes it in the transaction that
 //!   settles the event.
@@ -26,7 +27,7 @@ use sqlx::PgPool;
 
 use super::client::{Call, is_not_found};
 use crate::delivery::{Failure, FailureClass};
-use crate::mappings::{Mapped, MappingChange, Mappings};
+use crate::mappings::{Mapped, MappingChange, Mappings, TenantObjects};
 
 /// An object on the partner, as the driver sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,72 +88,12 @@ impl Known {
     }
 }
 
-/// One query for what an event's handling starts from: `tenant`'s switch in `integration` and
-/// the mappings of `our_id` for each of `object_types`, with what is staged over them. The
-/// switch is read as each event is handled, which is after it was written: an event written
-/// after `ferry tenant enable|disable` committed sees the switch it set.
-pub async fn known(
-    pool: &PgPool,
-    staged: &Mappings,
-    (integration, tenant): (&str, &str),
-    our_id: &str,
-    object_types: &[&str],
-) -> Result<Known, Failure> {
-    // The overlay first: a version that leaves it between the two reads was committed before
-    // it left, so the query sees it; read the other way round, a batch committing in between
-    // would hide a mapping from both.
-    let staged: Vec<(&str, Option<Mapped>)> = object_types
-        .iter()
-        .filter_map(|o| Some((*o, staged.staged(tenant, o, our_id)?)))
-        .collect();
-    type Row = (bool, Option<String>, Option<String>, Option<uuid::Uuid>);
-    // One row per object type, each mapping found through the unique index; the switch is an
-    // uncorrelated subquery, read once. (Half the planning time of a join on `= ANY`, and Ferry's
-    // sessions plan every execution: see `store::session`.)
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT coalesce((SELECT integration_enabled FROM tenants \
-                          WHERE integration = $1 AND tenant_id = $2), false), \
-                o.object_type, m.foreign_id, m.created_by \
-         FROM unnest($4::text[]) AS o(object_type) \
-         LEFT JOIN integration_mappings m ON m.integration = $1 AND m.object_type = o.object_type \
-              AND m.tenant_id = $2 AND m.local_id = $3",
-    )
-    .bind(integration)
-    .bind(tenant)
-    .bind(our_id)
-    // A row even for an integration without object types, for the switch.
-    .bind(if object_types.is_empty() {
-        &[""][..]
-    } else {
-        object_types
-    })
-    .fetch_all(pool)
-    .await
-    .map_err(db)?;
-    let mut known = Known {
-        enabled: rows.first().is_some_and(|r| r.0),
-        mapped: HashMap::new(),
-    };
-    for (_, object_type, foreign_id, created_by) in rows {
-        if let (Some(object_type), Some(foreign_id)) = (object_type, foreign_id) {
-            let mapped = Mapped {
-                foreign_id,
-                created_by,
-            };
-            known.mapped.insert(object_type, mapped);
-        }
-    }
-    for (object_type, version) in staged {
-        match version {
-            Some(mapped) => known.mapped.insert(object_type.to_owned(), mapped),
-            None => known.mapped.remove(object_type),
-        };
-    }
-    Ok(known)
-}
-
 /// The driver, for one event of one tenant.
 pub struct Driver<'a> {
+    /// Where the mappings and the tenants' switches are.
+    pub pool: &'a PgPool,
+    /// The integration's name in `integration_mappings`.
+    pub integration: &'a str,
     /// Where learnt mappings are staged.
     pub mappings: &'a Mappings,
     /// The tenant.
@@ -166,7 +107,77 @@ pub struct Driver<'a> {
     pub heal: bool,
 }
 
-impl Driver<'_> {
+impl<'a> Driver<'a> {
+    /// One query for what the event's handling starts from: the tenant's switch and the mappings
+    /// of `our_id` for each of `object_types`, with what is staged over them. The switch is read
+    /// as each event is handled, which is after it was written: an event written after `ferry
+    /// tenant enable|disable` committed sees the switch it set.
+    pub async fn known(&self, our_id: &str, object_types: &[&str]) -> Result<Known, Failure> {
+        let (tenant, staged) = (self.tenant, self.mappings);
+        // The overlay first: a version that leaves it between the two reads was committed before
+        // it left, so the query sees it; read the other way round, a batch committing in between
+        // would hide a mapping from both.
+        let staged: Vec<(&str, Option<Mapped>)> = object_types
+            .iter()
+            .filter_map(|o| Some((*o, staged.staged(tenant, o, our_id)?)))
+            .collect();
+        type Row = (bool, Option<String>, Option<String>, Option<uuid::Uuid>);
+        // One row per object type, each mapping found through the unique index; the switch is an
+        // uncorrelated subquery, read once. (Half the planning time of a join on `= ANY`, and Ferry's
+        // sessions plan every execution: see `store::session`.)
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT coalesce((SELECT integration_enabled FROM tenants \
+                              WHERE integration = $1 AND tenant_id = $2), false), \
+                    o.object_type, m.foreign_id, m.created_by \
+             FROM unnest($4::text[]) AS o(object_type) \
+             LEFT JOIN integration_mappings m ON m.integration = $1 AND m.object_type = o.object_type \
+                  AND m.tenant_id = $2 AND m.local_id = $3",
+        )
+        .bind(self.integration)
+        .bind(tenant)
+        .bind(our_id)
+        // A row even for an integration without object types, for the switch.
+        .bind(if object_types.is_empty() {
+            &[""][..]
+        } else {
+            object_types
+        })
+        .fetch_all(self.pool)
+        .await
+        .map_err(db)?;
+        let mut known = Known {
+            enabled: rows.first().is_some_and(|r| r.0),
+            mapped: HashMap::new(),
+        };
+        for (_, object_type, foreign_id, created_by) in rows {
+            if let (Some(object_type), Some(foreign_id)) = (object_type, foreign_id) {
+                let mapped = Mapped {
+                    foreign_id,
+                    created_by,
+                };
+                known.mapped.insert(object_type, mapped);
+            }
+        }
+        for (object_type, version) in staged {
+            match version {
+                Some(mapped) => known.mapped.insert(object_type.to_owned(), mapped),
+                None => known.mapped.remove(object_type),
+            };
+        }
+        Ok(known)
+    }
+
+    /// The tenant's objects of `object_type`, as mapped with what is staged over them, a page
+    /// at a time: for a rollback.
+    pub fn tenant_objects(&self, object_type: &'a str) -> TenantObjects<'a> {
+        TenantObjects::new(
+            self.pool,
+            self.mappings,
+            (self.integration, self.tenant),
+            object_type,
+        )
+    }
+
     /// Brings `our_id`'s object to the event's state and returns the partner's id: the mapped
     /// object updated; else the one the partner holds under our id (updated if it differs);
     /// else a new one. `mapped` is the mapping as read when the event's handling began;

@@ -25,9 +25,9 @@ use sqlx::PgPool;
 
 use super::api::{NewShopItem, NewShopPrice, ShopItem, ShopItemUpdate, ShopPrice, ShopPriceUpdate};
 use super::client::{Call, PartnerClient, is_not_found};
-use super::driver::{self, Driver, Known, ObjectApi, Remote, db};
+use super::driver::{Driver, Known, ObjectApi, Remote, db};
 use crate::delivery::{Attempt, Failure, FailureClass, Handler, Outcome};
-use crate::mappings::{Mappings, TenantObjects};
+use crate::mappings::Mappings;
 use crate::outbox::{BadEventReason, OutboxEvent, control};
 use crate::shop::{self, EventPayload, proto};
 
@@ -83,7 +83,7 @@ impl Handler for Integration {
             control::TENANT_DISABLED => self.rollback(event, &call).await,
             // Admitted, so a shop event (read again here: admission keeps nothing).
             _ => match shop::decode(event) {
-                Ok(Some(payload)) => self.product(event, &driver, &payload).await,
+                Ok(Some(payload)) => self.product(&driver, &payload).await,
                 Ok(None) => Err(permanent(format!(
                     "unknown event type `{}`",
                     event.event_type
@@ -123,20 +123,8 @@ fn permanent(message: String) -> Refusal {
 
 impl Integration {
     /// A product event: its item and price brought to the event's state, or deleted.
-    async fn product(
-        &self,
-        event: &OutboxEvent,
-        driver: &Driver<'_>,
-        payload: &EventPayload,
-    ) -> Result<(), Refusal> {
-        let known = driver::known(
-            &self.pool,
-            &self.mappings,
-            (INTEGRATION, event.tenant_id.as_str()),
-            payload.product_id(),
-            &[ITEM, PRICE],
-        )
-        .await?;
+    async fn product(&self, driver: &Driver<'_>, payload: &EventPayload) -> Result<(), Refusal> {
+        let known = driver.known(payload.product_id(), &[ITEM, PRICE]).await?;
         if !known.enabled {
             return Err(Refusal::Ignored);
         }
@@ -160,15 +148,9 @@ impl Integration {
     /// where this stopped; then whatever Ferry created that no mapping names (our id in
     /// `external_id`: a lost mapping row) is swept. Not found counts as deleted.
     async fn rollback(&self, event: &OutboxEvent, call: &Call) -> Result<(), Refusal> {
-        let tenant = event.tenant_id.as_str();
         let driver = self.driver(event, call, true);
         for object_type in [PRICE, ITEM] {
-            let mut objects = TenantObjects::new(
-                &self.pool,
-                &self.mappings,
-                (INTEGRATION, tenant),
-                object_type,
-            );
+            let mut objects = driver.tenant_objects(object_type);
             loop {
                 let page = objects.next_page().await.map_err(db)?;
                 if page.is_empty() {
@@ -260,6 +242,8 @@ impl Integration {
 
     fn driver<'a>(&'a self, event: &'a OutboxEvent, call: &'a Call, heal: bool) -> Driver<'a> {
         Driver {
+            pool: &self.pool,
+            integration: INTEGRATION,
             mappings: &self.mappings,
             tenant: event.tenant_id.as_str(),
             event_id: event.id,

@@ -22,11 +22,11 @@ use serde_json::Value;
 use sqlx::PgPool;
 
 use super::client::{Call, PartnerClient, is_not_found};
-use super::driver::{self, Driver, ObjectApi, Remote, db};
+use super::driver::{Driver, ObjectApi, Remote, db};
 use super::spec::{Body, EventSpec, ObjectSpec, Request, Spec};
 use super::template::{Values, lookup, scalar_text};
 use crate::delivery::{Attempt, Failure, FailureClass, Handler, Outcome};
-use crate::mappings::{Mappings, TenantObjects};
+use crate::mappings::Mappings;
 use crate::outbox::{BadEventReason, OutboxEvent, Payload, PayloadFormat, control};
 
 /// The handler of a declared integration.
@@ -157,14 +157,7 @@ impl RestIntegration {
             .read(event)
             .map_err(|reason| permanent(reason.to_string()))?;
         let object_types: Vec<&str> = self.spec.objects.iter().map(|o| o.name.as_str()).collect();
-        let known = driver::known(
-            &self.pool,
-            &self.mappings,
-            (&self.spec.name, event.tenant_id.as_str()),
-            &read.our_id,
-            &object_types,
-        )
-        .await?;
+        let known = driver.known(&read.our_id, &object_types).await?;
         if !known.enabled {
             return Ok(false);
         }
@@ -207,12 +200,7 @@ impl RestIntegration {
         let tenant = event.tenant_id.as_str();
         let none = Value::Null;
         for object in self.spec.objects.iter().rev() {
-            let mut objects = TenantObjects::new(
-                &self.pool,
-                &self.mappings,
-                (&self.spec.name, tenant),
-                &object.name,
-            );
+            let mut objects = self.driver(event, call, true).tenant_objects(&object.name);
             loop {
                 let page = objects.next_page().await.map_err(db)?;
                 if page.is_empty() {
@@ -243,6 +231,8 @@ impl RestIntegration {
 
     fn driver<'a>(&'a self, event: &'a OutboxEvent, call: &'a Call, heal: bool) -> Driver<'a> {
         Driver {
+            pool: &self.pool,
+            integration: &self.spec.name,
             mappings: &self.mappings,
             tenant: event.tenant_id.as_str(),
             event_id: event.id,
