@@ -1208,13 +1208,18 @@ async fn an_unknown_event_type_is_recorded_as_ignored_when_the_policy_says_so() 
         );
     }
     for r in [&rows[1], &rows[4]] {
-        let (outcome, error): (String, String) = sqlx::query_as(
-            "SELECT outcome, last_error FROM deliveries WHERE event_id = $1 AND settled_at IS NOT NULL",
-        )
-        .bind(r.id)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+        // Settlements are written in batches after the handler returns: wait for the record.
+        let (outcome, error): (String, String) =
+            wait_for("the ignored event's record", Duration::from_secs(30), || async {
+                sqlx::query_as(
+                    "SELECT outcome, last_error FROM deliveries WHERE event_id = $1 AND settled_at IS NOT NULL",
+                )
+                .bind(r.id)
+                .fetch_optional(&db.pool)
+                .await
+                .unwrap()
+            })
+            .await;
         assert_eq!(outcome, "ignored", "{}", r.tenant_id);
         assert!(
             error.contains("unknown event type `PriceChanged`"),
