@@ -349,8 +349,10 @@ pub async fn settled(
     events: &[Uuid],
 ) -> Result<u64, TenantError> {
     let n: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM deliveries \
-         WHERE integration = $2 AND event_id = ANY($1) AND settled_at IS NOT NULL",
+        // Probes of the primary key, as the dedupe lookup (`consumer::ledger::SETTLED_IDS`).
+        "SELECT count(*) FROM unnest($1::uuid[]) AS i(event_id) \
+         CROSS JOIN LATERAL (SELECT 1 FROM deliveries d WHERE d.integration = $2 \
+             AND d.event_id = i.event_id AND d.settled_at IS NOT NULL LIMIT 1) AS settled",
     )
     .bind(events)
     .bind(integration)

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use futures::stream::FuturesOrdered;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::{Message, TopicPartitionList};
+use rdkafka::TopicPartitionList;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -499,8 +499,8 @@ impl<H: Handler> Coordinator<H> {
     /// One record from Kafka: tracked in its partition's offsets and decoded, or `None` when
     /// it is not ours to handle (a transient error, a partition no longer ours, a re-fetch).
     fn take_in(&mut self, polled: Polled) -> Result<Option<Arrival>, ConsumeError> {
-        let m = match polled.message {
-            Ok(m) => m,
+        let record = match polled.message {
+            Ok(record) => record,
             // librdkafka reports broker trouble (down, unreachable, request errors) as consume
             // errors and recovers on its own; only a fatal error ends us.
             Err(e) if is_fatal(&e) => return Err(e.into()),
@@ -517,7 +517,7 @@ impl<H: Handler> Coordinator<H> {
             }
         };
         self.stats.received.fetch_add(1, Relaxed);
-        if let Some(written) = m.timestamp().to_millis() {
+        if let Some(written) = record.timestamp.map(|t| t.timestamp_millis()) {
             let now = chrono::Utc::now().timestamp_millis();
             let behind = now.saturating_sub(written).max(0) as u64;
             self.stats
@@ -526,20 +526,20 @@ impl<H: Handler> Coordinator<H> {
         }
         // Not ours (a partition gone, or read before it was revoked and assigned again), or a
         // re-fetch after a seek, already tracked.
-        let Some(position) = self
-            .ownership
-            .track(m.partition(), m.offset(), polled.generation)
+        let Some(position) =
+            self.ownership
+                .track(record.partition, record.offset, polled.generation)
         else {
             return Ok(None);
         };
         // Addressed to another integration (its backfill, a replay for its partner): settled
         // here without a record, in any order, as nothing is sent for it.
-        if intake::for_another(&m, &self.integration) {
+        if intake::for_another(&record, &self.integration) {
             self.stats.count(ledger::SettledAs::Ignored);
             self.pending.positions.push(position);
             return Ok(None);
         }
-        let mut arrival = intake::arrival(&*self.handler, &m, &self.topic, position);
+        let mut arrival = intake::arrival(&*self.handler, record, position);
         if let Arrival::Event(item) = &mut arrival {
             item.seen_before = self.ownership.seen_before(position);
         }
@@ -860,7 +860,7 @@ impl<H: Handler> Coordinator<H> {
             .into_iter()
             .filter(|(_, position)| self.ownership.is_current(*position))
             .map(|(record, position)| {
-                let mut arrival = intake::arrival_again(&*self.handler, record, position);
+                let mut arrival = intake::arrival(&*self.handler, record, position);
                 if let Arrival::Event(item) = &mut arrival {
                     item.seen_before = self.ownership.seen_before(position);
                 }

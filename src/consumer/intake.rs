@@ -12,7 +12,7 @@ use super::ledger::{ParkedRecord, Pause, Settlement};
 use super::rebalance::Position;
 use crate::config::UnknownEventTypes;
 use crate::delivery::Handler;
-use crate::{broker, outbox};
+use crate::outbox;
 
 /// Records taken from Kafka in one turn of the loop, at most: one dedupe query for them all.
 pub(super) const INTAKE_BATCH: usize = 500;
@@ -75,11 +75,13 @@ impl Queued {
     }
 }
 
-pub(super) fn parked_record<M: Message>(m: &M, topic: &str) -> ParkedRecord {
+/// The record `m`, copied out of librdkafka's buffer: what the coordinator takes in, and parks
+/// should its tenant be paused. Filed under its key until decoded.
+pub(super) fn parked_record<M: Message>(m: &M) -> ParkedRecord {
     ParkedRecord {
         tenant_id: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
         event_id: None,
-        topic: topic.to_owned(),
+        topic: m.topic().to_owned(),
         partition: m.partition(),
         offset: m.offset(),
         key: m.key().map(<[u8]>::to_vec),
@@ -99,15 +101,13 @@ pub(super) fn parked_record<M: Message>(m: &M, topic: &str) -> ParkedRecord {
     }
 }
 
-/// Whether the record `m` is addressed to an integration other than `integration`: its
+/// Whether `record` is addressed to an integration other than `integration`: its
 /// `integration` header names another (as written, or JSON-quoted by a converter).
-pub(super) fn for_another<M: Message>(m: &M, integration: &str) -> bool {
-    let Some(headers) = m.headers() else {
-        return false;
-    };
-    headers.iter().any(|h| {
-        h.key == outbox::header::INTEGRATION
-            && h.value
+pub(super) fn for_another(record: &ParkedRecord, integration: &str) -> bool {
+    record.headers.iter().any(|(key, value)| {
+        key == outbox::header::INTEGRATION
+            && value
+                .as_deref()
                 .and_then(|v| std::str::from_utf8(v).ok())
                 .map(|v| v.trim().trim_matches('"'))
                 .is_some_and(|v| !v.is_empty() && v != integration)
@@ -132,16 +132,15 @@ pub(super) fn decode<H: Handler>(
     }
 }
 
-/// Decodes the record `m` read at `position`. The parked copy names the event and its tenant as
-/// decoded, so a replay can dedupe it and the backlog is filed under the right tenant.
-pub(super) fn arrival<M: Message, H: Handler>(
+/// Decodes `raw`, read at `position` (from Kafka, or set aside for parking and taken back
+/// because its tenant turned out to be live). The parked copy names the event and its tenant
+/// as decoded, so a replay can dedupe it and the backlog is filed under the right tenant.
+pub(super) fn arrival<H: Handler>(
     handler: &H,
-    m: &M,
-    topic: &str,
+    mut raw: ParkedRecord,
     position: Position,
 ) -> Arrival {
-    let mut raw = parked_record(m, topic);
-    match decode(handler, &broker::raw_record(m)) {
+    match decode(handler, &raw_of(&raw)) {
         Ok(event) => {
             raw.event_id = Some(event.id);
             raw.tenant_id = event.tenant_id.to_string();
@@ -155,18 +154,6 @@ pub(super) fn arrival<M: Message, H: Handler>(
                 .map_or_else(|| "unknown".to_owned(), |t| t.to_string());
             refused(raw, position, &bad)
         }
-    }
-}
-
-/// A record set aside for parking, as an arrival again: its tenant turned out to be live.
-pub(super) fn arrival_again<H: Handler>(
-    handler: &H,
-    raw: ParkedRecord,
-    position: Position,
-) -> Arrival {
-    match decode(handler, &raw_of(&raw)) {
-        Ok(event) => event_arrival(event, raw, position),
-        Err(bad) => refused(raw, position, &bad),
     }
 }
 

@@ -18,9 +18,11 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaResult;
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::Message;
 use rdkafka::{ClientContext, TopicPartitionList};
 use tokio::sync::mpsc;
+
+use super::ledger::ParkedRecord;
 
 /// How long an assignment waits for a partition's high watermark.
 const WATERMARK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -68,8 +70,10 @@ pub(super) type Reply = std::sync::mpsc::SyncSender<()>;
 
 /// A record as the poll thread hands it over.
 pub(super) struct Polled {
-    /// The record, or the error librdkafka reported instead.
-    pub(super) message: KafkaResult<OwnedMessage>,
+    /// The record, or the error librdkafka reported instead. Copied out of librdkafka's buffer
+    /// once, here, as the record Ferry parks should its tenant be paused: the event decoded
+    /// from it holds its own fields, and nothing else copies its bytes.
+    pub(super) message: KafkaResult<ParkedRecord>,
     /// The generation of the partition's assignment it was read in: a record fetched before a
     /// revoke and handed over after the partition came back is not taken for a new one.
     pub(super) generation: u64,
@@ -259,7 +263,7 @@ fn poll(consumer: &BaseConsumer<Context>, records: &mpsc::Sender<Polled>, stop: 
             None => continue,
             Some(Ok(m)) => Polled {
                 generation: consumer.context().generation_of(m.partition()),
-                message: Ok(m.detach()),
+                message: Ok(super::intake::parked_record(&m)),
             },
             Some(Err(e)) => Polled {
                 generation: 0,
