@@ -71,8 +71,8 @@ pub(super) type Reply = std::sync::mpsc::SyncSender<()>;
 /// A record as the poll thread hands it over.
 pub(super) struct Polled {
     /// The record, or the error librdkafka reported instead. Copied out of librdkafka's buffer
-    /// once, here, as the record Ferry parks should its tenant be paused: the event decoded
-    /// from it holds its own fields, and nothing else copies its bytes.
+    /// once, here, into the form Ferry parks should its tenant be paused, and kept so: the
+    /// decoder reads it in place, and parking takes it as it is.
     pub(super) message: KafkaResult<ParkedRecord>,
     /// The generation of the partition's assignment it was read in: a record fetched before a
     /// revoke and handed over after the partition came back is not taken for a new one.
