@@ -24,6 +24,11 @@
 //!   its batch commits ([`Mappings::written`]) or its event is dropped unsettled
 //!   ([`Mappings::discard`]: a revoked partition's attempt, whose event the next owner handles
 //!   again and heals by our id).
+//! - *Nothing outlives the consumer that staged it.* The overlay belongs to the integration,
+//!   which the runtime keeps when it starts a consumer again after a failure; the consumer
+//!   that stops drops everything it staged and did not write ([`Mappings::discard_all`]). A
+//!   version no transaction will carry must never answer a read: a create handled again would
+//!   find its own unwritten mapping, settle without writing it, and leave the object unmapped.
 //! - *No write over a creation that could still be lost.* An event that creates an object
 //!   records itself in the mapping (`created_by`), so that, handled again after a crash, it
 //!   leaves the object alone instead of taking it back to its older state. That record must be
@@ -264,6 +269,21 @@ impl Mappings {
         self.written(&dropped);
     }
 
+    /// Everything staged is dropped unwritten: the consumer that staged it stopped, and no
+    /// transaction will carry what it had not written. The runtime starts the next consumer
+    /// with the same integration, so this overlay, and the next handling of those events must
+    /// read the table (and find their objects by our id), never a version that will not become
+    /// durable: a create read back its own unwritten mapping, settled without writing it, and
+    /// the product's delete later found nothing to delete (the chaos soak, seed 12). A write
+    /// still under way when the consumer stopped may yet commit; the table then has it.
+    pub fn discard_all(&self) {
+        let mut s = self.staging.lock().expect("mappings");
+        s.overlay.clear();
+        s.queue.clear();
+        drop(s);
+        self.left.notify_waiters();
+    }
+
     /// Changes staged and not yet taken.
     #[cfg(test)]
     fn queued(&self) -> usize {
@@ -480,6 +500,27 @@ mod tests {
         assert!(m.staged("acme", "item", "p1").is_some());
         m.written(&batch);
         assert_eq!(m.staged("acme", "item", "p1"), None);
+    }
+
+    #[test]
+    fn a_stopped_consumer_leaves_nothing_staged_behind() {
+        let m = Mappings::default();
+        let created = MappingChange {
+            mapped: Some(Mapped {
+                foreign_id: "it_1".into(),
+                created_by: Some(id(1)),
+            }),
+            ..set("p1", "")
+        };
+        m.stage(id(1), created);
+        // Taken by a batch that will never be written, and one change still queued.
+        let _lost = m.take(&[id(1)]);
+        m.stage(id(2), set("p2", "it_2"));
+        m.discard_all();
+        assert_eq!(m.staged("acme", "item", "p1"), None);
+        assert_eq!(m.staged("acme", "item", "p2"), None);
+        assert!(m.take(&[id(1), id(2)]).is_empty());
+        assert_eq!(m.creation_pending(("acme", "item", "p1"), id(3)), None);
     }
 
     #[test]

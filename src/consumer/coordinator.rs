@@ -24,8 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::stream::FuturesOrdered;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::TopicPartitionList;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -1114,7 +1114,20 @@ impl<H: Handler> Coordinator<H> {
     /// After a clean run what settled is written, then one synchronous commit; after an error
     /// nothing more is written (the database may be what failed), and what was not committed
     /// is read again by whoever owns the partition next.
-    async fn stop(mut self, result: Result<(), ConsumeError>) -> Result<(), ConsumeError> {
+    /// Ends the coordinator; what it staged and did not write is dropped
+    /// ([`crate::mappings::Mappings::discard_all`]), however it ends.
+    async fn stop(self, result: Result<(), ConsumeError>) -> Result<(), ConsumeError> {
+        let handler = Arc::clone(&self.handler);
+        let ended = self.end(result).await;
+        if let Some(m) = handler.mappings() {
+            m.discard_all();
+        }
+        ended
+    }
+
+    /// Lets go of every partition: on an error, work under way is waited for (or cut) and
+    /// not settled; otherwise what settled is written and committed.
+    async fn end(mut self, result: Result<(), ConsumeError>) -> Result<(), ConsumeError> {
         let owned = self.ownership.owned();
         let drain = self.options.revoke_drain;
         if result.is_err() {
