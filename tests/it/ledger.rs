@@ -68,6 +68,18 @@ async fn settlement_is_batched_and_a_replay_never_rewrites_it() {
     db.drop().await;
 }
 
+/// `n` settled events of the integration `partner`.
+async fn settled_rows(pool: &sqlx::PgPool, n: i32) {
+    sqlx::query(
+        "INSERT INTO deliveries (integration, event_id, tenant_id, outcome, settled_at) \
+         SELECT 'partner', gen_random_uuid(), 'acme', 'delivered', now() FROM generate_series(1, $1)",
+    )
+    .bind(n)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
 /// The dedupe lookup on a connection of Ferry's, which looked up while `deliveries` was empty
 /// and again once 50,000 settled rows had arrived (not yet analyzed, as in a deployment's first
 /// minutes), never runs a cached generic plan. PostgreSQL switches a prepared statement to one
@@ -102,13 +114,7 @@ async fn the_dedupe_lookup_is_planned_for_the_table_as_it_is() {
             );
         }
     }
-    sqlx::query(
-        "INSERT INTO deliveries (integration, event_id, tenant_id, outcome, settled_at) \
-         SELECT 'partner', gen_random_uuid(), 'acme', 'delivered', now() FROM generate_series(1, 50000)",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    settled_rows(&db.pool, 50_000).await;
     let known: Vec<Uuid> = sqlx::query_scalar("SELECT event_id FROM deliveries LIMIT 3")
         .fetch_all(&db.pool)
         .await
@@ -201,13 +207,7 @@ async fn the_per_record_lookups_probe_one_row_per_key_on_tables_without_statisti
         .await
         .unwrap();
     }
-    sqlx::query(
-        "INSERT INTO deliveries (integration, event_id, tenant_id, outcome, settled_at) \
-         SELECT 'partner', gen_random_uuid(), 'acme', 'delivered', now() FROM generate_series(1, 50000)",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    settled_rows(&db.pool, 50_000).await;
     sqlx::query(
         "INSERT INTO integration_mappings (integration, tenant_id, object_type, local_id, foreign_id) \
          SELECT 'partner', 'acme', 'product', 'p' || i, 'f' || i FROM generate_series(1, 5000) i",

@@ -411,6 +411,41 @@ async fn a_first_handling_creates_without_a_find_and_a_redelivery_finds_first() 
     db.drop().await;
 }
 
+/// A transaction holding `integration_mappings` locked in `mode`: the settlement batches that
+/// write mappings wait on it until it ends.
+async fn lock_mappings(db: &TestDb, mode: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut lock = db.pool.begin().await.unwrap();
+    sqlx::query(&format!("LOCK TABLE integration_mappings IN {mode} MODE"))
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    lock
+}
+
+/// Waits until a create is on the partner (its price posted) and a batch's write of mappings
+/// waits on the lock: the sessions waiting.
+async fn create_held_by_lock(db: &TestDb, sim: &SimHandle) -> Vec<i32> {
+    wait_for(
+        "the create on the partner, its batch held by the lock",
+        Duration::from_secs(30),
+        || async {
+            let posted = sim
+                .requests()
+                .iter()
+                .any(|r| r.path.ends_with("/shop-prices"));
+            let waiting: Vec<i32> = sqlx::query_scalar(
+                "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND query LIKE 'INSERT INTO integration_mappings%'",
+            )
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+            (posted && !waiting.is_empty()).then_some(waiting)
+        },
+    )
+    .await
+}
+
 /// Guarantee: no stale object after a crash. An update waits until the creation of its object
 /// is durable (the create's mapping, which names the event that made it, commits with the
 /// create's settlement): were both lost after the update reached the partner, the create
@@ -421,36 +456,14 @@ async fn a_first_handling_creates_without_a_find_and_a_redelivery_finds_first() 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_update_waits_until_the_creation_of_its_object_is_durable() {
     let (db, cfg, sim, sim_stop) = setup(Duration::from_secs(5)).await;
-    let mut lock = db.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE integration_mappings IN EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let lock = lock_mappings(&db, "EXCLUSIVE").await;
     let rows = [
         product("tenant-a", "p-1", "Tea", 350, true),
         product("tenant-a", "p-1", "Green tea", 360, false),
     ];
     produce_rows(&cfg.kafka, &rows).await;
     let running = consume(&cfg, &db.pool, fast_retries());
-    wait_for(
-        "the create on the partner, its batch held by the lock",
-        Duration::from_secs(30),
-        || async {
-            let posted = sim
-                .requests()
-                .iter()
-                .any(|r| r.path.ends_with("/shop-prices"));
-            let (blocked,): (i64,) = sqlx::query_as(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
-                 AND query LIKE 'INSERT INTO integration_mappings%'",
-            )
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-            (posted && blocked > 0).then_some(())
-        },
-    )
-    .await;
+    create_held_by_lock(&db, &sim).await;
     let held = sim.requests().len();
     assert!(
         sim.requests().iter().all(|r| r.method != "PUT"),
@@ -483,32 +496,11 @@ async fn an_update_waits_until_the_creation_of_its_object_is_durable() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_create_whose_batch_failed_is_mapped_when_handled_again() {
     let (db, cfg, sim, sim_stop) = setup(Duration::from_secs(5)).await;
-    let mut lock = db.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE integration_mappings IN SHARE MODE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let lock = lock_mappings(&db, "SHARE").await;
     let create = product("tenant-a", "p-1", "Tea", 350, true);
     produce_rows(&cfg.kafka, std::slice::from_ref(&create)).await;
     let running = consume(&cfg, &db.pool, fast_retries());
-    let blocked_write = "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
-                         AND query LIKE 'INSERT INTO integration_mappings%'";
-    let first = wait_for(
-        "the create on the partner, its batch held by the lock",
-        Duration::from_secs(30),
-        || async {
-            let posted = sim
-                .requests()
-                .iter()
-                .any(|r| r.path.ends_with("/shop-prices"));
-            let pids: Vec<i32> = sqlx::query_scalar(blocked_write)
-                .fetch_all(&db.pool)
-                .await
-                .unwrap();
-            (posted && !pids.is_empty()).then_some(pids)
-        },
-    )
-    .await;
+    let first = create_held_by_lock(&db, &sim).await;
     // The batch fails: the consumer stops on a retryable error and starts again.
     for pid in &first {
         sqlx::query("SELECT pg_terminate_backend($1)")
