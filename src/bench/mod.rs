@@ -66,8 +66,11 @@ pub async fn fresh_database(
     // The benchmark's own sessions, told apart from those of the processes it measures.
     let options = admin.database(&name).application_name("ferry-bench");
     let url = options.to_url_lossy().to_string();
+    // Pooled as `ferry consume` pools (`store::connect`): the consume benchmark runs its
+    // consumers on this pool, and a ping before every statement is not what they pay there.
     let pool = PgPoolOptions::new()
         .max_connections(16)
+        .test_before_acquire(false)
         .connect_with(crate::store::session(
             options,
             crate::config::DEFAULT_SCHEMA,
