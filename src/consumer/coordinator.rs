@@ -1110,12 +1110,9 @@ impl<H: Handler> Coordinator<H> {
         Ok(())
     }
 
-    /// Stops: no new attempt starts; attempts under way end (bounded by `revoke_drain`).
-    /// After a clean run what settled is written, then one synchronous commit; after an error
-    /// nothing more is written (the database may be what failed), and what was not committed
-    /// is read again by whoever owns the partition next.
-    /// Ends the coordinator; what it staged and did not write is dropped
-    /// ([`crate::mappings::Mappings::discard_all`]), however it ends.
+    /// Stops ([`Coordinator::end`]), then drops what it staged and did not write
+    /// ([`crate::mappings::Mappings::discard_all`]), however it ended: the runtime may start
+    /// the next coordinator with the same handler.
     async fn stop(self, result: Result<(), ConsumeError>) -> Result<(), ConsumeError> {
         let handler = Arc::clone(&self.handler);
         let ended = self.end(result).await;
@@ -1125,8 +1122,10 @@ impl<H: Handler> Coordinator<H> {
         ended
     }
 
-    /// Lets go of every partition: on an error, work under way is waited for (or cut) and
-    /// not settled; otherwise what settled is written and committed.
+    /// Lets go of every partition: no new attempt starts; attempts under way end (bounded by
+    /// `revoke_drain`). After a clean run what settled is written, then one synchronous
+    /// commit; after an error nothing more is written (the database may be what failed), and
+    /// what was not committed is read again by whoever owns the partition next.
     async fn end(mut self, result: Result<(), ConsumeError>) -> Result<(), ConsumeError> {
         let owned = self.ownership.owned();
         let drain = self.options.revoke_drain;
