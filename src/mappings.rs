@@ -269,13 +269,9 @@ impl Mappings {
         self.written(&dropped);
     }
 
-    /// Everything staged is dropped unwritten: the consumer that staged it stopped, and no
-    /// transaction will carry what it had not written. The runtime starts the next consumer
-    /// with the same integration, so this overlay, and the next handling of those events must
-    /// read the table (and find their objects by our id), never a version that will not become
-    /// durable: a create read back its own unwritten mapping, settled without writing it, and
-    /// the product's delete later found nothing to delete (the chaos soak, seed 12). A write
-    /// still under way when the consumer stopped may yet commit; the table then has it.
+    /// Everything staged is dropped unwritten: the consumer that staged it stopped (the
+    /// module's "Nothing outlives the consumer that staged it"). A write still under way when it
+    /// stopped may yet commit; the table then has it.
     pub fn discard_all(&self) {
         let mut s = self.staging.lock().expect("mappings");
         s.overlay.clear();

@@ -53,8 +53,16 @@ pub enum StoreError {
 /// error is an error, not a hang.
 pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, StoreError> {
     let options: PgConnectOptions = config.url.parse().map_err(StoreError::Url)?;
+    pool_options(config.max_connections)
+        .connect_with(session(options, &config.schema))
+        .await
+        .map_err(StoreError::Connect)
+}
+
+/// How Ferry pools its sessions (made by [`session`]), at most `max_connections` of them.
+pub fn pool_options(max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
-        .max_connections(config.max_connections)
+        .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
         // sqlx pings a connection before handing it out unless told not to: a round trip
         // before every statement, which `ferry bench pipeline` saw in the consumers' profile
@@ -62,9 +70,6 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, StoreError> {
         // which every caller already treats as a database failure (retried), and the pool
         // drops it.
         .test_before_acquire(false)
-        .connect_with(session(options, &config.schema))
-        .await
-        .map_err(StoreError::Connect)
 }
 
 /// What every session of Ferry's sets at login: its name (`ferry`, unless the URL gives one),

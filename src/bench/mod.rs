@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool};
 use sqlx::{ConnectOptions as _, Connection as _};
 
 use crate::broker;
@@ -66,11 +66,8 @@ pub async fn fresh_database(
     // The benchmark's own sessions, told apart from those of the processes it measures.
     let options = admin.database(&name).application_name("ferry-bench");
     let url = options.to_url_lossy().to_string();
-    // Pooled as `ferry consume` pools (`store::connect`): the consume benchmark runs its
-    // consumers on this pool, and a ping before every statement is not what they pay there.
-    let pool = PgPoolOptions::new()
-        .max_connections(16)
-        .test_before_acquire(false)
+    // Pooled as `ferry consume` pools: the consume benchmark runs its consumers on this pool.
+    let pool = crate::store::pool_options(16)
         .connect_with(crate::store::session(
             options,
             crate::config::DEFAULT_SCHEMA,

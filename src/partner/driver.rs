@@ -4,8 +4,7 @@
 //!
 //! - **Mapping**: our id to the partner's, per tenant, integration and object type
 //!   (`integration_mappings`), read once per event with the tenant's switch
-//!   ([`Driver::known`]). A
-//!   mapping learnt is staged at once ([`Mappings`]): a retry after a later step failed, and
+//!   ([`Driver::known`]). A mapping learnt is staged at once ([`Mappings`]): a retry after a later step failed, and
 //!   the tenant's next event, start from it; the consumer writes it in the transaction that
 //!   settles the event.
 //! - **Healing**: when an earlier handling of the event may have written to the partner

@@ -199,8 +199,9 @@ impl RestIntegration {
     async fn rollback(&self, event: &OutboxEvent, call: &Call) -> Result<(), Failure> {
         let tenant = event.tenant_id.as_str();
         let none = Value::Null;
+        let driver = self.driver(event, call, true);
         for object in self.spec.objects.iter().rev() {
-            let mut objects = self.driver(event, call, true).tenant_objects(&object.name);
+            let mut objects = driver.tenant_objects(&object.name);
             loop {
                 let page = objects.next_page().await.map_err(db)?;
                 if page.is_empty() {

@@ -19,8 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::consume::produce_rows;
 use crate::example::deleted;
-use crate::partner::{TOKEN, delivered, fast_retries, product, setup_sim};
-use crate::support::wait_for;
+use crate::partner::{TOKEN, fast_retries, product, setup_sim, until_delivered};
 
 fn shop_spec() -> Spec {
     let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("integrations/shop.toml");
@@ -111,10 +110,11 @@ async fn the_declared_shop_integration_mirrors_products_and_rolls_back() {
     ];
     produce_rows(&cfg.kafka, &rows).await;
     let (stop, task) = run(&cfg, &db.pool, shop_spec());
-    wait_for(
+    until_delivered(
+        &db.pool,
+        5,
         "acme's five events delivered",
         Duration::from_secs(30),
-        || async { (delivered(&db.pool).await == 5).then_some(()) },
     )
     .await;
     let state = sim.account("acme");
@@ -157,10 +157,7 @@ async fn the_declared_shop_integration_mirrors_products_and_rolls_back() {
     assert_eq!(mappings(&db.pool, "acme").await.len(), 4);
 
     produce_rows(&cfg.kafka, &[disabled("acme")]).await;
-    wait_for("the rollback done", Duration::from_secs(30), || async {
-        (delivered(&db.pool).await == 6).then_some(())
-    })
-    .await;
+    until_delivered(&db.pool, 6, "the rollback done", Duration::from_secs(30)).await;
     stop.cancel();
     task.await.unwrap().unwrap();
     let state = sim.account("acme");
@@ -203,9 +200,12 @@ async fn the_declared_integration_heals_lost_answers_without_duplicates() {
     // The file's own timeout would outlast the lost answers' hold.
     spec.partner.timeout = None;
     let (stop, task) = run(&cfg, &db.pool, spec);
-    wait_for("both events delivered", Duration::from_secs(60), || async {
-        (delivered(&db.pool).await == 2).then_some(())
-    })
+    until_delivered(
+        &db.pool,
+        2,
+        "both events delivered",
+        Duration::from_secs(60),
+    )
     .await;
     stop.cancel();
     task.await.unwrap().unwrap();
@@ -335,10 +335,11 @@ INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, tenant_id) VA
         "psql: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    wait_for(
+    until_delivered(
+        &db.pool,
+        5,
         "the marker and four events delivered",
         Duration::from_secs(60),
-        || async { (delivered(&db.pool).await == 5).then_some(()) },
     )
     .await;
     let state = sim.account("school-1");

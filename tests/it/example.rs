@@ -10,8 +10,7 @@ use ferry::shop::{EventPayload, EventType, proto};
 use tokio_util::sync::CancellationToken;
 
 use crate::consume::produce_rows;
-use crate::partner::{delivered, fast_retries, product, setup_sim};
-use crate::support::wait_for;
+use crate::partner::{fast_retries, product, setup_sim, until_delivered};
 
 #[allow(dead_code)] // its `main` is the example's own
 #[path = "../../examples/own_integration.rs"]
@@ -55,10 +54,11 @@ async fn the_example_integration_mirrors_names_end_to_end() {
         let stats = Arc::new(ConsumeStats::default());
         async move { runtime::run(&cfg, pool, handler, fast_retries(), stats, stop).await }
     });
-    wait_for(
+    until_delivered(
+        &db.pool,
+        4,
         "the four events delivered",
         Duration::from_secs(30),
-        || async { (delivered(&db.pool).await == 4).then_some(()) },
     )
     .await;
     stop.cancel();

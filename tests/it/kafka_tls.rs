@@ -11,9 +11,8 @@ use ferry::config::KafkaConfig;
 use ferry::outbox::writer;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
-use crate::partner::{consume, delivered, fast_retries, setup_sim};
+use crate::partner::{consume, fast_retries, setup_sim, until_delivered};
 use crate::relay::{event, start_relay};
-use crate::support::wait_for;
 
 /// A free loopback port (free now; taken by the broker or the proxy a moment later).
 fn free_port() -> u16 {
@@ -207,9 +206,12 @@ async fn the_relay_and_the_consumer_go_through_a_broker_requiring_tls_and_sasl()
             .unwrap();
         tx.commit().await.unwrap();
     }
-    wait_for("five events delivered", Duration::from_secs(60), || async {
-        (delivered(&db.pool).await == 5).then_some(())
-    })
+    until_delivered(
+        &db.pool,
+        5,
+        "five events delivered",
+        Duration::from_secs(60),
+    )
     .await;
     assert_eq!(stats.records_acked.load(Ordering::Relaxed), 5);
     let state = sim.account("acme");

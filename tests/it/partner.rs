@@ -121,6 +121,14 @@ pub(crate) async fn delivered(pool: &sqlx::PgPool) -> i64 {
         .unwrap()
 }
 
+/// Waits, at most `within`, until `n` events are recorded delivered.
+pub(crate) async fn until_delivered(pool: &sqlx::PgPool, n: i64, what: &str, within: Duration) {
+    wait_for(what, within, || async {
+        (delivered(pool).await == n).then_some(())
+    })
+    .await;
+}
+
 /// A fresh database and topic, and a simulator the config points at; no tenant enabled.
 pub(crate) async fn setup_sim(
     timeout: Duration,
@@ -225,10 +233,7 @@ async fn a_lost_create_response_creates_no_duplicate() {
     });
     produce_rows(&cfg.kafka, &[product("tenant-a", "p-1", "Tea", 350, true)]).await;
     let running = consume(&cfg, &db.pool, fast_retries());
-    wait_for("the create delivered", Duration::from_secs(30), || async {
-        (delivered(&db.pool).await == 1).then_some(())
-    })
-    .await;
+    until_delivered(&db.pool, 1, "the create delivered", Duration::from_secs(30)).await;
     let state = sim.account("tenant-a");
     assert_eq!(
         state.items.len(),
@@ -268,9 +273,12 @@ async fn handle_again(
     let mut again = cfg.clone();
     again.kafka.group_id = crate::support::unique("ferry-test-again");
     let running = consume(&again, &db.pool, fast_retries());
-    wait_for("handled again", Duration::from_secs(30), || async {
-        (delivered(&db.pool).await == delivered_then).then_some(())
-    })
+    until_delivered(
+        &db.pool,
+        delivered_then,
+        "handled again",
+        Duration::from_secs(30),
+    )
     .await;
     running.stop().await;
 }
@@ -291,10 +299,7 @@ async fn an_update_and_delete_handled_again_after_a_lost_settlement_leave_nothin
     ];
     produce_rows(&cfg.kafka, &rows).await;
     let running = consume(&cfg, &db.pool, fast_retries());
-    wait_for("all three delivered", Duration::from_secs(30), || async {
-        (delivered(&db.pool).await == 3).then_some(())
-    })
-    .await;
+    until_delivered(&db.pool, 3, "all three delivered", Duration::from_secs(30)).await;
     running.stop().await;
     assert!(sim.account("tenant-a").items.is_empty());
 
@@ -328,10 +333,7 @@ async fn a_create_and_update_handled_again_after_a_lost_settlement_end_at_the_up
     ];
     produce_rows(&cfg.kafka, &rows).await;
     let running = consume(&cfg, &db.pool, fast_retries());
-    wait_for("both delivered", Duration::from_secs(30), || async {
-        (delivered(&db.pool).await == 2).then_some(())
-    })
-    .await;
+    until_delivered(&db.pool, 2, "both delivered", Duration::from_secs(30)).await;
     running.stop().await;
     handle_again(&db, &cfg, &[rows[0].id, rows[1].id], 2).await;
     let state = sim.account("tenant-a");
@@ -361,10 +363,7 @@ async fn a_first_handling_creates_without_a_find_and_a_redelivery_finds_first() 
     .await;
     let row = product("tenant-a", "p-1", "Tea", 350, true);
     produce_rows(&cfg.kafka, std::slice::from_ref(&row)).await;
-    wait_for("the create delivered", Duration::from_secs(30), || async {
-        (delivered(&db.pool).await == 1).then_some(())
-    })
-    .await;
+    until_delivered(&db.pool, 1, "the create delivered", Duration::from_secs(30)).await;
     running.stop().await;
     let calls = |requests: &[ferry::partner::sim::RequestRecord]| {
         requests
@@ -471,10 +470,7 @@ async fn an_update_waits_until_the_creation_of_its_object_is_durable() {
         sim.requests()
     );
     lock.rollback().await.unwrap();
-    wait_for("both delivered", Duration::from_secs(30), || async {
-        (delivered(&db.pool).await == 2).then_some(())
-    })
-    .await;
+    until_delivered(&db.pool, 2, "both delivered", Duration::from_secs(30)).await;
     running.stop().await;
     let requests = sim.requests();
     let first_put = requests.iter().position(|r| r.method == "PUT").unwrap();
@@ -510,10 +506,7 @@ async fn a_create_whose_batch_failed_is_mapped_when_handled_again() {
             .unwrap();
     }
     lock.rollback().await.unwrap();
-    wait_for("the create delivered", Duration::from_secs(30), || async {
-        (delivered(&db.pool).await == 1).then_some(())
-    })
-    .await;
+    until_delivered(&db.pool, 1, "the create delivered", Duration::from_secs(30)).await;
     let mapped: Vec<(String, String)> =
         sqlx::query_as("SELECT object_type, foreign_id FROM integration_mappings ORDER BY 1")
             .fetch_all(&db.pool)
@@ -527,10 +520,7 @@ async fn a_create_whose_batch_failed_is_mapped_when_handled_again() {
         "the item and its price mapped once the create settled: {mapped:?}"
     );
     produce_rows(&cfg.kafka, &[crate::example::deleted("tenant-a", "p-1")]).await;
-    wait_for("the delete delivered", Duration::from_secs(30), || async {
-        (delivered(&db.pool).await == 2).then_some(())
-    })
-    .await;
+    until_delivered(&db.pool, 2, "the delete delivered", Duration::from_secs(30)).await;
     running.stop().await;
     let state = sim.account("tenant-a");
     assert!(
@@ -573,10 +563,7 @@ async fn a_replayed_backlog_keeps_a_creation_before_the_update_after_it() {
     })
     .await;
     sim.set_faults(Faults::default());
-    wait_for("both delivered", Duration::from_secs(90), || async {
-        (delivered(&db.pool).await == 2).then_some(())
-    })
-    .await;
+    until_delivered(&db.pool, 2, "both delivered", Duration::from_secs(90)).await;
     running.stop().await;
     // The update went through at its first attempt: it never waited out the creation.
     let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM deliveries WHERE event_id = $1")
@@ -610,10 +597,7 @@ async fn a_create_that_stopped_half_way_resumes_without_a_second_item() {
     });
     produce_rows(&cfg.kafka, &[product("tenant-a", "p-1", "Tea", 350, true)]).await;
     let running = consume(&cfg, &db.pool, fast_retries());
-    wait_for("the create delivered", Duration::from_secs(30), || async {
-        (delivered(&db.pool).await == 1).then_some(())
-    })
-    .await;
+    until_delivered(&db.pool, 1, "the create delivered", Duration::from_secs(30)).await;
     let requests = sim.requests();
     let item_posts = requests
         .iter()
@@ -643,10 +627,7 @@ async fn a_429_with_retry_after_is_waited_out() {
     });
     produce_rows(&cfg.kafka, &[product("tenant-a", "p-1", "Tea", 350, true)]).await;
     let running = consume(&cfg, &db.pool, fast_retries());
-    wait_for("the create delivered", Duration::from_secs(30), || async {
-        (delivered(&db.pool).await == 1).then_some(())
-    })
-    .await;
+    until_delivered(&db.pool, 1, "the create delivered", Duration::from_secs(30)).await;
     let requests = sim.requests();
     let limited = requests
         .iter()
@@ -733,10 +714,7 @@ async fn drift_is_healed_an_update_without_mapping_finds_or_creates_and_a_delete
     )
     .await;
     let running = consume(&cfg, &db.pool, fast_retries());
-    wait_for("both delivered", Duration::from_secs(30), || async {
-        (delivered(&db.pool).await == 2).then_some(())
-    })
-    .await;
+    until_delivered(&db.pool, 2, "both delivered", Duration::from_secs(30)).await;
     let state = sim.account("tenant-a");
     assert_eq!(
         state.items.len(),
@@ -779,9 +757,12 @@ async fn hostile_tenant_ids_and_reused_product_ids_never_reach_another_account()
     ];
     produce_rows(&cfg.kafka, &rows).await;
     let running = consume(&cfg, &db.pool, fast_retries());
-    wait_for("every event delivered", Duration::from_secs(30), || async {
-        (delivered(&db.pool).await == rows.len() as i64).then_some(())
-    })
+    until_delivered(
+        &db.pool,
+        rows.len() as i64,
+        "every event delivered",
+        Duration::from_secs(30),
+    )
     .await;
     let a = sim.account("tenant-a");
     assert_eq!(a.items.len(), 1, "only tenant-a's own item: {a:?}");
@@ -887,9 +868,12 @@ async fn a_consumer_started_before_its_broker_waits_and_then_delivers() {
         .await
         .unwrap();
     tokio::spawn(forward(listener, cfg.kafka.brokers.clone()));
-    wait_for("every event delivered", Duration::from_secs(60), || async {
-        (delivered(&db.pool).await == 5).then_some(())
-    })
+    until_delivered(
+        &db.pool,
+        5,
+        "every event delivered",
+        Duration::from_secs(60),
+    )
     .await;
     let report = sim.report();
     let account = &report["tenant-a"];
@@ -915,9 +899,12 @@ async fn a_tenant_at_its_rate_limit_waits_and_no_other_tenant_does() {
     rows.push(product("tenant-7", "p-1", "Coffee", 250, true));
     produce_rows(&cfg.kafka, &rows).await;
     let running = consume(&cfg, &db.pool, fast_retries());
-    wait_for("every event delivered", Duration::from_secs(60), || async {
-        (delivered(&db.pool).await == 6).then_some(())
-    })
+    until_delivered(
+        &db.pool,
+        6,
+        "every event delivered",
+        Duration::from_secs(60),
+    )
     .await;
     running.stop().await;
     let at = |account: &str| -> Vec<u64> {
@@ -957,10 +944,7 @@ async fn an_oversized_answer_is_a_failure_read_no_further_than_the_bound() {
     });
     produce_rows(&cfg.kafka, &[product("tenant-a", "p-1", "Tea", 350, true)]).await;
     let running = consume(&cfg, &db.pool, fast_retries());
-    wait_for("the create delivered", Duration::from_secs(30), || async {
-        (delivered(&db.pool).await == 1).then_some(())
-    })
-    .await;
+    until_delivered(&db.pool, 1, "the create delivered", Duration::from_secs(30)).await;
     running.stop().await;
     let errors: Vec<String> = sqlx::query_scalar(
         "SELECT error FROM delivery_attempts WHERE error IS NOT NULL ORDER BY attempt",
@@ -1017,9 +1001,12 @@ COMMIT;
         "psql: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    wait_for("both events delivered", Duration::from_secs(60), || async {
-        (delivered(&db.pool).await == 2).then_some(())
-    })
+    until_delivered(
+        &db.pool,
+        2,
+        "both events delivered",
+        Duration::from_secs(60),
+    )
     .await;
     let state = sim.account("tenant-a");
     assert_eq!((state.items.len(), state.prices.len()), (1, 1), "{state:?}");
@@ -1075,9 +1062,12 @@ async fn a_partner_that_ignores_idempotency_keys_ends_without_duplicates() {
     )
     .await;
     let running = consume(&cfg, &db.pool, fast_retries());
-    wait_for("both events delivered", Duration::from_secs(60), || async {
-        (delivered(&db.pool).await == 2).then_some(())
-    })
+    until_delivered(
+        &db.pool,
+        2,
+        "both events delivered",
+        Duration::from_secs(60),
+    )
     .await;
     running.stop().await;
     let state = sim.account("tenant-a");
@@ -1183,9 +1173,12 @@ async fn the_kill_switch_cuts_requests_waiting_at_the_rate_limit() {
         after, before,
         "requests reached the partner with the kill switch on"
     );
-    wait_for("every event delivered", Duration::from_secs(90), || async {
-        (delivered(&db.pool).await == 6).then_some(())
-    })
+    until_delivered(
+        &db.pool,
+        6,
+        "every event delivered",
+        Duration::from_secs(90),
+    )
     .await;
     running.stop().await;
     for (tenant, r) in sim.report() {
