@@ -18,7 +18,8 @@
 //!   the simulator (`ferry partner-sim`);
 //! - [`tenant`]: switching a tenant's integration on (with its backfill) and off (`ferry tenant`);
 //! - [`load`]: the reference "our platform" writer (`ferry load`);
-//! - [`mappings`]: our ids to the partner's, staged until the settlement batch writes them;
+//! - [`mappings`]: our ids to the partner's, staged until the settlement batch writes them, and
+//!   held per tenant while its partition is owned here;
 //! - [`smoke`]: the end-to-end round trip that proves a stack works;
 //! - [`bench`]: the benchmarks (`ferry bench ...`);
 //! - [`admin`]: the admin HTTP API each consumer serves (health, metrics, tenants, resume,

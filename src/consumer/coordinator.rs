@@ -717,6 +717,14 @@ impl<H: Handler> Coordinator<H> {
         self.discard_staged(&[item.event.id]);
     }
 
+    /// The tenants' views are read again at their next events: a partition that comes (back)
+    /// here may have been another member's meanwhile ([`crate::mappings::views`]).
+    fn forget_views(&self) {
+        if let Some(m) = self.handler.mappings() {
+            m.forget_views();
+        }
+    }
+
     /// What `events`' attempts staged is not written from here ([`crate::mappings`]).
     fn discard_staged(&self, events: &[Uuid]) {
         if let Some(m) = self.handler.mappings() {
@@ -1159,6 +1167,7 @@ impl<H: Handler> Coordinator<H> {
             } => {
                 self.ownership.assign(&partitions);
                 self.ownership.fresh_from(&fresh_from);
+                self.forget_views();
                 self.stats
                     .partitions
                     .store(self.ownership.len() as u64, Relaxed);
@@ -1194,6 +1203,7 @@ impl<H: Handler> Coordinator<H> {
             .partitions
             .store(self.ownership.len() as u64, Relaxed);
         self.forget_revoked()?;
+        self.forget_views();
         tracing::info!(?partitions, "partitions revoked");
         Ok(())
     }

@@ -159,7 +159,8 @@ impl Replay<'_> {
 
     /// Records what settled and removes what was replayed, in one transaction. What the
     /// replayed events learnt leaves the handler's overlay either way: written, or (the
-    /// transaction failed) learnt again when they are replayed again.
+    /// transaction failed) learnt again when they are replayed again, their tenant's view read
+    /// again (the transaction may have committed before its answer was lost).
     async fn keep<H: Handler>(&self, handler: &H) -> Result<(), sqlx::Error> {
         let kept = ledger::unpark(
             self.pool,
@@ -171,7 +172,10 @@ impl Replay<'_> {
         )
         .await;
         if let Some(m) = handler.mappings() {
-            m.written(&self.mappings);
+            match &kept {
+                Ok(_) => m.written(&self.mappings),
+                Err(_) => m.dropped(&self.mappings),
+            }
         }
         kept
     }

@@ -3,8 +3,8 @@
 //! by our id, create, update, delete); the driver does the rest:
 //!
 //! - **Mapping**: our id to the partner's, per tenant, integration and object type
-//!   (`integration_mappings`), read once per event with the tenant's switch
-//!   ([`Driver::known`]). A mapping learnt is staged at once ([`Mappings`]): a retry after a later step failed, and
+//!   (`integration_mappings`), held in memory with the tenant's switch while its partition is
+//!   owned here ([`crate::mappings::views`], [`Driver::known`]). A mapping learnt is staged at once ([`Mappings`]): a retry after a later step failed, and
 //!   the tenant's next event, start from it; the consumer writes it in the transaction that
 //!   settles the event.
 //! - **Healing**: when an earlier handling of the event may have written to the partner
@@ -104,6 +104,18 @@ pub const KNOWN: &str = "SELECT coalesce((SELECT integration_enabled FROM tenant
           WHERE integration = $1 AND object_type = o.object_type \
             AND tenant_id = $2 AND local_id = $3 LIMIT 1) AS m ON true";
 
+/// What loads a tenant's view ([`crate::mappings::views`]): its switch, and at most `$3` of its
+/// mappings, in one round trip (one row with the switch alone when it has none). The mappings
+/// are read through the `(integration, tenant_id)` index, which the planner takes even on a
+/// table without statistics (`ledger`'s test of the per-record lookups checks it).
+pub const LOAD: &str = "SELECT coalesce((SELECT integration_enabled FROM tenants \
+                       WHERE integration = $1 AND tenant_id = $2), false), \
+             m.object_type, m.local_id, m.foreign_id, m.created_by \
+     FROM (VALUES (1)) AS one(x) \
+     LEFT JOIN LATERAL (SELECT object_type, local_id, foreign_id, created_by \
+          FROM integration_mappings WHERE integration = $1 AND tenant_id = $2 LIMIT $3) AS m \
+     ON true";
+
 /// The driver, for one event of one tenant.
 pub struct Driver<'a> {
     /// Where the mappings and the tenants' switches are.
@@ -124,12 +136,18 @@ pub struct Driver<'a> {
 }
 
 impl<'a> Driver<'a> {
-    /// One query for what the event's handling starts from: the tenant's switch and the mappings
-    /// of `our_id` for each of `object_types`, with what is staged over them. The switch is read
-    /// as each event is handled, which is after it was written: an event written after `ferry
-    /// tenant enable|disable` committed sees the switch it set.
+    /// What the event's handling starts from: the tenant's switch and the mappings of
+    /// `our_id` for each of `object_types`, with what is staged over them. From the tenant's
+    /// view when it is held ([`crate::mappings::views`]); else the view is loaded with one
+    /// query, or, for a tenant too large to hold, this object's rows are read ([`KNOWN`]).
     pub async fn known(&self, our_id: &str, object_types: &[&str]) -> Result<Known, Failure> {
         let (tenant, staged) = (self.tenant, self.mappings);
+        if let Some(seen) = staged.seen(tenant, object_types, our_id) {
+            return Ok(Known {
+                enabled: seen.enabled,
+                mapped: seen.mapped.into_iter().collect(),
+            });
+        }
         // The overlay first: a version that leaves it between the two reads was committed before
         // it left, so the query sees it; read the other way round, a batch committing in between
         // would hide a mapping from both.
@@ -137,10 +155,75 @@ impl<'a> Driver<'a> {
             .iter()
             .filter_map(|o| Some((*o, staged.staged(tenant, o, our_id)?)))
             .collect();
+        let loaded = match self.mappings.begin_load(tenant) {
+            Some(limit) => self.load(limit, our_id, object_types).await?,
+            None => None,
+        };
+        let mut known = match loaded {
+            Some(known) => known,
+            None => self.read_object(our_id, object_types).await?,
+        };
+        for (object_type, version) in staged {
+            match version {
+                Some(mapped) => known.mapped.insert(object_type.to_owned(), mapped),
+                None => known.mapped.remove(object_type),
+            };
+        }
+        Ok(known)
+    }
+
+    /// Reads the tenant's switch and at most `limit` of its mappings ([`LOAD`]) and hands them
+    /// to its view; what they say of `our_id`, unless the tenant has more (then `None`).
+    async fn load(
+        &self,
+        limit: usize,
+        our_id: &str,
+        object_types: &[&str],
+    ) -> Result<Option<Known>, Failure> {
+        type Row = (
+            bool,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<uuid::Uuid>,
+        );
+        let rows: Vec<Row> = sqlx::query_as(LOAD)
+            .bind(self.integration)
+            .bind(self.tenant)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(self.pool)
+            .await
+            .map_err(db)?;
+        let enabled = rows.first().is_some_and(|r| r.0);
+        let mapped: Vec<(String, String, Mapped)> = rows
+            .into_iter()
+            .filter_map(|(_, object_type, local_id, foreign_id, created_by)| {
+                let mapped = Mapped {
+                    foreign_id: foreign_id?,
+                    created_by,
+                };
+                Some((object_type?, local_id?, mapped))
+            })
+            .collect();
+        let complete = mapped.len() < limit;
+        let known = complete.then(|| Known {
+            enabled,
+            mapped: mapped
+                .iter()
+                .filter(|(o, l, _)| l == our_id && object_types.contains(&o.as_str()))
+                .map(|(o, _, m)| (o.clone(), m.clone()))
+                .collect(),
+        });
+        self.mappings.finish_load(self.tenant, enabled, mapped);
+        Ok(known)
+    }
+
+    /// One query for the tenant's switch and `our_id`'s mappings ([`KNOWN`]), as durable.
+    async fn read_object(&self, our_id: &str, object_types: &[&str]) -> Result<Known, Failure> {
         type Row = (bool, Option<String>, Option<String>, Option<uuid::Uuid>);
         let rows: Vec<Row> = sqlx::query_as(KNOWN)
             .bind(self.integration)
-            .bind(tenant)
+            .bind(self.tenant)
             .bind(our_id)
             // A row even for an integration without object types, for the switch.
             .bind(if object_types.is_empty() {
@@ -163,12 +246,6 @@ impl<'a> Driver<'a> {
                 };
                 known.mapped.insert(object_type, mapped);
             }
-        }
-        for (object_type, version) in staged {
-            match version {
-                Some(mapped) => known.mapped.insert(object_type.to_owned(), mapped),
-                None => known.mapped.remove(object_type),
-            };
         }
         Ok(known)
     }

@@ -78,9 +78,15 @@ impl Handler for Integration {
         let driver = self.driver(event, &call, attempt.may_have_written());
         let result = match event.event_type.as_str() {
             // The backfill's creates follow this event: nothing to send for it.
-            control::TENANT_ENABLED => Ok(()),
+            control::TENANT_ENABLED => {
+                self.mappings.switched(event.tenant_id.as_str(), true);
+                Ok(())
+            }
             // After every earlier event of the tenant: what they created is mapped by now.
-            control::TENANT_DISABLED => self.rollback(event, &call).await,
+            control::TENANT_DISABLED => {
+                self.mappings.switched(event.tenant_id.as_str(), false);
+                self.rollback(event, &call).await
+            }
             // Admitted, so a shop event (read again here: admission keeps nothing).
             _ => match shop::decode(event) {
                 Ok(Some(payload)) => self.product(&driver, &payload).await,

@@ -134,8 +134,15 @@ impl Handler for RestIntegration {
         let call = Call::for_event(event, attempt);
         let heal = attempt.may_have_written();
         let done = match event.event_type.as_str() {
-            control::TENANT_ENABLED => Ok(true),
-            control::TENANT_DISABLED => self.rollback(event, &call).await.map(|()| true),
+            // The tenant's view follows its switch from here ([`crate::mappings::views`]).
+            control::TENANT_ENABLED => {
+                self.mappings.switched(event.tenant_id.as_str(), true);
+                Ok(true)
+            }
+            control::TENANT_DISABLED => {
+                self.mappings.switched(event.tenant_id.as_str(), false);
+                self.rollback(event, &call).await.map(|()| true)
+            }
             _ => self.apply(event, &self.driver(event, &call, heal)).await,
         };
         match done {

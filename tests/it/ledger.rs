@@ -194,7 +194,8 @@ macro_rules! args {
 /// tenant, on tables that were never analyzed (a deployment's first minutes, a new
 /// integration's first rows), as they run on Ferry's sessions (each execution planned).
 /// Tried: 500 unknown event ids and 3 settled ones against 50,000 settled rows; our id `p42`
-/// for two object types against the tenant's 5,000 mappings. The plain forms (`= ANY`, a join)
+/// for two object types against the tenant's 5,000 mappings; the view of a tenant with 3
+/// mappings beside them (`driver::LOAD`). The plain forms (`= ANY`, a join)
 /// are run beside them as the control: they read every row.
 #[tokio::test]
 async fn the_per_record_lookups_probe_one_row_per_key_on_tables_without_statistics() {
@@ -266,6 +267,24 @@ async fn the_per_record_lookups_probe_one_row_per_key_on_tables_without_statisti
         scanned >= 5_000.0,
         "control: the plain join read only {scanned} rows"
     );
+
+    // The view's load reads the tenant's rows alone, beside another tenant's 5,000.
+    sqlx::query(
+        "INSERT INTO integration_mappings (integration, tenant_id, object_type, local_id, foreign_id) \
+         SELECT 'partner', 'beta', 'product', 'b' || i, 'g' || i FROM generate_series(1, 3) i",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let load = || args!("partner", "beta", 10_001_i64);
+    let loaded = rows_read_by(
+        pool,
+        ferry::partner::driver::LOAD,
+        "integration_mappings",
+        load(),
+    )
+    .await;
+    assert!(loaded <= 3.0, "the view's load read {loaded} rows");
     db.drop().await;
 }
 

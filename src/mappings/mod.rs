@@ -38,12 +38,20 @@
 //!   without effect. So a write to an object whose creation is staged and not yet durable
 //!   waits for it ([`Mappings::creation_durable`]), which the next batch makes so within the
 //!   settlement interval.
+//!
+//! **Under the overlay, the views.** What is durable is held per tenant while its partition is
+//! owned here ([`views`], which argues why that stands in for the table): a version leaves the
+//! overlay and enters its tenant's view under one lock, so a read never misses it.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use sqlx::PgConnection;
 use uuid::Uuid;
+
+pub mod views;
+
+use views::{Seen, Views};
 
 /// The partner's object that our id maps to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +92,9 @@ struct Staging {
     overlay: HashMap<Key, Vec<(u64, Option<Mapped>)>>,
     /// What no batch has taken yet, in staging order, with the event that learnt it.
     queue: Vec<(u64, Uuid, MappingChange)>,
+    /// What is durable, per tenant held: under the same lock as the overlay, so that a
+    /// version leaving the overlay is in its view in the same step.
+    views: Views,
 }
 
 impl Staging {
@@ -205,6 +216,9 @@ impl Mappings {
             return;
         }
         let mut s = self.staging.lock().expect("mappings");
+        for change in staged.latest() {
+            s.views.apply(change);
+        }
         for (n, change) in &staged.0 {
             s.forget(*n, change);
         }
@@ -264,9 +278,25 @@ impl Mappings {
     /// What `events` learnt is dropped unwritten (their attempts were cut by a revoke, or the
     /// transaction that carried it failed): whoever handles them again finds their objects by
     /// our id.
+    /// Their tenants' views are read again: a failed transaction may have committed before
+    /// its answer was lost.
     pub fn discard(&self, events: &[Uuid]) {
         let dropped = self.take(events);
-        self.written(&dropped);
+        self.dropped(&dropped);
+    }
+
+    /// `staged` will not be written by this consumer (or its outcome is unknown).
+    pub fn dropped(&self, staged: &Staged) {
+        if staged.is_empty() {
+            return;
+        }
+        let mut s = self.staging.lock().expect("mappings");
+        for (n, change) in &staged.0 {
+            s.forget(*n, change);
+            s.views.drop_tenant(&change.tenant);
+        }
+        drop(s);
+        self.left.notify_waiters();
     }
 
     /// Everything staged is dropped unwritten: the consumer that staged it stopped (the
@@ -276,8 +306,59 @@ impl Mappings {
         let mut s = self.staging.lock().expect("mappings");
         s.overlay.clear();
         s.queue.clear();
+        s.views.clear();
         drop(s);
         self.left.notify_waiters();
+    }
+
+    /// What `tenant`'s view, with what is staged over it, says of our id `local_id` for each
+    /// of `object_types`; `None` when the tenant is not held (the table has the answer).
+    pub fn seen(&self, tenant: &str, object_types: &[&str], local_id: &str) -> Option<Seen> {
+        let s = self.staging.lock().expect("mappings");
+        let mut seen = s.views.seen(tenant, object_types, local_id)?;
+        for object_type in object_types {
+            let key = (
+                tenant.to_owned(),
+                (*object_type).to_owned(),
+                local_id.to_owned(),
+            );
+            let Some((_, version)) = s.overlay.get(&key).and_then(|v| v.last()) else {
+                continue;
+            };
+            seen.mapped.retain(|(o, _)| o != object_type);
+            if let Some(mapped) = version {
+                seen.mapped
+                    .push(((*object_type).to_owned(), mapped.clone()));
+            }
+        }
+        Some(seen)
+    }
+
+    /// Whether `tenant`'s view is to be read from the table now, and then how many of its
+    /// mappings at most ([`Views::begin_load`]).
+    pub fn begin_load(&self, tenant: &str) -> Option<usize> {
+        let mut s = self.staging.lock().expect("mappings");
+        s.views.begin_load(tenant).then(|| s.views.load_limit())
+    }
+
+    /// `tenant`'s view as read ([`Views::finish_load`]).
+    pub fn finish_load(&self, tenant: &str, enabled: bool, rows: Vec<(String, String, Mapped)>) {
+        let mut s = self.staging.lock().expect("mappings");
+        s.views.finish_load(tenant, enabled, rows.into_iter());
+    }
+
+    /// The tenant's marker set its switch ([`Views::switched`]).
+    pub fn switched(&self, tenant: &str, enabled: bool) {
+        self.staging
+            .lock()
+            .expect("mappings")
+            .views
+            .switched(tenant, enabled);
+    }
+
+    /// Every tenant's view is read again at its next event: the partitions moved.
+    pub fn forget_views(&self) {
+        self.staging.lock().expect("mappings").views.clear();
     }
 
     /// Changes staged and not yet taken.
@@ -517,6 +598,42 @@ mod tests {
         assert_eq!(m.staged("acme", "item", "p2"), None);
         assert!(m.take(&[id(1), id(2)]).is_empty());
         assert_eq!(m.creation_pending(("acme", "item", "p1"), id(3)), None);
+    }
+
+    #[test]
+    fn a_held_tenant_is_read_with_what_is_staged_over_it() {
+        let m = Mappings::default();
+        let seen = |local: &str| {
+            m.seen("acme", &["item"], local).map(|s| {
+                s.mapped
+                    .into_iter()
+                    .map(|(_, x)| x.foreign_id)
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(m.begin_load("acme"), Some(views::TENANT_MAX + 1));
+        let it_1 = Mapped {
+            foreign_id: "it_1".into(),
+            created_by: None,
+        };
+        m.finish_load("acme", true, vec![("item".into(), "p1".into(), it_1)]);
+        assert_eq!(seen("p1"), Some(vec!["it_1".to_owned()]));
+        m.stage(id(1), removed("p1"));
+        assert_eq!(seen("p1"), Some(vec![]));
+        // Written: the overlay lets go and the view has it, in one step.
+        let batch = m.take(&[id(1)]);
+        m.written(&batch);
+        assert_eq!(seen("p1"), Some(vec![]));
+        m.stage(id(2), set("p1", "it_2"));
+        assert_eq!(seen("p1"), Some(vec!["it_2".to_owned()]));
+        // Dropped unwritten (its transaction may have committed): the tenant is read again.
+        m.discard(&[id(2)]);
+        assert_eq!(seen("p1"), None);
+        assert!(m.begin_load("acme").is_some());
+        m.finish_load("acme", false, Vec::new());
+        assert!(!m.seen("acme", &["item"], "p1").unwrap().enabled);
+        m.forget_views();
+        assert_eq!(seen("p1"), None);
     }
 
     #[test]
