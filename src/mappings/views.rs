@@ -21,9 +21,10 @@
 //! - a batch that committed while the view was being read: the load is not kept (its slot is
 //!   `dirty`), and the next event reads it again.
 //!
-//! Memory is bounded: a tenant with more than `tenant_max` mappings is read per event as
-//! before (`TooLarge`), and the views together hold at most `budget` mappings; a view that
-//! would go over it evicts others, which load again at their tenant's next event.
+//! Memory is bounded: a tenant with more than `tenant_max` mappings, or one that would take the
+//! views of the integration past `budget` mappings in all, is read per event as before
+//! (`PerEvent`) until the next rebalance. Evicting others to make room would not do: with more
+//! tenants than fit, each would evict the next and every event would load a whole tenant.
 
 use std::collections::HashMap;
 
@@ -50,8 +51,8 @@ enum Slot {
         dirty: bool,
     },
     Held(View),
-    /// More mappings than a view holds: read per event.
-    TooLarge,
+    /// More mappings than a view holds, or than the budget has room for: read per event.
+    PerEvent,
 }
 
 /// What a view knows of one event's object.
@@ -119,7 +120,7 @@ impl Views {
     /// [`Views::finish_load`]. Not for a tenant held already, or too large to hold.
     pub fn begin_load(&mut self, tenant: &str) -> bool {
         match self.slots.get(tenant) {
-            Some(Slot::Held(_) | Slot::TooLarge) => false,
+            Some(Slot::Held(_) | Slot::PerEvent) => false,
             Some(Slot::Loading { .. }) | None => {
                 self.slots
                     .insert(tenant.to_owned(), Slot::Loading { dirty: false });
@@ -130,7 +131,7 @@ impl Views {
 
     /// `tenant`'s switch and mappings as read (at most [`Views::load_limit`] of them): held from
     /// now on, unless a batch of the tenant committed during the read (it may have read the
-    /// table before the batch) or the tenant has too many.
+    /// table before the batch), or they are more than a view holds or the budget has room for.
     pub fn finish_load(
         &mut self,
         tenant: &str,
@@ -144,30 +145,14 @@ impl Views {
             self.slots.remove(tenant);
             return;
         }
-        if rows.len() > self.tenant_max {
-            self.slots.insert(tenant.to_owned(), Slot::TooLarge);
+        if rows.len() > self.tenant_max || self.entries + rows.len() > self.budget {
+            self.slots.insert(tenant.to_owned(), Slot::PerEvent);
             return;
         }
-        self.make_room(rows.len());
         let mapped: HashMap<_, _> = rows.map(|(o, l, m)| ((o, l), m)).collect();
         self.entries += mapped.len();
         let view = View { enabled, mapped };
         self.slots.insert(tenant.to_owned(), Slot::Held(view));
-    }
-
-    /// Evicts held views until `more` mappings fit in the budget.
-    fn make_room(&mut self, more: usize) {
-        while self.entries + more > self.budget {
-            let Some(tenant) = self
-                .slots
-                .iter()
-                .find(|(_, s)| matches!(s, Slot::Held(_)))
-                .map(|(t, _)| t.clone())
-            else {
-                return;
-            };
-            self.drop_tenant(&tenant);
-        }
     }
 
     /// A change a batch made durable, applied as the table applies it: a mapping set to the
@@ -185,11 +170,9 @@ impl Views {
                         None => {
                             view.mapped.insert(key, m.clone());
                             self.entries += 1;
-                            if view.mapped.len() > self.tenant_max {
+                            if view.mapped.len() > self.tenant_max || self.entries > self.budget {
                                 self.drop_tenant(&change.tenant);
-                                self.slots.insert(change.tenant.clone(), Slot::TooLarge);
-                            } else {
-                                self.make_room(0);
+                                self.slots.insert(change.tenant.clone(), Slot::PerEvent);
                             }
                         }
                     },
@@ -201,7 +184,7 @@ impl Views {
                 }
             }
             Some(Slot::Loading { dirty }) => *dirty = true,
-            Some(Slot::TooLarge) | None => {}
+            Some(Slot::PerEvent) | None => {}
         }
     }
 
@@ -210,7 +193,7 @@ impl Views {
         match self.slots.get_mut(tenant) {
             Some(Slot::Held(view)) => view.enabled = enabled,
             Some(Slot::Loading { dirty }) => *dirty = true,
-            Some(Slot::TooLarge) | None => {}
+            Some(Slot::PerEvent) | None => {}
         }
     }
 
@@ -349,19 +332,32 @@ mod tests {
         v.finish_load("big", true, rows.into_iter());
         assert!(v.seen("big", &["item"], "p1").is_none());
         assert!(!v.begin_load("big"));
-        // Two tenants of two fit in three only by evicting the first.
+        // Two tenants of two do not fit in three: the second is read per event, and the first
+        // stays held (evicting it would have each tenant evict the next).
         held(&mut v, "a", vec![row("p1", "a1"), row("p2", "a2")]);
-        held(&mut v, "b", vec![row("p1", "b1"), row("p2", "b2")]);
-        assert!(v.seen("a", &["item"], "p1").is_none());
-        assert_eq!(foreign(&v, "b", "p1"), Some(Some("b1".into())));
+        assert!(v.begin_load("b"));
+        v.finish_load(
+            "b",
+            true,
+            vec![row("p1", "b1"), row("p2", "b2")].into_iter(),
+        );
+        assert!(v.seen("b", &["item"], "p1").is_none());
+        assert!(!v.begin_load("b"));
+        assert_eq!(foreign(&v, "a", "p1"), Some(Some("a1".into())));
         assert_eq!(v.entries(), 2);
         // A view that grows past the tenant's limit lets go.
-        v.apply(&change("b", "p3", Some(mapped("b3", None))));
-        assert!(v.seen("b", &["item"], "p1").is_none());
+        v.apply(&change("a", "p3", Some(mapped("a3", None))));
+        assert!(v.seen("a", &["item"], "p1").is_none());
         assert_eq!(v.entries(), 0);
-        assert!(!v.begin_load("b"));
-        // Dropping a tenant lets it load again.
-        v.drop_tenant("b");
+        assert!(!v.begin_load("a"));
+        // A rebalance lets every tenant load again.
+        v.clear();
         assert!(v.begin_load("b"));
+        v.finish_load(
+            "b",
+            true,
+            vec![row("p1", "b1"), row("p2", "b2")].into_iter(),
+        );
+        assert_eq!(foreign(&v, "b", "p2"), Some(Some("b2".into())));
     }
 }
