@@ -1070,12 +1070,18 @@ async fn consume(config: &Config) -> anyhow::Result<()> {
                 return consume_with(config, pool.clone(), hooks, options).await;
             }
             let client = PartnerClient::for_spec(&config.partner, &spec.partner)?;
-            let rest = rest::RestIntegration::new(spec, client, pool.clone());
+            let mut rest = rest::RestIntegration::new(spec, client, pool.clone());
+            if let Some(budget) = config.consume.mapping_views {
+                rest = rest.with_mapping_views(budget);
+            }
             consume_with(config, pool, rest, options).await
         }
         None => {
             let client = PartnerClient::new(&config.partner)?;
-            let shop = integration::Integration::new(client, pool.clone());
+            let mut shop = integration::Integration::new(client, pool.clone());
+            if let Some(budget) = config.consume.mapping_views {
+                shop = shop.with_mapping_views(budget);
+            }
             consume_with(config, pool, shop, options).await
         }
     }

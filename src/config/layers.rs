@@ -292,6 +292,10 @@ impl<'a> Layers<'a> {
                 .or(c.dead_letter_topic)
                 .map(|t| t.trim().to_owned())
                 .filter(|t| !t.is_empty()),
+            mapping_views: self
+                .number("consume.mapping_views", "FERRY_CONSUME_MAPPING_VIEWS")?
+                .or(c.mapping_views)
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
         })
     }
 
@@ -377,6 +381,7 @@ pub(super) struct FileConsume {
     unknown_event_types: Option<String>,
     integration: Option<String>,
     dead_letter_topic: Option<String>,
+    mapping_views: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -85,6 +85,9 @@ pub struct ConsumeConfig {
     /// skipped with an audit row; set, it is exported with its attempts to this topic first
     /// (`ferry dead-letters copy-back` writes it back into the tenant's stream).
     pub dead_letter_topic: Option<String>,
+    /// Mappings held in memory, all tenants together, so that events start without a query
+    /// (`mappings::views`); 0 holds none. Unset: [`crate::mappings::views::BUDGET`].
+    pub mapping_views: Option<usize>,
 }
 
 /// What an event of a type the integration does not know does (`consume.unknown_event_types`).
@@ -800,11 +803,13 @@ mod tests {
             ("FERRY_CONSUME_MAX_IN_FLIGHT", "64"),
             ("FERRY_CONSUME_PAUSE_AFTER_ATTEMPTS", "3"),
             ("FERRY_CONSUME_AUTO_RESUME_AFTER_MS", "5000"),
+            ("FERRY_CONSUME_MAPPING_VIEWS", "0"),
         ]);
         let c = Config::load_with(None, env(&e)).unwrap();
         assert_eq!(c.consume.max_in_flight, Some(64));
         assert_eq!(c.consume.pause_after_attempts, Some(3));
         assert_eq!(c.consume.auto_resume_after, Some(Duration::from_secs(5)));
+        assert_eq!(c.consume.mapping_views, Some(0));
         assert_eq!(c.consume.retry_base, None);
         assert_eq!(c.consume.unknown_event_types, UnknownEventTypes::Pause);
         let mut e = BASE.to_vec();
@@ -832,6 +837,11 @@ mod tests {
                 "FERRY_CONSUME_UNKNOWN_EVENT_TYPES",
                 "skip",
                 "consume.unknown_event_types",
+            ),
+            (
+                "FERRY_CONSUME_MAPPING_VIEWS",
+                "lots",
+                "consume.mapping_views",
             ),
         ] {
             let mut e = BASE.to_vec();

@@ -169,6 +169,12 @@ pub const SETTINGS: &[Setting] = &[
         "256",
     ),
     s(
+        "consume.mapping_views",
+        &["FERRY_CONSUME_MAPPING_VIEWS"],
+        "mappings held in memory, all tenants together, so events start without a query; 0: none",
+        "100000",
+    ),
+    s(
         "consume.retry_base_ms",
         &["FERRY_CONSUME_RETRY_BASE_MS"],
         "first retry's backoff",
@@ -342,6 +348,10 @@ fn value_of(c: &Config, key: &str) -> String {
         "consume.max_in_flight" => c
             .consume
             .max_in_flight
+            .map_or("(default)".into(), |n| n.to_string()),
+        "consume.mapping_views" => c
+            .consume
+            .mapping_views
             .map_or("(default)".into(), |n| n.to_string()),
         "consume.retry_base_ms" => opt(c.consume.retry_base),
         "consume.retry_max_ms" => opt(c.consume.retry_max),

@@ -136,6 +136,18 @@ pub struct CreationPending {
 }
 
 impl Mappings {
+    /// Mappings whose views hold at most `budget` mappings, all tenants together (0: none).
+    pub fn with_views(budget: usize) -> Self {
+        let staging = Staging {
+            views: Views::new(views::TENANT_MAX, budget),
+            ..Staging::default()
+        };
+        Mappings {
+            staging: Mutex::new(staging),
+            left: tokio::sync::Notify::new(),
+        }
+    }
+
     /// Stages `change`, learnt while handling `event`: reads see it at once; the event's
     /// settlement writes it.
     pub fn stage(&self, event: Uuid, change: MappingChange) {

@@ -81,7 +81,8 @@ impl Default for Views {
 }
 
 impl Views {
-    /// Views holding at most `tenant_max` mappings per tenant and `budget` in all.
+    /// Views holding at most `tenant_max` mappings per tenant and `budget` in all (0: none,
+    /// every tenant read per event).
     pub fn new(tenant_max: usize, budget: usize) -> Self {
         Views {
             slots: HashMap::new(),
@@ -119,6 +120,9 @@ impl Views {
     /// Whether `tenant`'s view should be read from the table now; if so, its slot waits for
     /// [`Views::finish_load`]. Not for a tenant held already, or too large to hold.
     pub fn begin_load(&mut self, tenant: &str) -> bool {
+        if self.budget == 0 {
+            return false;
+        }
         match self.slots.get(tenant) {
             Some(Slot::Held(_) | Slot::PerEvent) => false,
             Some(Slot::Loading { .. }) | None => {
@@ -320,6 +324,14 @@ mod tests {
         assert!(!v.seen("acme", &[], "p1").unwrap().enabled);
         v.switched("acme", true);
         assert!(v.seen("acme", &[], "p1").unwrap().enabled);
+    }
+
+    #[test]
+    fn no_budget_holds_no_tenant() {
+        let mut v = Views::new(TENANT_MAX, 0);
+        assert!(!v.begin_load("acme"));
+        v.finish_load("acme", true, Vec::new().into_iter());
+        assert!(v.seen("acme", &["item"], "p1").is_none());
     }
 
     #[test]

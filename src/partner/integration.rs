@@ -56,6 +56,12 @@ impl Integration {
             mappings: std::sync::Arc::default(),
         }
     }
+
+    /// Holds at most `budget` mappings in memory, all tenants together (`consume.mapping_views`).
+    pub fn with_mapping_views(mut self, budget: usize) -> Self {
+        self.mappings = std::sync::Arc::new(Mappings::with_views(budget));
+        self
+    }
 }
 
 impl Handler for Integration {

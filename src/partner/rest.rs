@@ -51,6 +51,12 @@ impl RestIntegration {
         }
     }
 
+    /// Holds at most `budget` mappings in memory, all tenants together (`consume.mapping_views`).
+    pub fn with_mapping_views(mut self, budget: usize) -> Self {
+        self.mappings = std::sync::Arc::new(Mappings::with_views(budget));
+        self
+    }
+
     /// The spec it runs.
     pub fn spec(&self) -> &Spec {
         &self.spec

@@ -55,8 +55,23 @@ pub(crate) fn consume(
     pool: &sqlx::PgPool,
     options: ConsumeOptions,
 ) -> Running {
+    consume_holding(cfg, pool, options, None)
+}
+
+/// [`consume`], its integration holding at most `views` mappings in memory (`None`: the
+/// default).
+fn consume_holding(
+    cfg: &ferry::config::Config,
+    pool: &sqlx::PgPool,
+    options: ConsumeOptions,
+    views: Option<usize>,
+) -> Running {
     let client = PartnerClient::new(&cfg.partner).unwrap();
-    let handler = Arc::new(Integration::new(client, pool.clone()));
+    let mut integration = Integration::new(client, pool.clone());
+    if let Some(budget) = views {
+        integration = integration.with_mapping_views(budget);
+    }
+    let handler = Arc::new(integration);
     let stats = Arc::new(ConsumeStats::default());
     let stop = CancellationToken::new();
     let task = tokio::spawn({
@@ -539,17 +554,28 @@ async fn a_create_whose_batch_failed_is_mapped_when_handled_again() {
 /// the partitions are split, then updated once the first instance owns both again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_partition_back_from_another_member_is_handled_from_what_it_wrote() {
+    partition_back_from_another_member(None).await;
+}
+
+/// The same, with no views held (`consume.mapping_views = 0`): every event reads its object's
+/// rows (`driver::KNOWN`), the path of a tenant too large to hold.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_views_each_event_reads_its_objects_rows_and_ends_the_same() {
+    partition_back_from_another_member(Some(0)).await;
+}
+
+async fn partition_back_from_another_member(views: Option<usize>) {
     let (db, cfg, sim, sim_stop) = setup(Duration::from_secs(5)).await;
     let tenants: Vec<String> = (0..10).map(|t| format!("tenant-{t}")).collect();
     let within = Duration::from_secs(90);
-    let a = consume(&cfg, &db.pool, fast_retries());
+    let a = consume_holding(&cfg, &db.pool, fast_retries(), views);
     let created: Vec<OutboxRow> = tenants
         .iter()
         .map(|t| product(t, "p-1", "Tea", 350, true))
         .collect();
     produce_rows(&cfg.kafka, &created).await;
     until_delivered(&db.pool, 10, "the creates delivered", within).await;
-    let b = consume(&cfg, &db.pool, fast_retries());
+    let b = consume_holding(&cfg, &db.pool, fast_retries(), views);
     let owned = |r: &Running| r.stats.partitions.load(Ordering::Relaxed);
     wait_for("the partitions split", within, || async {
         (owned(&a) == 1 && owned(&b) == 1).then_some(())
