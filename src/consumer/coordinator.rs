@@ -677,8 +677,9 @@ impl<H: Handler> Coordinator<H> {
     ) -> Result<(), ConsumeError> {
         self.stats.failed.fetch_add(1, Relaxed);
         let pause = attempt::pause_for(failure, Some(item.event.id), attempts, &self.options);
-        let mappings = self.handler.mappings();
-        let learnt = mappings
+        let learnt = self
+            .handler
+            .mappings()
             .map(|m| m.take(&[item.event.id]))
             .unwrap_or_default();
         let log = item.log;
@@ -689,6 +690,14 @@ impl<H: Handler> Coordinator<H> {
             records.push(raw);
             positions.push(position);
         }
+        if !learnt.is_empty() {
+            // What earlier events learnt (a removal of the same object, say) is written first:
+            // an object's mappings reach the table in the order they were learnt.
+            self.finish_writing().await?;
+            self.flush(CommitMode::Async).await?;
+        }
+        let mappings = self.handler.mappings();
+        let guard = mappings.map(|m| m.writing(&learnt));
         let parked = settlement::pause(
             &self.pool,
             &self.integration,
@@ -697,7 +706,9 @@ impl<H: Handler> Coordinator<H> {
             &records,
             (&log, &learnt),
         )
-        .await?;
+        .await;
+        drop(guard);
+        let parked = parked?;
         if let Some(m) = mappings {
             m.written(&learnt);
         }
@@ -723,6 +734,13 @@ impl<H: Handler> Coordinator<H> {
         if let Some(m) = self.handler.mappings() {
             m.forget_views();
         }
+    }
+
+    /// Registers the pending batch's mappings as being written
+    /// ([`crate::mappings::Mappings::writing`]).
+    fn writing_guard(&self) -> Option<crate::mappings::WriteGuard> {
+        let m = self.handler.mappings()?;
+        Some(m.writing(&self.pending.mappings))
     }
 
     /// What `events`' attempts staged is not written from here ([`crate::mappings`]).
@@ -896,6 +914,7 @@ impl<H: Handler> Coordinator<H> {
     /// Writes what is pending and marks it, in this task: for the drain's flip and for
     /// shutdown.
     async fn flush(&mut self, mode: CommitMode) -> Result<(), ConsumeError> {
+        let guard = self.writing_guard();
         let pending = std::mem::take(&mut self.pending);
         let written = settlement::write_pending(
             self.pool.clone(),
@@ -903,7 +922,9 @@ impl<H: Handler> Coordinator<H> {
             pending,
             Arc::clone(&self.stats),
         )
-        .await?;
+        .await;
+        drop(guard);
+        let written = written?;
         self.last_flush = Instant::now();
         self.durable(written, mode).await
     }
@@ -993,6 +1014,10 @@ impl<H: Handler> Coordinator<H> {
             return;
         };
         self.tenants.start_drain(&tenant);
+        // An operator may have skipped a switch marker while the tenant was paused.
+        if let Some(m) = self.handler.mappings() {
+            m.forget_tenant(&tenant);
+        }
         let (handler, pool, tx) = (
             Arc::clone(&self.handler),
             self.pool.clone(),
@@ -1106,12 +1131,19 @@ impl<H: Handler> Coordinator<H> {
                 && self.last_flush.elapsed() >= self.options.settle_interval);
         if self.writing.is_none() && due {
             let len = self.pending.len();
-            let task = tokio::spawn(settlement::write_pending(
+            let guard = self.writing_guard();
+            let write = settlement::write_pending(
                 self.pool.clone(),
                 Arc::clone(&self.integration),
                 std::mem::take(&mut self.pending),
                 Arc::clone(&self.stats),
-            ));
+            );
+            // The guard lives as long as the task, which a stop on an error does not wait for.
+            let task = tokio::spawn(async move {
+                let written = write.await;
+                drop(guard);
+                written
+            });
             self.writing = Some((task, len));
             self.last_flush = Instant::now();
         }

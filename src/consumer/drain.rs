@@ -162,6 +162,7 @@ impl Replay<'_> {
     /// transaction failed) learnt again when they are replayed again, their tenant's view read
     /// again (the transaction may have committed before its answer was lost).
     async fn keep<H: Handler>(&self, handler: &H) -> Result<(), sqlx::Error> {
+        let guard = handler.mappings().map(|m| m.writing(&self.mappings));
         let kept = ledger::unpark(
             self.pool,
             self.integration,
@@ -171,6 +172,7 @@ impl Replay<'_> {
             (&self.attempts, &self.mappings),
         )
         .await;
+        drop(guard);
         if let Some(m) = handler.mappings() {
             match &kept {
                 Ok(_) => m.written(&self.mappings),

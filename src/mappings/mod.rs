@@ -19,7 +19,8 @@
 //!   before that commit loses both, and the event is handled again: its create replays under
 //!   the same idempotency key, or the object is found by our id.
 //! - *In order.* A tenant's events are handled one at a time and its settlements written in
-//!   order, so the changes of an object reach the table in the order they were learnt. The
+//!   order (a pause that carries mappings writes what settled before it first), so the changes
+//!   of an object reach the table in the order they were learnt. The
 //!   overlay keeps every version not yet durable and reads the latest; a version leaves when
 //!   its batch commits ([`Mappings::written`]) or its event is dropped unsettled
 //!   ([`Mappings::discard`]: a revoked partition's attempt, whose event the next owner handles
@@ -44,7 +45,7 @@
 //! overlay and enters its tenant's view under one lock, so a read never misses it.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -112,7 +113,8 @@ impl Staging {
 /// One integration's staged mappings: the overlay reads see, and the changes settlements take.
 #[derive(Debug, Default)]
 pub struct Mappings {
-    staging: Mutex<Staging>,
+    /// Shared with the [`WriteGuard`]s of transactions that may outlive their consumer.
+    staging: Arc<Mutex<Staging>>,
     /// Woken whenever versions leave the overlay.
     left: tokio::sync::Notify,
 }
@@ -143,7 +145,7 @@ impl Mappings {
             ..Staging::default()
         };
         Mappings {
-            staging: Mutex::new(staging),
+            staging: Arc::new(Mutex::new(staging)),
             left: tokio::sync::Notify::new(),
         }
     }
@@ -305,7 +307,7 @@ impl Mappings {
         let mut s = self.staging.lock().expect("mappings");
         for (n, change) in &staged.0 {
             s.forget(*n, change);
-            s.views.drop_tenant(&change.tenant);
+            s.views.forget(&change.tenant);
         }
         drop(s);
         self.left.notify_waiters();
@@ -359,13 +361,27 @@ impl Mappings {
         s.views.finish_load(tenant, enabled, rows.into_iter());
     }
 
-    /// The tenant's marker set its switch ([`Views::switched`]).
-    pub fn switched(&self, tenant: &str, enabled: bool) {
-        self.staging
-            .lock()
-            .expect("mappings")
-            .views
-            .switched(tenant, enabled);
+    /// `tenant`'s view is read again at its next event ([`Views::forget`]): a switch marker
+    /// was handled, or the tenant's backlog starts replaying.
+    pub fn forget_tenant(&self, tenant: &str) {
+        self.staging.lock().expect("mappings").views.forget(tenant);
+    }
+
+    /// Registers a transaction about to write `staged` until the guard is dropped, which the
+    /// transaction's task does when it ends, committed or not, even if nobody waits for it
+    /// any more ([`Views::write_began`], [`Views::write_ended`]).
+    pub fn writing(&self, staged: &Staged) -> WriteGuard {
+        let mut tenants: Vec<String> = staged.0.iter().map(|(_, c)| c.tenant.clone()).collect();
+        tenants.sort_unstable();
+        tenants.dedup();
+        let mut s = self.staging.lock().expect("mappings");
+        for tenant in &tenants {
+            s.views.write_began(tenant);
+        }
+        WriteGuard {
+            staging: Arc::clone(&self.staging),
+            tenants,
+        }
     }
 
     /// Every tenant's view is read again at its next event: the partitions moved.
@@ -377,6 +393,24 @@ impl Mappings {
     #[cfg(test)]
     fn queued(&self) -> usize {
         self.staging.lock().expect("mappings").queue.len()
+    }
+}
+
+/// A transaction writing mappings that may still commit ([`Mappings::writing`]).
+#[must_use = "the write counts as under way until the guard is dropped"]
+pub struct WriteGuard {
+    staging: Arc<Mutex<Staging>>,
+    tenants: Vec<String>,
+}
+
+impl Drop for WriteGuard {
+    fn drop(&mut self) {
+        // A poisoned lock: the process is failing, and no view will be read again.
+        if let Ok(mut s) = self.staging.lock() {
+            for tenant in &self.tenants {
+                s.views.write_ended(tenant);
+            }
+        }
     }
 }
 
@@ -646,6 +680,23 @@ mod tests {
         assert!(!m.seen("acme", &["item"], "p1").unwrap().enabled);
         m.forget_views();
         assert_eq!(seen("p1"), None);
+    }
+
+    #[test]
+    fn a_write_counts_as_under_way_until_its_guard_is_dropped() {
+        let m = Mappings::default();
+        m.stage(id(1), set("p1", "it_1"));
+        let batch = m.take(&[id(1)]);
+        let guard = m.writing(&batch);
+        // A load while the batch may commit is not kept.
+        assert!(m.begin_load("acme").is_some());
+        m.finish_load("acme", true, Vec::new());
+        assert!(m.seen("acme", &["item"], "p1").is_none());
+        // The task that held the guard ended (nobody may be waiting for it).
+        drop(guard);
+        assert!(m.begin_load("acme").is_some());
+        m.finish_load("acme", true, Vec::new());
+        assert!(m.seen("acme", &["item"], "p1").is_some());
     }
 
     #[test]

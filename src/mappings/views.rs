@@ -7,19 +7,23 @@
 //!   settlement batches ([`super::Mappings::written`]), and each batch that commits is applied
 //!   here the way the table applies it ([`Views::apply`]).
 //! - *The switch* changes only with a marker in the tenant's own stream (`ferry tenant
-//!   enable|disable` writes both in one transaction), which the integration handles in order
-//!   with the tenant's events ([`Views::switched`]). An event handled after the marker sees
-//!   the switch it set, as it did reading the table; an event written before the marker and
-//!   handled after it committed may see the older switch, which the marker's own handling
-//!   (the rollback, or the backfill that follows) makes good.
+//!   enable|disable` writes both in one transaction). The view does not follow the markers: a
+//!   marker can be skipped by an operator, or copied back long after it was written. The
+//!   integration drops the tenant's view when it handles one ([`Views::forget`]), and the next
+//!   event reads the switch from the table, as every event did before views.
 //!
 //! A view is loaded from the table at the tenant's first event ([`Views::begin_load`],
 //! [`Views::finish_load`]) and dropped whenever that argument could fail:
 //! - a rebalance (the partition may have been another member's in between), a consumer that
-//!   stops (its in-flight batch may still commit), a batch that failed (it may have committed
-//!   before its answer was lost): [`Views::drop_tenant`], [`Views::clear`];
-//! - a batch that committed while the view was being read: the load is not kept (its slot is
-//!   `dirty`), and the next event reads it again.
+//!   stops, a batch that failed (it may have committed before its answer was lost), a tenant
+//!   whose backlog starts replaying (an operator may have skipped a marker while it was
+//!   paused): [`Views::forget`], [`Views::clear`];
+//! - two transactions writing the tenant's mappings at once ([`Views::write_began`]): which
+//!   commits first is not known here, so no view can apply them in the right order;
+//! - a load during which a transaction writing the tenant's mappings may have committed: it is
+//!   not kept ([`Views::write_ended`], and `dirty` for a batch applied meanwhile), and the
+//!   next event reads the table again. That covers a batch of a consumer that stopped on an
+//!   error and whose task still runs: its tenants stay unheld until it ends.
 //!
 //! Memory is bounded: a tenant with more than `tenant_max` mappings, or one that would take the
 //! views of the integration past `budget` mappings in all, is read per event as before
@@ -68,6 +72,8 @@ pub struct Seen {
 #[derive(Debug)]
 pub struct Views {
     slots: HashMap<String, Slot>,
+    /// Transactions writing each tenant's mappings that may still commit.
+    writing: HashMap<String, usize>,
     /// Mappings held by all views.
     entries: usize,
     tenant_max: usize,
@@ -86,6 +92,7 @@ impl Views {
     pub fn new(tenant_max: usize, budget: usize) -> Self {
         Views {
             slots: HashMap::new(),
+            writing: HashMap::new(),
             entries: 0,
             tenant_max: tenant_max.min(budget),
             budget,
@@ -125,7 +132,9 @@ impl Views {
         }
         match self.slots.get(tenant) {
             Some(Slot::Held(_) | Slot::PerEvent) => false,
-            Some(Slot::Loading { .. }) | None => {
+            // A load that failed: what happened during it still counts.
+            Some(Slot::Loading { .. }) => true,
+            None => {
                 self.slots
                     .insert(tenant.to_owned(), Slot::Loading { dirty: false });
                 true
@@ -145,7 +154,7 @@ impl Views {
         let Some(Slot::Loading { dirty }) = self.slots.get(tenant) else {
             return;
         };
-        if *dirty {
+        if *dirty || self.writing.contains_key(tenant) {
             self.slots.remove(tenant);
             return;
         }
@@ -192,23 +201,48 @@ impl Views {
         }
     }
 
-    /// The tenant's marker set its switch to `enabled`.
-    pub fn switched(&mut self, tenant: &str, enabled: bool) {
+    /// `tenant` is read from the table again at its next event (a tenant read per event
+    /// stays so).
+    pub fn forget(&mut self, tenant: &str) {
         match self.slots.get_mut(tenant) {
-            Some(Slot::Held(view)) => view.enabled = enabled,
+            Some(Slot::Held(_)) => self.drop_tenant(tenant),
             Some(Slot::Loading { dirty }) => *dirty = true,
             Some(Slot::PerEvent) | None => {}
         }
     }
 
-    /// `tenant` is read from the table again at its next event.
-    pub fn drop_tenant(&mut self, tenant: &str) {
+    /// A transaction writing `tenant`'s mappings began. A second one while the first may
+    /// still commit drops the view: the order they commit in is not known here.
+    pub fn write_began(&mut self, tenant: &str) {
+        let n = self.writing.entry(tenant.to_owned()).or_default();
+        *n += 1;
+        if *n > 1 {
+            self.forget(tenant);
+        }
+    }
+
+    /// A transaction writing `tenant`'s mappings ended, committed or not: a load under way
+    /// may have read the table before it and is not kept.
+    pub fn write_ended(&mut self, tenant: &str) {
+        if let Some(n) = self.writing.get_mut(tenant) {
+            *n -= 1;
+            if *n == 0 {
+                self.writing.remove(tenant);
+            }
+        }
+        if let Some(Slot::Loading { dirty }) = self.slots.get_mut(tenant) {
+            *dirty = true;
+        }
+    }
+
+    fn drop_tenant(&mut self, tenant: &str) {
         if let Some(Slot::Held(view)) = self.slots.remove(tenant) {
             self.entries -= view.mapped.len();
         }
     }
 
-    /// Every tenant is read from the table again at its next event.
+    /// Every tenant is read from the table again at its next event. Writes under way stay
+    /// counted: they may still commit.
     pub fn clear(&mut self) {
         self.slots.clear();
         self.entries = 0;
@@ -302,7 +336,7 @@ mod tests {
         assert_eq!(foreign(&v, "acme", "p1"), None);
         // A marker handled meanwhile does the same.
         assert!(v.begin_load("acme"));
-        v.switched("acme", false);
+        v.forget("acme");
         v.finish_load("acme", true, Vec::new().into_iter());
         assert!(v.seen("acme", &["item"], "p1").is_none());
         // And a view dropped (a failed batch, a rebalance) while loading.
@@ -316,14 +350,49 @@ mod tests {
     }
 
     #[test]
-    fn the_switch_follows_the_tenants_markers() {
+    fn a_switch_marker_has_the_next_event_read_the_table() {
         let mut v = Views::default();
-        held(&mut v, "acme", Vec::new());
+        held(&mut v, "acme", vec![row("p1", "it_1")]);
         assert!(v.seen("acme", &[], "p1").unwrap().enabled);
-        v.switched("acme", false);
+        // Skipped by an operator or copied back, a marker's switch may not be the table's.
+        v.forget("acme");
+        assert!(v.seen("acme", &[], "p1").is_none());
+        assert!(v.begin_load("acme"));
+        v.finish_load("acme", false, Vec::new().into_iter());
         assert!(!v.seen("acme", &[], "p1").unwrap().enabled);
-        v.switched("acme", true);
-        assert!(v.seen("acme", &[], "p1").unwrap().enabled);
+        assert_eq!(v.entries(), 0);
+    }
+
+    #[test]
+    fn a_tenant_written_by_two_transactions_at_once_is_not_held() {
+        let mut v = Views::default();
+        held(&mut v, "acme", vec![row("p1", "it_1")]);
+        // One writer: its batch is applied when it is durable, in order.
+        v.write_began("acme");
+        assert!(v.seen("acme", &["item"], "p1").is_some());
+        // A second one before the first ended: which commits first is not known.
+        v.write_began("acme");
+        assert!(v.seen("acme", &["item"], "p1").is_none());
+        // Nor is a load kept while either may still commit (a stopped consumer's batch).
+        assert!(v.begin_load("acme"));
+        v.finish_load("acme", true, Vec::new().into_iter());
+        assert!(v.seen("acme", &["item"], "p1").is_none());
+        v.write_ended("acme");
+        assert!(v.begin_load("acme"));
+        // Ended during the load: the load may have read the table before its commit.
+        v.write_ended("acme");
+        v.finish_load("acme", true, Vec::new().into_iter());
+        assert!(v.seen("acme", &["item"], "p1").is_none());
+        // With no write under way, the next load is kept.
+        held(&mut v, "acme", vec![row("p1", "it_2")]);
+        assert_eq!(foreign(&v, "acme", "p1"), Some(Some("it_2".into())));
+        // A failed load leaves its slot loading; what happened meanwhile still counts.
+        assert!(v.begin_load("beta"));
+        v.write_began("beta");
+        v.write_ended("beta");
+        assert!(v.begin_load("beta"));
+        v.finish_load("beta", true, Vec::new().into_iter());
+        assert!(v.seen("beta", &["item"], "p1").is_none());
     }
 
     #[test]

@@ -4,9 +4,9 @@
 //!
 //! - **Mapping**: our id to the partner's, per tenant, integration and object type
 //!   (`integration_mappings`), held in memory with the tenant's switch while its partition is
-//!   owned here ([`crate::mappings::views`], [`Driver::known`]). A mapping learnt is staged at once ([`Mappings`]): a retry after a later step failed, and
-//!   the tenant's next event, start from it; the consumer writes it in the transaction that
-//!   settles the event.
+//!   owned here ([`crate::mappings::views`], [`Driver::known`]). A mapping learnt is staged at
+//!   once ([`Mappings`]): a retry after a later step failed, and the tenant's next event, start
+//!   from it; the consumer writes it in the transaction that settles the event.
 //! - **Healing**: when an earlier handling of the event may have written to the partner
 //!   ([`Attempt::may_have_written`](crate::delivery::Attempt::may_have_written): a retry, a
 //!   redelivery to a new owner of the partition, a parked backlog), the partner is asked for

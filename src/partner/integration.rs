@@ -84,13 +84,14 @@ impl Handler for Integration {
         let driver = self.driver(event, &call, attempt.may_have_written());
         let result = match event.event_type.as_str() {
             // The backfill's creates follow this event: nothing to send for it.
+            // The switch changed: the tenant's next event reads it ([`crate::mappings::views`]).
             control::TENANT_ENABLED => {
-                self.mappings.switched(event.tenant_id.as_str(), true);
+                self.mappings.forget_tenant(event.tenant_id.as_str());
                 Ok(())
             }
             // After every earlier event of the tenant: what they created is mapped by now.
             control::TENANT_DISABLED => {
-                self.mappings.switched(event.tenant_id.as_str(), false);
+                self.mappings.forget_tenant(event.tenant_id.as_str());
                 self.rollback(event, &call).await
             }
             // Admitted, so a shop event (read again here: admission keeps nothing).

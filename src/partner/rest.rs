@@ -140,13 +140,13 @@ impl Handler for RestIntegration {
         let call = Call::for_event(event, attempt);
         let heal = attempt.may_have_written();
         let done = match event.event_type.as_str() {
-            // The tenant's view follows its switch from here ([`crate::mappings::views`]).
+            // The switch changed: the tenant's next event reads it ([`crate::mappings::views`]).
             control::TENANT_ENABLED => {
-                self.mappings.switched(event.tenant_id.as_str(), true);
+                self.mappings.forget_tenant(event.tenant_id.as_str());
                 Ok(true)
             }
             control::TENANT_DISABLED => {
-                self.mappings.switched(event.tenant_id.as_str(), false);
+                self.mappings.forget_tenant(event.tenant_id.as_str());
                 self.rollback(event, &call).await.map(|()| true)
             }
             _ => self.apply(event, &self.driver(event, &call, heal)).await,
