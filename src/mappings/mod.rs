@@ -99,6 +99,21 @@ struct Staging {
 }
 
 impl Staging {
+    /// The versions of an object not yet durable, oldest first.
+    fn versions(
+        &self,
+        tenant: &str,
+        object_type: &str,
+        local_id: &str,
+    ) -> Option<&[(u64, Option<Mapped>)]> {
+        let key = (
+            tenant.to_owned(),
+            object_type.to_owned(),
+            local_id.to_owned(),
+        );
+        self.overlay.get(&key).map(Vec::as_slice)
+    }
+
     fn forget(&mut self, n: u64, change: &MappingChange) {
         let key = key_of(change);
         if let Some(versions) = self.overlay.get_mut(&key) {
@@ -172,13 +187,7 @@ impl Mappings {
         local_id: &str,
     ) -> Option<Option<Mapped>> {
         let s = self.staging.lock().expect("mappings");
-        let key = (
-            tenant.to_owned(),
-            object_type.to_owned(),
-            local_id.to_owned(),
-        );
-        s.overlay
-            .get(&key)
+        s.versions(tenant, object_type, local_id)
             .and_then(|versions| versions.last())
             .map(|(_, mapped)| mapped.clone())
     }
@@ -248,17 +257,14 @@ impl Mappings {
         event: Uuid,
     ) -> Option<Uuid> {
         let s = self.staging.lock().expect("mappings");
-        let key = (
-            tenant.to_owned(),
-            object_type.to_owned(),
-            local_id.to_owned(),
-        );
-        s.overlay.get(&key)?.iter().find_map(|(_, mapped)| {
-            mapped
-                .as_ref()
-                .and_then(|m| m.created_by)
-                .filter(|by| *by != event)
-        })
+        s.versions(tenant, object_type, local_id)?
+            .iter()
+            .find_map(|(_, mapped)| {
+                mapped
+                    .as_ref()
+                    .and_then(|m| m.created_by)
+                    .filter(|by| *by != event)
+            })
     }
 
     /// Waits until no other event's creation of `local_id`'s object of `object_type` is
@@ -291,15 +297,15 @@ impl Mappings {
 
     /// What `events` learnt is dropped unwritten (their attempts were cut by a revoke, or the
     /// transaction that carried it failed): whoever handles them again finds their objects by
-    /// our id.
-    /// Their tenants' views are read again: a failed transaction may have committed before
-    /// its answer was lost.
+    /// our id. Their tenants' views are read again ([`Mappings::dropped`]).
     pub fn discard(&self, events: &[Uuid]) {
         let dropped = self.take(events);
         self.dropped(&dropped);
     }
 
-    /// `staged` will not be written by this consumer (or its outcome is unknown).
+    /// `staged` will not be written by this consumer, or its outcome is unknown: its versions
+    /// leave the overlay, and its tenants' views are read again (a failed transaction may have
+    /// committed before its answer was lost).
     pub fn dropped(&self, staged: &Staged) {
         if staged.is_empty() {
             return;
@@ -331,12 +337,8 @@ impl Mappings {
         let s = self.staging.lock().expect("mappings");
         let mut seen = s.views.seen(tenant, object_types, local_id)?;
         for object_type in object_types {
-            let key = (
-                tenant.to_owned(),
-                (*object_type).to_owned(),
-                local_id.to_owned(),
-            );
-            let Some((_, version)) = s.overlay.get(&key).and_then(|v| v.last()) else {
+            let latest = s.versions(tenant, object_type, local_id);
+            let Some((_, version)) = latest.and_then(|v| v.last()) else {
                 continue;
             };
             seen.mapped.retain(|(o, _)| o != object_type);

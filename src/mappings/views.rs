@@ -31,6 +31,7 @@
 //! tenants than fit, each would evict the next and every event would load a whole tenant.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 
 use super::{Mapped, MappingChange};
 
@@ -171,33 +172,35 @@ impl Views {
     /// A change a batch made durable, applied as the table applies it: a mapping set to the
     /// object it names already keeps its entry (and the event that created it).
     pub fn apply(&mut self, change: &MappingChange) {
-        match self.slots.get_mut(&change.tenant) {
-            Some(Slot::Held(view)) => {
-                let key = (change.object_type.clone(), change.local_id.clone());
-                match &change.mapped {
-                    Some(m) => match view.mapped.get(&key) {
-                        Some(held) if held.foreign_id == m.foreign_id => {}
-                        Some(_) => {
-                            view.mapped.insert(key, m.clone());
-                        }
-                        None => {
-                            view.mapped.insert(key, m.clone());
-                            self.entries += 1;
-                            if view.mapped.len() > self.tenant_max || self.entries > self.budget {
-                                self.drop_tenant(&change.tenant);
-                                self.slots.insert(change.tenant.clone(), Slot::PerEvent);
-                            }
-                        }
-                    },
-                    None => {
-                        if view.mapped.remove(&key).is_some() {
-                            self.entries -= 1;
-                        }
-                    }
-                }
+        let view = match self.slots.get_mut(&change.tenant) {
+            Some(Slot::Held(view)) => view,
+            Some(Slot::Loading { dirty }) => {
+                *dirty = true;
+                return;
             }
-            Some(Slot::Loading { dirty }) => *dirty = true,
-            Some(Slot::PerEvent) | None => {}
+            Some(Slot::PerEvent) | None => return,
+        };
+        let key = (change.object_type.clone(), change.local_id.clone());
+        let Some(m) = &change.mapped else {
+            if view.mapped.remove(&key).is_some() {
+                self.entries -= 1;
+            }
+            return;
+        };
+        match view.mapped.entry(key) {
+            Entry::Occupied(held) if held.get().foreign_id == m.foreign_id => return,
+            Entry::Occupied(mut held) => {
+                held.insert(m.clone());
+                return;
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(m.clone());
+            }
+        }
+        self.entries += 1;
+        if view.mapped.len() > self.tenant_max || self.entries > self.budget {
+            self.drop_tenant(&change.tenant);
+            self.slots.insert(change.tenant.clone(), Slot::PerEvent);
         }
     }
 
