@@ -9,6 +9,13 @@ use clap::{Parser, Subcommand};
 
 use ferry::config::Config;
 
+/// mimalloc rather than the system's allocator. A consumer's record is allocated on the poll
+/// thread and freed on a runtime worker; glibc's per-thread arenas give such frees back
+/// through a lock and periodic consolidation, which took a third of the consumer's CPU in the
+/// overhead benchmark (docs/measurements.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Ferry keeps a partner platform in sync with ours through the transactional outbox.
 #[derive(Debug, Parser)]
 #[command(
