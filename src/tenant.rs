@@ -350,8 +350,8 @@ pub async fn settled(
 ) -> Result<u64, TenantError> {
     // The dedupe lookup's probes, counted.
     let count = format!(
-        "SELECT count(*) FROM ({}) AS settled",
-        crate::consumer::ledger::SETTLED_IDS
+        "SELECT count(*) FROM ({}) AS recorded WHERE recorded.settled",
+        crate::consumer::ledger::RECORDED_IDS
     );
     let n: i64 = sqlx::query_scalar(&count)
         .bind(integration)

@@ -33,6 +33,9 @@ pub(super) struct Item {
     /// It may have been handled before this process's first attempt (an earlier owner of its
     /// partition, or its tenant's parked backlog): [`Attempt::seen_before`].
     pub(super) seen_before: bool,
+    /// The dedupe lookup found no record of it in `deliveries`: its settlement is a plain
+    /// insert ([`super::ledger::Settlement::unrecorded`]). `false` is always safe.
+    pub(super) unrecorded: bool,
 }
 
 /// How an event's attempts ended.

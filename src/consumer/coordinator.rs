@@ -50,7 +50,7 @@ use crate::mappings::Staged;
 use crate::scheduler::Scheduler;
 
 /// A batch of arrivals with its dedupe lookup under way.
-type Lookup = JoinHandle<(Vec<Arrival>, Result<HashSet<Uuid>, sqlx::Error>)>;
+type Lookup = JoinHandle<(Vec<Arrival>, Result<ledger::Recorded, sqlx::Error>)>;
 
 /// The consumer's state and the channels of the tasks it spawns. Only the coordinator's loop
 /// touches it: the poll thread and the tasks speak to it through channels.
@@ -486,12 +486,12 @@ impl<H: Handler> Coordinator<H> {
             // its object's delete heals it back with a create under a key of its own). The
             // coordinator stops, the supervisor starts it again once Postgres answers, and the
             // records are read again.
-            let settled = if ids.is_empty() {
-                Ok(HashSet::new())
+            let recorded = if ids.is_empty() {
+                Ok(ledger::Recorded::default())
             } else {
-                ledger::settled_ids(&pool, &integration, &ids).await
+                ledger::recorded_ids(&pool, &integration, &ids).await
             };
-            (arrivals, settled)
+            (arrivals, recorded)
         }));
         Ok(())
     }
@@ -563,17 +563,17 @@ impl<H: Handler> Coordinator<H> {
     /// of an event close by settles as a duplicate when its turn comes.
     fn handle_looked_up(
         &mut self,
-        (arrivals, settled): (Vec<Arrival>, Result<HashSet<Uuid>, sqlx::Error>),
+        (arrivals, recorded): (Vec<Arrival>, Result<ledger::Recorded, sqlx::Error>),
     ) -> Result<(), ConsumeError> {
         self.in_lookup -= arrivals.len();
         self.lookup_epochs.pop_front();
-        self.admit(arrivals, &settled?);
+        self.admit(arrivals, &recorded?);
         self.forget_copies();
         Ok(())
     }
 
-    /// Admits `arrivals` in order; `settled` names the events found settled already.
-    fn admit(&mut self, arrivals: Vec<Arrival>, settled: &HashSet<Uuid>) {
+    /// Admits `arrivals` in order; `recorded` is what the dedupe lookup found of them.
+    fn admit(&mut self, arrivals: Vec<Arrival>, recorded: &ledger::Recorded) {
         for arrival in arrivals {
             let position = arrival.position();
             if !self.ownership.is_current(position) {
@@ -587,8 +587,10 @@ impl<H: Handler> Coordinator<H> {
             }
             match arrival {
                 Arrival::Event(mut item) => {
-                    item.settled = settled.contains(&item.event.id)
-                        || self.copies.admit(item.event.id) == Admission::Copy;
+                    let id = item.event.id;
+                    item.settled =
+                        recorded.settled.contains(&id) || self.copies.admit(id) == Admission::Copy;
+                    item.unrecorded = !item.settled && !recorded.knows(&id);
                     self.scheduler.arrive(tenant, Queued::Event(item));
                 }
                 Arrival::Bad(r) => self.scheduler.arrive(tenant, Queued::Refused(r)),
@@ -897,8 +899,8 @@ impl<H: Handler> Coordinator<H> {
         // Those taken from the tenant's queue were admitted before: they are not copies of
         // themselves.
         self.copies.dropped(ids.iter().copied());
-        let settled = ledger::settled_ids(&self.pool, &self.integration, &ids).await?;
-        self.admit(arrivals, &settled);
+        let recorded = ledger::recorded_ids(&self.pool, &self.integration, &ids).await?;
+        self.admit(arrivals, &recorded);
         Ok(())
     }
 

@@ -254,5 +254,7 @@ fn replayed_item<H: Handler>(
         log_every: true,
         // Parked after an attempt that failed, or behind one.
         seen_before: true,
+        // The failing event is on record unsettled: the conflict clause settles it.
+        unrecorded: false,
     })
 }

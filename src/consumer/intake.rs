@@ -168,6 +168,8 @@ fn event_arrival(event: outbox::OutboxEvent, raw: ParkedRecord, position: Positi
         log_every: false,
         // The coordinator tells, from the partition's ownership.
         seen_before: true,
+        // The coordinator tells, from the dedupe lookup.
+        unrecorded: false,
     })
 }
 

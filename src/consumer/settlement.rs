@@ -23,7 +23,10 @@ use super::runtime::{ConsumeError, ConsumeStats};
 use crate::mappings::{Mappings, Staged};
 
 pub(super) fn settlement(item: &Item, outcome: SettledAs, attempts: u32) -> Settlement {
-    Settlement::new(&item.event, &attempt_at(item, attempts), outcome)
+    Settlement {
+        unrecorded: item.unrecorded,
+        ..Settlement::new(&item.event, &attempt_at(item, attempts), outcome)
+    }
 }
 
 /// What settled since the last flush.

@@ -94,7 +94,7 @@ impl Known {
 /// `= ANY`, and Ferry's sessions plan every execution: see `store::session`.) Each mapping is a
 /// probe of the unique index in a subquery the planner cannot merge into a join (its `LIMIT`):
 /// as a plain join, on a table not yet analyzed, it read every mapping of the tenant and
-/// filtered them (4 ms at 4,000, not 0.03), the cliff `consumer::ledger::SETTLED_IDS`
+/// filtered them (4 ms at 4,000, not 0.03), the cliff `consumer::ledger::RECORDED_IDS`
 /// describes.
 pub const KNOWN: &str = "SELECT coalesce((SELECT integration_enabled FROM tenants \
                        WHERE integration = $1 AND tenant_id = $2), false), \

@@ -21,6 +21,7 @@ fn settlement(id: Uuid, offset: i64) -> Settlement {
         offset,
         written_at: None,
         acked_at: None,
+        unrecorded: false,
     }
 }
 
@@ -64,6 +65,88 @@ async fn settlement_is_batched_and_a_replay_never_rewrites_it() {
         .await
         .unwrap();
     assert_eq!(found, [ids[0], fresh].into_iter().collect());
+    drop(conn);
+    db.drop().await;
+}
+
+/// Guarantee defended: an event written with the plain insert (the lookup found no record)
+/// that meets a record after all, settled late by an earlier owner or failed meanwhile, is
+/// neither an error nor a second record.
+/// Input tried: one batch of three events marked unrecorded, one settled before it is
+/// written, one on record unsettled (failed twice), one new, after another write in the same
+/// transaction.
+#[tokio::test]
+async fn an_event_on_record_after_its_lookup_is_settled_once_by_the_conflict_clause() {
+    let db = TestDb::migrated().await;
+    let (late, failed, new) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    let unrecorded = |id, offset| Settlement {
+        unrecorded: true,
+        ..settlement(id, offset)
+    };
+    let looked_up = ledger::recorded_ids(&db.pool, "partner", &[late, failed, new])
+        .await
+        .unwrap();
+    assert_eq!(looked_up, ledger::Recorded::default());
+
+    // After the lookup: an earlier owner settles one, another is recorded failed.
+    let mut conn = db.pool.acquire().await.unwrap();
+    let mut first = settlement(late, 1);
+    first.outcome = SettledAs::Expired;
+    ledger::record_settled(&mut conn, "partner", &[first])
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO deliveries (integration, event_id, tenant_id, outcome, attempts) \
+         VALUES ('partner', $1, 'acme', 'failed', 2)",
+    )
+    .bind(failed)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let recorded = ledger::recorded_ids(&db.pool, "partner", &[late, failed, new])
+        .await
+        .unwrap();
+    assert_eq!(recorded.settled, [late].into_iter().collect());
+    assert_eq!(recorded.unsettled, [failed].into_iter().collect());
+
+    let mut tx = db.pool.begin().await.unwrap();
+    ledger::record_settled(&mut tx, "partner", &[settlement(Uuid::now_v7(), 9)])
+        .await
+        .unwrap();
+    let batch = [
+        unrecorded(late, 1),
+        unrecorded(failed, 2),
+        unrecorded(new, 3),
+    ];
+    let written = ledger::record_settled(&mut tx, "partner", &batch)
+        .await
+        .expect("a record met after the lookup is not an error");
+    tx.commit().await.unwrap();
+    assert_eq!(
+        written, 2,
+        "the failed event settled and the new one recorded"
+    );
+
+    let rows: Vec<(Uuid, String, i32)> = sqlx::query_as(
+        "SELECT event_id, outcome, attempts FROM deliveries WHERE integration = 'partner' \
+         AND settled_at IS NOT NULL ORDER BY \"offset\"",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|(id, o, a)| (*id, o.as_str(), *a))
+            .collect::<Vec<_>>(),
+        [
+            (late, "expired", 1),
+            (failed, "delivered", 3),
+            (new, "delivered", 1),
+            (rows[3].0, "delivered", 1),
+        ],
+        "the first record stands, the failed one is settled with its attempts added up, and \
+         the write before the savepoint committed"
+    );
     drop(conn);
     db.drop().await;
 }
@@ -232,7 +315,7 @@ async fn the_per_record_lookups_probe_one_row_per_key_on_tables_without_statisti
     let pool = &db.pool;
     let probes = rows_read_by(
         pool,
-        ledger::SETTLED_IDS,
+        ledger::RECORDED_IDS,
         "deliveries",
         args!("partner", &asked),
     )
