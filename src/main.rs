@@ -9,12 +9,14 @@ use clap::{Parser, Subcommand};
 
 use ferry::config::Config;
 
-/// mimalloc rather than the system's allocator. A consumer's record is allocated on the poll
+/// jemalloc rather than the system's allocator. A consumer's record is allocated on the poll
 /// thread and freed on a runtime worker; glibc's per-thread arenas give such frees back
 /// through a lock and periodic consolidation, which took a third of the consumer's CPU in the
-/// overhead benchmark (docs/measurements.md).
+/// overhead benchmark. jemalloc (as Vector and Quickwit run) rather than mimalloc: both cut
+/// that cost, but mimalloc's peak RSS with 100,000 events parked was 141 MB against glibc's
+/// 85 and jemalloc's 87 (docs/measurements.md).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Ferry keeps a partner platform in sync with ours through the transactional outbox.
 #[derive(Debug, Parser)]
