@@ -82,18 +82,15 @@ impl Handler for Integration {
     async fn handle(&self, event: &OutboxEvent, attempt: &Attempt) -> Outcome {
         let call = Call::for_event(event, attempt);
         let driver = self.driver(event, &call, attempt.may_have_written());
+        if control::is_control(&event.event_type) {
+            // The switch changed: the tenant's next event reads it ([`crate::mappings::views`]).
+            self.mappings.forget_tenant(event.tenant_id.as_str());
+        }
         let result = match event.event_type.as_str() {
             // The backfill's creates follow this event: nothing to send for it.
-            // The switch changed: the tenant's next event reads it ([`crate::mappings::views`]).
-            control::TENANT_ENABLED => {
-                self.mappings.forget_tenant(event.tenant_id.as_str());
-                Ok(())
-            }
+            control::TENANT_ENABLED => Ok(()),
             // After every earlier event of the tenant: what they created is mapped by now.
-            control::TENANT_DISABLED => {
-                self.mappings.forget_tenant(event.tenant_id.as_str());
-                self.rollback(event, &call).await
-            }
+            control::TENANT_DISABLED => self.rollback(event, &call).await,
             // Admitted, so a shop event (read again here: admission keeps nothing).
             _ => match shop::decode(event) {
                 Ok(Some(payload)) => self.product(&driver, &payload).await,

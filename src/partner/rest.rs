@@ -139,16 +139,13 @@ impl Handler for RestIntegration {
     async fn handle(&self, event: &OutboxEvent, attempt: &Attempt) -> Outcome {
         let call = Call::for_event(event, attempt);
         let heal = attempt.may_have_written();
-        let done = match event.event_type.as_str() {
+        if control::is_control(&event.event_type) {
             // The switch changed: the tenant's next event reads it ([`crate::mappings::views`]).
-            control::TENANT_ENABLED => {
-                self.mappings.forget_tenant(event.tenant_id.as_str());
-                Ok(true)
-            }
-            control::TENANT_DISABLED => {
-                self.mappings.forget_tenant(event.tenant_id.as_str());
-                self.rollback(event, &call).await.map(|()| true)
-            }
+            self.mappings.forget_tenant(event.tenant_id.as_str());
+        }
+        let done = match event.event_type.as_str() {
+            control::TENANT_ENABLED => Ok(true),
+            control::TENANT_DISABLED => self.rollback(event, &call).await.map(|()| true),
             _ => self.apply(event, &self.driver(event, &call, heal)).await,
         };
         match done {
