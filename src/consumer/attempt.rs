@@ -41,18 +41,18 @@ pub(super) struct Item {
 /// How an event's attempts ended.
 pub(super) enum Done {
     /// Settled as this after this many attempts: record it.
-    Settled(Item, SettledAs, u32),
+    Settled(Box<Item>, SettledAs, u32),
     /// Settled before: nothing to record, its offset may pass.
-    Duplicate(Item),
+    Duplicate(Box<Item>),
     /// Failed after this many attempts: pause the tenant.
-    Pause(Item, Failure, u32),
+    Pause(Box<Item>, Failure, u32),
     /// The partner refuses everyone (401/403), or most tenants are failing: hold this event,
     /// open the breaker.
-    Breaker(Item, Failure),
+    Breaker(Box<Item>, Failure),
     /// Its partition was revoked (or the consumer is stopping) before it settled: nothing is
     /// recorded; whoever owns the partition next reads it again. (One that settled as it was
     /// revoked comes back `Settled`: the coordinator writes it before the revoke's commit.)
-    Revoked(Item),
+    Revoked(Box<Item>),
 }
 
 impl Done {
@@ -99,7 +99,7 @@ pub(super) struct Guard<'a> {
     pub(super) unknown_event_types: crate::config::UnknownEventTypes,
 }
 
-/// What a [`Guard`] borrows, owned by the task that runs the attempts.
+/// What a [`Guard`] borrows: one for all of a coordinator's attempts and drains.
 pub(super) struct Limits {
     pub(super) retry: RetryPolicy,
     pub(super) window: std::sync::Arc<Mutex<FailureWindow<String>>>,
@@ -110,6 +110,27 @@ pub(super) struct Limits {
 }
 
 impl Limits {
+    /// The limits `options` set, with a failure window of their breaker's settings and
+    /// nobody being paused yet.
+    pub(super) fn new(
+        options: &ConsumeOptions,
+        stats: std::sync::Arc<ConsumeStats>,
+        killed: watch::Receiver<bool>,
+    ) -> Self {
+        Limits {
+            retry: options.retry.clone(),
+            window: std::sync::Arc::new(Mutex::new(FailureWindow::new(
+                options.breaker_window,
+                options.breaker_min_tenants,
+                options.breaker_failure_ratio,
+            ))),
+            stats,
+            pausing: std::sync::Arc::default(),
+            killed,
+            unknown_event_types: options.unknown_event_types,
+        }
+    }
+
     /// The guard of work under `claim`, for the partition (and generation) `owner` names.
     pub(super) fn guard<'a>(&'a self, claim: &'a Claim, owner: Position) -> Guard<'a> {
         Guard {
@@ -230,9 +251,9 @@ enum Verdict {
     Breaker,
 }
 
-/// Runs one event to an end in an attempt task, counting its handling time and, if delivered,
+/// Runs one event to an end, counting its handling time and, if delivered,
 /// its latency from the outbox.
-pub(super) async fn run<H: Handler>(handler: &H, item: Item, guard: &Guard<'_>) -> Done {
+pub(super) async fn run<H: Handler>(handler: &H, item: Box<Item>, guard: &Guard<'_>) -> Done {
     let dispatched = Instant::now();
     let done = handle(handler, item, guard).await;
     guard.stats.handling_latency.record(dispatched.elapsed());
@@ -247,7 +268,7 @@ pub(super) async fn run<H: Handler>(handler: &H, item: Item, guard: &Guard<'_>) 
 
 /// Runs one event to an end, in its span: a duplicate (already settled), expired, delivered, a
 /// failure that pauses its tenant or trips the breaker, or revoked.
-pub(super) async fn handle<H: Handler>(handler: &H, item: Item, guard: &Guard<'_>) -> Done {
+pub(super) async fn handle<H: Handler>(handler: &H, item: Box<Item>, guard: &Guard<'_>) -> Done {
     let span = event_span(&item);
     tracing::Instrument::instrument(attempts(handler, item, guard), span).await
 }
@@ -263,7 +284,7 @@ fn expired(item: &Item) -> bool {
 /// once the partition's work is cancelled, while the kill switch is on, or past the event's
 /// deadline. Once an attempt fails, every attempt of the event is logged on it for the
 /// operator's history.
-async fn attempts<H: Handler>(handler: &H, mut item: Item, guard: &Guard<'_>) -> Done {
+async fn attempts<H: Handler>(handler: &H, mut item: Box<Item>, guard: &Guard<'_>) -> Done {
     if item.settled {
         return Done::Duplicate(item);
     }
@@ -330,7 +351,7 @@ async fn attempts<H: Handler>(handler: &H, mut item: Item, guard: &Guard<'_>) ->
 /// anything else keeps the breaker open.
 pub(super) async fn probe<H: Handler>(
     handler: &H,
-    mut item: Item,
+    mut item: Box<Item>,
     abort: &CancellationToken,
 ) -> Done {
     if expired(&item) {

@@ -1,13 +1,13 @@
 //! The coordinator: the one owner of the consumer's state. Its loop takes records in, admits
-//! them to their tenants' queues, dispatches what may run, and reacts to what the tasks it
-//! spawned report; each arm of its `select!` calls one `handle_*` method.
+//! them to their tenants' queues, dispatches what may run, and reacts to what the tasks it spawned report; each arm of its `select!` calls one `handle_*` method.
 //!
 //! One event's path: [`intake`](super::intake) decodes a record and a dedupe lookup runs for its
 //! batch; [`Coordinator::handle_looked_up`] admits it (parked if its tenant is paused, a
 //! duplicate if a copy of it is close by, see [`super::copies`]); the [`Scheduler`] dispatches
-//! it when its tenant has nothing in flight; a task runs it through
-//! [`attempt::handle`](super::attempt::handle) (retries, expiry, kill switch); its
-//! [`Done`] comes back to [`Coordinator::handle_done`], which settles it into the pending batch,
+//! it when its tenant has nothing in flight; its attempts run through
+//! [`attempt::handle`](super::attempt::handle) (retries, expiry, kill switch), polled once in
+//! place and then, if they wait, as a task; its [`Done`] comes back to
+//! [`Coordinator::handle_done`], which settles it into the pending batch,
 //! pauses its tenant, or trips the [`Breaker`]; [`settlement`](super::settlement) writes the
 //! batch and only then marks the offsets, and the commit point moves.
 //!
@@ -23,7 +23,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::stream::FuturesOrdered;
+use futures::FutureExt;
+use futures::stream::{FuturesOrdered, StreamExt};
 use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use sqlx::PgPool;
@@ -33,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::attempt::{self, Done, Item, Limits};
-use super::breaker::{Breaker, BreakerEffect, FailureWindow};
+use super::breaker::{Breaker, BreakerEffect};
 use super::copies::{Admission, Copies};
 use super::drain::{self, Drained};
 use super::intake::{self, Arrival, INTAKE_BATCH, INTAKE_LINGER, MAX_LOOKUPS, Queued, Refused};
@@ -78,20 +79,21 @@ pub(super) struct Coordinator<H: Handler> {
     options: ConsumeOptions,
     stats: Arc<ConsumeStats>,
     shutdown: CancellationToken,
-    /// Each tenant's last outcome: tells a tenant's failure from the partner's.
-    window: Arc<Mutex<FailureWindow<String>>>,
 
     // Tenants.
     /// Per-tenant FIFO, one event in flight per tenant.
     scheduler: Scheduler<String, Queued>,
     /// Each tenant's lifecycle here (paused, being paused, draining; active when absent).
     tenants: Tenants,
-    /// The tenants being paused, as the attempt tasks see them: they stop retrying those.
+    /// The tenants being paused, as the attempts see them: they stop retrying those.
     pausing: Arc<Mutex<HashSet<String>>>,
     /// The partner-wide breaker, holding the events that met the refusal.
-    breaker: Breaker<(String, Item)>,
-    /// The persisted kill switch, as last read; attempt tasks watch it too.
+    breaker: Breaker<(String, Box<Item>)>,
+    /// The persisted kill switch, as last read; the attempts watch it too.
     killed: watch::Sender<bool>,
+    /// What every attempt's [`Guard`](attempt::Guard) is made of, shared: the retry policy,
+    /// the failure window, the tenants being paused, the kill switch.
+    limits: Arc<Limits>,
 
     // Intake and settlement.
     /// Arrivals whose dedupe lookup is under way, admitted in order.
@@ -109,6 +111,9 @@ pub(super) struct Coordinator<H: Handler> {
     last_flush: Instant,
     /// A commit the broker did not confirm: offer it again after this turn.
     commit_again: bool,
+    /// Dispatch stopped at its budget of attempts that ended at once: dispatch again without
+    /// waiting for anything else.
+    dispatch_again: bool,
 
     // What the spawned tasks report, each with the claim it held on its partition.
     done: Channel<(Claim, String, Done)>,
@@ -167,6 +172,12 @@ impl<H: Handler> Coordinator<H> {
         let (consumer, kafka) = poller::consumer(config)?;
         let (handed, records) = mpsc::channel(RECORDS_AHEAD);
         let poller = Poller::spawn(Arc::clone(&consumer), handed).map_err(ConsumeError::Poller)?;
+        let killed = watch::Sender::new(killed);
+        let limits = Arc::new(Limits::new(
+            &options,
+            Arc::clone(&stats),
+            killed.subscribe(),
+        ));
         let partition_count = {
             let kafka = config.kafka.clone();
             tokio::task::spawn_blocking(move || broker::partition_count(&kafka, &kafka.topic))
@@ -184,11 +195,6 @@ impl<H: Handler> Coordinator<H> {
             ownership: Ownership::default(),
             topic,
             partition_count,
-            window: Arc::new(Mutex::new(FailureWindow::new(
-                options.breaker_window,
-                options.breaker_min_tenants,
-                options.breaker_failure_ratio,
-            ))),
             scheduler: {
                 let mut scheduler = Scheduler::new(options.max_in_flight);
                 for tenant in &paused {
@@ -197,9 +203,10 @@ impl<H: Handler> Coordinator<H> {
                 scheduler
             },
             tenants: Tenants::from_database(paused.iter().cloned()),
-            pausing: Arc::default(),
+            pausing: Arc::clone(&limits.pausing),
             breaker: Breaker::default(),
-            killed: watch::Sender::new(killed),
+            killed,
+            limits,
             lookups: FuturesOrdered::new(),
             lookup_epochs: std::collections::VecDeque::new(),
             in_lookup: 0,
@@ -209,6 +216,7 @@ impl<H: Handler> Coordinator<H> {
             last_flush: Instant::now(),
             commit_again: false,
             done: Channel::new(),
+            dispatch_again: false,
             probe: Channel::new(),
             drained: Channel::new(),
             checked: Channel::new(),
@@ -253,7 +261,7 @@ impl<H: Handler> Coordinator<H> {
                 Some((claim, tenant, done)) = self.done.rx.recv() => self.handle_dones(claim, tenant, done).await?,
                 Some((claim, tenant, done)) = self.probe.rx.recv() => self.handle_probe_result(claim, tenant, done).await?,
                 Some((claim, report)) = self.drained.rx.recv() => self.handle_drained(claim, report).await?,
-                Some(looked_up) = futures::StreamExt::next(&mut self.lookups), if !self.lookups.is_empty() => {
+                Some(looked_up) = self.lookups.next(), if !self.lookups.is_empty() => {
                     self.handle_looked_up(looked_up.expect("dedupe lookup task panicked"))?;
                 }
                 _ = self.timers.control.tick() => self.handle_control().await?,
@@ -262,6 +270,7 @@ impl<H: Handler> Coordinator<H> {
                 Some(found) = self.checked.rx.recv() => self.handle_commit_checked(found),
                 _ = self.timers.lag.tick() => self.handle_lag_check(),
                 _ = self.timers.settle.tick() => {}
+                _ = std::future::ready(()), if self.dispatch_again => {}
             }
             self.after_turn()?;
         }
@@ -280,7 +289,7 @@ impl<H: Handler> Coordinator<H> {
     /// A pause noticed while the tenant had an event in flight takes effect once that event
     /// has ended: its queue is parked, in order, and its later records follow.
     fn apply_pauses_noticed(&mut self) {
-        // Every turn of the loop comes here: with nobody being paused (the attempt tasks' view
+        // Every turn of the loop comes here: with nobody being paused (the attempts' view
         // is kept in step), it costs one look, not a walk over every tenant that is not active.
         if self.pausing.lock().expect("pausing tenants").is_empty() {
             return;
@@ -316,7 +325,7 @@ impl<H: Handler> Coordinator<H> {
         }
     }
 
-    /// The attempt tasks' view of the tenants being paused.
+    /// The attempts' view of the tenants being paused.
     fn sync_pausing(&self) {
         *self.pausing.lock().expect("pausing tenants") = self.tenants.pausing().cloned().collect();
     }
@@ -365,26 +374,45 @@ impl<H: Handler> Coordinator<H> {
     }
 
     /// Dispatches what may run. The kill switch and an open breaker stop dispatching; intake
-    /// goes on up to `max_queued`, and nothing is committed past undelivered events.
+    /// goes on up to `max_in_flight`, and nothing is committed past undelivered events.
+    /// Attempts that end at once are handled here, which frees their tenant's next event for
+    /// this same turn; at most `max_in_flight` of them per turn, so intake and Kafka's events
+    /// are served in between.
     async fn dispatch(&mut self) -> Result<(), ConsumeError> {
         let mut refused = Vec::new();
+        let mut budget = self.options.max_in_flight;
+        self.dispatch_again = false;
         while !*self.killed.borrow()
             && self.breaker.is_closed()
             && let Some((tenant, queued)) = self.scheduler.dispatch()
         {
             match queued {
-                Queued::Event(item) => self.start_attempts(tenant, item),
+                Queued::Event(item) => {
+                    let Some((claim, tenant, done)) = self.start_attempts(tenant, item) else {
+                        continue;
+                    };
+                    self.handle_done(claim, tenant, done).await?;
+                    budget = budget.saturating_sub(1);
+                    if budget == 0 {
+                        self.dispatch_again = true;
+                        break;
+                    }
+                }
                 Queued::Refused(r) => refused.push((tenant, r)),
             }
         }
         for (tenant, r) in refused {
-            self.pause_for_refused(tenant, r).await?;
+            self.pause_for_refused(tenant, *r).await?;
         }
         Ok(())
     }
 
-    /// A task for one event, holding a claim on its partition.
-    fn start_attempts(&mut self, tenant: String, item: Item) {
+    /// One event's attempts, holding a claim on its partition: polled here once, and returned
+    /// if that ended them (an instant handler, a duplicate), which costs no task, no channel
+    /// and no thread woken on the other core. Otherwise they go on as a task of their own and
+    /// report through `done`: an attempt that waits (on the partner, on a connection of the
+    /// pool the coordinator writes with) must never wait on this loop.
+    fn start_attempts(&mut self, tenant: String, item: Box<Item>) -> Option<(Claim, String, Done)> {
         let position = item.position;
         let Some(claim) = self.ownership.claim(
             position.partition,
@@ -394,26 +422,22 @@ impl<H: Handler> Coordinator<H> {
             // Lost between intake and now: the next owner has it.
             self.scheduler.complete(&tenant);
             self.copies.dropped([item.event.id]);
-            return;
+            return None;
         };
-        let (handler, tx) = (Arc::clone(&self.handler), self.done.tx.clone());
-        let limits = self.limits();
-        tokio::spawn(async move {
+        let (handler, limits) = (Arc::clone(&self.handler), Arc::clone(&self.limits));
+        let mut attempts = Box::pin(async move {
             let done = attempt::run(&*handler, item, &limits.guard(&claim, position)).await;
-            let _ = tx.send((claim, tenant, done));
+            (claim, tenant, done)
         });
-    }
-
-    /// What an attempt task's [`Guard`] is made of, for the task to own.
-    fn limits(&self) -> Limits {
-        Limits {
-            retry: self.options.retry.clone(),
-            window: Arc::clone(&self.window),
-            stats: Arc::clone(&self.stats),
-            pausing: Arc::clone(&self.pausing),
-            killed: self.killed.subscribe(),
-            unknown_event_types: self.options.unknown_event_types,
+        // Polled with a waker that does nothing: the task polls it again at once, with its own.
+        if let Some(report) = (&mut attempts).now_or_never() {
+            return Some(report);
         }
+        let tx = self.done.tx.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(attempts.await);
+        });
+        None
     }
 
     /// A refused record's turn: everything of its tenant before it has settled. An event of a
@@ -625,7 +649,7 @@ impl<H: Handler> Coordinator<H> {
         Ok(())
     }
 
-    /// An event's task ended. One that settled as its partition was being revoked is settled
+    /// An event's attempts ended. One that settled as its partition was being revoked is settled
     /// like any other: the revoke writes it before its commit.
     async fn handle_done(
         &mut self,
@@ -673,7 +697,7 @@ impl<H: Handler> Coordinator<H> {
     async fn pause_tenant(
         &mut self,
         tenant: String,
-        item: Item,
+        item: Box<Item>,
         failure: &Failure,
         attempts: u32,
     ) -> Result<(), ConsumeError> {
@@ -753,7 +777,10 @@ impl<H: Handler> Coordinator<H> {
     }
 
     /// Applies what a breaker transition asks of Kafka.
-    fn apply_breaker(&mut self, effect: BreakerEffect<(String, Item)>) -> Result<(), ConsumeError> {
+    fn apply_breaker(
+        &mut self,
+        effect: BreakerEffect<(String, Box<Item>)>,
+    ) -> Result<(), ConsumeError> {
         match effect {
             BreakerEffect::None => {}
             BreakerEffect::PauseConsumption => {
@@ -1025,7 +1052,7 @@ impl<H: Handler> Coordinator<H> {
             self.pool.clone(),
             self.drained.tx.clone(),
         );
-        let limits = self.limits();
+        let limits = Arc::clone(&self.limits);
         let owner = Position {
             partition,
             offset: 0,

@@ -222,7 +222,7 @@ fn replayed_item<H: Handler>(
     raw: ledger::ParkedRecord,
     settled: &std::collections::HashSet<uuid::Uuid>,
     unknown_types: UnknownEventTypes,
-) -> Result<Item, Unreplayable> {
+) -> Result<Box<Item>, Unreplayable> {
     let event = match intake::decode(handler, &intake::raw_of(&raw)) {
         Ok(event) => event,
         Err(bad) => {
@@ -245,7 +245,7 @@ fn replayed_item<H: Handler>(
         offset: raw.offset,
         generation: 0,
     };
-    Ok(Item {
+    Ok(Box::new(Item {
         settled: settled.contains(&event.id),
         event,
         raw,
@@ -256,5 +256,5 @@ fn replayed_item<H: Handler>(
         seen_before: true,
         // The failing event is on record unsettled: the conflict clause settles it.
         unrecorded: false,
-    })
+    }))
 }

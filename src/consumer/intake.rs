@@ -26,10 +26,10 @@ pub(super) const MAX_LOOKUPS: usize = 4;
 
 /// A record on its way from intake to admission.
 pub(super) enum Arrival {
-    /// A decoded event.
-    Event(Item),
+    /// A decoded event (boxed: it moves from intake to settlement many times).
+    Event(Box<Item>),
     /// A record the decoder refused.
-    Bad(Refused),
+    Bad(Box<Refused>),
 }
 
 /// A record the decoder refused: when its turn comes it pauses its tenant with the decoder's
@@ -45,8 +45,8 @@ pub(super) struct Refused {
 /// What waits in a tenant's queue. A refused record waits its turn like an event: if the
 /// tenant's event in flight fails too, that event must be parked ahead of it.
 pub(super) enum Queued {
-    Event(Item),
-    Refused(Refused),
+    Event(Box<Item>),
+    Refused(Box<Refused>),
 }
 
 impl Queued {
@@ -159,7 +159,7 @@ pub(super) fn arrival<H: Handler>(
 
 /// A decoded event on its way in, not yet looked up.
 fn event_arrival(event: outbox::OutboxEvent, raw: ParkedRecord, position: Position) -> Arrival {
-    Arrival::Event(Item {
+    Arrival::Event(Box::new(Item {
         event,
         raw,
         position,
@@ -170,7 +170,7 @@ fn event_arrival(event: outbox::OutboxEvent, raw: ParkedRecord, position: Positi
         seen_before: true,
         // The coordinator tells, from the dedupe lookup.
         unrecorded: false,
-    })
+    }))
 }
 
 /// A record the decoder refused: it pauses its tenant with the decoder's reason.
@@ -184,12 +184,12 @@ fn refused(raw: ParkedRecord, position: Position, bad: &outbox::BadEvent) -> Arr
         response: None,
     };
     let unknown_type = unknown_type(bad).map(str::to_owned);
-    Arrival::Bad(Refused {
+    Arrival::Bad(Box::new(Refused {
         raw,
         position,
         pause,
         unknown_type,
-    })
+    }))
 }
 
 /// The event's type, when the decoder refused it for being of a type it does not know.

@@ -31,7 +31,8 @@ pub enum SettledAs {
 }
 
 impl SettledAs {
-    fn as_str(self) -> &'static str {
+    /// The outcome as `deliveries` files it.
+    pub(super) fn as_str(self) -> &'static str {
         match self {
             SettledAs::Delivered => "delivered",
             SettledAs::Expired => "expired",
@@ -67,8 +68,8 @@ pub struct Settlement {
     pub written_at: Option<DateTime<Utc>>,
     /// When the partner acknowledged it (delivered events).
     pub acked_at: Option<DateTime<Utc>>,
-    /// The dedupe lookup found no record of it: [`record_settled`] writes it with a plain
-    /// insert. `false` (the conflict clause) is always safe.
+    /// The dedupe lookup found no record of it: [`record_settled`] writes it with `COPY`.
+    /// `false` (the conflict clause) is always safe.
     pub unrecorded: bool,
 }
 
@@ -205,12 +206,12 @@ const ON_RECORD: &str = " ON CONFLICT (integration, event_id) DO UPDATE SET outc
 /// keeps its first record: replays never rewrite history. One that failed before (recorded
 /// unsettled when its tenant paused) is settled now, its attempts added up.
 ///
-/// Events the dedupe lookup found no record of ([`Settlement::unrecorded`]) are written with a
-/// plain insert: the conflict clause checks the primary key once more per row before inserting
-/// (a fifth of Postgres's work per event in the consumer's overhead benchmark), and no row
-/// can appear for them meanwhile unless an earlier owner of the partition settles them late.
-/// Such a late row makes the plain insert fail; it runs in a savepoint, so the same events
-/// are then written with the conflict clause like the rest.
+/// Events the dedupe lookup found no record of ([`Settlement::unrecorded`]) are written with
+/// `COPY` ([`super::settled_copy`]), which has no conflict clause: the clause checks the
+/// primary key once more per row before inserting (a fifth of Postgres's work per event in the
+/// consumer's overhead benchmark), and no row can appear for them meanwhile unless an earlier
+/// owner of the partition settles them late. Such a late row makes the `COPY` fail; it runs in
+/// a savepoint, so the same events are then written with the conflict clause like the rest.
 pub async fn record_settled(
     conn: &mut sqlx::PgConnection,
     integration: &str,
@@ -223,7 +224,7 @@ pub async fn record_settled(
         sqlx::query("SAVEPOINT ferry_unrecorded")
             .execute(&mut *conn)
             .await?;
-        let plain = insert_settled(&mut *conn, integration, &unrecorded, "").await;
+        let plain = copy_settled(&mut *conn, integration, &unrecorded).await;
         written += match plain {
             Err(e) if is_unique_violation(&e) => {
                 sqlx::query("ROLLBACK TO SAVEPOINT ferry_unrecorded")
@@ -239,6 +240,19 @@ pub async fn record_settled(
     }
     written += insert_settled(conn, integration, &known, ON_RECORD).await?;
     Ok(written)
+}
+
+/// `batch`, none of it on record, written with `COPY`; how many rows it wrote. Settled at the
+/// consumer's clock rather than the transaction's `now()`, which `COPY` cannot compute.
+async fn copy_settled(
+    conn: &mut sqlx::PgConnection,
+    integration: &str,
+    batch: &[&Settlement],
+) -> Result<u64, sqlx::Error> {
+    let rows = super::settled_copy::encode(integration, batch, Utc::now());
+    let mut copy = conn.copy_in_raw(super::settled_copy::COPY_SETTLED).await?;
+    copy.send(rows).await?;
+    copy.finish().await
 }
 
 /// Whether `e` is Postgres refusing a row that breaks a unique index.

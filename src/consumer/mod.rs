@@ -19,5 +19,6 @@ pub mod offsets;
 mod poller;
 mod rebalance;
 pub mod runtime;
+mod settled_copy;
 mod settlement;
 pub mod tenants;

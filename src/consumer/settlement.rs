@@ -54,7 +54,7 @@ impl Pending {
     /// the mappings it learnt (from `mappings`, the handler's).
     pub(super) fn settle(
         &mut self,
-        mut item: Item,
+        mut item: Box<Item>,
         outcome: SettledAs,
         attempts: u32,
         mappings: Option<&Mappings>,
