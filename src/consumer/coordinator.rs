@@ -1,5 +1,6 @@
 //! The coordinator: the one owner of the consumer's state. Its loop takes records in, admits
-//! them to their tenants' queues, dispatches what may run, and reacts to what the tasks it spawned report; each arm of its `select!` calls one `handle_*` method.
+//! them to their tenants' queues, dispatches what may run, and reacts to what the tasks it
+//! spawned report; each arm of its `select!` calls one `handle_*` method.
 //!
 //! One event's path: [`intake`](super::intake) decodes a record and a dedupe lookup runs for its
 //! batch; [`Coordinator::handle_looked_up`] admits it (parked if its tenant is paused, a
@@ -7,8 +8,8 @@
 //! it when its tenant has nothing in flight; its attempts run through
 //! [`attempt::handle`](super::attempt::handle) (retries, expiry, kill switch), polled once in
 //! place and then, if they wait, as a task; its [`Done`] comes back to
-//! [`Coordinator::handle_done`], which settles it into the pending batch,
-//! pauses its tenant, or trips the [`Breaker`]; [`settlement`](super::settlement) writes the
+//! [`Coordinator::handle_done`], which settles it into the pending batch, pauses its tenant, or
+//! trips the [`Breaker`]; [`settlement`](super::settlement) writes the
 //! batch and only then marks the offsets, and the commit point moves.
 //!
 //! Why order and dedupe hold with batched settlement: a tenant's next event may start as soon
@@ -374,7 +375,7 @@ impl<H: Handler> Coordinator<H> {
     }
 
     /// Dispatches what may run. The kill switch and an open breaker stop dispatching; intake
-    /// goes on up to `max_in_flight`, and nothing is committed past undelivered events.
+    /// goes on up to `max_queued`, and nothing is committed past undelivered events.
     /// Attempts that end at once are handled here, which frees their tenant's next event for
     /// this same turn; at most `max_in_flight` of them per turn, so intake and Kafka's events
     /// are served in between.

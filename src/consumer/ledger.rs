@@ -230,7 +230,7 @@ pub async fn record_settled(
                 sqlx::query("ROLLBACK TO SAVEPOINT ferry_unrecorded")
                     .execute(&mut *conn)
                     .await?;
-                insert_settled(&mut *conn, integration, &unrecorded, ON_RECORD).await?
+                insert_settled(&mut *conn, integration, &unrecorded).await?
             }
             other => other?,
         };
@@ -238,7 +238,7 @@ pub async fn record_settled(
             .execute(&mut *conn)
             .await?;
     }
-    written += insert_settled(conn, integration, &known, ON_RECORD).await?;
+    written += insert_settled(conn, integration, &known).await?;
     Ok(written)
 }
 
@@ -260,12 +260,12 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
 
-/// [`INSERT_SETTLED`] of `batch`, followed by `on_conflict`; how many rows it wrote.
+/// [`INSERT_SETTLED`] of `batch` with the conflict clause ([`ON_RECORD`]); how many rows it
+/// wrote.
 async fn insert_settled(
     conn: &mut sqlx::PgConnection,
     integration: &str,
     batch: &[&Settlement],
-    on_conflict: &str,
 ) -> Result<u64, sqlx::Error> {
     if batch.is_empty() {
         return Ok(0);
@@ -294,7 +294,7 @@ async fn insert_settled(
         written.push(s.written_at);
         acked.push(s.acked_at);
     }
-    let statement = format!("{INSERT_SETTLED}{on_conflict}");
+    let statement = format!("{INSERT_SETTLED}{ON_RECORD}");
     let result = sqlx::query(&statement)
         .bind(&ids)
         .bind(&tenants)

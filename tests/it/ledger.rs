@@ -69,7 +69,81 @@ async fn settlement_is_batched_and_a_replay_never_rewrites_it() {
     db.drop().await;
 }
 
-/// Guarantee defended: an event written with the plain insert (the lookup found no record)
+/// Guarantee defended: the dedupe record `COPY` writes (an event the lookup found no record
+/// of) is the record the conflict clause's insert writes, field for field.
+/// Input tried: two settlements with every field set (text, integers, microsecond timestamps)
+/// and two with every nullable field empty, one of each pair through each path.
+#[tokio::test]
+async fn copy_and_insert_write_the_same_settlement_record() {
+    let db = TestDb::migrated().await;
+    let at = |micros| chrono::DateTime::from_timestamp_micros(micros).unwrap();
+    let full = |id, unrecorded| Settlement {
+        event_type: Some("ProductUpdated ü".into()),
+        outcome: SettledAs::BadEvent,
+        attempts: 3,
+        error: Some("bad: payload".into()),
+        partition: 7,
+        written_at: Some(at(1_764_000_000_123_456)),
+        acked_at: Some(at(1_764_000_001_654_321)),
+        unrecorded,
+        ..settlement(id, i64::MAX - 1)
+    };
+    let empty = |id, unrecorded| Settlement {
+        event_type: None,
+        unrecorded,
+        ..settlement(id, 0)
+    };
+    let ids: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
+    let batch = [
+        full(ids[0], true),
+        full(ids[1], false),
+        empty(ids[2], true),
+        empty(ids[3], false),
+    ];
+    // In a transaction, as the consumer's settlement runs it (the `COPY` takes a savepoint).
+    let mut tx = db.pool.begin().await.unwrap();
+    let written = ledger::record_settled(&mut tx, "partner", &batch)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(written, 4);
+
+    type Row = (String, String, serde_json::Value);
+    let row = |id: Uuid| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_as::<_, Row>(
+                "SELECT integration, tenant_id, to_jsonb(d) - 'event_id' - 'settled_at' \
+                   - 'first_seen_at' - 'updated_at' \
+                 FROM deliveries d WHERE event_id = $1 AND settled_at > now() - interval '1 minute' \
+                   AND settled_at < now() + interval '1 minute'",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let (copied, inserted) = (row(ids[0]).await, row(ids[1]).await);
+    assert_eq!(copied, inserted, "every field set");
+    let written_at: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT written_at FROM deliveries WHERE event_id = $1")
+            .bind(ids[0])
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(written_at, batch[0].written_at, "to the microsecond");
+    assert_eq!(copied.2["offset"], i64::MAX - 1);
+    assert_eq!(
+        row(ids[2]).await,
+        row(ids[3]).await,
+        "nullable fields empty"
+    );
+    assert_eq!(row(ids[2]).await.2["event_type"], serde_json::Value::Null);
+    db.drop().await;
+}
+
+/// Guarantee defended: an event written with `COPY` (the lookup found no record)
 /// that meets a record after all, settled late by an earlier owner or failed meanwhile, is
 /// neither an error nor a second record.
 /// Input tried: one batch of three events marked unrecorded, one settled before it is
