@@ -182,17 +182,16 @@ pub async fn settled_ids(
     Ok(recorded_ids(pool, integration, ids).await?.settled)
 }
 
-/// The settlement's insert: one row per event, from arrays (one statement for the batch).
+/// The settlement's insert: one row per event, from arrays (one statement for the batch). An
+/// event already on record: a settled one keeps its first record; an unsettled one (failed
+/// before) is settled now, its attempts added up.
 const INSERT_SETTLED: &str = "INSERT INTO deliveries (event_id, tenant_id, event_type, outcome, \
          attempts, last_error, topic, partition, \"offset\", written_at, acked_at, settled_at, \
          integration) \
      SELECT *, now(), $12 FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], \
                                       $6::text[], $7::text[], $8::int[], $9::bigint[], \
-                                      $10::timestamptz[], $11::timestamptz[])";
-
-/// What [`INSERT_SETTLED`] does with an event already on record: a settled one keeps its
-/// first record; an unsettled one (failed before) is settled now, its attempts added up.
-const ON_RECORD: &str = " ON CONFLICT (integration, event_id) DO UPDATE SET outcome = EXCLUDED.outcome, \
+                                      $10::timestamptz[], $11::timestamptz[]) \
+     ON CONFLICT (integration, event_id) DO UPDATE SET outcome = EXCLUDED.outcome, \
          attempts = deliveries.attempts + EXCLUDED.attempts, written_at = EXCLUDED.written_at, \
          acked_at = EXCLUDED.acked_at, settled_at = now(), updated_at = now(), \
          event_type = coalesce(deliveries.event_type, EXCLUDED.event_type), \
@@ -224,8 +223,8 @@ pub async fn record_settled(
         sqlx::query("SAVEPOINT ferry_unrecorded")
             .execute(&mut *conn)
             .await?;
-        let plain = copy_settled(&mut *conn, integration, &unrecorded).await;
-        written += match plain {
+        let copied = copy_settled(&mut *conn, integration, &unrecorded).await;
+        written += match copied {
             Err(e) if is_unique_violation(&e) => {
                 sqlx::query("ROLLBACK TO SAVEPOINT ferry_unrecorded")
                     .execute(&mut *conn)
@@ -260,8 +259,7 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
 
-/// [`INSERT_SETTLED`] of `batch` with the conflict clause ([`ON_RECORD`]); how many rows it
-/// wrote.
+/// [`INSERT_SETTLED`] of `batch`; how many rows it wrote.
 async fn insert_settled(
     conn: &mut sqlx::PgConnection,
     integration: &str,
@@ -294,8 +292,7 @@ async fn insert_settled(
         written.push(s.written_at);
         acked.push(s.acked_at);
     }
-    let statement = format!("{INSERT_SETTLED}{ON_RECORD}");
-    let result = sqlx::query(&statement)
+    let result = sqlx::query(INSERT_SETTLED)
         .bind(&ids)
         .bind(&tenants)
         .bind(&types)
