@@ -416,6 +416,14 @@ impl Drop for WriteGuard {
     }
 }
 
+/// Removes `integration`'s (`$1`) mappings of the objects `($2[i], $3[i], $4[i])`: (tenant, object
+/// type, our id). Each is one probe of the table's only index but its id's, whatever the
+/// table's statistics (migration 0013 says why that matters).
+pub const REMOVE: &str = "DELETE FROM integration_mappings m USING \
+         UNNEST($2::text[], $3::text[], $4::text[]) AS r(tenant_id, object_type, local_id) \
+     WHERE m.integration = $1 AND m.tenant_id = r.tenant_id \
+       AND m.object_type = r.object_type AND m.local_id = r.local_id";
+
 /// Changes taken for one batch, in staging order.
 #[derive(Debug, Default)]
 pub struct Staged(Vec<(u64, MappingChange)>);
@@ -466,7 +474,7 @@ impl Staged {
                 "INSERT INTO integration_mappings \
                      (integration, tenant_id, object_type, local_id, foreign_id, created_by) \
                  SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::uuid[]) \
-                 ON CONFLICT (integration, object_type, tenant_id, local_id) \
+                 ON CONFLICT (integration, tenant_id, object_type, local_id) \
                  DO UPDATE SET foreign_id = EXCLUDED.foreign_id, created_by = EXCLUDED.created_by, \
                                updated_at = now() \
                  WHERE integration_mappings.foreign_id <> EXCLUDED.foreign_id",
@@ -481,12 +489,7 @@ impl Staged {
             .await?;
         }
         if !removed.is_empty() {
-            sqlx::query(
-                "DELETE FROM integration_mappings m USING \
-                     UNNEST($2::text[], $3::text[], $4::text[]) AS r(tenant_id, object_type, local_id) \
-                 WHERE m.integration = $1 AND m.tenant_id = r.tenant_id \
-                   AND m.object_type = r.object_type AND m.local_id = r.local_id",
-            )
+            sqlx::query(REMOVE)
             .bind(integration)
             .bind(removed.iter().map(|c| c.tenant.as_str()).collect::<Vec<_>>())
             .bind(removed.iter().map(|c| c.object_type.as_str()).collect::<Vec<_>>())

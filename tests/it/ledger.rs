@@ -329,10 +329,15 @@ fn rows_read(node: &serde_json::Value, relation: &str) -> f64 {
 }
 
 /// Runs `sql` with `args` under `EXPLAIN ANALYZE`: the rows it read of `relation`.
-async fn rows_read_by(pool: &sqlx::PgPool, sql: &str, relation: &str, args: PgArguments) -> f64 {
+async fn rows_read_by<'c>(
+    on: impl sqlx::PgExecutor<'c>,
+    sql: &str,
+    relation: &str,
+    args: PgArguments,
+) -> f64 {
     let explain = format!("EXPLAIN (ANALYZE, FORMAT JSON) {sql}");
     let plan: serde_json::Value = sqlx::query_scalar_with(&explain, args)
-        .fetch_one(pool)
+        .fetch_one(on)
         .await
         .unwrap();
     rows_read(&plan[0]["Plan"], relation)
@@ -351,9 +356,10 @@ macro_rules! args {
 /// tenant, on tables that were never analyzed (a deployment's first minutes, a new
 /// integration's first rows), as they run on Ferry's sessions (each execution planned).
 /// Tried: 500 unknown event ids and 3 settled ones against 50,000 settled rows; our id `p42`
-/// for two object types against the tenant's 5,000 mappings; the view of a tenant with 3
-/// mappings beside them (`driver::LOAD`). The plain forms (`= ANY`, a join)
-/// are run beside them as the control: they read every row.
+/// for two object types against the tenant's 5,000 mappings and 20,000 of 50 other tenants; a
+/// batch removing two of them and one that is not there (`mappings::REMOVE`); the view of a
+/// tenant with 3 mappings beside them (`driver::LOAD`). The controls, which read every row: the
+/// plain form of the dedupe lookup (`= ANY`), and the removal with the index 0013 dropped.
 #[tokio::test]
 async fn the_per_record_lookups_probe_one_row_per_key_on_tables_without_statistics() {
     let db = TestDb::migrated().await;
@@ -406,6 +412,16 @@ async fn the_per_record_lookups_probe_one_row_per_key_on_tables_without_statisti
         "control: `= ANY` read only {scanned} rows"
     );
 
+    // Beside the tenant's, 20,000 mappings of 50 other tenants: the table's shape where the
+    // narrower indexes of before 0013 won the planner's tie and read a whole type or tenant.
+    sqlx::query(
+        "INSERT INTO integration_mappings (integration, tenant_id, object_type, local_id, foreign_id) \
+         SELECT 'partner', 'tenant-' || (i % 50), 'product', 'q' || i, 'g' || i \
+         FROM generate_series(1, 20000) i",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
     let types = ["product", "category"];
     let known = || args!("partner", "acme", "p42", &types[..]);
     let probes = rows_read_by(
@@ -416,16 +432,53 @@ async fn the_per_record_lookups_probe_one_row_per_key_on_tables_without_statisti
     )
     .await;
     assert!(probes <= 2.0, "the mapping lookup read {probes} rows");
-    let plain = "SELECT o.object_type, m.foreign_id FROM unnest($4::text[]) AS o(object_type) \
-                 LEFT JOIN integration_mappings m ON m.integration = $1 \
-                      AND m.object_type = o.object_type AND m.tenant_id = $2 AND m.local_id = $3";
-    let scanned = rows_read_by(pool, plain, "integration_mappings", known()).await;
-    assert!(
-        scanned >= 5_000.0,
-        "control: the plain join read only {scanned} rows"
-    );
 
-    // The view's load reads the tenant's rows alone, beside another tenant's 5,000.
+    // A batch's removals, one of them of nothing.
+    let removals = || {
+        args!(
+            "partner",
+            &["tenant-7", "acme", "acme"][..],
+            &["product", "product", "category"][..],
+            &["q7", "p43", "p43"][..]
+        )
+    };
+    // Control: with the reverse index of before migration 0013 back, the planner takes it for
+    // the same removal and reads every mapping of the type.
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("CREATE INDEX ON integration_mappings (integration, object_type, foreign_id)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let scanned = rows_read_by(
+        &mut *tx,
+        ferry::mappings::REMOVE,
+        "integration_mappings",
+        removals(),
+    )
+    .await;
+    assert!(
+        scanned >= 20_000.0,
+        "control: the removal read only {scanned} rows with the old index"
+    );
+    tx.rollback().await.unwrap();
+    let removed = rows_read_by(
+        pool,
+        ferry::mappings::REMOVE,
+        "integration_mappings",
+        removals(),
+    )
+    .await;
+    // At most one row per object named (EXPLAIN rounds the rows per loop: 2 in 3 loops is 3).
+    assert!(removed <= 3.0, "the removal read {removed} rows");
+    let left: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM integration_mappings WHERE local_id IN ('q7', 'p43')",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(left, 0, "the removal left a mapping it named");
+
+    // The view's load reads the tenant's rows alone, beside the other tenants' 25,000.
     sqlx::query(
         "INSERT INTO integration_mappings (integration, tenant_id, object_type, local_id, foreign_id) \
          SELECT 'partner', 'beta', 'product', 'b' || i, 'g' || i FROM generate_series(1, 3) i",
