@@ -275,6 +275,11 @@ impl<'a> Layers<'a> {
                 "FERRY_CONSUME_AUTO_RESUME_AFTER_MS",
                 c.auto_resume_after_ms,
             )?,
+            commit_interval: self.duration(
+                "consume.commit_interval_ms",
+                "FERRY_CONSUME_COMMIT_INTERVAL_MS",
+                c.commit_interval_ms,
+            )?,
             unknown_event_types: self
                 .parsed::<UnknownEventTypes>(
                     "consume.unknown_event_types",
@@ -378,6 +383,7 @@ pub(super) struct FileConsume {
     pause_after_ms: Option<DurationSetting>,
     retry_after_max_ms: Option<DurationSetting>,
     auto_resume_after_ms: Option<DurationSetting>,
+    commit_interval_ms: Option<DurationSetting>,
     unknown_event_types: Option<String>,
     integration: Option<String>,
     dead_letter_topic: Option<String>,

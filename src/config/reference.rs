@@ -211,6 +211,12 @@ pub const SETTINGS: &[Setting] = &[
         "`1m`",
     ),
     s(
+        "consume.commit_interval_ms",
+        &["FERRY_CONSUME_COMMIT_INTERVAL_MS"],
+        "commit the offsets that moved to the broker this often (a revoke and a shutdown commit at once)",
+        "`1s`",
+    ),
+    s(
         "consume.unknown_event_types",
         &["FERRY_CONSUME_UNKNOWN_EVENT_TYPES"],
         "an event of a type the integration does not know: `pause` its tenant or `ignore` it",
@@ -362,6 +368,7 @@ fn value_of(c: &Config, key: &str) -> String {
         "consume.pause_after_ms" => opt(c.consume.pause_after),
         "consume.retry_after_max_ms" => opt(c.consume.retry_after_max),
         "consume.auto_resume_after_ms" => opt(c.consume.auto_resume_after),
+        "consume.commit_interval_ms" => opt(c.consume.commit_interval),
         "consume.unknown_event_types" => {
             format!("{:?}", c.consume.unknown_event_types).to_lowercase()
         }

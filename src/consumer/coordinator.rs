@@ -110,8 +110,6 @@ pub(super) struct Coordinator<H: Handler> {
     /// The batch being written, one at a time, and how many records it holds.
     writing: Option<(Writing, usize)>,
     last_flush: Instant,
-    /// A commit the broker did not confirm: offer it again after this turn.
-    commit_again: bool,
     /// Dispatch stopped at its budget of attempts that ended at once: dispatch again without
     /// waiting for anything else.
     dispatch_again: bool,
@@ -147,10 +145,19 @@ struct Timers {
     control: tokio::time::Interval,
     /// Tries the breaker's first held event.
     probe: tokio::time::Interval,
+    /// Commits the points that moved ([`ConsumeOptions::commit_interval`]).
+    commit: tokio::time::Interval,
     /// Checks unconfirmed commits against the broker.
-    commits: tokio::time::Interval,
+    commit_check: tokio::time::Interval,
     /// Brings the operator's partition view up to date.
     lag: tokio::time::Interval,
+}
+
+/// An interval whose missed ticks are not made up in a burst: a long turn delays the next.
+fn delayed_interval(period: Duration) -> tokio::time::Interval {
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval
 }
 
 impl<H: Handler> Coordinator<H> {
@@ -215,7 +222,6 @@ impl<H: Handler> Coordinator<H> {
             pending: Pending::default(),
             writing: None,
             last_flush: Instant::now(),
-            commit_again: false,
             done: Channel::new(),
             dispatch_again: false,
             probe: Channel::new(),
@@ -225,7 +231,8 @@ impl<H: Handler> Coordinator<H> {
                 settle: tokio::time::interval(options.settle_interval),
                 control: tokio::time::interval(options.kill_switch_interval),
                 probe: tokio::time::interval(options.breaker_probe_interval),
-                commits: tokio::time::interval(Duration::from_secs(2)),
+                commit: delayed_interval(options.commit_interval),
+                commit_check: tokio::time::interval(Duration::from_secs(2)),
                 lag: tokio::time::interval(LAG_INTERVAL),
             },
             pool,
@@ -267,7 +274,8 @@ impl<H: Handler> Coordinator<H> {
                 }
                 _ = self.timers.control.tick() => self.handle_control().await?,
                 _ = self.timers.probe.tick(), if self.breaker.may_probe() && !*self.killed.borrow() => self.handle_probe_tick(),
-                _ = self.timers.commits.tick() => self.handle_commit_check(),
+                _ = self.timers.commit.tick() => self.handle_commit_tick()?,
+                _ = self.timers.commit_check.tick() => self.handle_commit_check(),
                 Some(found) = self.checked.rx.recv() => self.handle_commit_checked(found),
                 _ = self.timers.lag.tick() => self.handle_lag_check(),
                 _ = self.timers.settle.tick() => {}
@@ -870,22 +878,24 @@ impl<H: Handler> Coordinator<H> {
         self.durable(written?, CommitMode::Async).await
     }
 
-    /// A batch became durable: mark its positions, commit what moved, and deliver what could
-    /// not be parked.
+    /// A batch became durable: mark its positions (committed at the next commit tick, or now
+    /// if `mode` is synchronous), and deliver what could not be parked.
     async fn durable(&mut self, durable: Durable, mode: CommitMode) -> Result<(), ConsumeError> {
         if let Some(m) = self.handler.mappings() {
             m.written(&durable.mappings);
         }
         self.copies.written(durable.ids);
         self.forget_copies();
-        settlement::mark_and_commit(
-            &self.consumer,
-            &mut self.ownership,
-            &self.topic,
-            durable.positions,
-            &self.stats,
-            mode,
-        )?;
+        settlement::mark(&mut self.ownership, durable.positions, &self.stats);
+        if matches!(mode, CommitMode::Sync) {
+            settlement::commit(
+                &self.consumer,
+                &mut self.ownership,
+                &self.topic,
+                &self.stats,
+                mode,
+            )?;
+        }
         self.readmit(durable.live).await
     }
 
@@ -1104,15 +1114,25 @@ impl<H: Handler> Coordinator<H> {
         });
     }
 
+    /// Commits every owned partition's point that moved since the last commit.
+    fn handle_commit_tick(&mut self) -> Result<(), ConsumeError> {
+        settlement::commit(
+            &self.consumer,
+            &mut self.ownership,
+            &self.topic,
+            &self.stats,
+            CommitMode::Async,
+        )
+    }
+
     /// What the broker holds: a commit not there (failed, or still on its way) is offered
-    /// again.
+    /// again at the next commit tick.
     fn handle_commit_checked(&mut self, found: Vec<(i32, i64)>) {
         for (partition, on_broker) in found {
             if let Some(offsets) = self.ownership.offsets_mut(partition) {
                 offsets.commit_succeeded(on_broker);
                 if offsets.committed() > offsets.acked() {
                     offsets.commit_failed(offsets.committed());
-                    self.commit_again = true;
                 }
             }
         }
@@ -1137,7 +1157,7 @@ impl<H: Handler> Coordinator<H> {
         *self.stats.partition_view.lock().expect("partition view") = view;
     }
 
-    /// After each turn: the gauges, a commit to offer again, and a settle batch to start (a
+    /// After each turn: the gauges and a settle batch to start (a
     /// task writing while the loop goes on; what settles meanwhile waits for the next batch).
     fn after_turn(&mut self) -> Result<(), ConsumeError> {
         self.stats
@@ -1146,16 +1166,6 @@ impl<H: Handler> Coordinator<H> {
         self.stats
             .queued
             .store(self.scheduler.queued() as u64, Relaxed);
-        if std::mem::take(&mut self.commit_again) {
-            settlement::mark_and_commit(
-                &self.consumer,
-                &mut self.ownership,
-                &self.topic,
-                Vec::new(),
-                &self.stats,
-                CommitMode::Async,
-            )?;
-        }
         let due = self.pending.len() >= self.options.settle_batch
             || (self.pending.len() > 0
                 && self.last_flush.elapsed() >= self.options.settle_interval);

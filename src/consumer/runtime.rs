@@ -30,6 +30,11 @@ pub struct ConsumeOptions {
     pub settle_batch: usize,
     /// How long a settlement may wait for its batch.
     pub settle_interval: Duration,
+    /// How often the commit points that moved are committed to the broker. Each commit is a
+    /// write the broker makes; a point is durable in Postgres (the dedupe records) before it
+    /// is committed, so a longer interval only means more records read again, and found
+    /// settled, after a crash. A revoke and a shutdown commit at once.
+    pub commit_interval: Duration,
     /// Retry policy for retryable failures.
     pub retry: RetryPolicy,
     /// How often the persisted kill switch and resumed tenants are read.
@@ -63,6 +68,7 @@ impl Default for ConsumeOptions {
             max_queued: 20_000,
             settle_batch: 1_000,
             settle_interval: Duration::from_millis(10),
+            commit_interval: Duration::from_secs(1),
             retry: RetryPolicy::default(),
             kill_switch_interval: Duration::from_millis(500),
             auto_resume_after: Duration::from_secs(60),
@@ -90,6 +96,7 @@ impl ConsumeOptions {
         o.retry.pause_after = config.pause_after.unwrap_or(o.retry.pause_after);
         o.retry.retry_after_max = config.retry_after_max.unwrap_or(o.retry.retry_after_max);
         o.auto_resume_after = config.auto_resume_after.unwrap_or(o.auto_resume_after);
+        o.commit_interval = config.commit_interval.unwrap_or(o.commit_interval);
         o.unknown_event_types = config.unknown_event_types;
         o
     }

@@ -1,7 +1,8 @@
 //! The settlement stage, the only writer of the coordinator's ledger rows: what settled since
 //! the last batch ([`Pending`]), one transaction that parks paused tenants' records and records
 //! settled events ([`write_pending`]), and only once that is durable, the positions marked in
-//! their partitions' trackers and the commit points that moved committed ([`mark_and_commit`]).
+//! their partitions' trackers ([`mark`]); the commit points that moved are committed on the
+//! coordinator's commit timer, or at once on a revoke and at shutdown ([`commit`]).
 //! The commit point therefore never passes a record whose settlement could still be lost. A
 //! tenant's pause ([`pause`]) and the end of its backlog's replay ([`finish_drain`]) are written
 //! here too, at once, since what the coordinator does next depends on them. (A backlog replay
@@ -88,7 +89,7 @@ pub(super) type Written = Result<Durable, sqlx::Error>;
 /// Parks the pending records of paused tenants and records the settlements in one
 /// transaction; returns every position they settle. Runs as a task of its own, one at a time,
 /// so the loop takes in and dispatches while a batch is written; the positions are marked only
-/// once it is durable ([`mark_and_commit`]).
+/// once it is durable ([`mark`]).
 pub(super) async fn write_pending(
     pool: PgPool,
     integration: Arc<str>,
@@ -170,15 +171,9 @@ pub(super) async fn finish_drain(
 pub(super) type Writing = tokio::task::JoinHandle<Written>;
 
 /// Marks durable positions settled in their partitions' trackers (if still owned, same
-/// generation) and commits the points that moved.
-pub(super) fn mark_and_commit(
-    consumer: &BaseConsumer<Context>,
-    ownership: &mut Ownership,
-    topic: &str,
-    positions: Vec<Position>,
-    stats: &ConsumeStats,
-    mode: CommitMode,
-) -> Result<(), ConsumeError> {
+/// generation), and notes how long the oldest record still unsettled has held each commit
+/// point back.
+pub(super) fn mark(ownership: &mut Ownership, positions: Vec<Position>, stats: &ConsumeStats) {
     for p in positions {
         if let Some(owned) = ownership.current_mut(p.partition, p.generation)
             && let Some(offsets) = owned.offsets.as_mut()
@@ -187,22 +182,10 @@ pub(super) fn mark_and_commit(
             owned.started.remove(&p.offset);
         }
     }
-    let mut commit = TopicPartitionList::new();
-    for (partition, owned) in ownership.iter_mut() {
-        let Some(offsets) = owned.offsets.as_mut() else {
+    for (_, owned) in ownership.iter_mut() {
+        let Some(offsets) = owned.offsets.as_ref() else {
             continue;
         };
-        // A synchronous commit (a revoke's, the last) covers whatever the broker has not
-        // confirmed.
-        let point = match mode {
-            CommitMode::Sync => {
-                (offsets.commit_point() > offsets.acked()).then(|| offsets.commit_point())
-            }
-            CommitMode::Async => offsets.take_commit(),
-        };
-        if let Some(point) = point {
-            commit.add_partition_offset(topic, partition, Offset::Offset(point))?;
-        }
         let point = offsets.commit_point();
         // Records whose handling ended without a settlement here (revoked) are forgotten
         // once the point passes them.
@@ -218,6 +201,32 @@ pub(super) fn mark_and_commit(
             stats
                 .commit_lag_max_ms
                 .fetch_max(behind, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// Commits each owned partition's point: asynchronously the points that moved since the last
+/// commit; synchronously (a revoke's, the last) whatever the broker has not confirmed.
+pub(super) fn commit(
+    consumer: &BaseConsumer<Context>,
+    ownership: &mut Ownership,
+    topic: &str,
+    stats: &ConsumeStats,
+    mode: CommitMode,
+) -> Result<(), ConsumeError> {
+    let mut commit = TopicPartitionList::new();
+    for (partition, owned) in ownership.iter_mut() {
+        let Some(offsets) = owned.offsets.as_mut() else {
+            continue;
+        };
+        let point = match mode {
+            CommitMode::Sync => {
+                (offsets.commit_point() > offsets.acked()).then(|| offsets.commit_point())
+            }
+            CommitMode::Async => offsets.take_commit(),
+        };
+        if let Some(point) = point {
+            commit.add_partition_offset(topic, partition, Offset::Offset(point))?;
         }
     }
     if commit.count() > 0 {

@@ -489,13 +489,16 @@ impl Staged {
             .await?;
         }
         if !removed.is_empty() {
+            let column = |f: fn(&MappingChange) -> &str| -> Vec<&str> {
+                removed.iter().map(|c| f(c)).collect()
+            };
             sqlx::query(REMOVE)
-            .bind(integration)
-            .bind(removed.iter().map(|c| c.tenant.as_str()).collect::<Vec<_>>())
-            .bind(removed.iter().map(|c| c.object_type.as_str()).collect::<Vec<_>>())
-            .bind(removed.iter().map(|c| c.local_id.as_str()).collect::<Vec<_>>())
-            .execute(&mut *conn)
-            .await?;
+                .bind(integration)
+                .bind(column(|c| &c.tenant))
+                .bind(column(|c| &c.object_type))
+                .bind(column(|c| &c.local_id))
+                .execute(&mut *conn)
+                .await?;
         }
         Ok(())
     }
