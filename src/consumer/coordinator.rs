@@ -1157,8 +1157,8 @@ impl<H: Handler> Coordinator<H> {
         *self.stats.partition_view.lock().expect("partition view") = view;
     }
 
-    /// After each turn: the gauges and a settle batch to start (a
-    /// task writing while the loop goes on; what settles meanwhile waits for the next batch).
+    /// After each turn: the gauges, and a settle batch to start (a task writing while the loop
+    /// goes on; what settles meanwhile waits for the next batch).
     fn after_turn(&mut self) -> Result<(), ConsumeError> {
         self.stats
             .in_flight
