@@ -21,7 +21,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
@@ -86,14 +86,13 @@ pub(super) struct Coordinator<H: Handler> {
     scheduler: Scheduler<String, Queued>,
     /// Each tenant's lifecycle here (paused, being paused, draining; active when absent).
     tenants: Tenants,
-    /// The tenants being paused, as the attempts see them: they stop retrying those.
-    pausing: Arc<Mutex<HashSet<String>>>,
     /// The partner-wide breaker, holding the events that met the refusal.
     breaker: Breaker<(String, Box<Item>)>,
     /// The persisted kill switch, as last read; the attempts watch it too.
     killed: watch::Sender<bool>,
     /// What every attempt's [`Guard`](attempt::Guard) is made of, shared: the retry policy,
-    /// the failure window, the tenants being paused, the kill switch.
+    /// the failure window, the kill switch, and the tenants being paused (kept in step with
+    /// `tenants` by `sync_pausing`: the attempts stop retrying those).
     limits: Arc<Limits>,
 
     // Intake and settlement.
@@ -211,7 +210,6 @@ impl<H: Handler> Coordinator<H> {
                 scheduler
             },
             tenants: Tenants::from_database(paused.iter().cloned()),
-            pausing: Arc::clone(&limits.pausing),
             breaker: Breaker::default(),
             killed,
             limits,
@@ -300,7 +298,13 @@ impl<H: Handler> Coordinator<H> {
     fn apply_pauses_noticed(&mut self) {
         // Every turn of the loop comes here: with nobody being paused (the attempts' view
         // is kept in step), it costs one look, not a walk over every tenant that is not active.
-        if self.pausing.lock().expect("pausing tenants").is_empty() {
+        if self
+            .limits
+            .pausing
+            .lock()
+            .expect("pausing tenants")
+            .is_empty()
+        {
             return;
         }
         let idle: Vec<String> = self
@@ -336,7 +340,8 @@ impl<H: Handler> Coordinator<H> {
 
     /// The attempts' view of the tenants being paused.
     fn sync_pausing(&self) {
-        *self.pausing.lock().expect("pausing tenants") = self.tenants.pausing().cloned().collect();
+        *self.limits.pausing.lock().expect("pausing tenants") =
+            self.tenants.pausing().cloned().collect();
     }
 
     fn breaker_holds(&self, tenant: &str) -> bool {
