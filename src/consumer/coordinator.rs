@@ -20,8 +20,8 @@
 //! `Idempotency-Key`, never a reordering.
 
 use std::collections::HashSet;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
