@@ -106,8 +106,9 @@ pub const KNOWN: &str = "SELECT coalesce((SELECT integration_enabled FROM tenant
 
 /// What loads a tenant's view ([`crate::mappings::views`]): its switch, and at most `$3` of its
 /// mappings, in one round trip (one row with the switch alone when it has none). The mappings
-/// are read through the `(integration, tenant_id)` index, which the planner takes even on a
-/// table without statistics (`ledger`'s test of the per-record lookups checks it).
+/// are read through the leading `(integration, tenant_id)` of the table's key, which the
+/// planner takes even on a table without statistics (`ledger`'s test of the per-record lookups
+/// checks it).
 pub const LOAD: &str = "SELECT coalesce((SELECT integration_enabled FROM tenants \
                        WHERE integration = $1 AND tenant_id = $2), false), \
              m.object_type, m.local_id, m.foreign_id, m.created_by \
