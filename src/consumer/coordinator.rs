@@ -20,6 +20,7 @@
 //! `Idempotency-Key`, never a reordering.
 
 use std::collections::HashSet;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -138,8 +139,11 @@ impl<T> Channel<T> {
 
 /// The coordinator's periodic work.
 struct Timers {
-    /// Starts a settle batch when `settle_interval` has passed.
-    settle: tokio::time::Interval,
+    /// Wakes the loop when the settled events waiting for a batch have waited
+    /// `settle_interval`. Armed only while some wait (an idle consumer is not woken a hundred
+    /// times a second), and set from the last batch's start, so a batch started because it was
+    /// full leaves no stray wake-up behind it.
+    settle: Pin<Box<tokio::time::Sleep>>,
     /// Reads the kill switch, pauses recorded elsewhere and tenants to drain.
     control: tokio::time::Interval,
     /// Tries the breaker's first held event.
@@ -226,7 +230,7 @@ impl<H: Handler> Coordinator<H> {
             drained: Channel::new(),
             checked: Channel::new(),
             timers: Timers {
-                settle: tokio::time::interval(options.settle_interval),
+                settle: Box::pin(tokio::time::sleep(options.settle_interval)),
                 control: tokio::time::interval(options.kill_switch_interval),
                 probe: tokio::time::interval(options.breaker_probe_interval),
                 commit: delayed_interval(options.commit_interval),
@@ -276,7 +280,7 @@ impl<H: Handler> Coordinator<H> {
                 _ = self.timers.commit_check.tick() => self.handle_commit_check(),
                 Some(found) = self.checked.rx.recv() => self.handle_commit_checked(found),
                 _ = self.timers.lag.tick() => self.handle_lag_check(),
-                _ = self.timers.settle.tick() => {}
+                _ = self.timers.settle.as_mut(), if self.batch_waiting() => {}
                 _ = std::future::ready(()), if self.dispatch_again => {}
             }
             self.after_turn()?;
@@ -970,7 +974,7 @@ impl<H: Handler> Coordinator<H> {
         .await;
         drop(guard);
         let written = written?;
-        self.last_flush = Instant::now();
+        self.flushed();
         self.durable(written, mode).await
     }
 
@@ -1190,9 +1194,22 @@ impl<H: Handler> Coordinator<H> {
                 written
             });
             self.writing = Some((task, len));
-            self.last_flush = Instant::now();
+            self.flushed();
         }
         Ok(())
+    }
+
+    /// Settled events wait for a batch, and none is being written (whose end is a turn of
+    /// its own): the settle timer is what ends their wait.
+    fn batch_waiting(&self) -> bool {
+        self.writing.is_none() && self.pending.len() > 0
+    }
+
+    /// A batch was started: the next one is due `settle_interval` from now.
+    fn flushed(&mut self) {
+        self.last_flush = Instant::now();
+        let due = tokio::time::Instant::now() + self.options.settle_interval;
+        self.timers.settle.as_mut().reset(due);
     }
 
     /// Stops ([`Coordinator::end`]), then drops what it staged and did not write
