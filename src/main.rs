@@ -918,6 +918,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// Runs a long-lived command as a task on the runtime's workers rather than on the main
+/// thread under `block_on`. A worker waiting for work waits on the I/O driver itself, so a
+/// socket that becomes readable, or a message from another task, wakes the loop on the
+/// thread where it runs. The main thread waits on a condition variable: every wake-up of a loop
+/// run there (the relay's, the consumer's coordinator) went through a worker and then a futex
+/// (docs/measurements.md counts them).
+async fn on_worker<F>(command: F) -> anyhow::Result<()>
+where
+    F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    tokio::spawn(command)
+        .await
+        .unwrap_or_else(|e| Err(anyhow::anyhow!("the command's task ended: {e}")))
+}
+
 /// `ferry verify` found differences: exit code 3, told apart from a failure to check (1) and
 /// bad usage (2).
 #[derive(Debug, thiserror::Error)]
@@ -964,7 +979,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ctl(_) => unreachable!("handled in main"),
         Command::Consume => {
             config.require_kafka()?;
-            consume(&config).await
+            on_worker(async move { consume(&config).await }).await
         }
         Command::Verify {
             tenants,
@@ -991,7 +1006,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         | Command::RelayStatus => relay_status(&config, output).await,
         Command::Relay { metrics_addr, .. } => {
             config.require_kafka()?;
-            relay(&config, metrics_addr).await
+            on_worker(async move { relay(&config, metrics_addr).await }).await
         }
         Command::Load {
             tenants,
