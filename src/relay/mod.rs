@@ -522,10 +522,19 @@ impl Relay {
                 }
             }
         };
-        // Finish what is in hand: every acknowledgement, then the position they make durable.
-        // The server is answered meanwhile (it drops a receiver that stays silent past its
-        // `wal_sender_timeout`); what it still sends is not produced, and not confirmed, so the
-        // next session gets it again.
+        self.finish_stream(conn, progress).await?;
+        Ok(ended)
+    }
+
+    /// Finishes what is in hand at the end of a streaming session: every acknowledgement, then
+    /// the position they make durable. The server is answered meanwhile (it drops a receiver
+    /// that stays silent past its `wal_sender_timeout`); what it still sends is not produced,
+    /// and not confirmed, so the next session gets it again.
+    async fn finish_stream(
+        &mut self,
+        mut conn: ReplicationConnection,
+        mut progress: Progress<DeliveryFuture>,
+    ) -> Result<(), RelayError> {
         let mut answering = true;
         while progress.in_flight() > 0 {
             tokio::select! {
@@ -549,7 +558,7 @@ impl Relay {
             self.set_confirmed(progress.durable());
             conn.close().await?;
         }
-        Ok(ended)
+        Ok(())
     }
 
     /// Peeks and advances the slot, batch after batch, until shut down (or the lease is lost).
