@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::outbox::TenantId;
@@ -125,111 +125,171 @@ async fn write_share(
     seed: u64,
     interval: Option<Duration>,
 ) -> Result<LoadReport, LoadError> {
-    let mut report = LoadReport::default();
     if tenants.is_empty() {
-        return Ok(report);
+        return Ok(LoadReport::default());
     }
-    let mut rng = SplitMix(seed);
-    // Products written before (by an earlier run, or the application) are changed too.
-    let mut products: Vec<Vec<Uuid>> = Vec::with_capacity(tenants.len());
-    for tenant in &tenants {
-        products.push(
-            sqlx::query_scalar("SELECT id FROM products WHERE tenant_id = $1 ORDER BY id")
-                .bind(tenant)
-                .fetch_all(&pool)
-                .await?,
-        );
-    }
+    let mut share = ShareWriter::new(pool, tenants, seed).await?;
     let started = tokio::time::Instant::now();
     for n in 0..events {
         if let Some(interval) = interval {
             tokio::time::sleep_until(started + interval * n as u32).await;
         }
-        let t = (rng.next() % tenants.len() as u64) as usize;
-        let tenant = TenantId::new(tenants[t].clone()).expect("checked in run");
-        let roll = rng.next() % 100;
-        let mut tx = pool.begin().await?;
-        let owned = &mut products[t];
-        if owned.is_empty() || roll < 50 {
-            let product = proto::Product {
-                id: Uuid::now_v7().to_string(),
-                name: format!("Product {n}"),
-                description: format!("Made by load writer, change {n}"),
-                price_minor: (rng.next() % 100_000) as i64,
-                currency: "EUR".to_owned(),
-            };
-            sqlx::query(
-                "INSERT INTO products (tenant_id, id, name, description, price_minor, currency) \
-                 VALUES ($1, $2::uuid, $3, $4, $5, $6)",
+        share.write_one(n).await?;
+    }
+    Ok(share.report)
+}
+
+/// One writer's tenants, the products each owns, and what it wrote.
+struct ShareWriter {
+    pool: PgPool,
+    tenants: Vec<String>,
+    /// Per tenant (same index), the products that exist: a change updates or deletes one of them.
+    products: Vec<Vec<Uuid>>,
+    rng: SplitMix,
+    report: LoadReport,
+}
+
+impl ShareWriter {
+    async fn new(pool: PgPool, tenants: Vec<String>, seed: u64) -> Result<Self, LoadError> {
+        // Products written before (by an earlier run, or the application) are changed too.
+        let mut products: Vec<Vec<Uuid>> = Vec::with_capacity(tenants.len());
+        for tenant in &tenants {
+            products.push(
+                sqlx::query_scalar("SELECT id FROM products WHERE tenant_id = $1 ORDER BY id")
+                    .bind(tenant)
+                    .fetch_all(&pool)
+                    .await?,
+            );
+        }
+        Ok(ShareWriter {
+            pool,
+            tenants,
+            products,
+            rng: SplitMix(seed),
+            report: LoadReport::default(),
+        })
+    }
+
+    /// Change `n`: a random tenant's create (half the time, or when it owns nothing), update
+    /// (35%) or delete (15%), with its event, in one transaction.
+    async fn write_one(&mut self, n: usize) -> Result<(), LoadError> {
+        let t = (self.rng.next() % self.tenants.len() as u64) as usize;
+        let tenant = TenantId::new(self.tenants[t].clone()).expect("checked in run");
+        let roll = self.rng.next() % 100;
+        let mut tx = self.pool.begin().await?;
+        let event = if self.products[t].is_empty() || roll < 50 {
+            self.report.created += 1;
+            self.create(&mut tx, t, tenant, n).await?
+        } else if roll < 85 {
+            self.report.updated += 1;
+            self.update(&mut tx, t, tenant, n).await?
+        } else {
+            self.report.deleted += 1;
+            self.delete(&mut tx, t, tenant).await?
+        };
+        writer::append(&mut tx, &event).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn create(
+        &mut self,
+        tx: &mut PgConnection,
+        t: usize,
+        tenant: TenantId,
+        n: usize,
+    ) -> Result<NewEvent<EventPayload>, LoadError> {
+        let product = proto::Product {
+            id: Uuid::now_v7().to_string(),
+            name: format!("Product {n}"),
+            description: format!("Made by load writer, change {n}"),
+            price_minor: (self.rng.next() % 100_000) as i64,
+            currency: "EUR".to_owned(),
+        };
+        sqlx::query(
+            "INSERT INTO products (tenant_id, id, name, description, price_minor, currency) \
+             VALUES ($1, $2::uuid, $3, $4, $5, $6)",
+        )
+        .bind(tenant.as_str())
+        .bind(&product.id)
+        .bind(&product.name)
+        .bind(&product.description)
+        .bind(product.price_minor)
+        .bind(&product.currency)
+        .execute(&mut *tx)
+        .await?;
+        self.products[t].push(product.id.parse().expect("uuid"));
+        let id = product.id.clone();
+        let payload = proto::ProductCreated {
+            product: Some(product),
+        };
+        Ok(NewEvent::new(
+            tenant,
+            id,
+            EventPayload::ProductCreated(payload),
+        ))
+    }
+
+    async fn update(
+        &mut self,
+        tx: &mut PgConnection,
+        t: usize,
+        tenant: TenantId,
+        n: usize,
+    ) -> Result<NewEvent<EventPayload>, LoadError> {
+        let owned = &self.products[t];
+        let id = owned[(self.rng.next() % owned.len() as u64) as usize];
+        let (name, description, price_minor, currency): (String, String, i64, String) =
+            sqlx::query_as(
+                "UPDATE products SET name = $3, price_minor = $4, version = version + 1, \
+                 updated_at = now() WHERE tenant_id = $1 AND id = $2 \
+                 RETURNING name, description, price_minor, currency",
             )
             .bind(tenant.as_str())
-            .bind(&product.id)
-            .bind(&product.name)
-            .bind(&product.description)
-            .bind(product.price_minor)
-            .bind(&product.currency)
+            .bind(id)
+            .bind(format!("Product {n} (renamed)"))
+            .bind((self.rng.next() % 100_000) as i64)
+            .fetch_one(&mut *tx)
+            .await?;
+        let product = proto::Product {
+            id: id.to_string(),
+            name,
+            description,
+            price_minor,
+            currency,
+        };
+        let payload = proto::ProductUpdated {
+            product: Some(product),
+        };
+        Ok(NewEvent::new(
+            tenant,
+            id.to_string(),
+            EventPayload::ProductUpdated(payload),
+        ))
+    }
+
+    async fn delete(
+        &mut self,
+        tx: &mut PgConnection,
+        t: usize,
+        tenant: TenantId,
+    ) -> Result<NewEvent<EventPayload>, LoadError> {
+        let owned = &mut self.products[t];
+        let id = owned.swap_remove((self.rng.next() % owned.len() as u64) as usize);
+        sqlx::query("DELETE FROM products WHERE tenant_id = $1 AND id = $2")
+            .bind(tenant.as_str())
+            .bind(id)
             .execute(&mut *tx)
             .await?;
-            owned.push(product.id.parse().expect("uuid"));
-            let id = product.id.clone();
-            let event = NewEvent::new(
-                tenant,
-                id,
-                EventPayload::ProductCreated(proto::ProductCreated {
-                    product: Some(product),
-                }),
-            );
-            writer::append(&mut tx, &event).await?;
-            report.created += 1;
-        } else if roll < 85 {
-            let id = owned[(rng.next() % owned.len() as u64) as usize];
-            let (name, description, price_minor, currency): (String, String, i64, String) =
-                sqlx::query_as(
-                    "UPDATE products SET name = $3, price_minor = $4, version = version + 1, \
-                     updated_at = now() WHERE tenant_id = $1 AND id = $2 \
-                     RETURNING name, description, price_minor, currency",
-                )
-                .bind(tenant.as_str())
-                .bind(id)
-                .bind(format!("Product {n} (renamed)"))
-                .bind((rng.next() % 100_000) as i64)
-                .fetch_one(&mut *tx)
-                .await?;
-            let event = NewEvent::new(
-                tenant,
-                id.to_string(),
-                EventPayload::ProductUpdated(proto::ProductUpdated {
-                    product: Some(proto::Product {
-                        id: id.to_string(),
-                        name,
-                        description,
-                        price_minor,
-                        currency,
-                    }),
-                }),
-            );
-            writer::append(&mut tx, &event).await?;
-            report.updated += 1;
-        } else {
-            let id = owned.swap_remove((rng.next() % owned.len() as u64) as usize);
-            sqlx::query("DELETE FROM products WHERE tenant_id = $1 AND id = $2")
-                .bind(tenant.as_str())
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-            let event = NewEvent::new(
-                tenant,
-                id.to_string(),
-                EventPayload::ProductDeleted(proto::ProductDeleted {
-                    product_id: id.to_string(),
-                }),
-            );
-            writer::append(&mut tx, &event).await?;
-            report.deleted += 1;
-        }
-        tx.commit().await?;
+        let payload = proto::ProductDeleted {
+            product_id: id.to_string(),
+        };
+        Ok(NewEvent::new(
+            tenant,
+            id.to_string(),
+            EventPayload::ProductDeleted(payload),
+        ))
     }
-    Ok(report)
 }
 
 /// SplitMix64: a small, fast, seedable generator for a repeatable load mix.

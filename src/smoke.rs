@@ -102,6 +102,43 @@ pub async fn run(config: &Config, timeout: Duration) -> Result<SmokeReport, Smok
     .expect("metadata task panicked")?;
     broker::ensure_topic(&config.kafka, SMOKE_TOPIC, 1).await?;
 
+    let (row, payload) = smoke_event();
+    let record = WireRecord::from_row(&row, None);
+    let producer: FutureProducer = broker::producer_config(&config.kafka)
+        .create()
+        .map_err(kafka("producer creation"))?;
+    let started = Instant::now();
+    let delivery = producer
+        .send(broker::future_record(SMOKE_TOPIC, &record), timeout)
+        .await
+        .map_err(|(source, _)| SmokeError::Kafka {
+            what: "produce",
+            source,
+        })?;
+    let (partition, offset) = (delivery.partition, delivery.offset);
+
+    let consumer: StreamConsumer = broker::consumer_config(&config.kafka, SMOKE_GROUP)
+        .create()
+        .map_err(kafka("consumer creation"))?;
+    consumer
+        .subscribe(&[SMOKE_TOPIC])
+        .map_err(kafka("subscribe"))?;
+    read_back(&consumer, &row, &payload, timeout).await?;
+    let round_trip = started.elapsed();
+    commit_and_check(&consumer, partition, offset + 1)?;
+    Ok(SmokeReport {
+        schema_version,
+        brokers,
+        event_id: row.id,
+        partition,
+        offset,
+        committed: offset + 1,
+        round_trip,
+    })
+}
+
+/// A fresh product's creation, as the outbox row the application would write.
+fn smoke_event() -> (OutboxRow, EventPayload) {
     let payload = EventPayload::ProductCreated(proto::ProductCreated {
         product: Some(proto::Product {
             id: Uuid::new_v4().to_string(),
@@ -123,49 +160,46 @@ pub async fn run(config: &Config, timeout: Duration) -> Result<SmokeReport, Smok
         deliver_before: None,
         integration: None,
     };
-    let record = WireRecord::from_row(&row, None);
+    (row, payload)
+}
 
-    let producer: FutureProducer = broker::producer_config(&config.kafka)
-        .create()
-        .map_err(kafka("producer creation"))?;
-    let started = Instant::now();
-    let delivery = producer
-        .send(broker::future_record(SMOKE_TOPIC, &record), timeout)
-        .await
-        .map_err(|(source, _)| SmokeError::Kafka {
-            what: "produce",
-            source,
-        })?;
-    let (partition, offset) = (delivery.partition, delivery.offset);
-
-    let consumer: StreamConsumer = broker::consumer_config(&config.kafka, SMOKE_GROUP)
-        .create()
-        .map_err(kafka("consumer creation"))?;
-    consumer
-        .subscribe(&[SMOKE_TOPIC])
-        .map_err(kafka("subscribe"))?;
+/// Reads until the event `row` comes back, and checks it came back unchanged.
+async fn read_back(
+    consumer: &StreamConsumer,
+    row: &OutboxRow,
+    payload: &EventPayload,
+    timeout: Duration,
+) -> Result<(), SmokeError> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let round_trip = loop {
+    loop {
         let message = tokio::time::timeout_at(deadline, consumer.recv())
             .await
             .map_err(|_| SmokeError::Timeout(timeout))?
             .map_err(kafka("consume"))?;
         // Earlier smoke runs' records may still be ahead of the group's offset: skip them.
         let event = outbox::decode(&broker::raw_record(&message))?;
-        if event.id == row.id {
-            let sent = Payload::Protobuf(payload.encode_to_vec());
-            if event.payload != sent {
-                return Err(SmokeError::Mismatch {
-                    sent: Box::new(sent),
-                    received: Box::new(event.payload),
-                });
-            }
-            break started.elapsed();
+        if event.id != row.id {
+            continue;
         }
-    };
+        let sent = Payload::Protobuf(payload.encode_to_vec());
+        if event.payload != sent {
+            return Err(SmokeError::Mismatch {
+                sent: Box::new(sent),
+                received: Box::new(event.payload),
+            });
+        }
+        return Ok(());
+    }
+}
 
+/// Commits `next` for the smoke partition and checks the broker reports it back.
+fn commit_and_check(
+    consumer: &StreamConsumer,
+    partition: i32,
+    next: i64,
+) -> Result<(), SmokeError> {
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(SMOKE_TOPIC, partition, Offset::Offset(offset + 1))
+    tpl.add_partition_offset(SMOKE_TOPIC, partition, Offset::Offset(next))
         .map_err(kafka("offset list"))?;
     // A synchronous commit blocks its thread until the broker answers: keep it off the
     // runtime's workers.
@@ -177,19 +211,11 @@ pub async fn run(config: &Config, timeout: Duration) -> Result<SmokeReport, Smok
     let committed = committed
         .find_partition(SMOKE_TOPIC, partition)
         .and_then(|p| p.offset().to_raw());
-    if committed != Some(offset + 1) {
+    if committed != Some(next) {
         return Err(SmokeError::Commit {
             found: committed,
-            expected: offset + 1,
+            expected: next,
         });
     }
-    Ok(SmokeReport {
-        schema_version,
-        brokers,
-        event_id: row.id,
-        partition,
-        offset,
-        committed: offset + 1,
-        round_trip,
-    })
+    Ok(())
 }

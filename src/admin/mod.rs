@@ -848,7 +848,7 @@ async fn metrics(State(admin): State<Admin>) -> Response {
         .into_response()
 }
 
-/// What this instance counts in memory: counters, and gauges in base units.
+/// What this instance counts in memory: counters, then [`instance_gauges`].
 fn instance_metrics(s: &ConsumeStats, out: &mut Series<'_, '_>) -> std::fmt::Result {
     // (name, help, value): the counters (the encoder adds `_total`).
     let counters = [
@@ -887,6 +887,11 @@ fn instance_metrics(s: &ConsumeStats, out: &mut Series<'_, '_>) -> std::fmt::Res
     for (name, help, value) in counters {
         out.counter(name, help, value.load(Relaxed))?;
     }
+    instance_gauges(s, out)
+}
+
+/// What this instance holds now, in base units.
+fn instance_gauges(s: &ConsumeStats, out: &mut Series<'_, '_>) -> std::fmt::Result {
     let gauges = [
         (
             "ferry_consumer_recovering",

@@ -145,77 +145,17 @@ impl ConsumeBenchReport {
     /// The table and the machine-readable last line.
     pub fn render(&self) -> String {
         let o = &self.options;
-        let per_s = |n: usize, d: Duration| n as f64 / d.as_secs_f64().max(1e-9);
-        let healthy = healthy_events(o.isolation_events);
         let mut s = format!(
             "consume benchmark on {}\n\n\
              | run | events | tenants | handler | in flight | elapsed | events/s | ratio |\n\
              |---|---|---|---|---|---|---|---|\n",
             o.broker.describe()
         );
+        for row in self.rows() {
+            s.push_str(&row.render());
+        }
         s.push_str(&format!(
-            "| 1. key-ordered (ferry) | {} | {} | {} ms | 256 | {:.2} s | {:.0} | {:.1}x |\n",
-            o.events,
-            o.tenants,
-            o.handler_ms,
-            self.ferry.as_secs_f64(),
-            per_s(o.events, self.ferry),
-            self.speedup()
-        ));
-        s.push_str(&format!(
-            "| 1. classic in-order (baseline) | {} | {} | {} ms | 1 | {:.2} s | {:.0} | 1.0x |\n",
-            o.events,
-            o.tenants,
-            o.handler_ms,
-            self.classic.as_secs_f64(),
-            per_s(o.events, self.classic)
-        ));
-        s.push_str(&format!(
-            "| 5. two integrations at once, each every event | {} | {} | {} ms | 256 each | {:.2} s | {:.0} | {:.2}x |\n",
-            2 * o.events,
-            o.tenants,
-            o.handler_ms,
-            self.two_integrations.as_secs_f64(),
-            per_s(2 * o.events, self.two_integrations),
-            self.two_integrations_ratio()
-        ));
-        s.push_str(&format!(
-            "| 2. overhead, the broker's client alone (ceiling) | {} | {} | | | {:.2} s | {:.0} | 1.0x |\n",
-            o.overhead_events,
-            o.tenants,
-            self.overhead_broker.as_secs_f64(),
-            self.broker_events_per_s()
-        ));
-        s.push_str(&format!(
-            "| 2. overhead (immediate handler) | {} | {} | 0 ms | 256 | {:.2} s | {:.0} | {:.2}x |\n",
-            o.overhead_events,
-            o.tenants,
-            self.overhead.as_secs_f64(),
-            self.overhead_events_per_s(),
-            self.overhead_ratio()
-        ));
-        s.push_str(&format!(
-            "| 3. isolation, all healthy (baseline) | {healthy} healthy | {ISOLATION_TENANTS} | {} ms | 256 | {:.2} s | {:.0} | 1.0x |\n",
-            o.handler_ms,
-            self.isolation_healthy.as_secs_f64(),
-            per_s(healthy, self.isolation_healthy),
-        ));
-        s.push_str(&format!(
-            "| 3. isolation, {FAILING} failing every event | {healthy} healthy, {} parked | {ISOLATION_TENANTS} | {} ms | 256 | {:.2} s | {:.0} | {:.2}x |\n",
-            self.isolation_parked,
-            o.handler_ms,
-            self.isolation_failing.as_secs_f64(),
-            per_s(healthy, self.isolation_failing),
-            self.isolation_ratio(),
-        ));
-        s.push_str(&format!(
-            "| 4. memory, one tenant paused | {} parked | 1 | | | {:.2} s | {:.0} | |\n\n",
-            self.parked,
-            self.parked_elapsed.as_secs_f64(),
-            per_s(self.parked as usize, self.parked_elapsed),
-        ));
-        s.push_str(&format!(
-            "isolation: with {FAILING} failing, a commit point rested on an event in flight for at most {} ms; \
+            "\nisolation: with {FAILING} failing, a commit point rested on an event in flight for at most {} ms; \
              memory: peak RSS {:.1} MB while {} events were parked\n\n",
             self.max_commit_lag.as_millis(),
             self.parked_peak_rss_mb(),
@@ -231,6 +171,156 @@ impl ConsumeBenchReport {
             self.two_integrations_ratio(),
         ));
         s
+    }
+
+    /// The table's rows, in the order printed.
+    fn rows(&self) -> Vec<TableRow> {
+        let o = &self.options;
+        let healthy = healthy_events(o.isolation_events);
+        let h = &format!("{} ms", o.handler_ms);
+        let (n, t, big) = (o.events, o.tenants, o.overhead_events);
+        let failing = format!("3. isolation, {FAILING} failing every event");
+        let ratio = |r: f64| format!("{r:.2}x");
+        let base = || "1.0x".to_owned();
+        vec![
+            TableRow::new("1. key-ordered (ferry)", n, t, self.ferry, n).cells(
+                h,
+                "256",
+                format!("{:.1}x", self.speedup()),
+            ),
+            TableRow::new("1. classic in-order (baseline)", n, t, self.classic, n).cells(
+                h,
+                "1",
+                base(),
+            ),
+            TableRow::new(
+                "5. two integrations at once, each every event",
+                2 * n,
+                t,
+                self.two_integrations,
+                2 * n,
+            )
+            .cells(h, "256 each", ratio(self.two_integrations_ratio())),
+            TableRow::new(
+                "2. overhead, the broker's client alone (ceiling)",
+                big,
+                t,
+                self.overhead_broker,
+                big,
+            )
+            .cells("", "", base()),
+            TableRow::new(
+                "2. overhead (immediate handler)",
+                big,
+                t,
+                self.overhead,
+                big,
+            )
+            .cells("0 ms", "256", ratio(self.overhead_ratio())),
+            TableRow::new(
+                "3. isolation, all healthy (baseline)",
+                healthy,
+                ISOLATION_TENANTS,
+                self.isolation_healthy,
+                healthy,
+            )
+            .events_as(format!("{healthy} healthy"))
+            .cells(h, "256", base()),
+            TableRow::new(
+                &failing,
+                healthy,
+                ISOLATION_TENANTS,
+                self.isolation_failing,
+                healthy,
+            )
+            .events_as(format!(
+                "{healthy} healthy, {} parked",
+                self.isolation_parked
+            ))
+            .cells(h, "256", ratio(self.isolation_ratio())),
+            TableRow::new(
+                "4. memory, one tenant paused",
+                self.parked as usize,
+                1,
+                self.parked_elapsed,
+                self.parked as usize,
+            )
+            .events_as(format!("{} parked", self.parked))
+            .cells("", "", String::new()),
+        ]
+    }
+}
+
+/// One row of the consume benchmark's table.
+struct TableRow {
+    run: String,
+    events: String,
+    tenants: usize,
+    handler: String,
+    in_flight: &'static str,
+    elapsed: Duration,
+    /// The events the rate counts.
+    counted: usize,
+    /// Against the row's baseline ("1.0x" on the baseline); blank when the row has none.
+    ratio: String,
+}
+
+impl TableRow {
+    /// `run`, over `events` of `tenants`, took `elapsed` for `counted` of them (the rate's).
+    fn new(run: &str, events: usize, tenants: usize, elapsed: Duration, counted: usize) -> Self {
+        TableRow {
+            run: run.to_owned(),
+            events: events.to_string(),
+            tenants,
+            handler: String::new(),
+            in_flight: "",
+            elapsed,
+            counted,
+            ratio: String::new(),
+        }
+    }
+
+    /// The events column as `label`, not the bare count.
+    fn events_as(self, label: String) -> Self {
+        TableRow {
+            events: label,
+            ..self
+        }
+    }
+
+    /// The handler, in-flight and ratio columns.
+    fn cells(self, handler: &str, in_flight: &'static str, ratio: String) -> Self {
+        TableRow {
+            handler: handler.to_owned(),
+            in_flight,
+            ratio,
+            ..self
+        }
+    }
+
+    fn render(&self) -> String {
+        let rate = self.counted as f64 / self.elapsed.as_secs_f64().max(1e-9);
+        let cells = [
+            self.run.clone(),
+            self.events.clone(),
+            self.tenants.to_string(),
+            self.handler.clone(),
+            self.in_flight.to_owned(),
+            format!("{:.2} s", self.elapsed.as_secs_f64()),
+            format!("{rate:.0}"),
+            self.ratio.clone(),
+        ];
+        let mut line = String::from("|");
+        for cell in cells {
+            // An empty cell is "| |", as in the table's other blank cells.
+            if cell.is_empty() {
+                line.push_str(" |");
+            } else {
+                line.push_str(&format!(" {cell} |"));
+            }
+        }
+        line.push('\n');
+        line
     }
 }
 
@@ -302,72 +392,23 @@ pub async fn run(
     options: &ConsumeBenchOptions,
 ) -> Result<ConsumeBenchReport, BenchError> {
     let delay = Duration::from_millis(options.handler_ms);
-    let any = |_: &ConsumeStats, _: &Scripted| true;
     let mut config = config.clone();
     let started = options.broker.start(&mut config)?;
     let (config, mock) = (&config, started.mock());
 
     // 1. Key-ordered parallelism against one in flight.
     let topic = fill(config, mock, options.events, options.tenants, 1).await?;
-    let all = |n: usize| {
-        move |_: &ConsumeStats, h: &Scripted| h.healthy.load(Ordering::Relaxed) >= n as u64
-    };
-    let ferry = consume(
-        config,
-        &topic,
-        Scripted::new(delay, None),
-        256,
-        all(options.events),
-        any,
-    )
-    .await?
-    .elapsed;
-    let classic = consume(
-        config,
-        &topic,
-        Scripted::new(delay, None),
-        1,
-        all(options.events),
-        any,
-    )
-    .await?
-    .elapsed;
+    let ferry = consume_all(config, &topic, delay, 256, options.events).await?;
+    let classic = consume_all(config, &topic, delay, 1, options.events).await?;
     // 5. The same records, two integrations at once.
     let two_integrations = side_by_side(config, &topic, delay, options.events).await?;
 
     // 2. Overhead, against what the broker serves a consumer that does nothing with the records.
     let big = fill(config, mock, options.overhead_events, options.tenants, 4).await?;
     let overhead_broker = read_alone(config, &big, options.overhead_events).await?;
-    let overhead = consume(
-        config,
-        &big,
-        Scripted::new(Duration::ZERO, None),
-        256,
-        all(options.overhead_events),
-        any,
-    )
-    .await?
-    .elapsed;
+    let overhead = consume_all(config, &big, Duration::ZERO, 256, options.overhead_events).await?;
 
-    // 3. Isolation: the same records, all healthy, then with tenant-0 failing.
-    let healthy = healthy_events(options.isolation_events);
-    let failing_events = (options.isolation_events - healthy) as u64;
-    let mixed = fill(config, mock, options.isolation_events, ISOLATION_TENANTS, 1).await?;
-    let baseline = Scripted {
-        uncounted: Some(FAILING),
-        ..Scripted::new(delay, None)
-    };
-    let isolation_healthy = consume(config, &mixed, baseline, 256, all(healthy), any).await?;
-    let isolation_failing = consume(
-        config,
-        &mixed,
-        Scripted::new(delay, Some(FAILING)),
-        256,
-        all(healthy),
-        // Run on until every event of the failing tenant is parked, so the commit lag covers it.
-        move |s: &ConsumeStats, _: &Scripted| s.parked.load(Ordering::Relaxed) >= failing_events,
-    )
-    .await?;
+    let isolation = isolation(config, mock, delay, options.isolation_events).await?;
 
     // 4. Memory: one tenant, paused at its first event, the rest parked as it arrives.
     let parked_topic = fill(config, mock, options.parked_events + 1, 1, 1).await?;
@@ -382,11 +423,12 @@ pub async fn run(
         classic,
         overhead,
         overhead_broker,
-        isolation_healthy: isolation_healthy.elapsed,
-        isolation_failing: isolation_failing.elapsed,
-        isolation_parked: isolation_failing.stats.parked.load(Ordering::Relaxed),
+        isolation_healthy: isolation.healthy.elapsed,
+        isolation_failing: isolation.failing.elapsed,
+        isolation_parked: isolation.failing.stats.parked.load(Ordering::Relaxed),
         max_commit_lag: Duration::from_millis(
-            isolation_failing
+            isolation
+                .failing
                 .stats
                 .commit_lag_max_ms
                 .load(Ordering::Relaxed),
@@ -396,6 +438,73 @@ pub async fn run(
         parked_peak_rss_kb: memory.peak_rss_kb,
         two_integrations,
     })
+}
+
+/// `topic`'s `events` consumed by a handler that takes `delay` each, every tenant healthy:
+/// the time until the last is delivered.
+async fn consume_all(
+    config: &Config,
+    topic: &str,
+    delay: Duration,
+    max_in_flight: usize,
+    events: usize,
+) -> Result<Duration, BenchError> {
+    let handler = Scripted::new(delay, None);
+    Ok(consume(
+        config,
+        topic,
+        handler,
+        max_in_flight,
+        delivered(events),
+        any,
+    )
+    .await?
+    .elapsed)
+}
+
+/// Done once `n` events of the counted tenants are delivered.
+fn delivered(n: usize) -> impl Fn(&ConsumeStats, &Scripted) -> bool {
+    move |_: &ConsumeStats, h: &Scripted| h.healthy.load(Ordering::Relaxed) >= n as u64
+}
+
+/// Settled as soon as done.
+fn any(_: &ConsumeStats, _: &Scripted) -> bool {
+    true
+}
+
+/// The isolation scenario's two runs.
+struct Isolation {
+    healthy: Run,
+    failing: Run,
+}
+
+/// 3. Isolation: the same records, all healthy, then with tenant-0 failing.
+async fn isolation(
+    config: &Config,
+    mock: Option<&super::relay::Mock>,
+    delay: Duration,
+    events: usize,
+) -> Result<Isolation, BenchError> {
+    let healthy_events = healthy_events(events);
+    let failing_events = (events - healthy_events) as u64;
+    let mixed = fill(config, mock, events, ISOLATION_TENANTS, 1).await?;
+    let baseline = Scripted {
+        uncounted: Some(FAILING),
+        ..Scripted::new(delay, None)
+    };
+    let done = delivered(healthy_events);
+    let healthy = consume(config, &mixed, baseline, 256, done, any).await?;
+    let failing = consume(
+        config,
+        &mixed,
+        Scripted::new(delay, Some(FAILING)),
+        256,
+        delivered(healthy_events),
+        // Run on until every event of the failing tenant is parked, so the commit lag covers it.
+        move |s: &ConsumeStats, _: &Scripted| s.parked.load(Ordering::Relaxed) >= failing_events,
+    )
+    .await?;
+    Ok(Isolation { healthy, failing })
 }
 
 /// The memory scenario's result.
@@ -752,5 +861,44 @@ mod tests {
         // Round-robin over 100 tenants: tenant-0 has events 0, 100, 200, ...
         assert_eq!(healthy_events(20_000), 19_800);
         assert_eq!(healthy_events(401), 396);
+    }
+
+    #[test]
+    fn the_table_prints_each_run_with_its_rate_and_ratio() {
+        let secs = Duration::from_secs_f64;
+        let report = ConsumeBenchReport {
+            options: ConsumeBenchOptions::default(),
+            ferry: secs(2.0),
+            classic: secs(20.0),
+            overhead: secs(2.0),
+            overhead_broker: secs(1.0),
+            isolation_healthy: secs(1.98),
+            isolation_failing: secs(2.2),
+            isolation_parked: 200,
+            max_commit_lag: Duration::from_millis(40),
+            parked: 100_000,
+            parked_elapsed: secs(5.0),
+            parked_peak_rss_kb: 20 * 1024,
+            two_integrations: secs(2.5),
+        };
+        let table = report.render();
+        for row in [
+            "| 1. key-ordered (ferry) | 20000 | 1000 | 10 ms | 256 | 2.00 s | 10000 | 10.0x |",
+            "| 1. classic in-order (baseline) | 20000 | 1000 | 10 ms | 1 | 20.00 s | 1000 | 1.0x |",
+            "| 5. two integrations at once, each every event | 40000 | 1000 | 10 ms | 256 each | 2.50 s | 16000 | 1.60x |",
+            "| 2. overhead, the broker's client alone (ceiling) | 200000 | 1000 | | | 1.00 s | 200000 | 1.0x |",
+            "| 2. overhead (immediate handler) | 200000 | 1000 | 0 ms | 256 | 2.00 s | 100000 | 0.50x |",
+            "| 3. isolation, all healthy (baseline) | 19800 healthy | 100 | 10 ms | 256 | 1.98 s | 10000 | 1.0x |",
+            "| 3. isolation, tenant-0 failing every event | 19800 healthy, 200 parked | 100 | 10 ms | 256 | 2.20 s | 9000 | 0.90x |",
+            "| 4. memory, one tenant paused | 100000 parked | 1 | | | 5.00 s | 20000 | |",
+        ] {
+            assert!(
+                table.contains(&format!("{row}\n")),
+                "{row} missing from\n{table}"
+            );
+        }
+        assert!(table.ends_with(
+            "speedup=10.0 overhead_events_per_s=100000 isolation_ratio=0.90 max_commit_lag_ms=40 parked_peak_rss_mb=20 two_integrations_ratio=1.60\n"
+        ));
     }
 }

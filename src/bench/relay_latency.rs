@@ -9,10 +9,12 @@
 //! same machine's clock). The reader polls with `fetch.wait.max.ms=10`, so the broker's fetch
 //! path adds little of its own.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::Message as _;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -21,7 +23,7 @@ use super::{BenchError, drop_database, fresh_database};
 use crate::broker;
 use crate::config::{Config, RelayMode};
 use crate::load::{self, LoadOptions};
-use crate::relay::Relay;
+use crate::relay::{Relay, RelayError, RelayStats};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -151,57 +153,20 @@ async fn run_mode(
     mock: Option<&Mock>,
 ) -> Result<LatencyRun, BenchError> {
     let (pool, url) = fresh_database(&config.database, "ferry_bench_latency").await?;
-    let mut cfg = config.clone();
-    cfg.database.url = url.clone();
-    let run_id = Uuid::new_v4().simple().to_string();
-    cfg.kafka.topic = format!("ferry-bench-latency-{run_id}");
-    cfg.relay.slot = format!("ferry_bench_{run_id}");
-    cfg.relay.publication = format!("ferry_bench_{run_id}");
-    cfg.relay.mode = mode;
+    let cfg = mode_config(config, &url, mode);
     match mock {
         Some(mock) => mock.create_topic(&cfg.kafka.topic, options.partitions, 1)?,
         None => broker::ensure_topic(&cfg.kafka, &cfg.kafka.topic, options.partitions).await?,
     }
-
-    let mut reader_config = broker::client_config(&cfg.kafka);
-    reader_config
-        .set("group.id", format!("ferry-bench-latency-{run_id}"))
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "10");
-    let reader: StreamConsumer = reader_config.create()?;
-    // Assigned, not subscribed: a group join would delay the first records by seconds.
-    let mut partitions = rdkafka::TopicPartitionList::new();
-    for p in 0..options.partitions {
-        partitions.add_partition_offset(&cfg.kafka.topic, p, rdkafka::Offset::Beginning)?;
-    }
-    reader.assign(&partitions)?;
+    let reader = assigned_reader(&cfg, options.partitions)?;
 
     let mut relay = Relay::connect(&cfg).await?;
     relay.setup().await?;
     let stop = CancellationToken::new();
     let relay_task = tokio::spawn(relay.run(stop.clone()));
-
-    // One warm-up change, read back before the clock starts: the relay is streaming and the
-    // reader fetching when the measured writes begin.
-    let warm_up = LoadOptions {
-        tenants: 1,
-        events: 1,
-        concurrency: 1,
-        tenant_prefix: "warm-up-".to_owned(),
-        ..LoadOptions::default()
-    };
-    load::run(&pool, &warm_up)
-        .await
-        .map_err(|e| BenchError::Stalled(format!("the warm-up write failed: {e}")))?;
-    match tokio::time::timeout(Duration::from_secs(60), reader.recv()).await {
-        Ok(m) => drop(m?),
-        Err(_) => {
-            stop.cancel();
-            return Err(BenchError::Stalled(format!(
-                "{mode:?}: the warm-up record was not read within 60 s"
-            )));
-        }
+    if let Err(e) = warm_up(&pool, &reader, mode).await {
+        stop.cancel();
+        return Err(e);
     }
 
     let rows = (options.rate * options.seconds).round() as usize;
@@ -213,30 +178,15 @@ async fn run_mode(
     };
     let writer_pool = pool.clone();
     let writers = tokio::spawn(async move { load::run(&writer_pool, &load_options).await });
-
-    let mut latencies_ms = Vec::with_capacity(rows);
     let until =
         Instant::now() + Duration::from_secs_f64(options.seconds) + Duration::from_secs(120);
-    while latencies_ms.len() < rows {
-        let left = until.saturating_duration_since(Instant::now());
-        let message = match tokio::time::timeout(left, reader.recv()).await {
-            Ok(m) => m?,
-            Err(_) => {
-                stop.cancel();
-                return Err(BenchError::Stalled(format!(
-                    "{mode:?}: {} of {rows} records read in time",
-                    latencies_ms.len()
-                )));
-            }
-        };
-        let now_ms = chrono::Utc::now().timestamp_micros() as f64 / 1000.0;
-        if let Some(committed_ms) = message.timestamp().to_millis() {
-            latencies_ms.push((now_ms - committed_ms as f64).max(0.0));
+    let mut latencies_ms = match read_latencies(&reader, rows, until, &relay_task, mode).await {
+        Ok(latencies_ms) => latencies_ms,
+        Err(e) => {
+            stop.cancel();
+            return Err(e);
         }
-        if relay_task.is_finished() {
-            break;
-        }
-    }
+    };
     let report = writers
         .await
         .expect("writers panicked")
@@ -253,4 +203,92 @@ async fn run_mode(
         write_rate: report.events() as f64 / report.elapsed.as_secs_f64().max(1e-9),
         latencies_ms,
     })
+}
+
+/// The run's configuration: its database, and a topic, slot and publication of its own.
+fn mode_config(config: &Config, url: &str, mode: RelayMode) -> Config {
+    let mut cfg = config.clone();
+    cfg.database.url = url.to_owned();
+    let run_id = Uuid::new_v4().simple().to_string();
+    cfg.kafka.topic = format!("ferry-bench-latency-{run_id}");
+    cfg.relay.slot = format!("ferry_bench_{run_id}");
+    cfg.relay.publication = format!("ferry_bench_{run_id}");
+    cfg.relay.mode = mode;
+    cfg
+}
+
+/// A reader of every partition from the beginning, fetching with a short wait.
+fn assigned_reader(cfg: &Config, partitions: i32) -> Result<StreamConsumer, BenchError> {
+    let mut reader_config = broker::client_config(&cfg.kafka);
+    reader_config
+        .set("group.id", cfg.kafka.topic.clone())
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "10");
+    let reader: StreamConsumer = reader_config.create()?;
+    // Assigned, not subscribed: a group join would delay the first records by seconds.
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        assignment.add_partition_offset(&cfg.kafka.topic, p, rdkafka::Offset::Beginning)?;
+    }
+    reader.assign(&assignment)?;
+    Ok(reader)
+}
+
+/// One warm-up change, read back before the clock starts: the relay is streaming and the
+/// reader fetching when the measured writes begin.
+async fn warm_up(
+    pool: &PgPool,
+    reader: &StreamConsumer,
+    mode: RelayMode,
+) -> Result<(), BenchError> {
+    let warm_up = LoadOptions {
+        tenants: 1,
+        events: 1,
+        concurrency: 1,
+        tenant_prefix: "warm-up-".to_owned(),
+        ..LoadOptions::default()
+    };
+    load::run(pool, &warm_up)
+        .await
+        .map_err(|e| BenchError::Stalled(format!("the warm-up write failed: {e}")))?;
+    match tokio::time::timeout(Duration::from_secs(60), reader.recv()).await {
+        Ok(m) => m.map(drop).map_err(BenchError::from),
+        Err(_) => Err(BenchError::Stalled(format!(
+            "{mode:?}: the warm-up record was not read within 60 s"
+        ))),
+    }
+}
+
+type RelayTask = tokio::task::JoinHandle<Result<Arc<RelayStats>, RelayError>>;
+
+/// Reads until `rows` records or `until`, each record's commit-to-read latency in ms; stops
+/// early if the relay ends.
+async fn read_latencies(
+    reader: &StreamConsumer,
+    rows: usize,
+    until: Instant,
+    relay_task: &RelayTask,
+    mode: RelayMode,
+) -> Result<Vec<f64>, BenchError> {
+    let mut latencies_ms = Vec::with_capacity(rows);
+    while latencies_ms.len() < rows {
+        let left = until.saturating_duration_since(Instant::now());
+        let message = match tokio::time::timeout(left, reader.recv()).await {
+            Ok(m) => m?,
+            Err(_) => {
+                let read = latencies_ms.len();
+                let stalled = format!("{mode:?}: {read} of {rows} records read in time");
+                return Err(BenchError::Stalled(stalled));
+            }
+        };
+        let now_ms = chrono::Utc::now().timestamp_micros() as f64 / 1000.0;
+        if let Some(committed_ms) = message.timestamp().to_millis() {
+            latencies_ms.push((now_ms - committed_ms as f64).max(0.0));
+        }
+        if relay_task.is_finished() {
+            break;
+        }
+    }
+    Ok(latencies_ms)
 }

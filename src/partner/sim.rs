@@ -456,6 +456,47 @@ fn gate(sim: &Sim, account: &str, method: &Method, uri: &Uri, headers: &HeaderMa
         replay: false,
         at_ms,
     });
+    let authorized = header("authorization").is_some_and(|v| v == format!("Bearer {}", sim.token));
+    let answer = refusal(&mut s, account, method, uri, authorized);
+    if let Some((status, body, retry_after)) = answer {
+        drop(s);
+        return finish_gate(sim, Gate::Answer(status, body, retry_after));
+    }
+    let ignore_keys = s.faults.ignore_idempotency_keys;
+    let a = s.accounts.entry(account.to_owned()).or_default();
+    a.check_order(position.as_deref(), key.as_deref());
+    if *method != Method::GET
+        && !ignore_keys
+        && let Some(key) = &key
+        && let Some((status, body)) = a.answers.get(key).cloned()
+    {
+        a.replays += 1;
+        drop(s);
+        if let Some(last) = sim.lock().requests.last_mut() {
+            last.replay = true;
+        }
+        return finish_gate(sim, Gate::Answer(status, body, None));
+    }
+    let lose = *method != Method::GET && a.lose > 0;
+    if lose {
+        a.lose -= 1;
+    }
+    Gate::Proceed {
+        key: key.filter(|_| *method != Method::GET),
+        lose,
+    }
+}
+
+/// The answer a request gets before its operation, if any: a refusal of its credentials, an
+/// outage, a failure rule that matches it, or the account's scripted fault. Counts the request
+/// against its account.
+fn refusal(
+    s: &mut SimState,
+    account: &str,
+    method: &Method,
+    uri: &Uri,
+    authorized: bool,
+) -> Option<(u16, Value, Option<u64>)> {
     let faults = s.faults.clone();
     let outage = s.outage_until.is_some_and(|until| Instant::now() < until);
     let rule = s.faults.fail.iter_mut().find(|r| {
@@ -470,8 +511,7 @@ fn gate(sim: &Sim, account: &str, method: &Method, uri: &Uri, headers: &HeaderMa
     });
     let a = s.accounts.entry(account.to_owned()).or_default();
     a.requests += 1;
-    let authorized = header("authorization").is_some_and(|v| v == format!("Bearer {}", sim.token));
-    let answer = if !authorized {
+    if !authorized {
         let (status, body) = error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -493,31 +533,6 @@ fn gate(sim: &Sim, account: &str, method: &Method, uri: &Uri, headers: &HeaderMa
         ))
     } else {
         a.fault(&faults, account, method)
-    };
-    if let Some((status, body, retry_after)) = answer {
-        drop(s);
-        return finish_gate(sim, Gate::Answer(status, body, retry_after));
-    }
-    a.check_order(position.as_deref(), key.as_deref());
-    if *method != Method::GET
-        && !faults.ignore_idempotency_keys
-        && let Some(key) = &key
-        && let Some((status, body)) = a.answers.get(key).cloned()
-    {
-        a.replays += 1;
-        drop(s);
-        if let Some(last) = sim.lock().requests.last_mut() {
-            last.replay = true;
-        }
-        return finish_gate(sim, Gate::Answer(status, body, None));
-    }
-    let lose = *method != Method::GET && a.lose > 0;
-    if lose {
-        a.lose -= 1;
-    }
-    Gate::Proceed {
-        key: key.filter(|_| *method != Method::GET),
-        lose,
     }
 }
 

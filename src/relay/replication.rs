@@ -586,22 +586,7 @@ impl ReplicationConnection {
         let mut scram: Option<Scram> = None;
         let mut server_verified = false;
         loop {
-            let (tag, body) = self.read_message().await?;
-            match tag {
-                b'E' => return Err(parse_error(&body)),
-                b'N' => continue,
-                b'R' => {}
-                other => {
-                    return Err(ReplicationError::Unexpected(format!(
-                        "message {:?} during authentication",
-                        other as char
-                    )));
-                }
-            }
-            let code = body
-                .get(..4)
-                .map(|b| i32::from_be_bytes(b.try_into().expect("four bytes")))
-                .ok_or_else(|| ReplicationError::Unexpected("a short authentication".into()))?;
+            let (code, body) = self.authentication_request().await?;
             let password = || target.password.clone().ok_or(ReplicationError::NoPassword);
             match code {
                 // A server that began SCRAM must prove it knows the password before it may
@@ -625,28 +610,7 @@ impl ReplicationConnection {
                     let reply = md5_password(&target.user, &password()?, salt);
                     self.write(&frontend_message(b'p', &reply)).await?;
                 }
-                10 => {
-                    let mechanisms = String::from_utf8_lossy(&body[4..]).into_owned();
-                    if !mechanisms.split('\0').any(|m| m == "SCRAM-SHA-256") {
-                        return Err(ReplicationError::UnsupportedAuth(format!(
-                            "SASL ({})",
-                            mechanisms.trim_end_matches('\0').replace('\0', ", ")
-                        )));
-                    }
-                    let nonce_bytes: Vec<u8> = uuid::Uuid::new_v4()
-                        .as_bytes()
-                        .iter()
-                        .chain(uuid::Uuid::new_v4().as_bytes())
-                        .copied()
-                        .collect();
-                    let s = Scram::new("", &password()?, &BASE64.encode(nonce_bytes));
-                    let first = s.client_first();
-                    let mut msg = b"SCRAM-SHA-256\0".to_vec();
-                    msg.extend_from_slice(&(first.len() as i32).to_be_bytes());
-                    msg.extend_from_slice(first.as_bytes());
-                    self.write(&frontend_message(b'p', &msg)).await?;
-                    scram = Some(s);
-                }
+                10 => scram = Some(self.sasl_begin(&body[4..], &password()?).await?),
                 11 => {
                     let s = scram.as_mut().ok_or_else(|| {
                         ReplicationError::Unexpected("SASL continue before SASL".into())
@@ -668,6 +632,57 @@ impl ReplicationConnection {
                 }
             }
         }
+    }
+
+    /// The next authentication request: its code and the whole body (the code included).
+    async fn authentication_request(&mut self) -> Result<(i32, Vec<u8>), ReplicationError> {
+        loop {
+            let (tag, body) = self.read_message().await?;
+            match tag {
+                b'E' => return Err(parse_error(&body)),
+                b'N' => continue,
+                b'R' => {}
+                other => {
+                    return Err(ReplicationError::Unexpected(format!(
+                        "message {:?} during authentication",
+                        other as char
+                    )));
+                }
+            }
+            let code = body
+                .get(..4)
+                .map(|b| i32::from_be_bytes(b.try_into().expect("four bytes")))
+                .ok_or_else(|| ReplicationError::Unexpected("a short authentication".into()))?;
+            return Ok((code, body));
+        }
+    }
+
+    /// Answers a SASL request listing `mechanisms` with SCRAM-SHA-256's first message.
+    async fn sasl_begin(
+        &mut self,
+        mechanisms: &[u8],
+        password: &str,
+    ) -> Result<Scram, ReplicationError> {
+        let mechanisms = String::from_utf8_lossy(mechanisms).into_owned();
+        if !mechanisms.split('\0').any(|m| m == "SCRAM-SHA-256") {
+            return Err(ReplicationError::UnsupportedAuth(format!(
+                "SASL ({})",
+                mechanisms.trim_end_matches('\0').replace('\0', ", ")
+            )));
+        }
+        let nonce_bytes: Vec<u8> = uuid::Uuid::new_v4()
+            .as_bytes()
+            .iter()
+            .chain(uuid::Uuid::new_v4().as_bytes())
+            .copied()
+            .collect();
+        let scram = Scram::new("", password, &BASE64.encode(nonce_bytes));
+        let first = scram.client_first();
+        let mut msg = b"SCRAM-SHA-256\0".to_vec();
+        msg.extend_from_slice(&(first.len() as i32).to_be_bytes());
+        msg.extend_from_slice(first.as_bytes());
+        self.write(&frontend_message(b'p', &msg)).await?;
+        Ok(scram)
     }
 
     /// Starts streaming `slot` from its confirmed position, with pgoutput and `publication`.
