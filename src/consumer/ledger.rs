@@ -210,7 +210,9 @@ const INSERT_SETTLED: &str = "INSERT INTO deliveries (event_id, tenant_id, event
 /// primary key once more per row before inserting (a fifth of Postgres's work per event in the
 /// consumer's overhead benchmark), and no row can appear for them meanwhile unless an earlier
 /// owner of the partition settles them late. Such a late row makes the `COPY` fail; it runs in
-/// a savepoint, so the same events are then written with the conflict clause like the rest.
+/// a savepoint, so the same events are then written with the conflict clause like the rest,
+/// and the caller's writes before it stand. (The consumer's own batches write their
+/// settlements first and need no savepoint: [`settle`].)
 pub async fn record_settled(
     conn: &mut sqlx::PgConnection,
     integration: &str,
@@ -236,6 +238,23 @@ pub async fn record_settled(
         sqlx::query("RELEASE SAVEPOINT ferry_unrecorded")
             .execute(&mut *conn)
             .await?;
+    }
+    written += insert_settled(conn, integration, &known).await?;
+    Ok(written)
+}
+
+/// [`record_settled`] as its transaction's first write: no savepoint, so a late row fails the
+/// transaction ([`settle`] writes it again).
+async fn record_settled_first(
+    conn: &mut sqlx::PgConnection,
+    integration: &str,
+    batch: &[Settlement],
+) -> Result<u64, sqlx::Error> {
+    let (unrecorded, known): (Vec<&Settlement>, Vec<&Settlement>) =
+        batch.iter().partition(|s| s.unrecorded);
+    let mut written = 0;
+    if !unrecorded.is_empty() {
+        written += copy_settled(&mut *conn, integration, &unrecorded).await?;
     }
     written += insert_settled(conn, integration, &known).await?;
     Ok(written)
@@ -880,29 +899,71 @@ pub async fn tenants_to_drain(
 }
 
 /// Removes replayed records from a tenant's backlog (up to and including `seq`), recording their
-/// settlements and the attempts at them in the same transaction.
+/// settlements and the attempts at them in the same transaction ([`settle`]).
 pub async fn unpark(
     pool: &PgPool,
     integration: &str,
     tenant: &str,
     through_seq: i64,
     settlements: &[Settlement],
-    (attempts, mappings): (&[AttemptLog], &crate::mappings::Staged),
+    writes: (&[AttemptLog], &crate::mappings::Staged),
 ) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    mappings.write(&mut tx, integration).await?;
-    record_settled(&mut tx, integration, settlements).await?;
-    record_attempts(&mut tx, integration, attempts).await?;
-    sqlx::query(
-        "DELETE FROM parked_events WHERE integration = $3 AND tenant_id = $1 AND seq <= $2",
-    )
-    .bind(tenant)
-    .bind(through_seq)
-    .bind(integration)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(())
+    let unparked = Some((tenant, through_seq));
+    settle(pool, integration, settlements, writes, unparked).await
+}
+
+/// Records `settlements`, the `attempts` at them and the `mappings` they learnt in one
+/// transaction, and removes the records `unparked` names from their tenant's backlog (up to and
+/// including a `seq`) in it too.
+///
+/// The settlements are its first write, so their `COPY` needs no savepoint (two round trips
+/// of every batch): a row an earlier owner of the partition wrote after the dedupe lookup
+/// (the only way an unrecorded event can have one) fails the `COPY` and aborts the
+/// transaction, which is then written again whole, every settlement through the conflict
+/// clause ([`Settlement::unrecorded`] unset).
+pub async fn settle(
+    pool: &PgPool,
+    integration: &str,
+    settlements: &[Settlement],
+    (attempts, mappings): (&[AttemptLog], &crate::mappings::Staged),
+    unparked: Option<(&str, i64)>,
+) -> Result<(), sqlx::Error> {
+    let mut conflict_clause = false;
+    loop {
+        let mut tx = pool.begin().await?;
+        let recorded = if conflict_clause {
+            insert_settled(
+                &mut tx,
+                integration,
+                &settlements.iter().collect::<Vec<_>>(),
+            )
+            .await
+        } else {
+            record_settled_first(&mut tx, integration, settlements).await
+        };
+        match recorded {
+            Err(e) if !conflict_clause && is_unique_violation(&e) => {
+                tx.rollback().await?;
+                conflict_clause = true;
+                continue;
+            }
+            other => other?,
+        };
+        mappings.write(&mut tx, integration).await?;
+        record_attempts(&mut tx, integration, attempts).await?;
+        if let Some((tenant, through_seq)) = unparked {
+            sqlx::query(
+                "DELETE FROM parked_events \
+                 WHERE integration = $3 AND tenant_id = $1 AND seq <= $2",
+            )
+            .bind(tenant)
+            .bind(through_seq)
+            .bind(integration)
+            .execute(&mut *tx)
+            .await?;
+        }
+        return tx.commit().await;
+    }
 }
 
 /// Flips a drained tenant back to live delivery if its backlog is empty (the caller is the only

@@ -122,11 +122,7 @@ pub(super) async fn write_pending(
     if !settlements.is_empty() || !mappings.is_empty() {
         let (batch, positions): (Vec<Settlement>, Vec<Position>) = settlements.into_iter().unzip();
         ids.extend(batch.iter().map(|s| s.event_id));
-        let mut tx = pool.begin().await?;
-        mappings.write(&mut tx, &integration).await?;
-        ledger::record_settled(&mut tx, &integration, &batch).await?;
-        ledger::record_attempts(&mut tx, &integration, &attempts).await?;
-        tx.commit().await?;
+        ledger::settle(&pool, &integration, &batch, (&attempts, &mappings), None).await?;
         settled.extend(positions);
     }
     Ok(Durable {

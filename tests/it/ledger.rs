@@ -143,6 +143,113 @@ async fn copy_and_insert_write_the_same_settlement_record() {
     db.drop().await;
 }
 
+/// Defends: nothing lost and nothing recorded twice when a batch's `COPY`, its transaction's
+/// first write with no savepoint, meets a row an earlier owner wrote after the lookup. Tried:
+/// one unrecorded event settled meanwhile, one recorded failed meanwhile, one new, with a
+/// mapping and an attempt in the batch; the whole transaction is written again.
+#[tokio::test]
+async fn a_batch_whose_copy_meets_a_late_row_is_written_again_whole() {
+    use ferry::mappings::{Mapped, MappingChange, Mappings};
+    let db = TestDb::migrated().await;
+    let (late, failed, new) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    let unrecorded = |id, offset| Settlement {
+        unrecorded: true,
+        ..settlement(id, offset)
+    };
+    // After the lookup found none of them: an earlier owner settles one, another is recorded
+    // failed.
+    let mut late_copy = settlement(late, 1);
+    late_copy.outcome = SettledAs::Expired;
+    ledger::settle(
+        &db.pool,
+        "partner",
+        &[late_copy],
+        (&[], &Default::default()),
+        None,
+    )
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO deliveries (integration, event_id, tenant_id, outcome, attempts) \
+         VALUES ('partner', $1, 'acme', 'failed', 2)",
+    )
+    .bind(failed)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    let mappings = Mappings::default();
+    let change = MappingChange {
+        tenant: "acme".into(),
+        object_type: "shop_item".into(),
+        local_id: "p-1".into(),
+        mapped: Some(Mapped {
+            foreign_id: "item-1".into(),
+            created_by: Some(new),
+        }),
+    };
+    mappings.stage(new, change);
+    let staged = mappings.take(&[new]);
+    let attempt = ledger::AttemptLog {
+        event_id: failed,
+        attempt: 3,
+        started_at: chrono::Utc::now(),
+        finished_at: chrono::Utc::now(),
+        outcome: "delivered",
+        error: None,
+        response: None,
+        instance: "test".into(),
+    };
+    let batch = [
+        unrecorded(late, 1),
+        unrecorded(failed, 2),
+        unrecorded(new, 3),
+    ];
+    ledger::settle(&db.pool, "partner", &batch, (&[attempt], &staged), None)
+        .await
+        .expect("a record met after the lookup is not an error");
+
+    let rows: Vec<(Uuid, String, i32)> = sqlx::query_as(
+        "SELECT event_id, outcome, attempts FROM deliveries WHERE integration = 'partner' \
+         ORDER BY event_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let mut expected = vec![
+        (late, "expired", 1),
+        (failed, "delivered", 3),
+        (new, "delivered", 1),
+    ];
+    expected.sort();
+    assert_eq!(
+        rows.iter()
+            .map(|(id, o, a)| (*id, o.as_str(), *a))
+            .collect::<Vec<_>>(),
+        expected,
+        "the late record kept, the failed one settled with its attempts added, the new one once"
+    );
+    let mapped: Vec<(String, String)> = sqlx::query_as(
+        "SELECT local_id, foreign_id FROM integration_mappings WHERE integration = 'partner'",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(mapped, [("p-1".to_owned(), "item-1".to_owned())]);
+    let attempts: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM delivery_attempts WHERE event_id = $1 AND attempt = 3",
+    )
+    .bind(failed)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        attempts, 1,
+        "the attempt written once, in the rewritten transaction"
+    );
+    db.drop().await;
+}
+
 /// Guarantee defended: an event written with `COPY` (the lookup found no record)
 /// that meets a record after all, settled late by an earlier owner or failed meanwhile, is
 /// neither an error nor a second record.
