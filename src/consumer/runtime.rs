@@ -28,7 +28,9 @@ pub struct ConsumeOptions {
     pub max_queued: usize,
     /// Settlements per transaction, at most.
     pub settle_batch: usize,
-    /// How long a settlement may wait for its batch.
+    /// How long a settlement may wait for its batch. Each batch costs a transaction's round
+    /// trips whatever its size, so this sets the consumer's Postgres work at a steady rate
+    /// (docs/consumer.md, step 6); the partner's latency does not wait on it.
     pub settle_interval: Duration,
     /// How often the commit points that moved are committed to the broker. Each commit is a
     /// write the broker makes; a point is durable in Postgres (the dedupe records) before it
@@ -67,7 +69,7 @@ impl Default for ConsumeOptions {
             max_in_flight: 256,
             max_queued: 20_000,
             settle_batch: 1_000,
-            settle_interval: Duration::from_millis(10),
+            settle_interval: Duration::from_millis(50),
             commit_interval: Duration::from_secs(1),
             retry: RetryPolicy::default(),
             kill_switch_interval: Duration::from_millis(500),
