@@ -281,6 +281,7 @@ impl<H: Handler> Coordinator<H> {
                 Some(found) = self.checked.rx.recv() => self.handle_commit_checked(found),
                 _ = self.timers.lag.tick() => self.handle_lag_check(),
                 _ = self.timers.settle.as_mut(), if self.batch_waiting() => {}
+                _ = Self::creation_awaited(&self.handler), if self.batch_waiting() => {}
                 _ = std::future::ready(()), if self.dispatch_again => {}
             }
             self.after_turn()?;
@@ -1175,9 +1176,13 @@ impl<H: Handler> Coordinator<H> {
         self.stats
             .queued
             .store(self.scheduler.queued() as u64, Relaxed);
+        let awaited = self
+            .handler
+            .mappings()
+            .is_some_and(|m| m.creations_awaited());
         let due = self.pending.len() >= self.options.settle_batch
             || (self.pending.len() > 0
-                && self.last_flush.elapsed() >= self.options.settle_interval);
+                && (awaited || self.last_flush.elapsed() >= self.options.settle_interval));
         if self.writing.is_none() && due {
             let len = self.pending.len();
             let guard = self.writing_guard();
@@ -1203,6 +1208,16 @@ impl<H: Handler> Coordinator<H> {
     /// its own): the settle timer is what ends their wait.
     fn batch_waiting(&self) -> bool {
         self.writing.is_none() && self.pending.len() > 0
+    }
+
+    /// Ready when a write of the handler's starts waiting for a creation to become durable
+    /// ([`crate::mappings::Mappings::creations_awaited`]): the batch is due at once, since the
+    /// write and its tenant's events behind it wait on it. Never, for a handler with no mappings.
+    async fn creation_awaited(handler: &H) {
+        match handler.mappings() {
+            Some(mappings) => mappings.creation_awaited().await,
+            None => std::future::pending().await,
+        }
     }
 
     /// A batch was started: the next one is due `settle_interval` from now.

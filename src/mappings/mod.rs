@@ -37,8 +37,9 @@
 //!   again would find the object, take it back to its own state under a new key, and the
 //!   later event's write, handled again under its first key, would be replayed by the partner
 //!   without effect. So a write to an object whose creation is staged and not yet durable
-//!   waits for it ([`Mappings::creation_durable`]), which the next batch makes so within the
-//!   settlement interval.
+//!   waits for it ([`Mappings::creation_durable`]), which the next batch makes so: a batch the
+//!   consumer starts at once when a write waits ([`Mappings::creations_awaited`]), not on its
+//!   settle timer.
 //!
 //! **Under the overlay, the views.** What is durable is held per tenant while its partition is
 //! owned here ([`views`], which argues why that stands in for the table): a version leaves the
@@ -125,6 +126,28 @@ impl Staging {
     }
 }
 
+/// A write counted in [`Mappings::creations_awaited`] while it waits, however its wait ends
+/// (its attempt may be dropped mid-wait by a revoke).
+struct Waiting<'a>(&'a Mappings);
+
+impl<'a> Waiting<'a> {
+    fn new(mappings: &'a Mappings) -> Self {
+        mappings
+            .awaiting
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        mappings.awaited.notify_one();
+        Waiting(mappings)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0
+            .awaiting
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// One integration's staged mappings: the overlay reads see, and the changes settlements take.
 #[derive(Debug, Default)]
 pub struct Mappings {
@@ -132,6 +155,10 @@ pub struct Mappings {
     staging: Arc<Mutex<Staging>>,
     /// Woken whenever versions leave the overlay.
     left: tokio::sync::Notify,
+    /// Writes waiting in [`Mappings::creation_durable`] now.
+    awaiting: std::sync::atomic::AtomicUsize,
+    /// Given a permit whenever a write starts waiting ([`Mappings::creation_awaited`]).
+    awaited: tokio::sync::Notify,
 }
 
 /// How long a write waits for the creation of its object to become durable before it fails
@@ -161,7 +188,7 @@ impl Mappings {
         };
         Mappings {
             staging: Arc::new(Mutex::new(staging)),
-            left: tokio::sync::Notify::new(),
+            ..Mappings::default()
         }
     }
 
@@ -277,6 +304,7 @@ impl Mappings {
         within: std::time::Duration,
     ) -> Result<(), CreationPending> {
         let deadline = tokio::time::Instant::now() + within;
+        let mut waiting: Option<Waiting<'_>> = None;
         loop {
             // Registered before the check, so a write landing in between still wakes it.
             let left = self.left.notified();
@@ -285,6 +313,9 @@ impl Mappings {
             let Some(created_by) = self.creation_pending(object, event) else {
                 return Ok(());
             };
+            // The consumer writes its batch at once rather than on its timer: this write, and
+            // its tenant's events behind it, wait on that batch.
+            waiting.get_or_insert_with(|| Waiting::new(self));
             if tokio::time::timeout_at(deadline, left).await.is_err() {
                 return Err(CreationPending {
                     object_type: object.1.to_owned(),
@@ -293,6 +324,18 @@ impl Mappings {
                 });
             }
         }
+    }
+
+    /// Whether a write is waiting for a creation to become durable: the settlement's next batch
+    /// is due at once (`consumer::coordinator`).
+    pub fn creations_awaited(&self) -> bool {
+        self.awaiting.load(std::sync::atomic::Ordering::Acquire) > 0
+    }
+
+    /// Ready once a write has started waiting for a creation since the last time it was ready
+    /// (a permit, so a wait that began before this was called is not missed).
+    pub async fn creation_awaited(&self) {
+        self.awaited.notified().await;
     }
 
     /// What `events` learnt is dropped unwritten (their attempts were cut by a revoke, or the
@@ -797,7 +840,12 @@ mod tests {
                     .await
             }
         });
-        tokio::task::yield_now().await;
+        assert!(!m.creations_awaited());
+        // The consumer hears that a write waits, and the wait is counted while it lasts.
+        tokio::time::timeout(std::time::Duration::from_secs(5), m.creation_awaited())
+            .await
+            .expect("a write waiting is announced");
+        assert!(m.creations_awaited());
         assert!(!waiting.is_finished());
         m.written(&batch);
         tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
@@ -805,6 +853,7 @@ mod tests {
             .expect("woken by the write")
             .unwrap()
             .expect("durable");
+        assert!(!m.creations_awaited());
     }
 
     #[tokio::test]
@@ -817,6 +866,30 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.created_by, id(1));
+        assert!(
+            !m.creations_awaited(),
+            "a wait that failed is no longer counted"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_wait_dropped_midway_is_no_longer_counted() {
+        let m = std::sync::Arc::new(Mappings::default());
+        m.stage(id(1), created("p1", "it_1", id(1)));
+        let waiting = tokio::spawn({
+            let m = m.clone();
+            async move {
+                let within = std::time::Duration::from_secs(60);
+                m.creation_durable(("acme", "item", "p1"), id(2), within)
+                    .await
+            }
+        });
+        m.creation_awaited().await;
+        assert!(m.creations_awaited());
+        // A revoke drops the attempt in the middle of its wait.
+        waiting.abort();
+        assert!(waiting.await.unwrap_err().is_cancelled());
+        assert!(!m.creations_awaited());
     }
 
     #[test]

@@ -496,6 +496,43 @@ async fn an_update_waits_until_the_creation_of_its_object_is_durable() {
     db.drop().await;
 }
 
+/// Guarantee: a tenant is never held by the settlement's batching. An update of an object
+/// whose creation is not yet durable waits for the batch that writes it; that batch starts at
+/// once, not on the settle timer. Staged: a settle interval of two minutes. Input tried: a
+/// create and an update of one product; the update must reach the partner within seconds.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_update_waiting_for_its_creation_starts_the_batch_at_once() {
+    let (db, cfg, sim, sim_stop) = setup(Duration::from_secs(5)).await;
+    let rows = [
+        product("tenant-a", "p-1", "Tea", 350, true),
+        product("tenant-a", "p-1", "Green tea", 360, false),
+    ];
+    produce_rows(&cfg.kafka, &rows).await;
+    let options = ConsumeOptions {
+        settle_interval: Duration::from_secs(120),
+        ..fast_retries()
+    };
+    let running = consume(&cfg, &db.pool, options);
+    wait_for(
+        "the update at the partner",
+        Duration::from_secs(20),
+        || async {
+            let state = sim.account("tenant-a");
+            (state.items.first().map(|i| i.name.as_str()) == Some("Green tea")).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        delivered(&db.pool).await,
+        1,
+        "the create's batch was written for the update; the update's own waits for its timer"
+    );
+    running.stop().await;
+    assert_eq!(delivered(&db.pool).await, 2, "written at shutdown");
+    sim_stop.cancel();
+    db.drop().await;
+}
+
 /// Guarantee: nothing lost when the consumer starts again after a database failure. What a
 /// consumer staged and did not write is dropped when it stops: the runtime starts the next
 /// one with the same integration, and with it the same overlay of staged mappings. (Found by
