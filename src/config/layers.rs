@@ -280,6 +280,11 @@ impl<'a> Layers<'a> {
                 "FERRY_CONSUME_COMMIT_INTERVAL_MS",
                 c.commit_interval_ms,
             )?,
+            settle_interval: self.duration(
+                "consume.settle_interval_ms",
+                "FERRY_CONSUME_SETTLE_INTERVAL_MS",
+                c.settle_interval_ms,
+            )?,
             unknown_event_types: self
                 .parsed::<UnknownEventTypes>(
                     "consume.unknown_event_types",
@@ -384,6 +389,7 @@ pub(super) struct FileConsume {
     retry_after_max_ms: Option<DurationSetting>,
     auto_resume_after_ms: Option<DurationSetting>,
     commit_interval_ms: Option<DurationSetting>,
+    settle_interval_ms: Option<DurationSetting>,
     unknown_event_types: Option<String>,
     integration: Option<String>,
     dead_letter_topic: Option<String>,

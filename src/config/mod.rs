@@ -78,6 +78,8 @@ pub struct ConsumeConfig {
     pub auto_resume_after: Option<Duration>,
     /// How often the offsets that moved are committed to the broker.
     pub commit_interval: Option<Duration>,
+    /// How long a settled event may wait for its batch (`ConsumeOptions::settle_interval`).
+    pub settle_interval: Option<Duration>,
     /// What an event of a type the integration does not know does.
     pub unknown_event_types: UnknownEventTypes,
     /// The integration file `ferry consume` runs (`docs/integrations.md`); unset, the
@@ -473,6 +475,7 @@ impl Config {
             ("consume.retry_max_ms", c.retry_max),
             ("consume.auto_resume_after_ms", c.auto_resume_after),
             ("consume.commit_interval_ms", c.commit_interval),
+            ("consume.settle_interval_ms", c.settle_interval),
         ] {
             if value.is_some_and(|d| d.is_zero()) {
                 return Err(invalid(key, "0", "must be at least 1"));
@@ -807,6 +810,7 @@ mod tests {
             ("FERRY_CONSUME_PAUSE_AFTER_ATTEMPTS", "3"),
             ("FERRY_CONSUME_AUTO_RESUME_AFTER_MS", "5000"),
             ("FERRY_CONSUME_COMMIT_INTERVAL_MS", "250ms"),
+            ("FERRY_CONSUME_SETTLE_INTERVAL_MS", "50"),
             ("FERRY_CONSUME_MAPPING_VIEWS", "0"),
         ]);
         let c = Config::load_with(None, env(&e)).unwrap();
@@ -814,6 +818,7 @@ mod tests {
         assert_eq!(c.consume.pause_after_attempts, Some(3));
         assert_eq!(c.consume.auto_resume_after, Some(Duration::from_secs(5)));
         assert_eq!(c.consume.commit_interval, Some(Duration::from_millis(250)));
+        assert_eq!(c.consume.settle_interval, Some(Duration::from_millis(50)));
         assert_eq!(c.consume.mapping_views, Some(0));
         assert_eq!(c.consume.retry_base, None);
         assert_eq!(c.consume.unknown_event_types, UnknownEventTypes::Pause);
@@ -842,6 +847,11 @@ mod tests {
                 "FERRY_CONSUME_COMMIT_INTERVAL_MS",
                 "0",
                 "consume.commit_interval_ms",
+            ),
+            (
+                "FERRY_CONSUME_SETTLE_INTERVAL_MS",
+                "0",
+                "consume.settle_interval_ms",
             ),
             (
                 "FERRY_CONSUME_UNKNOWN_EVENT_TYPES",

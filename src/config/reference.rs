@@ -217,6 +217,12 @@ pub const SETTINGS: &[Setting] = &[
         "`1s`",
     ),
     s(
+        "consume.settle_interval_ms",
+        &["FERRY_CONSUME_SETTLE_INTERVAL_MS"],
+        "how long a settled event waits for its batch of dedupe records: longer makes fewer, larger batches (less database work per event at a steady rate) and moves the commit point later",
+        "`10ms`",
+    ),
+    s(
         "consume.unknown_event_types",
         &["FERRY_CONSUME_UNKNOWN_EVENT_TYPES"],
         "an event of a type the integration does not know: `pause` its tenant or `ignore` it",
@@ -369,6 +375,7 @@ fn value_of(c: &Config, key: &str) -> String {
         "consume.retry_after_max_ms" => opt(c.consume.retry_after_max),
         "consume.auto_resume_after_ms" => opt(c.consume.auto_resume_after),
         "consume.commit_interval_ms" => opt(c.consume.commit_interval),
+        "consume.settle_interval_ms" => opt(c.consume.settle_interval),
         "consume.unknown_event_types" => {
             format!("{:?}", c.consume.unknown_event_types).to_lowercase()
         }

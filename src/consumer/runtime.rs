@@ -28,9 +28,9 @@ pub struct ConsumeOptions {
     pub max_queued: usize,
     /// Settlements per transaction, at most.
     pub settle_batch: usize,
-    /// How long a settlement may wait for its batch. Each batch costs a transaction's round
-    /// trips whatever its size, so this sets the consumer's Postgres work at a steady rate
-    /// (docs/consumer.md, step 6); the partner's latency does not wait on it.
+    /// How long a settlement may wait for its batch (`consume.settle_interval_ms`). Each batch
+    /// costs a transaction's round trips whatever its size, so this sets the consumer's
+    /// Postgres work at a steady rate (docs/consumer.md, step 6).
     pub settle_interval: Duration,
     /// How often the commit points that moved are committed to the broker. Each commit is a
     /// write the broker makes; a point is durable in Postgres (the dedupe records) before it
@@ -69,7 +69,7 @@ impl Default for ConsumeOptions {
             max_in_flight: 256,
             max_queued: 20_000,
             settle_batch: 1_000,
-            settle_interval: Duration::from_millis(50),
+            settle_interval: Duration::from_millis(10),
             commit_interval: Duration::from_secs(1),
             retry: RetryPolicy::default(),
             kill_switch_interval: Duration::from_millis(500),
@@ -99,6 +99,7 @@ impl ConsumeOptions {
         o.retry.retry_after_max = config.retry_after_max.unwrap_or(o.retry.retry_after_max);
         o.auto_resume_after = config.auto_resume_after.unwrap_or(o.auto_resume_after);
         o.commit_interval = config.commit_interval.unwrap_or(o.commit_interval);
+        o.settle_interval = config.settle_interval.unwrap_or(o.settle_interval);
         o.unknown_event_types = config.unknown_event_types;
         o
     }
