@@ -43,7 +43,7 @@ impl SettledAs {
     }
 }
 
-/// One settled event, for [`record_settled`].
+/// One settled event, for [`settle`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settlement {
     /// The event id (the dedupe key).
@@ -68,7 +68,7 @@ pub struct Settlement {
     pub written_at: Option<DateTime<Utc>>,
     /// When the partner acknowledged it (delivered events).
     pub acked_at: Option<DateTime<Utc>>,
-    /// The dedupe lookup found no record of it: [`record_settled`] writes it with `COPY`.
+    /// The dedupe lookup found no record of it: [`settle`] writes it with `COPY`.
     /// `false` (the conflict clause) is always safe.
     pub unrecorded: bool,
 }
@@ -200,52 +200,9 @@ const INSERT_SETTLED: &str = "INSERT INTO deliveries (event_id, tenant_id, event
          \"offset\" = coalesce(deliveries.\"offset\", EXCLUDED.\"offset\") \
      WHERE deliveries.settled_at IS NULL";
 
-/// Records a batch of settled events in one transaction of the caller's (so a handler's own
-/// writes, such as mapping rows, commit with their dedupe record). An event already settled
-/// keeps its first record: replays never rewrite history. One that failed before (recorded
-/// unsettled when its tenant paused) is settled now, its attempts added up.
-///
-/// Events the dedupe lookup found no record of ([`Settlement::unrecorded`]) are written with
-/// `COPY` ([`super::settled_copy`]), which has no conflict clause: the clause checks the
-/// primary key once more per row before inserting (a fifth of Postgres's work per event in the
-/// consumer's overhead benchmark), and no row can appear for them meanwhile unless an earlier
-/// owner of the partition settles them late. Such a late row makes the `COPY` fail; it runs in
-/// a savepoint, so the same events are then written with the conflict clause like the rest,
-/// and the caller's writes before it stand. (The consumer's own batches write their
-/// settlements first and need no savepoint: [`settle`].)
-pub async fn record_settled(
-    conn: &mut sqlx::PgConnection,
-    integration: &str,
-    batch: &[Settlement],
-) -> Result<u64, sqlx::Error> {
-    let (unrecorded, known): (Vec<&Settlement>, Vec<&Settlement>) =
-        batch.iter().partition(|s| s.unrecorded);
-    let mut written = 0;
-    if !unrecorded.is_empty() {
-        sqlx::query("SAVEPOINT ferry_unrecorded")
-            .execute(&mut *conn)
-            .await?;
-        let copied = copy_settled(&mut *conn, integration, &unrecorded).await;
-        written += match copied {
-            Err(e) if is_unique_violation(&e) => {
-                sqlx::query("ROLLBACK TO SAVEPOINT ferry_unrecorded")
-                    .execute(&mut *conn)
-                    .await?;
-                insert_settled(&mut *conn, integration, &unrecorded).await?
-            }
-            other => other?,
-        };
-        sqlx::query("RELEASE SAVEPOINT ferry_unrecorded")
-            .execute(&mut *conn)
-            .await?;
-    }
-    written += insert_settled(conn, integration, &known).await?;
-    Ok(written)
-}
-
-/// [`record_settled`] as its transaction's first write: no savepoint, so a late row fails the
-/// transaction ([`settle`] writes it again).
-async fn record_settled_first(
+/// Records `batch` as its transaction's first write ([`settle`] says why): the unrecorded with
+/// `COPY`, the rest through the conflict clause; how many rows it wrote.
+async fn record_settled(
     conn: &mut sqlx::PgConnection,
     integration: &str,
     batch: &[Settlement],
@@ -909,25 +866,32 @@ pub async fn unpark(
     writes: (&[AttemptLog], &crate::mappings::Staged),
 ) -> Result<(), sqlx::Error> {
     let unparked = Some((tenant, through_seq));
-    settle(pool, integration, settlements, writes, unparked).await
+    settle(pool, integration, settlements, writes, unparked).await?;
+    Ok(())
 }
 
 /// Records `settlements`, the `attempts` at them and the `mappings` they learnt in one
-/// transaction, and removes the records `unparked` names from their tenant's backlog (up to and
-/// including a `seq`) in it too.
+/// transaction (so a handler's own writes commit with their dedupe record), and removes the
+/// records `unparked` names from their tenant's backlog (up to and including a `seq`) in it
+/// too; returns how many settlements it wrote. An event already settled keeps its first
+/// record: replays never rewrite history. One that failed before (recorded unsettled when its
+/// tenant paused) is settled now, its attempts added up.
 ///
-/// The settlements are its first write, so their `COPY` needs no savepoint (two round trips
-/// of every batch): a row an earlier owner of the partition wrote after the dedupe lookup
-/// (the only way an unrecorded event can have one) fails the `COPY` and aborts the
-/// transaction, which is then written again whole, every settlement through the conflict
-/// clause ([`Settlement::unrecorded`] unset).
+/// Events the dedupe lookup found no record of ([`Settlement::unrecorded`]) are written with
+/// `COPY` ([`super::settled_copy`]), which has no conflict clause: the clause checks the
+/// primary key once more per row before inserting (a fifth of Postgres's work per event in the
+/// consumer's overhead benchmark), and no row can appear for them meanwhile unless an earlier
+/// owner of the partition settles them late. Such a late row fails the `COPY`. The settlements
+/// are the transaction's first write, so the `COPY` needs no savepoint (two round trips of
+/// every batch): the transaction is rolled back and written again whole, every settlement
+/// through the conflict clause.
 pub async fn settle(
     pool: &PgPool,
     integration: &str,
     settlements: &[Settlement],
     (attempts, mappings): (&[AttemptLog], &crate::mappings::Staged),
     unparked: Option<(&str, i64)>,
-) -> Result<(), sqlx::Error> {
+) -> Result<u64, sqlx::Error> {
     let mut conflict_clause = false;
     loop {
         let mut tx = pool.begin().await?;
@@ -939,9 +903,9 @@ pub async fn settle(
             )
             .await
         } else {
-            record_settled_first(&mut tx, integration, settlements).await
+            record_settled(&mut tx, integration, settlements).await
         };
-        match recorded {
+        let written = match recorded {
             Err(e) if !conflict_clause && is_unique_violation(&e) => {
                 tx.rollback().await?;
                 conflict_clause = true;
@@ -962,7 +926,8 @@ pub async fn settle(
             .execute(&mut *tx)
             .await?;
         }
-        return tx.commit().await;
+        tx.commit().await?;
+        return Ok(written);
     }
 }
 

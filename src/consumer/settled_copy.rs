@@ -1,5 +1,5 @@
 //! Settlements as rows of Postgres's binary `COPY` format: how a batch of events the dedupe
-//! lookup found no record of reaches `deliveries` ([`super::ledger::record_settled`]).
+//! lookup found no record of reaches `deliveries` ([`super::ledger::settle`]).
 //!
 //! Why `COPY` rather than `INSERT ... SELECT FROM UNNEST(...)`: in the consumer's overhead
 //! benchmark that insert was most of Postgres's work, about 9 µs per row. `UNNEST` over eleven

@@ -25,6 +25,29 @@ fn settlement(id: Uuid, offset: i64) -> Settlement {
     }
 }
 
+/// `batch` settled as the consumer settles it, nothing else in its transaction; rows written.
+async fn settle(pool: &sqlx::PgPool, batch: &[Settlement]) -> u64 {
+    ledger::settle(pool, "partner", batch, (&[], &Default::default()), None)
+        .await
+        .unwrap()
+}
+
+/// What an earlier owner of the partition writes after a batch's dedupe lookup: `late`
+/// settled (as expired), `failed` recorded unsettled after two attempts.
+async fn late_rows(pool: &sqlx::PgPool, late: Uuid, failed: Uuid) {
+    let mut first = settlement(late, 1);
+    first.outcome = SettledAs::Expired;
+    settle(pool, &[first]).await;
+    sqlx::query(
+        "INSERT INTO deliveries (integration, event_id, tenant_id, outcome, attempts) \
+         VALUES ('partner', $1, 'acme', 'failed', 2)",
+    )
+    .bind(failed)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn settlement_is_batched_and_a_replay_never_rewrites_it() {
     let db = TestDb::migrated().await;
@@ -34,25 +57,14 @@ async fn settlement_is_batched_and_a_replay_never_rewrites_it() {
         .zip(0..)
         .map(|(id, o)| settlement(*id, o))
         .collect();
-    let mut conn = db.pool.acquire().await.unwrap();
-    assert_eq!(
-        ledger::record_settled(&mut conn, "partner", &batch)
-            .await
-            .unwrap(),
-        3
-    );
+    assert_eq!(settle(&db.pool, &batch).await, 3);
 
     // A redelivery of the second event, now "expired", beside a new event.
     let fresh = Uuid::now_v7();
     let mut replay = settlement(ids[1], 1);
     replay.outcome = SettledAs::Expired;
     let again = [replay, settlement(fresh, 3)];
-    assert_eq!(
-        ledger::record_settled(&mut conn, "partner", &again)
-            .await
-            .unwrap(),
-        1
-    );
+    assert_eq!(settle(&db.pool, &again).await, 1);
     let outcome: String = sqlx::query_scalar("SELECT outcome FROM deliveries WHERE event_id = $1")
         .bind(ids[1])
         .fetch_one(&db.pool)
@@ -65,7 +77,6 @@ async fn settlement_is_batched_and_a_replay_never_rewrites_it() {
         .await
         .unwrap();
     assert_eq!(found, [ids[0], fresh].into_iter().collect());
-    drop(conn);
     db.drop().await;
 }
 
@@ -100,13 +111,8 @@ async fn copy_and_insert_write_the_same_settlement_record() {
         empty(ids[2], true),
         empty(ids[3], false),
     ];
-    // In a transaction, as the consumer's settlement runs it (the `COPY` takes a savepoint).
-    let mut tx = db.pool.begin().await.unwrap();
-    let written = ledger::record_settled(&mut tx, "partner", &batch)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    assert_eq!(written, 4);
+    // As the consumer's settlement writes it.
+    assert_eq!(settle(&db.pool, &batch).await, 4);
 
     type Row = (String, String, serde_json::Value);
     let row = |id: Uuid| {
@@ -156,27 +162,18 @@ async fn a_batch_whose_copy_meets_a_late_row_is_written_again_whole() {
         unrecorded: true,
         ..settlement(id, offset)
     };
+    let looked_up = ledger::recorded_ids(&db.pool, "partner", &[late, failed, new])
+        .await
+        .unwrap();
+    assert_eq!(looked_up, ledger::Recorded::default());
     // After the lookup found none of them: an earlier owner settles one, another is recorded
     // failed.
-    let mut late_copy = settlement(late, 1);
-    late_copy.outcome = SettledAs::Expired;
-    ledger::settle(
-        &db.pool,
-        "partner",
-        &[late_copy],
-        (&[], &Default::default()),
-        None,
-    )
-    .await
-    .unwrap();
-    sqlx::query(
-        "INSERT INTO deliveries (integration, event_id, tenant_id, outcome, attempts) \
-         VALUES ('partner', $1, 'acme', 'failed', 2)",
-    )
-    .bind(failed)
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    late_rows(&db.pool, late, failed).await;
+    let recorded = ledger::recorded_ids(&db.pool, "partner", &[late, failed, new])
+        .await
+        .unwrap();
+    assert_eq!(recorded.settled, [late].into_iter().collect());
+    assert_eq!(recorded.unsettled, [failed].into_iter().collect());
 
     let mappings = Mappings::default();
     let change = MappingChange {
@@ -205,9 +202,13 @@ async fn a_batch_whose_copy_meets_a_late_row_is_written_again_whole() {
         unrecorded(failed, 2),
         unrecorded(new, 3),
     ];
-    ledger::settle(&db.pool, "partner", &batch, (&[attempt], &staged), None)
+    let written = ledger::settle(&db.pool, "partner", &batch, (&[attempt], &staged), None)
         .await
         .expect("a record met after the lookup is not an error");
+    assert_eq!(
+        written, 2,
+        "the failed event settled and the new one recorded"
+    );
 
     let rows: Vec<(Uuid, String, i32)> = sqlx::query_as(
         "SELECT event_id, outcome, attempts FROM deliveries WHERE integration = 'partner' \
@@ -247,88 +248,6 @@ async fn a_batch_whose_copy_meets_a_late_row_is_written_again_whole() {
         attempts, 1,
         "the attempt written once, in the rewritten transaction"
     );
-    db.drop().await;
-}
-
-/// Guarantee defended: an event written with `COPY` (the lookup found no record)
-/// that meets a record after all, settled late by an earlier owner or failed meanwhile, is
-/// neither an error nor a second record.
-/// Input tried: one batch of three events marked unrecorded, one settled before it is
-/// written, one on record unsettled (failed twice), one new, after another write in the same
-/// transaction.
-#[tokio::test]
-async fn an_event_on_record_after_its_lookup_is_settled_once_by_the_conflict_clause() {
-    let db = TestDb::migrated().await;
-    let (late, failed, new) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
-    let unrecorded = |id, offset| Settlement {
-        unrecorded: true,
-        ..settlement(id, offset)
-    };
-    let looked_up = ledger::recorded_ids(&db.pool, "partner", &[late, failed, new])
-        .await
-        .unwrap();
-    assert_eq!(looked_up, ledger::Recorded::default());
-
-    // After the lookup: an earlier owner settles one, another is recorded failed.
-    let mut conn = db.pool.acquire().await.unwrap();
-    let mut first = settlement(late, 1);
-    first.outcome = SettledAs::Expired;
-    ledger::record_settled(&mut conn, "partner", &[first])
-        .await
-        .unwrap();
-    sqlx::query(
-        "INSERT INTO deliveries (integration, event_id, tenant_id, outcome, attempts) \
-         VALUES ('partner', $1, 'acme', 'failed', 2)",
-    )
-    .bind(failed)
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    let recorded = ledger::recorded_ids(&db.pool, "partner", &[late, failed, new])
-        .await
-        .unwrap();
-    assert_eq!(recorded.settled, [late].into_iter().collect());
-    assert_eq!(recorded.unsettled, [failed].into_iter().collect());
-
-    let mut tx = db.pool.begin().await.unwrap();
-    ledger::record_settled(&mut tx, "partner", &[settlement(Uuid::now_v7(), 9)])
-        .await
-        .unwrap();
-    let batch = [
-        unrecorded(late, 1),
-        unrecorded(failed, 2),
-        unrecorded(new, 3),
-    ];
-    let written = ledger::record_settled(&mut tx, "partner", &batch)
-        .await
-        .expect("a record met after the lookup is not an error");
-    tx.commit().await.unwrap();
-    assert_eq!(
-        written, 2,
-        "the failed event settled and the new one recorded"
-    );
-
-    let rows: Vec<(Uuid, String, i32)> = sqlx::query_as(
-        "SELECT event_id, outcome, attempts FROM deliveries WHERE integration = 'partner' \
-         AND settled_at IS NOT NULL ORDER BY \"offset\"",
-    )
-    .fetch_all(&db.pool)
-    .await
-    .unwrap();
-    assert_eq!(
-        rows.iter()
-            .map(|(id, o, a)| (*id, o.as_str(), *a))
-            .collect::<Vec<_>>(),
-        [
-            (late, "expired", 1),
-            (failed, "delivered", 3),
-            (new, "delivered", 1),
-            (rows[3].0, "delivered", 1),
-        ],
-        "the first record stands, the failed one is settled with its attempts added up, and \
-         the write before the savepoint committed"
-    );
-    drop(conn);
     db.drop().await;
 }
 
@@ -710,22 +629,9 @@ async fn parking_pauses_the_tenant_keeps_order_and_parks_a_record_once() {
             .is_empty()
     );
     // Replayed and delivered: settled now, its attempts added up, and only once.
-    let mut conn = db.pool.acquire().await.unwrap();
     let replayed = settlement(failed, 10);
-    assert_eq!(
-        ledger::record_settled(&mut conn, "partner", std::slice::from_ref(&replayed))
-            .await
-            .unwrap(),
-        1
-    );
-    assert_eq!(
-        ledger::record_settled(&mut conn, "partner", &[replayed])
-            .await
-            .unwrap(),
-        0
-    );
-    // Given back, or closing the pool at the end would wait for it forever.
-    drop(conn);
+    assert_eq!(settle(&db.pool, std::slice::from_ref(&replayed)).await, 1);
+    assert_eq!(settle(&db.pool, &[replayed]).await, 0);
     let (outcome, attempts): (String, i32) =
         sqlx::query_as("SELECT outcome, attempts FROM deliveries WHERE event_id = $1")
             .bind(failed)
