@@ -19,7 +19,7 @@ pub struct LoadOptions {
     /// Product changes in all (one transaction each).
     pub events: usize,
     /// Concurrent writers; each owns the tenants `n % concurrency == writer`, so a tenant's
-    /// changes are written in one order.
+    /// changes are written in one order (at most one writer per tenant).
     pub concurrency: usize,
     /// Tenant name prefix.
     pub tenant_prefix: String,
@@ -88,21 +88,23 @@ pub async fn run(pool: &PgPool, options: &LoadOptions) -> Result<LoadReport, Loa
         return Err(LoadError::Rate(rate));
     }
     crate::shop::create_tables(pool).await?;
+    // A writer owns tenants: with fewer tenants than writers, the rest would own none and
+    // their shares of the changes would never be written.
+    let concurrency = options.concurrency.min(options.tenants);
     // Each writer's share of the rate: one change every `interval`.
     let interval = options
         .rate
-        .map(|r| Duration::from_secs_f64(options.concurrency as f64 / r));
+        .map(|r| Duration::from_secs_f64(concurrency as f64 / r));
     TenantId::new(format!("{}{}", options.tenant_prefix, options.tenants))
         .map_err(|_| LoadError::Prefix(options.tenant_prefix.clone()))?;
     let started = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
-    for w in 0..options.concurrency {
+    for w in 0..concurrency {
         let tenants: Vec<String> = (0..options.tenants)
-            .filter(|t| t % options.concurrency == w)
+            .filter(|t| t % concurrency == w)
             .map(|t| format!("{}{t}", options.tenant_prefix))
             .collect();
-        let share = options.events / options.concurrency
-            + usize::from(w < options.events % options.concurrency);
+        let share = options.events / concurrency + usize::from(w < options.events % concurrency);
         let pool = pool.clone();
         let seed = options.seed ^ (w as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         workers.spawn(async move { write_share(pool, tenants, share, seed, interval).await });

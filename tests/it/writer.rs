@@ -95,6 +95,22 @@ async fn the_load_writer_writes_each_change_with_its_event() {
     assert_eq!(outbox, 300, "one event per change");
     assert_eq!(products as usize, report.created - report.deleted);
     assert_eq!(tenants, 7);
+    // Fewer tenants than writers: every change asked for is still written. Tried: 2 tenants,
+    // 8 writers, 30 changes (6 writers own no tenant).
+    let few = ferry::load::LoadOptions {
+        tenants: 2,
+        events: 30,
+        concurrency: 8,
+        tenant_prefix: "few-".into(),
+        ..Default::default()
+    };
+    assert_eq!(ferry::load::run(&db.pool, &few).await.unwrap().events(), 30);
+    let written: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE tenant_id LIKE 'few-%'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(written, 30);
     // Bad options are refused, not half-run.
     let bad = ferry::load::LoadOptions {
         tenants: 0,
