@@ -892,43 +892,32 @@ pub async fn settle(
     (attempts, mappings): (&[AttemptLog], &crate::mappings::Staged),
     unparked: Option<(&str, i64)>,
 ) -> Result<u64, sqlx::Error> {
-    let mut conflict_clause = false;
-    loop {
-        let mut tx = pool.begin().await?;
-        let recorded = if conflict_clause {
-            insert_settled(
-                &mut tx,
-                integration,
-                &settlements.iter().collect::<Vec<_>>(),
-            )
-            .await
-        } else {
-            record_settled(&mut tx, integration, settlements).await
-        };
-        let written = match recorded {
-            Err(e) if !conflict_clause && is_unique_violation(&e) => {
-                tx.rollback().await?;
-                conflict_clause = true;
-                continue;
-            }
-            other => other?,
-        };
-        mappings.write(&mut tx, integration).await?;
-        record_attempts(&mut tx, integration, attempts).await?;
-        if let Some((tenant, through_seq)) = unparked {
-            sqlx::query(
-                "DELETE FROM parked_events \
-                 WHERE integration = $3 AND tenant_id = $1 AND seq <= $2",
-            )
-            .bind(tenant)
-            .bind(through_seq)
-            .bind(integration)
-            .execute(&mut *tx)
-            .await?;
+    let mut tx = pool.begin().await?;
+    let written = match record_settled(&mut tx, integration, settlements).await {
+        Err(e) if is_unique_violation(&e) => {
+            // A late row. The transaction holds nothing else yet: write it again, every
+            // settlement through the conflict clause.
+            tx.rollback().await?;
+            tx = pool.begin().await?;
+            let all: Vec<&Settlement> = settlements.iter().collect();
+            insert_settled(&mut tx, integration, &all).await?
         }
-        tx.commit().await?;
-        return Ok(written);
+        other => other?,
+    };
+    mappings.write(&mut tx, integration).await?;
+    record_attempts(&mut tx, integration, attempts).await?;
+    if let Some((tenant, through_seq)) = unparked {
+        sqlx::query(
+            "DELETE FROM parked_events WHERE integration = $3 AND tenant_id = $1 AND seq <= $2",
+        )
+        .bind(tenant)
+        .bind(through_seq)
+        .bind(integration)
+        .execute(&mut *tx)
+        .await?;
     }
+    tx.commit().await?;
+    Ok(written)
 }
 
 /// Flips a drained tenant back to live delivery if its backlog is empty (the caller is the only

@@ -823,6 +823,19 @@ mod tests {
         }
     }
 
+    /// Event 2's write to `acme`'s item `p1`, waiting at most `within` for its creation, in a
+    /// task of its own.
+    fn wait_in_task(
+        m: &std::sync::Arc<Mappings>,
+        within: std::time::Duration,
+    ) -> tokio::task::JoinHandle<Result<(), CreationPending>> {
+        let m = m.clone();
+        tokio::spawn(async move {
+            m.creation_durable(("acme", "item", "p1"), id(2), within)
+                .await
+        })
+    }
+
     #[tokio::test]
     async fn a_write_waits_for_the_creation_of_its_object_to_be_durable() {
         let m = std::sync::Arc::new(Mappings::default());
@@ -832,14 +845,7 @@ mod tests {
         assert_eq!(m.creation_pending(object, id(1)), None);
         assert_eq!(m.creation_pending(object, id(2)), Some(id(1)));
         let batch = m.take(&[id(1)]);
-        let waiting = tokio::spawn({
-            let m = m.clone();
-            async move {
-                let within = std::time::Duration::from_secs(10);
-                m.creation_durable(("acme", "item", "p1"), id(2), within)
-                    .await
-            }
-        });
+        let waiting = wait_in_task(&m, std::time::Duration::from_secs(10));
         assert!(!m.creations_awaited());
         // The consumer hears that a write waits, and the wait is counted while it lasts.
         tokio::time::timeout(std::time::Duration::from_secs(5), m.creation_awaited())
@@ -876,14 +882,7 @@ mod tests {
     async fn a_wait_dropped_midway_is_no_longer_counted() {
         let m = std::sync::Arc::new(Mappings::default());
         m.stage(id(1), created("p1", "it_1", id(1)));
-        let waiting = tokio::spawn({
-            let m = m.clone();
-            async move {
-                let within = std::time::Duration::from_secs(60);
-                m.creation_durable(("acme", "item", "p1"), id(2), within)
-                    .await
-            }
-        });
+        let waiting = wait_in_task(&m, std::time::Duration::from_secs(60));
         m.creation_awaited().await;
         assert!(m.creations_awaited());
         // A revoke drops the attempt in the middle of its wait.
